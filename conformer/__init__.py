@@ -1,0 +1,1 @@
+"""Conformer on MindSpore."""

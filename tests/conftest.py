@@ -1,0 +1,20 @@
+"""Shared test setup: CPU tuning before MindSpore runs any kernel, and paths to the test vectors."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# oneDNN falls back to a ~90x slower reference convolution on AVX-512 CPUs unless capped (DESIGN.md).
+os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")
+os.environ.setdefault("GLOG_v", "3")
+
+import pytest  # noqa: E402
+
+TESTS_DIR = Path(__file__).resolve().parent
+DATA_DIR = TESTS_DIR / "data"
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    """Folder with the official PyTorch reference vectors copied from shared/reference."""
+    return DATA_DIR / "reference"
