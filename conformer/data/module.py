@@ -1,0 +1,136 @@
+"""DataModule: a source, its transforms, batching, Mixup and sharding, as MindSpore datasets per rank.
+
+Built by ``hydra.utils.instantiate`` from ``conf/data/*.yaml``. ``train_loader`` yields
+``(images float32 [B, 3, H, W], targets)`` with int32 ``[B]`` labels, or float32 ``[B, num_classes]`` soft
+targets when Mixup is on; it reshuffles every epoch (iterate ``create_tuple_iterator(num_epochs=...)``).
+``val_loader`` yields ``(images, int32 labels)``, sharded without padding, last batch kept.
+"""
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from typing import Union
+
+import mindspore.dataset as ds
+
+from conformer.data.folders import Source
+from conformer.data.mixup import Mixup
+from conformer.data.sampler import ShardSampler, train_shard_length
+from conformer.data.transforms import EvalTransform, TrainTransform
+
+__all__ = ["PATCH_MULTIPLE", "DataModule"]
+
+PATCH_MULTIPLE = 16  # the Conformer's patch embedding downsamples by 16
+COLUMNS = ["image", "label"]
+MixupSpec = Union[Mixup, Callable[..., Mixup], None]
+
+
+def _positive_int(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"data.{name}={value!r} must be a positive integer")
+    return value
+
+
+class DataModule:
+    """One dataset's loaders for every rank of a data-parallel run."""
+
+    def __init__(self, name: str, source: Source, image_size: int, batch_size: int,
+                 train_transform: TrainTransform, eval_transform: EvalTransform,
+                 num_classes: int | None = None, eval_batch_size: int | None = None, num_workers: int = 2,
+                 mixup: MixupSpec = None, repeated_aug: int = 1, drop_last: bool = True,
+                 seed: int = 0) -> None:
+        self.name, self.source = name, source
+        self.image_size = _positive_int(image_size, "image_size")
+        if image_size % PATCH_MULTIPLE:
+            nearest = max(PATCH_MULTIPLE, round(image_size / PATCH_MULTIPLE) * PATCH_MULTIPLE)
+            raise ValueError(f"data.image_size={image_size} must be a multiple of {PATCH_MULTIPLE} (the "
+                             f"patch size), e.g. {nearest}")
+        for kind, transform in (("train_transform", train_transform), ("eval_transform", eval_transform)):
+            if transform.image_size != image_size:
+                raise ValueError(f"data.{kind}.image_size={transform.image_size} differs from "
+                                 f"data.image_size={image_size}: set it to ${{data.image_size}}")
+        self.train_transform, self.eval_transform = train_transform, eval_transform
+        self.batch_size = _positive_int(batch_size, "batch_size")
+        self.eval_batch_size = _positive_int(eval_batch_size or batch_size, "eval_batch_size")
+        self.num_workers = min(_positive_int(num_workers, "num_workers"), os.cpu_count() or 1)
+        self.repeated_aug = _positive_int(repeated_aug, "repeated_aug")
+        self.drop_last, self.seed = bool(drop_last), int(seed)
+        if num_classes is not None and num_classes != source.num_classes:
+            raise ValueError(f"data.num_classes={num_classes} but {source!r} has {source.num_classes} "
+                             "classes: fix num_classes or set it to null to take it from the data")
+        self.mixup = self._bind_mixup(mixup)
+
+    def _bind_mixup(self, mixup: MixupSpec) -> Mixup | None:
+        if mixup is None:
+            return None
+        if not isinstance(mixup, Mixup):
+            mixup = mixup()  # a factory, e.g. Hydra's ``_partial_: true``
+        if self.batch_size % 2 or not self.drop_last:
+            raise ValueError(f"Mixup/CutMix in batch mode needs full even batches: got batch_size="
+                             f"{self.batch_size}, drop_last={self.drop_last}; use an even batch size and "
+                             "drop_last=true, or data.mixup=null")
+        return mixup.bind(self.num_classes)
+
+    @property
+    def num_classes(self) -> int:
+        return self.source.num_classes
+
+    @property
+    def classes(self) -> list[str]:
+        return self.source.classes
+
+    @property
+    def train_size(self) -> int:
+        return self.source.train_size
+
+    @property
+    def val_size(self) -> int:
+        return self.source.val_size
+
+    def steps_per_epoch(self, world_size: int = 1) -> int:
+        """Train batches per epoch on each device (the global batch is ``batch_size * world_size``)."""
+        per_rank = train_shard_length(self.train_size, _positive_int(world_size, "world_size"))
+        steps = per_rank // self.batch_size if self.drop_last else math.ceil(per_rank / self.batch_size)
+        if steps == 0:
+            raise ValueError(f"the train split of {self.name!r} gives {per_rank} samples per device "
+                             f"({self.train_size} over {world_size}), fewer than batch_size="
+                             f"{self.batch_size}: lower data.batch_size or use fewer devices")
+        return steps
+
+    def _reader(self, split: str, sampler: ShardSampler) -> ds.GeneratorDataset:
+        return ds.GeneratorDataset(self.source.reader(split), column_names=COLUMNS, sampler=sampler,
+                                   python_multiprocessing=False)
+
+    def _map(self, dataset: ds.Dataset, transform: TrainTransform | EvalTransform) -> ds.Dataset:
+        # Python ops (RandAugment, erasing) hold the GIL: run them in worker processes when there are several
+        processes = transform.has_python_ops and self.num_workers > 1
+        return dataset.map(transform.operations(decode=self.source.encoded), input_columns="image",
+                           num_parallel_workers=self.num_workers, python_multiprocessing=processes)
+
+    def train_loader(self, rank: int = 0, world_size: int = 1, start_epoch: int = 0) -> ds.Dataset:
+        """Rank ``rank``'s train pipeline, reshuffled each epoch; ``start_epoch`` resumes the order."""
+        self.steps_per_epoch(world_size)
+        sampler = ShardSampler(self.train_size, rank, world_size, train=True, seed=self.seed,
+                               repeats=self.repeated_aug, start_epoch=start_epoch)
+        dataset = self._map(self._reader("train", sampler), self.train_transform)
+        dataset = dataset.batch(self.batch_size, drop_remainder=self.drop_last)
+        if self.mixup is not None:
+            mixup = self.mixup.bind(self.num_classes, seed=[self.seed, rank, start_epoch])
+            dataset = dataset.map(mixup, input_columns=COLUMNS, output_columns=COLUMNS,
+                                  num_parallel_workers=1, python_multiprocessing=False)
+        return dataset
+
+    def val_loader(self, rank: int = 0, world_size: int = 1) -> ds.Dataset:
+        """Rank ``rank``'s share of the val split (no padding, no duplicates), in file order."""
+        if self.val_size < _positive_int(world_size, "world_size"):
+            raise ValueError(f"the val split of {self.name!r} has {self.val_size} samples, fewer than "
+                             f"world_size={world_size}: every device needs at least one")
+        sampler = ShardSampler(self.val_size, rank, world_size, train=False)
+        dataset = self._map(self._reader("val", sampler), self.eval_transform)
+        return dataset.batch(self.eval_batch_size, drop_remainder=False)
+
+    def __repr__(self) -> str:
+        return (f"DataModule({self.name!r}, {self.source!r}, image_size={self.image_size}, "
+                f"batch_size={self.batch_size}, mixup={self.mixup is not None}, "
+                f"repeated_aug={self.repeated_aug})")

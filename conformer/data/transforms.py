@@ -1,0 +1,152 @@
+"""Train and eval image transforms as lists of ``mindspore.dataset`` operations (timm's create_transform).
+
+Train: decode + RandomResizedCrop (fused for encoded input), horizontal flip, RandAugment (timm spec, Python),
+normalise to CHW float32, random erasing (Python, after normalisation). Eval: resize the shorter side to
+``int(image_size / crop_pct)``, center crop, normalise. ``bicubic`` is PIL's bicubic (MindSpore ``PILCUBIC``,
+pixel-identical to PIL), as timm uses.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import mindspore.dataset.vision as vision
+from mindspore.dataset.vision import Inter
+
+from conformer.data.erasing import RandomErasing
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "INTERPOLATIONS", "EvalTransform", "TrainTransform"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+INTERPOLATIONS = {"bicubic": Inter.PILCUBIC, "bilinear": Inter.BILINEAR, "nearest": Inter.NEAREST}
+
+
+def _interpolation(name: str) -> Inter:
+    if name not in INTERPOLATIONS:
+        raise ValueError(f"interpolation={name!r} is not supported: use one of {sorted(INTERPOLATIONS)}")
+    return INTERPOLATIONS[name]
+
+
+def _positive_size(image_size: int) -> int:
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size <= 0:
+        raise ValueError(f"image_size={image_size!r} must be a positive integer (e.g. 224)")
+    return image_size
+
+
+def _triple(values: Sequence[float], name: str) -> tuple[float, float, float]:
+    values = tuple(float(v) for v in values)
+    if len(values) != 3:
+        raise ValueError(f"{name}={values} must hold 3 per-channel values (RGB)")
+    return values  # type: ignore[return-value]
+
+
+def _pair(values: Sequence[float], name: str) -> tuple[float, float]:
+    values = tuple(float(v) for v in values)
+    if len(values) != 2 or not 0 < values[0] <= values[1]:
+        raise ValueError(f"{name}={values} must be a (min, max) pair with 0 < min <= max")
+    return values  # type: ignore[return-value]
+
+
+class _Normalised:
+    """Shared normalisation: uint8 HWC -> (x - 255 mean) / (255 std) as float32 CHW."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        self.mean, self.std = _triple(mean, "mean"), _triple(std, "std")
+        if min(self.std) <= 0:
+            raise ValueError(f"std={self.std} must be positive")
+
+    def _normalise_ops(self) -> list:
+        # transposing the uint8 image first moves 4x fewer bytes
+        return [vision.HWC2CHW(), vision.Normalize(mean=[255.0 * m for m in self.mean],
+                                                   std=[255.0 * s for s in self.std], is_hwc=False)]
+
+
+class TrainTransform(_Normalised):
+    """timm's training transform; ``operations(decode)`` gives the per-image MindSpore op list."""
+
+    def __init__(self, image_size: int, scale: Sequence[float] = (0.08, 1.0),
+                 ratio: Sequence[float] = (3 / 4, 4 / 3), interpolation: str = "bicubic", hflip: float = 0.5,
+                 auto_augment: str | None = None, re_prob: float = 0.0, re_mode: str = "pixel",
+                 re_count: int = 1, mean: Sequence[float] = IMAGENET_MEAN,
+                 std: Sequence[float] = IMAGENET_STD) -> None:
+        super().__init__(mean, std)
+        self.image_size = _positive_size(image_size)
+        self.scale, self.ratio = _pair(scale, "scale"), _pair(ratio, "ratio")
+        if self.scale[1] > 1.0:
+            raise ValueError(f"scale={self.scale} is a fraction of the image area: max must be <= 1")
+        self.interpolation = interpolation
+        _interpolation(interpolation)
+        if not 0.0 <= hflip <= 1.0:
+            raise ValueError(f"hflip={hflip} is a probability: use a value in [0, 1]")
+        self.hflip = float(hflip)
+        self.auto_augment = auto_augment or None
+        self.erasing = RandomErasing(re_prob, mode=re_mode, max_count=re_count) if re_prob > 0 else None
+        self._rand_augment = self._build_rand_augment() if self.auto_augment else None
+
+    def _build_rand_augment(self) -> Any:
+        if not self.auto_augment.startswith("rand"):
+            raise ValueError(f"auto_augment={self.auto_augment!r}: only RandAugment specs are supported "
+                             "(e.g. 'rand-m9-mstd0.5-inc1'); use null to disable")
+        from conformer.data.randaugment import rand_augment_transform  # only needed when augmenting
+
+        hparams = {"translate_const": int(self.image_size * 0.45),
+                   "img_mean": tuple(round(255 * m) for m in self.mean),
+                   "interpolation": self.interpolation}
+        return rand_augment_transform(self.auto_augment, hparams)
+
+    @property
+    def has_python_ops(self) -> bool:
+        """Whether the op list holds Python callables (worth worker processes)."""
+        return self._rand_augment is not None or self.erasing is not None
+
+    def operations(self, decode: bool = True) -> list:
+        """Ops from an encoded image (``decode``) or a uint8 HWC array to a normalised CHW float32 image."""
+        crop = vision.RandomCropDecodeResize if decode else vision.RandomResizedCrop
+        ops: list = [crop(self.image_size, scale=self.scale, ratio=self.ratio,
+                          interpolation=_interpolation(self.interpolation))]
+        if self.hflip > 0:
+            ops.append(vision.RandomHorizontalFlip(self.hflip))
+        if self._rand_augment is not None:
+            ops.append(self._rand_augment)
+        ops += self._normalise_ops()
+        if self.erasing is not None:
+            ops.append(self.erasing)
+        return ops
+
+    def __repr__(self) -> str:
+        return (f"TrainTransform(size={self.image_size}, scale={self.scale}, ratio={self.ratio}, "
+                f"{self.interpolation}, hflip={self.hflip}, aa={self.auto_augment}, erasing={self.erasing})")
+
+
+class EvalTransform(_Normalised):
+    """Resize the shorter side to ``int(image_size / crop_pct)``, center crop ``image_size``, normalise."""
+
+    def __init__(self, image_size: int, crop_pct: float = 0.875, interpolation: str = "bicubic",
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> None:
+        super().__init__(mean, std)
+        self.image_size = _positive_size(image_size)
+        if not 0.0 < crop_pct <= 1.0:
+            raise ValueError(f"crop_pct={crop_pct} must be in (0, 1] (0.875 is the ImageNet convention)")
+        self.crop_pct = float(crop_pct)
+        self.interpolation = interpolation
+        _interpolation(interpolation)
+
+    @property
+    def resize_size(self) -> int:
+        """Shorter side before the center crop."""
+        return int(self.image_size / self.crop_pct)
+
+    @property
+    def has_python_ops(self) -> bool:
+        return False
+
+    def operations(self, decode: bool = True) -> list:
+        """Ops from an encoded image (``decode``) or a uint8 HWC array to a normalised CHW float32 image."""
+        ops: list = [vision.Decode()] if decode else []
+        ops += [vision.Resize(self.resize_size, interpolation=_interpolation(self.interpolation)),
+                vision.CenterCrop(self.image_size)]
+        return ops + self._normalise_ops()
+
+    def __repr__(self) -> str:
+        return f"EvalTransform(size={self.image_size}, crop_pct={self.crop_pct}, {self.interpolation})"

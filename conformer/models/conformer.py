@@ -1,0 +1,354 @@
+"""The vision Conformer (Peng et al., ICCV 2021) in MindSpore.
+
+A ResNet-style CNN branch and a ViT branch run in parallel; Feature Coupling Units exchange features between them
+in every block (FCUDown: feature map -> patch tokens, FCUUp: tokens -> feature map). Both branches end in their own
+classifier; the prediction is the sum of the two heads' logits.
+
+The structure, parameter shapes, norm epsilons and activation functions follow the official PyTorch code, so its
+released weights load one to one (see `conformer.convert`).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from mindspore import Parameter, Tensor, nn, ops
+from mindspore.common import initializer as init
+
+# BatchNorm and LayerNorm inside the blocks use eps 1e-6; the stem BN and the final LayerNorm use 1e-5.
+BLOCK_NORM_EPS = 1e-6
+OUTER_NORM_EPS = 1e-5
+# PyTorch's BN momentum 0.1 is MindSpore's 0.9 (weight of the running value).
+BN_MOMENTUM = 0.9
+
+
+def batch_norm(channels: int, eps: float = BLOCK_NORM_EPS) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(channels, eps=eps, momentum=BN_MOMENTUM)
+
+
+def layer_norm(dim: int, eps: float = BLOCK_NORM_EPS) -> nn.LayerNorm:
+    return nn.LayerNorm((dim,), epsilon=eps)
+
+
+def conv2d(in_ch: int, out_ch: int, kernel: int, stride: int = 1, padding: int = 0, bias: bool = False) -> nn.Conv2d:
+    pad_mode = "pad" if padding else "valid"
+    return nn.Conv2d(in_ch, out_ch, kernel, stride=stride, pad_mode=pad_mode, padding=padding, has_bias=bias)
+
+
+class DropPath(nn.Cell):
+    """Stochastic depth per sample: zero a sample's residual branch with probability `drop_prob`."""
+
+    def __init__(self, drop_prob: float = 0.0) -> None:
+        super().__init__()
+        self.drop_prob = float(drop_prob)
+        self.dropout = nn.Dropout(p=self.drop_prob)
+
+    def construct(self, x: Tensor) -> Tensor:
+        if not self.training or self.drop_prob == 0.0:
+            return x
+        mask_shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        # Dropout on a ones tensor yields the per-sample keep mask already scaled by 1 / keep_prob.
+        mask = self.dropout(ops.ones(mask_shape, x.dtype))
+        return x * mask
+
+
+class Mlp(nn.Cell):
+    def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0) -> None:
+        super().__init__()
+        self.fc1 = nn.Dense(dim, hidden_dim)
+        self.act = nn.GELU(approximate=False)
+        self.fc2 = nn.Dense(hidden_dim, dim)
+        self.drop = nn.Dropout(p=drop)
+
+    def construct(self, x: Tensor) -> Tensor:
+        x = self.drop(self.act(self.fc1(x)))
+        return self.drop(self.fc2(x))
+
+
+class Attention(nn.Cell):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = False, qk_scale: float | None = None,
+                 attn_drop: float = 0.0, proj_drop: float = 0.0) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = qk_scale or self.head_dim ** -0.5
+        self.qkv = nn.Dense(dim, dim * 3, has_bias=qkv_bias)
+        self.attn_drop = nn.Dropout(p=attn_drop)
+        self.proj = nn.Dense(dim, dim)
+        self.proj_drop = nn.Dropout(p=proj_drop)
+        self.softmax = nn.Softmax(axis=-1)
+
+    def construct(self, x: Tensor) -> Tensor:
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).transpose(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        attn = ops.matmul(q, k.swapaxes(-2, -1)) * self.scale
+        attn = self.attn_drop(self.softmax(attn))
+        x = ops.matmul(attn, v).transpose(0, 2, 1, 3).reshape(b, n, c)
+        return self.proj_drop(self.proj(x))
+
+
+class Block(nn.Cell):
+    """Transformer encoder block: pre-norm attention and MLP, each with a drop-path residual."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = False,
+                 qk_scale: float | None = None, drop: float = 0.0, attn_drop: float = 0.0,
+                 drop_path: float = 0.0) -> None:
+        super().__init__()
+        self.norm1 = layer_norm(dim)
+        self.attn = Attention(dim, num_heads, qkv_bias, qk_scale, attn_drop, drop)
+        self.drop_path = DropPath(drop_path)
+        self.norm2 = layer_norm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
+
+    def construct(self, x: Tensor) -> Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class ConvBlock(nn.Cell):
+    """ResNet bottleneck; its 3x3 conv optionally takes the FCUUp features added to its input."""
+
+    expansion = 4
+
+    def __init__(self, inplanes: int, outplanes: int, stride: int = 1, res_conv: bool = False,
+                 groups: int = 1) -> None:
+        super().__init__()
+        med_planes = outplanes // self.expansion
+        self.conv1 = conv2d(inplanes, med_planes, 1)
+        self.bn1 = batch_norm(med_planes)
+        self.conv2 = nn.Conv2d(med_planes, med_planes, 3, stride=stride, pad_mode="pad", padding=1,
+                               group=groups, has_bias=False)
+        self.bn2 = batch_norm(med_planes)
+        self.conv3 = conv2d(med_planes, outplanes, 1)
+        self.bn3 = batch_norm(outplanes)
+        self.relu = nn.ReLU()
+        self.res_conv = res_conv
+        if res_conv:
+            self.residual_conv = conv2d(inplanes, outplanes, 1, stride=stride)
+            self.residual_bn = batch_norm(outplanes)
+
+    def construct(self, x: Tensor, x_t: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Return the block output and the activation after the 3x3 conv (the FCUDown input)."""
+        residual = x
+        x = self.relu(self.bn1(self.conv1(x)))
+        if x_t is not None:
+            x = x + x_t
+        x2 = self.relu(self.bn2(self.conv2(x)))
+        x = self.bn3(self.conv3(x2))
+        if self.res_conv:
+            residual = self.residual_bn(self.residual_conv(residual))
+        return self.relu(x + residual), x2
+
+
+class FCUDown(nn.Cell):
+    """CNN feature map -> transformer tokens: 1x1 conv, average pool to the patch grid, LayerNorm, GELU."""
+
+    def __init__(self, inplanes: int, outplanes: int, dw_stride: int) -> None:
+        super().__init__()
+        self.conv_project = conv2d(inplanes, outplanes, 1, bias=True)
+        self.dw_stride = dw_stride
+        self.sample_pooling = nn.AvgPool2d(kernel_size=dw_stride, stride=dw_stride)
+        self.ln = layer_norm(outplanes)
+        self.act = nn.GELU(approximate=False)
+
+    def construct(self, x: Tensor, x_t: Tensor) -> Tensor:
+        x = self.conv_project(x)
+        if self.dw_stride > 1:
+            x = self.sample_pooling(x)
+        b, c = x.shape[0], x.shape[1]
+        x = x.reshape(b, c, -1).transpose(0, 2, 1)
+        x = self.act(self.ln(x))
+        return ops.concat((x_t[:, :1], x), axis=1)
+
+
+class FCUUp(nn.Cell):
+    """Transformer tokens -> CNN feature map: 1x1 conv, BN, ReLU, nearest-neighbour upsampling."""
+
+    def __init__(self, inplanes: int, outplanes: int, up_stride: int) -> None:
+        super().__init__()
+        self.up_stride = up_stride
+        self.conv_project = conv2d(inplanes, outplanes, 1, bias=True)
+        self.bn = batch_norm(outplanes)
+        self.act = nn.ReLU()
+
+    def construct(self, x: Tensor, h: int, w: int) -> Tensor:
+        b, _, c = x.shape
+        x_r = x[:, 1:].transpose(0, 2, 1).reshape(b, c, h, w)
+        x_r = self.act(self.bn(self.conv_project(x_r)))
+        if self.up_stride == 1:
+            return x_r
+        s = self.up_stride
+        ch = x_r.shape[1]
+        # Nearest-neighbour upsampling by an integer factor: repeat every pixel s x s times.
+        x_r = ops.broadcast_to(x_r.reshape(b, ch, h, 1, w, 1), (b, ch, h, s, w, s))
+        return x_r.reshape(b, ch, h * s, w * s)
+
+
+class ConvTransBlock(nn.Cell):
+    """One Conformer stage block: CNN bottleneck, FCUDown, transformer block, FCUUp, fusion bottleneck."""
+
+    def __init__(self, inplanes: int, outplanes: int, res_conv: bool, stride: int, dw_stride: int, embed_dim: int,
+                 num_heads: int, mlp_ratio: float, qkv_bias: bool, qk_scale: float | None, drop_rate: float,
+                 attn_drop_rate: float, drop_path_rate: float, last_fusion: bool = False, num_med_block: int = 0,
+                 groups: int = 1) -> None:
+        super().__init__()
+        self.cnn_block = ConvBlock(inplanes, outplanes, stride=stride, res_conv=res_conv, groups=groups)
+        if last_fusion:
+            self.fusion_block = ConvBlock(outplanes, outplanes, stride=2, res_conv=True, groups=groups)
+        else:
+            self.fusion_block = ConvBlock(outplanes, outplanes, groups=groups)
+        self.num_med_block = num_med_block
+        if num_med_block > 0:
+            self.med_block = nn.CellList(
+                [ConvBlock(outplanes, outplanes, groups=groups) for _ in range(num_med_block)])
+        med = outplanes // ConvBlock.expansion
+        self.squeeze_block = FCUDown(med, embed_dim, dw_stride)
+        self.expand_block = FCUUp(embed_dim, med, dw_stride)
+        self.trans_block = Block(embed_dim, num_heads, mlp_ratio, qkv_bias, qk_scale, drop_rate, attn_drop_rate,
+                                 drop_path_rate)
+        self.dw_stride = dw_stride
+
+    def construct(self, x: Tensor, x_t: Tensor) -> tuple[Tensor, Tensor]:
+        x, x2 = self.cnn_block(x)
+        h, w = x2.shape[2], x2.shape[3]
+        x_st = self.squeeze_block(x2, x_t)
+        # The class token enters twice (x_st carries it and so does x_t): this is what the official weights expect.
+        x_t = self.trans_block(x_st + x_t)
+        if self.num_med_block > 0:
+            for med_block in self.med_block:
+                x, _ = med_block(x)
+        x_t_r = self.expand_block(x_t, h // self.dw_stride, w // self.dw_stride)
+        x, _ = self.fusion_block(x, x_t_r)
+        return x, x_t
+
+
+class Conformer(nn.Cell):
+    """Conformer: returns `(conv_logits, trans_logits)`; the prediction is their sum.
+
+    Args mirror the official constructor; `img_size` is only used to validate the input geometry early.
+    """
+
+    def __init__(self, patch_size: int = 16, in_chans: int = 3, num_classes: int = 1000, base_channel: int = 64,
+                 channel_ratio: float = 4, num_med_block: int = 0, embed_dim: int = 768, depth: int = 12,
+                 num_heads: int = 12, mlp_ratio: float = 4.0, qkv_bias: bool = False, qk_scale: float | None = None,
+                 drop_rate: float = 0.0, attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
+                 img_size: int | None = 224) -> None:
+        super().__init__()
+        validate_architecture(patch_size=patch_size, num_classes=num_classes, embed_dim=embed_dim, depth=depth,
+                              num_heads=num_heads, drop_path_rate=drop_path_rate, img_size=img_size)
+        self.num_classes = num_classes
+        self.patch_size = patch_size
+        self.embed_dim = embed_dim
+        self.img_size = img_size
+        self.in_chans = in_chans
+        dpr = np.linspace(0, drop_path_rate, depth).tolist()
+
+        self.cls_token = Parameter(init.initializer(init.TruncatedNormal(0.02), (1, 1, embed_dim)), name="cls_token")
+
+        # Stem: 7x7/2 conv, BN, ReLU, 3x3/2 max-pool with symmetric padding (PyTorch style).
+        self.conv1 = conv2d(in_chans, 64, 7, stride=2, padding=3)
+        self.bn1 = batch_norm(64, eps=OUTER_NORM_EPS)
+        self.act1 = nn.ReLU()
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, pad_mode="pad", padding=1)
+
+        stage_1_channel = int(base_channel * channel_ratio)
+        trans_dw_stride = patch_size // 4
+        self.conv_1 = ConvBlock(64, stage_1_channel, res_conv=True, stride=1)
+        self.trans_patch_conv = conv2d(64, embed_dim, trans_dw_stride, stride=trans_dw_stride, bias=True)
+        self.trans_1 = Block(embed_dim, num_heads, mlp_ratio, qkv_bias, qk_scale, drop_rate, attn_drop_rate, dpr[0])
+
+        blocks = []
+        stage_len = depth // 3
+        stage_2_channel = stage_1_channel * 2
+        stage_3_channel = stage_2_channel * 2
+        # Block index i runs 2..depth as in the official code (block 1 is conv_1 + trans_1).
+        for i in range(2, depth + 1):
+            if i <= stage_len:
+                in_ch, out_ch, stride, dw, res = stage_1_channel, stage_1_channel, 1, trans_dw_stride, False
+            elif i <= 2 * stage_len:
+                first = i == stage_len + 1
+                in_ch = stage_1_channel if first else stage_2_channel
+                out_ch, stride, dw, res = stage_2_channel, 2 if first else 1, trans_dw_stride // 2, first
+            else:
+                first = i == 2 * stage_len + 1
+                in_ch = stage_2_channel if first else stage_3_channel
+                out_ch, stride, dw, res = stage_3_channel, 2 if first else 1, trans_dw_stride // 4, first
+            blocks.append(ConvTransBlock(
+                in_ch, out_ch, res, stride, dw, embed_dim, num_heads, mlp_ratio, qkv_bias, qk_scale, drop_rate,
+                attn_drop_rate, dpr[i - 1], last_fusion=i == depth, num_med_block=num_med_block))
+        self.conv_trans = nn.CellList(blocks)
+
+        self.trans_norm = layer_norm(embed_dim, eps=OUTER_NORM_EPS)
+        self.trans_cls_head = nn.Dense(embed_dim, num_classes)
+        self.conv_cls_head = nn.Dense(stage_3_channel, num_classes)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """Official init: trunc-normal(0.02) linears, kaiming fan_out convs, unit norms, PyTorch-default conv biases."""
+        for _, cell in self.cells_and_names():
+            if isinstance(cell, nn.Dense):
+                cell.weight.set_data(init.initializer(init.TruncatedNormal(0.02), cell.weight.shape))
+                if cell.bias is not None:
+                    cell.bias.set_data(init.initializer("zeros", cell.bias.shape))
+            elif isinstance(cell, nn.Conv2d):
+                cell.weight.set_data(init.initializer(
+                    init.HeNormal(mode="fan_out", nonlinearity="relu"), cell.weight.shape))
+                if cell.bias is not None:
+                    fan_in = int(np.prod(cell.weight.shape[1:]))
+                    bound = 1.0 / math.sqrt(fan_in)
+                    cell.bias.set_data(init.initializer(init.Uniform(bound), cell.bias.shape))
+            elif isinstance(cell, (nn.LayerNorm, nn.BatchNorm2d)):
+                cell.gamma.set_data(init.initializer("ones", cell.gamma.shape))
+                cell.beta.set_data(init.initializer("zeros", cell.beta.shape))
+
+    def check_input_shape(self, shape: tuple[int, ...]) -> None:
+        """Refuse a batch shape the network cannot take, before any graph is compiled."""
+        if len(shape) != 4 or shape[1] != self.in_chans:
+            raise ValueError(f"expected images shaped [batch, {self.in_chans}, H, W], got {list(shape)}")
+        if shape[2] != shape[3]:
+            raise ValueError(f"expected square images, got {shape[2]}x{shape[3]}")
+        validate_image_size(shape[2], self.patch_size)
+
+    def forward_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Return the final CNN feature map and the normalised token sequence."""
+        b = x.shape[0]
+        x_base = self.maxpool(self.act1(self.bn1(self.conv1(x))))
+        x, _ = self.conv_1(x_base)
+        x_t = self.trans_patch_conv(x_base)
+        x_t = x_t.reshape(b, self.embed_dim, -1).transpose(0, 2, 1)
+        cls_tokens = ops.broadcast_to(self.cls_token, (b, 1, self.embed_dim)).astype(x_t.dtype)
+        x_t = self.trans_1(ops.concat((cls_tokens, x_t), axis=1))
+        for block in self.conv_trans:
+            x, x_t = block(x, x_t)
+        return x, self.trans_norm(x_t)
+
+    def construct(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        x, x_t = self.forward_features(x)
+        conv_logits = self.conv_cls_head(x.mean(axis=(2, 3)))
+        trans_logits = self.trans_cls_head(x_t[:, 0])
+        return conv_logits, trans_logits
+
+
+def validate_architecture(*, patch_size: int, num_classes: int, embed_dim: int, depth: int, num_heads: int,
+                          drop_path_rate: float, img_size: int | None) -> None:
+    """Raise a ValueError naming the first impossible constructor argument."""
+    if patch_size not in (16, 32):
+        raise ValueError(f"patch_size must be 16 or 32 (the official variants), got {patch_size}")
+    if depth <= 0 or depth % 3:
+        raise ValueError(f"depth must be a positive multiple of 3 (three stages), got {depth}")
+    if embed_dim <= 0 or num_heads <= 0 or embed_dim % num_heads:
+        raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+    if num_classes <= 0:
+        raise ValueError(f"num_classes must be positive, got {num_classes}")
+    if not 0.0 <= drop_path_rate < 1.0:
+        raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
+    if img_size is not None:
+        validate_image_size(img_size, patch_size)
+
+
+def validate_image_size(img_size: int, patch_size: int = 16) -> None:
+    if img_size <= 0 or img_size % patch_size:
+        raise ValueError(
+            f"image size {img_size} is not a positive multiple of the patch size {patch_size}: the CNN branch "
+            f"and the token grid must align (e.g. use {max(patch_size, round(img_size / patch_size) * patch_size)})")

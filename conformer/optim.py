@@ -1,0 +1,86 @@
+"""Optimizers with torch semantics (mindspore.experimental.optim), weight-decay groups and lr access."""
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any, Union
+
+import mindspore as ms
+from mindspore import Parameter, Tensor, nn, ops
+from mindspore.experimental import optim
+
+OPTIMIZERS = ("adamw", "sgd")
+ParamsOrNetwork = Union[nn.Cell, Iterable[Parameter], Iterable[dict]]
+
+
+def param_groups(network: nn.Cell, weight_decay: float,
+                 no_decay_names: Sequence[str] = ("cls_token",)) -> list[dict[str, Any]]:
+    """Split trainable params into a decayed group and a no-decay group.
+
+    No decay for biases, 1-D params (norm scales/shifts), names containing one of `no_decay_names` and names
+    listed by `network.no_weight_decay()` (timm convention) if the network has it. Empty groups are dropped.
+    """
+    skip = set(no_decay_names)
+    if hasattr(network, "no_weight_decay"):
+        skip |= set(network.no_weight_decay())
+    decay, no_decay = [], []
+    for param in network.trainable_params():
+        excluded = param.ndim <= 1 or param.name.endswith(".bias") or any(key in param.name for key in skip)
+        (no_decay if excluded else decay).append(param)
+    groups = [{"params": decay, "weight_decay": float(weight_decay)},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return [group for group in groups if group["params"]]
+
+
+def build_optimizer(params_or_network: ParamsOrNetwork, name: str = "adamw", lr: float = 1e-3,
+                    weight_decay: float = 0.05, betas: Sequence[float] = (0.9, 0.999), eps: float = 1e-8,
+                    momentum: float = 0.9, nesterov: bool = False,
+                    filter_bias_and_bn: bool = True) -> optim.Optimizer:
+    """AdamW (decoupled decay, bias-corrected, = torch.optim.AdamW) or SGD with momentum (= torch.optim.SGD).
+
+    A network is turned into `param_groups` when `filter_bias_and_bn` and weight_decay > 0, else its trainable
+    params; explicit params or group dicts are passed through. The lr is meant to be driven by `set_lr`.
+    """
+    name = str(name).lower()
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer {name!r} is unknown; choose one of {OPTIMIZERS}.")
+    if lr < 0 or weight_decay < 0:
+        raise ValueError(f"lr and weight_decay must be >= 0, got lr={lr}, weight_decay={weight_decay}.")
+    if isinstance(params_or_network, nn.Cell):
+        if filter_bias_and_bn and weight_decay > 0:
+            params = param_groups(params_or_network, weight_decay)
+        else:
+            params = params_or_network.trainable_params()
+    else:
+        params = list(params_or_network)
+    if not params:
+        raise ValueError("build_optimizer: there are no trainable parameters to optimize.")
+    if name == "adamw":
+        betas = tuple(float(beta) for beta in betas)  # Hydra passes a ListConfig; jit needs plain floats
+        if len(betas) != 2:
+            raise ValueError(f"AdamW needs two betas (beta1, beta2), got {betas}.")
+        return optim.AdamW(params, lr=lr, betas=betas, eps=float(eps), weight_decay=float(weight_decay))
+    return optim.SGD(params, lr=lr, momentum=float(momentum), weight_decay=float(weight_decay),
+                     nesterov=bool(nesterov))
+
+
+def _check_optimizer(optimizer: Any) -> None:
+    if not isinstance(optimizer, optim.Optimizer):
+        raise TypeError("expected a mindspore.experimental.optim optimizer (see build_optimizer), "
+                        f"got {type(optimizer)}.")
+
+
+def set_lr(optimizer: optim.Optimizer, lr: float) -> None:
+    """Set every param group's learning rate; the compiled train step reads it (it is a Parameter)."""
+    _check_optimizer(optimizer)
+    lr = float(lr)
+    if not lr >= 0:  # also rejects NaN
+        raise ValueError(f"learning rate must be >= 0, got {lr}.")
+    for group in optimizer.param_groups:
+        # an in-place write: set_data swaps the tensor object, which an already compiled jit graph can miss
+        ops.assign(group["lr"], Tensor(lr, ms.float32))
+
+
+def get_lr(optimizer: optim.Optimizer) -> float:
+    """The learning rate of the first param group (all groups share it under `set_lr`)."""
+    _check_optimizer(optimizer)
+    return float(optimizer.param_groups[0]["lr"].asnumpy())

@@ -1,0 +1,302 @@
+"""Atomic MindSpore checkpoints with training state: `last.ckpt` always, `best.ckpt` on improvement.
+
+One file holds the network weights under their own names (loadable by plain `ms.load_checkpoint`), optimizer
+state under "optimizer." and EMA weights under "ema.", and the run state in `meta.*` entries. MindSpore stores
+Python floats as float32, so the exact values live in the JSON string `meta.json`; the scalar `meta.<key>`
+entries are readable copies for other tools. The epoch always comes from the file, never from its name.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, Union
+
+import mindspore as ms
+from mindspore import Parameter, Tensor, nn
+
+log = logging.getLogger(__name__)
+
+OPTIMIZER_PREFIX = "optimizer."
+EMA_PREFIX = "ema."
+META_PREFIX = "meta."
+META_JSON = META_PREFIX + "json"
+
+
+
+class HasParameters(Protocol):
+    """Anything with named parameters: a Cell, or `conformer.train.ema.ModelEma`."""
+
+    def parameters_dict(self) -> Mapping[str, Parameter]: ...
+
+
+StateSource = Union[HasParameters, Mapping[str, Parameter], Iterable[Parameter]]
+
+
+# ---------------------------------------------------------------------------------------------------- files
+def _entries(params: nn.Cell | list[dict[str, Any]] | Mapping[str, Tensor]) -> list[dict[str, Any]]:
+    """`params` as MindSpore's list form [{"name", "data"}]."""
+    if isinstance(params, nn.Cell):
+        params.init_parameters_data()
+        return [{"name": name, "data": p} for name, p in params.parameters_dict().items()]
+    if isinstance(params, Mapping):
+        return [{"name": str(name), "data": _tensor(value)} for name, value in params.items()]
+    if isinstance(params, list):
+        return [{"name": str(e["name"]), "data": _tensor(e["data"])} for e in params]
+    raise TypeError(f"save_checkpoint: params must be a Cell, a list of {{'name', 'data'}} dicts or a dict "
+                    f"name -> Tensor, got {type(params).__name__}")
+
+
+def _tensor(value: Any) -> Tensor:
+    return value if isinstance(value, Tensor) else Tensor(value)
+
+
+def _meta_entries(extra: Mapping[str, Any]) -> dict[str, Any]:
+    try:
+        encoded = json.dumps(dict(extra), allow_nan=True)
+    except TypeError as err:
+        raise TypeError(f"checkpoint extra values must be JSON-serialisable: {err}") from err
+    scalars = {f"{META_PREFIX}{k}": v for k, v in extra.items() if isinstance(v, (bool, int, float, str))}
+    return {**scalars, META_JSON: encoded}
+
+
+def _remove(path: Path) -> None:
+    try:
+        os.chmod(path, 0o600)  # MindSpore leaves files read-only
+        path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def _fsync(path: Path, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _temp_name(path: Path) -> Path:
+    return path.with_name(f".{path.stem}.{uuid.uuid4().hex}.partial.ckpt")
+
+
+def _publish(tmp: Path, path: Path) -> None:
+    """fsync `tmp`, then atomically move it to `path` and make the rename durable."""
+    _fsync(tmp)
+    os.replace(tmp, path)
+    _fsync(path.parent, directory=True)
+
+
+def save_checkpoint(params: nn.Cell | list[dict[str, Any]] | Mapping[str, Tensor], path: Path | str,
+                    extra: Mapping[str, Any] | None = None) -> Path:
+    """Write `params` and `extra` to `path` atomically: a temp file in the same directory, fsync, os.replace.
+
+    A failed save leaves any previous file at `path` untouched and no temp file behind.
+    """
+    path = Path(path)
+    if path.suffix != ".ckpt":
+        raise ValueError(f"checkpoint path must end with .ckpt (MindSpore appends it otherwise): {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # MindSpore writes "<stem>.tmp" next to the name it is given, then renames it: both are ours to clean.
+    tmp = _temp_name(path)
+    try:
+        ms.save_checkpoint(_entries(params), str(tmp), append_dict=_meta_entries(extra or {}))
+        _publish(tmp, path)
+    finally:
+        _remove(tmp)
+        _remove(tmp.with_suffix(".tmp"))
+    return path
+
+
+def _copy_checkpoint(source: Path, path: Path) -> Path:
+    """Atomic copy (cheaper than serialising the tensors again)."""
+    tmp = _temp_name(path)
+    try:
+        shutil.copyfile(source, tmp)
+        _publish(tmp, path)
+    finally:
+        _remove(tmp)
+    return path
+
+
+def read_checkpoint(path: Path | str) -> tuple[dict[str, Parameter], dict[str, Any]]:
+    """(tensors by name without `meta.*` entries, extra dict) of a checkpoint file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    raw = ms.load_checkpoint(str(path))
+    meta = raw.get(META_JSON)
+    extra = json.loads(meta) if isinstance(meta, str) else {}
+    tensors = {k: v for k, v in raw.items() if not k.startswith(META_PREFIX)}
+    return tensors, extra
+
+
+# ---------------------------------------------------------------------------------------------------- state
+def _state_params(source: StateSource, exclude: set[int]) -> dict[str, Parameter]:
+    """Parameters of an optimizer / EMA by name, without the network's own (which they usually hold)."""
+    if hasattr(source, "parameters_dict"):
+        items = source.parameters_dict().items()
+    elif isinstance(source, Mapping):
+        items = source.items()
+    else:
+        items = ((p.name, p) for p in source)
+    return {name: p for name, p in items if id(p) not in exclude}
+
+
+def _network_params(network: nn.Cell) -> dict[str, Parameter]:
+    return dict(network.parameters_dict())
+
+
+def _assign(targets: Mapping[str, Parameter], values: Mapping[str, Tensor], what: str, strict: bool) -> None:
+    """Copy `values` into `targets` by name; shape mismatches always fail, name mismatches when strict."""
+    missing = sorted(set(targets) - set(values))
+    unexpected = sorted(set(values) - set(targets))
+    wrong_shape = [f"{n}: checkpoint {tuple(values[n].shape)} vs model {tuple(targets[n].shape)}"
+                   for n in targets if n in values and tuple(values[n].shape) != tuple(targets[n].shape)]
+    if wrong_shape:
+        shown = "; ".join(wrong_shape[:20])
+        raise ValueError(f"{what}: shape mismatch for {len(wrong_shape)} tensors: {shown}")
+    if missing or unexpected:
+        message = (f"{what}: {len(missing)} missing from the checkpoint {_listing(missing)}, "
+                   f"{len(unexpected)} in the checkpoint but not in the model {_listing(unexpected)}")
+        if strict:
+            raise KeyError(message + " (pass strict=False to load the matching ones)")
+        log.warning(message)
+    for name, param in targets.items():
+        if name in values:
+            value = values[name]
+            param.set_data(value if value.dtype == param.dtype else value.astype(param.dtype))
+
+
+def _listing(names: list[str], limit: int = 20) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return f"[{shown}{f', ... {len(names) - limit} more' if len(names) > limit else ''}]"
+
+
+def _with_prefix(prefix: str, params: Mapping[str, Parameter]) -> dict[str, Parameter]:
+    return {prefix + name: p for name, p in params.items()}
+
+
+def _strip_prefix(prefix: str, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return {name[len(prefix):]: t for name, t in tensors.items() if name.startswith(prefix)}
+
+
+def _is_network_key(name: str) -> bool:
+    return not name.startswith((OPTIMIZER_PREFIX, EMA_PREFIX))
+
+
+def _load_network(tensors: Mapping[str, Tensor], network: nn.Cell, path: Path | str, strict: bool) -> None:
+    weights = {name: t for name, t in tensors.items() if _is_network_key(name)}
+    _assign(_network_params(network), weights, f"network weights from {path}", strict)
+
+
+def load_weights(path: Path | str, network: nn.Cell, strict: bool = True,
+                 ema: bool = False) -> dict[str, Any]:
+    """Load only network weights (optimizer state ignored); returns the checkpoint's extra dict.
+
+    `ema=True` loads the EMA weights saved with the checkpoint into the network instead (for evaluation).
+    """
+    tensors, extra = read_checkpoint(path)
+    if ema:
+        tensors = _strip_prefix(EMA_PREFIX, tensors)
+        if not tensors:
+            raise KeyError(f"{path} holds no EMA weights: train with EMA enabled or load without ema=True")
+    _load_network(tensors, network, path, strict)
+    return extra
+
+
+# ---------------------------------------------------------------------------------------------------- manager
+@dataclass
+class TrainState:
+    """Where training stands, as stored in a checkpoint."""
+
+    epoch: int = 0
+    step: int = 0
+    best_metric: float | None = None
+    best_epoch: int | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class CheckpointManager:
+    """Writes `last.ckpt` each save and `best.ckpt` when `monitor` improves (`mode` "max" or "min")."""
+
+    def __init__(self, directory: Path | str, monitor: str = "val/top1_sum", mode: str = "max") -> None:
+        if mode not in ("max", "min"):
+            raise ValueError(f"checkpoint mode must be 'max' or 'min', got {mode!r}")
+        self.directory = Path(directory)
+        self.monitor = monitor
+        self.mode = mode
+        self.best_metric: float | None = None
+        self.best_epoch: int | None = None
+
+    @property
+    def last_path(self) -> Path:
+        return self.directory / "last.ckpt"
+
+    @property
+    def best_path(self) -> Path:
+        return self.directory / "best.ckpt"
+
+    def is_improvement(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        if self.best_metric is None:
+            return True
+        return value > self.best_metric if self.mode == "max" else value < self.best_metric
+
+    def save(self, network: nn.Cell, optimizer: StateSource | None = None, ema: StateSource | None = None, *,
+             epoch: int, step: int, metrics: Mapping[str, float]) -> dict[str, Path]:
+        """Save after `epoch` (epochs done) and global `step`.
+
+        Returns {"last": path}, plus "best" when the monitored metric improved.
+        """
+        if self.monitor not in metrics:
+            raise KeyError(f"monitored metric {self.monitor!r} is not among the metrics {sorted(metrics)}: "
+                           "set the checkpoint monitor to one of them")
+        value = float(metrics[self.monitor])
+        improved = self.is_improvement(value)
+        best_metric, best_epoch = (value, int(epoch)) if improved else (self.best_metric, self.best_epoch)
+        net_params = _network_params(network)
+        own = {id(p) for p in net_params.values()}
+        tensors: dict[str, Tensor] = dict(net_params)
+        if optimizer is not None:
+            tensors.update(_with_prefix(OPTIMIZER_PREFIX, _state_params(optimizer, own)))
+        if ema is not None:
+            tensors.update(_with_prefix(EMA_PREFIX, _state_params(ema, own)))
+        extra = {"epoch": int(epoch), "step": int(step), "best_metric": best_metric, "best_epoch": best_epoch,
+                 "monitor": self.monitor, "mode": self.mode,
+                 "metrics": {k: float(v) for k, v in metrics.items()}}
+        if not improved:
+            return {"last": save_checkpoint(tensors, self.last_path, extra)}
+        # best first: a crash in between leaves a `last` whose best metric is not ahead of best.ckpt
+        paths = {"best": save_checkpoint(tensors, self.best_path, extra)}
+        paths["last"] = _copy_checkpoint(self.best_path, self.last_path)
+        self.best_metric, self.best_epoch = best_metric, best_epoch
+        return paths
+
+    def load(self, path: Path | str, network: nn.Cell, optimizer: StateSource | None = None,
+             ema: StateSource | None = None, strict: bool = True) -> TrainState:
+        """Restore network (+ optimizer, EMA when given) and this manager's best metric; returns the state."""
+        tensors, extra = read_checkpoint(path)
+        _load_network(tensors, network, path, strict)
+        own = {id(p) for p in _network_params(network).values()}
+        groups = ((optimizer, OPTIMIZER_PREFIX, "optimizer state"), (ema, EMA_PREFIX, "EMA weights"))
+        for source, prefix, what in groups:
+            if source is not None:
+                values = _strip_prefix(prefix, tensors)
+                _assign(_state_params(source, own), values, f"{what} from {path}", strict)
+        state = TrainState(epoch=int(extra.get("epoch", 0)), step=int(extra.get("step", 0)),
+                           best_metric=extra.get("best_metric"), best_epoch=extra.get("best_epoch"),
+                           metrics=dict(extra.get("metrics", {})))
+        if extra.get("monitor", self.monitor) == self.monitor and extra.get("mode", self.mode) == self.mode:
+            self.best_metric, self.best_epoch = state.best_metric, state.best_epoch
+        else:
+            log.warning("checkpoint %s tracked %s (%s), this run monitors %s (%s): best metric starts afresh",
+                        path, extra.get("monitor"), extra.get("mode"), self.monitor, self.mode)
+        return state

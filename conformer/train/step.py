@@ -1,0 +1,253 @@
+"""The compiled training step: loss scaling, data-parallel gradient mean, accumulation, clipping, update."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import mindspore as ms
+import numpy as np
+from mindspore import Parameter, Tensor, nn, ops
+from mindspore.experimental import optim
+
+if TYPE_CHECKING:
+    from conformer.train.ema import ModelEma
+
+LOSS_SCALES = ("none", "static", "dynamic")
+AMP_LEVELS = ("O0", "O1", "O2", "O3")
+
+_mul_by = ops.MultitypeFuncGraph("mul_by")
+_div_by = ops.MultitypeFuncGraph("div_by")
+_sum_sq = ops.MultitypeFuncGraph("sum_sq")
+_add = ops.MultitypeFuncGraph("add")
+_store = ops.MultitypeFuncGraph("store")
+
+
+@_mul_by.register("Tensor", "Tensor")
+def _mul_by_tensor(factor: Tensor, grad: Tensor) -> Tensor:
+    return grad * factor.astype(grad.dtype)
+
+
+@_div_by.register("Tensor", "Tensor")
+def _div_by_tensor(divisor: Tensor, grad: Tensor) -> Tensor:
+    # a true division: multiplying by 1/scale flushes to zero once the scale passes ~1e38
+    return grad / divisor.astype(grad.dtype)
+
+
+@_sum_sq.register("Tensor")
+def _sum_sq_tensor(grad: Tensor) -> Tensor:
+    return ops.square(grad.astype(ms.float32)).sum()
+
+
+@_add.register("Tensor", "Tensor")
+def _add_tensor(left: Tensor, right: Tensor) -> Tensor:
+    return left + right
+
+
+@_store.register("Tensor", "Tensor")
+def _store_tensor(target: Parameter, value: Tensor) -> Tensor:
+    return ops.assign(target, value)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one call of `TrainStep` did.
+
+    `loss` is this rank's micro-batch loss; `grad_norm` the global norm of the (accumulated, unscaled,
+    all-reduced) gradients before clipping; `applied` is False for accumulation micro-steps and overflows.
+    """
+
+    loss: float
+    grad_norm: float
+    overflow: bool
+    loss_scale: float
+    applied: bool
+
+
+def assign_in_place(param: Parameter, value: Tensor | np.ndarray) -> None:
+    """Write `value` into `param`'s existing buffer.
+
+    A graph compiled before `Parameter.set_data` / `load_param_into_net` keeps using the old buffer (measured
+    for optimizer state and lrs); an in-place assign is seen by every compiled graph.
+    """
+    array = np.asarray(value.asnumpy() if isinstance(value, Tensor) else value)
+    if array.shape != tuple(param.shape):
+        raise ValueError(f"{param.name}: got shape {array.shape}, expected {tuple(param.shape)}.")
+    ops.assign(param, Tensor(array, param.dtype))
+
+
+def apply_amp(network: nn.Cell, level: str = "O0") -> nn.Cell:
+    """Mixed precision 'O0' (none) .. 'O3' (all fp16) for the network only.
+
+    The loss stays a separate fp32 cell (logits are cast to fp32 before log-softmax). On CPU keep 'O0': its
+    kernels are fp32, so fp16 only adds casts.
+    """
+    if level not in AMP_LEVELS:
+        raise ValueError(f"amp level {level!r} is unknown; choose one of {AMP_LEVELS}.")
+    if level == "O0":
+        return network
+    return ms.amp.auto_mixed_precision(network, level)
+
+
+def data_parallel_reducer(weights: tuple[Parameter, ...]) -> nn.Cell | None:
+    """A mean all-reduce over ranks when the context is DATA_PARALLEL, else None (single process)."""
+    if ms.get_auto_parallel_context("parallel_mode") != ms.ParallelMode.DATA_PARALLEL:
+        return None
+    from mindspore.communication import get_group_size
+
+    return nn.DistributedGradReducer(weights, mean=True, degree=get_group_size())
+
+
+def global_norm(grads: tuple[Tensor, ...]) -> Tensor:
+    """sqrt(sum of squares) over all gradients (fp32)."""
+    return ops.sqrt(ops.addn(ops.HyperMap()(_sum_sq, grads)))
+
+
+class _StepCell(nn.Cell):
+    """One jit graph: forward + backward, unscale, accumulate, all-reduce, overflow check, clip, update.
+
+    `apply` is a Python bool and therefore a compile-time constant: the micro-step (accumulate only) and the
+    update step compile to two graphs when grad_accum_steps > 1.
+    """
+
+    def __init__(self, network: nn.Cell, loss_fn: nn.Cell, optimizer: optim.Optimizer,
+                 clip_grad_norm: float | None, scaler: ms.amp.LossScaler | None,
+                 grad_accum_steps: int) -> None:
+        super().__init__(auto_prefix=False)
+        self.network, self.loss_fn, self.optimizer = network, loss_fn, optimizer
+        self.weights = optimizer.parameters
+        self.grad_fn = ops.value_and_grad(self.forward, None, self.weights, has_aux=True)
+        self.hyper_map = ops.HyperMap()
+        self.scaler = scaler
+        self.use_scale = scaler is not None
+        self.dynamic = isinstance(scaler, ms.amp.DynamicLossScaler)
+        self.clip = clip_grad_norm is not None
+        self.clip_grad_norm = float(clip_grad_norm) if self.clip else 0.0
+        self.grad_accum_steps = grad_accum_steps
+        self.accumulate = grad_accum_steps > 1
+        if self.accumulate:
+            self.accum_grads = self.weights.clone(prefix="grad_accum", init="zeros")
+        self.reducer = data_parallel_reducer(self.weights)
+        self.reduce = self.reducer is not None
+
+    def forward(self, images: Tensor, targets: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+        loss = self.loss_fn(self.network(images), targets)
+        # Differentiated output first (scaled, averaged over micro-steps); the plain loss rides along as aux.
+        return loss * scale / self.grad_accum_steps, loss
+
+    def loss_scale(self) -> Tensor:
+        if self.use_scale:
+            return self.scaler.scale_value.value()
+        return Tensor(1.0, ms.float32)
+
+    @ms.jit
+    def construct(self, images: Tensor, targets: Tensor, apply: bool) -> tuple[Tensor, ...]:
+        scale = self.loss_scale()
+        (_, loss), grads = self.grad_fn(images, targets, scale)
+        if self.use_scale:
+            grads = self.hyper_map(ops.partial(_div_by, scale), grads)
+        if self.accumulate:
+            grads = self.hyper_map(_add, self.accum_grads, grads)
+            if not apply:
+                self.hyper_map(_store, self.accum_grads, grads)
+                return loss, global_norm(grads), ms.amp.all_finite(grads), scale
+            self.hyper_map(_store, self.accum_grads, self.hyper_map(ops.zeros_like, grads))
+        if self.reduce:
+            grads = self.reducer(grads)
+        finite = ms.amp.all_finite(grads)
+        norm = global_norm(grads)
+        if self.dynamic:
+            self.scaler.adjust(finite)
+        if finite:
+            if self.clip:
+                coef = ops.minimum(self.clip_grad_norm / (norm + 1e-6), 1.0)
+                grads = self.hyper_map(ops.partial(_mul_by, coef), grads)
+            self.optimizer(grads)
+        return loss, norm, finite, self.loss_scale()
+
+
+class TrainStep:
+    """Callable compiled training step over `optimizer.parameters` (the network's trainable params).
+
+    loss_scale: "none", "static" (fixed `init_loss_scale`) or "dynamic" (`DynamicLossScaler`: an overflow
+    divides the scale by `scale_factor`, `scale_window` finite updates multiply it). Non-finite gradients
+    always skip the update. Gradients are mean-all-reduced when the parallel context is DATA_PARALLEL,
+    accumulated over `grad_accum_steps` calls (the update happens on every k-th call), clipped to
+    `clip_grad_norm` (global norm) and applied; `ema.update()` runs after every applied update.
+    """
+
+    def __init__(self, network: nn.Cell, loss_fn: nn.Cell, optimizer: optim.Optimizer, *,
+                 clip_grad_norm: float | None = None, loss_scale: str = "none",
+                 init_loss_scale: float = 2.0**16, scale_factor: int = 2, scale_window: int = 2000,
+                 grad_accum_steps: int = 1,
+                 ema: ModelEma | None = None) -> None:
+        if not isinstance(optimizer, optim.Optimizer):
+            raise TypeError(f"TrainStep needs a mindspore.experimental.optim optimizer (conformer.optim."
+                            f"build_optimizer), got {type(optimizer)}.")
+        if clip_grad_norm is not None and not clip_grad_norm > 0:
+            raise ValueError(f"clip_grad_norm must be > 0 or None (no clipping), got {clip_grad_norm}.")
+        if int(grad_accum_steps) != grad_accum_steps or grad_accum_steps < 1:
+            raise ValueError(f"grad_accum_steps must be an integer >= 1, got {grad_accum_steps}.")
+        network_params = {id(param) for param in network.get_parameters()}
+        foreign = [param.name for param in optimizer.parameters if id(param) not in network_params]
+        if foreign:
+            raise ValueError(f"the optimizer holds parameters that are not in the network ({foreign[:3]}): "
+                             "build the optimizer from this network.")
+        self.network, self.optimizer, self.ema = network, optimizer, ema
+        self.grad_accum_steps = int(grad_accum_steps)
+        self._micro_step = 0
+        network.set_train(True)
+        self._cell = _StepCell(network, loss_fn, optimizer, clip_grad_norm,
+                               _make_scaler(loss_scale, init_loss_scale, scale_factor, scale_window),
+                               self.grad_accum_steps)
+        self._cell.set_train(True)
+
+    def __call__(self, images: Tensor, targets: Tensor) -> StepResult:
+        if not self.network.training:  # the trainer's eval switched it off; BN must use batch stats again
+            self.network.set_train(True)
+        apply = self._micro_step + 1 == self.grad_accum_steps
+        loss, norm, finite, scale = self._cell(images, targets, apply)
+        self._micro_step = 0 if apply else self._micro_step + 1
+        overflow = not bool(finite.asnumpy())
+        applied = apply and not overflow
+        if applied and self.ema is not None:
+            self.ema.update()
+        return StepResult(loss=float(loss.asnumpy()), grad_norm=float(norm.asnumpy()), overflow=overflow,
+                          loss_scale=float(scale.asnumpy()), applied=applied)
+
+    @property
+    def micro_step(self) -> int:
+        """Calls since the last update (0 when no accumulation is pending)."""
+        return self._micro_step
+
+    def parameters_dict(self) -> dict[str, Parameter]:
+        """Loss-scaler state for checkpoints: 'loss_scale.value' (+ 'loss_scale.counter' when dynamic)."""
+        scaler = self._cell.scaler
+        if scaler is None:
+            return {}
+        state = {"loss_scale.value": scaler.scale_value}
+        if isinstance(scaler, ms.amp.DynamicLossScaler):
+            state["loss_scale.counter"] = scaler.counter
+        return state
+
+    def load_parameters_dict(self, values: Mapping[str, Tensor]) -> None:
+        """Restore the loss-scaler state saved by `parameters_dict` (names absent from `values` are kept)."""
+        for name, param in self.parameters_dict().items():
+            if name in values:
+                assign_in_place(param, values[name])
+
+
+def _make_scaler(mode: str, init_scale: float, factor: int, window: int) -> ms.amp.LossScaler | None:
+    if mode not in LOSS_SCALES:
+        raise ValueError(f"loss_scale {mode!r} is unknown; choose one of {LOSS_SCALES}.")
+    if mode == "none":
+        return None
+    if not init_scale >= 1:
+        raise ValueError(f"init_loss_scale must be >= 1, got {init_scale}.")
+    if mode == "static":
+        scaler = ms.amp.StaticLossScaler(float(init_scale))
+    else:
+        scaler = ms.amp.DynamicLossScaler(float(init_scale), int(factor), int(window))
+        scaler.counter.name = "loss_scale.counter"
+    scaler.scale_value.name = "loss_scale.value"
+    return scaler

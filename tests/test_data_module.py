@@ -1,0 +1,131 @@
+"""DataModule on a real JPEG tree: batches, dtypes, per-epoch order, sharding, Mixup, determinism, errors."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import mindspore as ms
+import numpy as np
+import pytest
+
+from conformer.data.folders import ImageFolderSource, SyntheticSource, write_image_folder
+from conformer.data.mixup import Mixup
+from conformer.data.module import DataModule
+from conformer.data.sampler import train_shard
+from conformer.data.transforms import EvalTransform, TrainTransform
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory: pytest.TempPathFactory) -> ImageFolderSource:
+    root = write_image_folder(tmp_path_factory.mktemp("jpegs"), num_classes=4, train_per_class=6,
+                              val_per_class=3, size=(48, 40))
+    return ImageFolderSource(root)
+
+
+def _module(source, **overrides) -> DataModule:
+    kwargs = {"name": "tiny", "source": source, "image_size": SIZE, "batch_size": 4,
+              "train_transform": TrainTransform(SIZE), "eval_transform": EvalTransform(SIZE),
+              "num_workers": 2}
+    kwargs.update(overrides)
+    return DataModule(**kwargs)
+
+
+def _epochs(dataset, epochs: int) -> list[list[tuple[np.ndarray, np.ndarray]]]:
+    iterator = dataset.create_tuple_iterator(num_epochs=epochs, output_numpy=True)
+    return [[(x, y) for x, y in iterator] for _ in range(epochs)]
+
+
+def test_train_batches_follow_the_epoch_permutation(source: ImageFolderSource) -> None:
+    module = _module(source, seed=3)
+    assert (module.train_size, module.val_size, module.num_classes) == (24, 12, 4)
+    assert module.classes == ["class_00", "class_01", "class_02", "class_03"]
+    assert module.steps_per_epoch() == 6 and module.steps_per_epoch(world_size=2) == 3
+    epochs = _epochs(module.train_loader(), 2)
+    labels = [np.concatenate([y for _, y in epoch]).tolist() for epoch in epochs]
+    for epoch, batches in enumerate(epochs):
+        assert len(batches) == 6
+        images, targets = batches[0]
+        assert images.shape == (4, 3, SIZE, SIZE) and images.dtype == np.float32
+        assert targets.shape == (4,) and targets.dtype == np.int32
+        assert -2.2 < images.min() < images.max() < 2.7  # ImageNet-normalised [0, 1] pixels
+        assert labels[epoch] == [source.train_samples[i][1] for i in train_shard(24, 0, 1, 3, epoch)]
+    assert labels[0] != labels[1]
+
+
+def test_train_shards_give_equal_step_counts(source: ImageFolderSource) -> None:
+    module = _module(source, batch_size=5)
+    counts = [len(_epochs(module.train_loader(rank, 2), 1)[0]) for rank in range(2)]
+    assert counts == [module.steps_per_epoch(2)] * 2 == [2, 2]
+
+
+def test_val_shards_cover_the_split_once_with_partial_batches(source: ImageFolderSource) -> None:
+    module = _module(source, eval_batch_size=5)
+    shards = [_epochs(module.val_loader(rank, 2), 1)[0] for rank in range(2)]
+    assert [[len(y) for _, y in shard] for shard in shards] == [[5, 1], [5, 1]]
+    labels = sorted(int(v) for shard in shards for _, y in shard for v in y)
+    assert labels == sorted(y for _, y in source.val_samples)
+    images, targets = shards[0][0]
+    assert images.shape == (5, 3, SIZE, SIZE) and images.dtype == np.float32 and targets.dtype == np.int32
+
+
+def test_mixup_gives_soft_targets(source: ImageFolderSource) -> None:
+    module = _module(source, mixup=Mixup(label_smoothing=0.1))
+    images, targets = _epochs(module.train_loader(), 1)[0][0]
+    assert images.shape == (4, 3, SIZE, SIZE) and images.dtype == np.float32
+    assert targets.shape == (4, 4) and targets.dtype == np.float32
+    np.testing.assert_allclose(targets.sum(axis=1), 1.0, rtol=1e-5)
+    assert targets.min() >= 0.1 / 4 - 1e-6
+
+
+def test_same_seed_same_batches_with_full_augmentation(source: ImageFolderSource) -> None:
+    transform = TrainTransform(SIZE, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.5)
+    runs = []
+    for _ in range(2):
+        ms.set_seed(11)
+        module = _module(source, train_transform=transform, mixup=Mixup(), num_workers=1)
+        runs.append(_epochs(module.train_loader(), 2))
+    for batch_a, batch_b in zip(sum(runs[0], []), sum(runs[1], [])):
+        np.testing.assert_array_equal(batch_a[0], batch_b[0])
+        np.testing.assert_array_equal(batch_a[1], batch_b[1])
+    assert not np.array_equal(runs[0][0][0][0], runs[0][1][0][0])
+
+
+def test_synthetic_source_runs_through_the_same_pipeline() -> None:
+    source = SyntheticSource(num_train=8, num_val=4, num_classes=3, height=40, width=36)
+    module = _module(source, mixup=Mixup())
+    images, targets = _epochs(module.train_loader(), 1)[0][0]
+    assert images.shape == (4, 3, SIZE, SIZE) and targets.shape == (4, 3)
+    images, labels = _epochs(module.val_loader(), 1)[0][0]
+    assert images.shape == (4, 3, SIZE, SIZE) and labels.tolist() == [y for _, y in source.val_samples]
+
+
+def test_workers_are_capped_at_the_core_count(source: ImageFolderSource) -> None:
+    assert _module(source, num_workers=512).num_workers == os.cpu_count()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"batch_size": 0}, "batch_size"),
+        ({"image_size": 40}, "multiple of 16"),
+        ({"image_size": 48}, "differs from data.image_size"),
+        ({"num_classes": 10}, "num_classes=10"),
+        ({"mixup": Mixup(), "batch_size": 3}, "even"),
+        ({"mixup": Mixup(), "drop_last": False}, "drop_last"),
+        ({"num_workers": 0}, "num_workers"),
+        ({"repeated_aug": 0}, "repeated_aug"),
+    ],
+)
+def test_bad_settings_fail_early(source: ImageFolderSource, overrides: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        _module(source, **overrides)
+
+
+def test_too_small_a_split_is_reported(source: ImageFolderSource, tmp_path: Path) -> None:
+    module = _module(source, batch_size=16)
+    with pytest.raises(ValueError, match="fewer than batch_size"):
+        module.steps_per_epoch(world_size=2)
+    with pytest.raises(ValueError, match="fewer than batch_size"):
+        module.train_loader(0, 2)

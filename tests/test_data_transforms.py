@@ -1,0 +1,148 @@
+"""Train/eval transforms (real MindSpore ops on real JPEG/PNG bytes) and random erasing statistics."""
+from __future__ import annotations
+
+import io
+import random
+from pathlib import Path
+
+import mindspore.dataset as ds
+import numpy as np
+import pytest
+from PIL import Image
+
+from conformer.data.erasing import RandomErasing
+from conformer.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, TrainTransform
+
+MEAN = np.array(IMAGENET_MEAN, np.float32).reshape(3, 1, 1)
+STD = np.array(IMAGENET_STD, np.float32).reshape(3, 1, 1)
+
+
+def _pattern(width: int, height: int, seed: int = 0) -> np.ndarray:
+    """A smooth but asymmetric RGB image (so crops, flips and resizes are all visible)."""
+    rng = np.random.default_rng(seed)
+    coarse = Image.fromarray(rng.integers(0, 256, (4, 5, 3), dtype=np.uint8))
+    return np.asarray(coarse.resize((width, height), Image.BICUBIC))
+
+
+def _encode(pixels: np.ndarray, fmt: str = "PNG") -> np.ndarray:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format=fmt)
+    return np.frombuffer(buf.getvalue(), np.uint8)
+
+
+def _apply(ops: list, image: np.ndarray) -> np.ndarray:
+    for op in ops:
+        image = op(image)
+    return np.asarray(image)
+
+
+def _pipeline(ops: list, data: np.ndarray, copies: int) -> np.ndarray:
+    """``copies`` passes of ``data`` through a real pipeline (seeded eager random ops repeat themselves)."""
+    dataset = ds.NumpySlicesDataset({"image": np.stack([data] * copies)}, shuffle=False).map(ops, "image")
+    return np.stack([row[0] for row in dataset.create_tuple_iterator(num_epochs=1, output_numpy=True)])
+
+
+def _normalise(pixels: np.ndarray) -> np.ndarray:
+    return (pixels.transpose(2, 0, 1).astype(np.float32) / 255.0 - MEAN) / STD
+
+
+def test_eval_resizes_shorter_side_then_center_crops_like_pil() -> None:
+    pixels = _pattern(60, 40)  # width 60, height 40
+    transform = EvalTransform(32, crop_pct=0.875)
+    assert transform.resize_size == 36
+    out = _apply(transform.operations(decode=True), _encode(pixels))
+    assert out.shape == (3, 32, 32) and out.dtype == np.float32
+
+    resized = Image.fromarray(pixels).resize((54, 36), Image.BICUBIC)  # shorter side 40 -> 36
+    left, top = (54 - 32) // 2, (36 - 32) // 2
+    expected = _normalise(np.asarray(resized.crop((left, top, left + 32, top + 32))))
+    np.testing.assert_allclose(out, expected, atol=2.5 / 255 / min(IMAGENET_STD))
+
+
+def test_train_crop_flip_matches_pil_reference_when_deterministic() -> None:
+    pixels = _pattern(48, 36)
+    ratio = 48 / 36
+    transform = TrainTransform(32, scale=(1.0, 1.0), ratio=(ratio, ratio), hflip=1.0)
+    expected = _normalise(np.asarray(Image.fromarray(pixels).resize((32, 32), Image.BICUBIC))[:, ::-1])
+    for decode, data in ((True, _encode(pixels)), (False, pixels)):
+        out = _apply(transform.operations(decode=decode), data)
+        assert out.shape == (3, 32, 32) and out.dtype == np.float32
+        np.testing.assert_allclose(out, expected, atol=1e-5)
+
+
+def test_train_output_range_and_randomness() -> None:
+    transform = TrainTransform(32, auto_augment=None, re_prob=0.0)
+    raw = _encode(_pattern(64, 48), "JPEG")
+    outs = _pipeline(transform.operations(), raw, 8)
+    assert outs.shape == (8, 3, 32, 32) and outs.dtype == np.float32
+    lo, hi = (0 - MEAN) / STD, (1 - MEAN) / STD
+    assert np.all(outs >= lo - 1e-5) and np.all(outs <= hi + 1e-5)
+    assert len({o.tobytes() for o in outs}) > 4  # random crops differ
+
+
+def test_rand_augment_is_wired_with_timm_hparams() -> None:
+    if not (Path(__file__).resolve().parents[1] / "conformer" / "data" / "randaugment.py").exists():
+        pytest.skip("conformer/data/randaugment.py not written yet")
+    transform = TrainTransform(224, auto_augment="rand-m9-mstd0.5-inc1", mean=(0.5, 0.25, 1.0))
+    augment = transform.operations()[2]
+    assert type(augment).__name__ == "RandAugment"
+    assert augment.params.translate_const == int(224 * 0.45)
+    assert augment.params.fill == (128, 64, 255)
+    random.seed(0)
+    small = TrainTransform(32, auto_augment="rand-m9-mstd0.5-inc1", hflip=0.0, scale=(1.0, 1.0), ratio=(1, 1))
+    plain = TrainTransform(32, hflip=0.0, scale=(1.0, 1.0), ratio=(1, 1))
+    raw = _encode(_pattern(40, 40))
+    reference = _apply(plain.operations(), raw)
+    augmented = list(_pipeline(small.operations(), raw, 6))
+    assert all(a.shape == (3, 32, 32) and a.dtype == np.float32 for a in augmented)
+    assert sum(not np.allclose(a, reference) for a in augmented) >= 3
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"image_size": 0}, "image_size"),
+        ({"image_size": 32, "interpolation": "lanczos"}, "interpolation"),
+        ({"image_size": 32, "scale": (0.5, 2.0)}, "scale"),
+        ({"image_size": 32, "hflip": 1.5}, "hflip"),
+        ({"image_size": 32, "auto_augment": "v0"}, "RandAugment"),
+        ({"image_size": 32, "re_prob": 0.5, "re_mode": "noise"}, "mode"),
+        ({"image_size": 32, "mean": (0.5, 0.5)}, "mean"),
+    ],
+)
+def test_train_transform_rejects_bad_settings(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        TrainTransform(**kwargs)
+
+
+def test_eval_transform_rejects_bad_crop_pct() -> None:
+    with pytest.raises(ValueError, match="crop_pct"):
+        EvalTransform(32, crop_pct=1.5)
+
+
+def test_erasing_rate_area_and_pixel_noise() -> None:
+    random.seed(1)
+    erase = RandomErasing(0.25, mode="pixel")
+    images = [np.full((3, 40, 40), 7.0, np.float32) for _ in range(600)]
+    outs = [erase(img) for img in images]
+    touched = [o for o in outs if not np.all(o == 7.0)]
+    assert 0.19 < len(touched) / len(outs) < 0.31  # binomial(600, 0.25): +-4.3 sigma
+    assert all(np.all(img == 7.0) for img in images)  # inputs are not modified
+    fractions = np.array([np.mean(o[0] != 7.0) for o in touched])
+    assert fractions.min() > 0.01 and fractions.max() < 0.4  # one box of 2%..33% of the area, h, w rounded
+    values = touched[0][touched[0] != 7.0]
+    assert values.std() > 0.5 and len(np.unique(values)) > 0.9 * values.size  # per-pixel N(0, 1) noise
+    same_box_all_channels = [np.array_equal(o[0] != 7.0, o[2] != 7.0) for o in touched]
+    assert all(same_box_all_channels)
+
+
+def test_erasing_modes_and_counts() -> None:
+    random.seed(2)
+    const = RandomErasing(1.0, mode="const")(np.ones((3, 30, 30), np.float32))
+    assert set(np.unique(const)) == {0.0, 1.0}
+    rand = RandomErasing(1.0, mode="rand")(np.full((3, 30, 30), 9.0, np.float32))
+    for channel in rand:
+        assert len(np.unique(channel[channel != 9.0])) == 1  # one value per channel
+    boxes = RandomErasing(1.0, mode="const", min_count=3, max_count=3, max_area=0.05)
+    mask = boxes(np.ones((1, 60, 60), np.float32))[0] == 0.0
+    assert 3 * 0.02 / 3 <= mask.mean() <= 0.05 + 1e-9

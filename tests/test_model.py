@@ -1,0 +1,96 @@
+"""The Conformer port: parameter counts, early shape errors and parity with the official PyTorch model."""
+from __future__ import annotations
+
+import json
+
+import mindspore as ms
+import numpy as np
+import pytest
+from mindspore import ops
+
+from conformer.models import Conformer, create_model, model_names
+
+from .parity import REFERENCE, max_rel_error, reference_model
+
+OFFICIAL = {"conformer_ti": "Conformer_tiny_patch16", "conformer_s": "Conformer_small_patch16",
+            "conformer_s32": "Conformer_small_patch32", "conformer_b": "Conformer_base_patch16"}
+
+
+def count(model: Conformer) -> int:
+    return sum(int(np.prod(p.shape)) for p in model.trainable_params())
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL))
+def test_parameter_count_equals_official(name: str) -> None:
+    expected = json.loads((REFERENCE / "param_counts.json").read_text())[OFFICIAL[name]]["params"]
+    assert count(create_model(name)) == expected
+
+
+def test_nano_is_the_reference_tiny_config() -> None:
+    expected = json.loads((REFERENCE / "param_counts.json").read_text())["tiny"]["params"]
+    assert count(create_model("conformer_nano", num_classes=10)) == expected == 1_292_964
+    assert model_names() == ["conformer_b", "conformer_nano", "conformer_s", "conformer_s32", "conformer_ti"]
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    (dict(img_size=72), "multiple of the patch size 16"),
+    (dict(depth=7), "multiple of 3"),
+    (dict(embed_dim=100, num_heads=3), "divisible by num_heads"),
+    (dict(num_classes=0), "num_classes must be positive"),
+    (dict(drop_path_rate=1.5), "drop_path_rate"),
+])
+def test_bad_arguments_fail_early_with_a_clear_message(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        create_model("conformer_nano", **kwargs)
+
+
+def test_unknown_variant_lists_the_choices() -> None:
+    with pytest.raises(ValueError, match="conformer_ti"):
+        create_model("conformer_xl")
+
+
+def test_eval_logits_match_official() -> None:
+    io = np.load(REFERENCE / "tiny_io.npz")
+    conv, trans = reference_model()(ms.Tensor(io["x"]))
+    assert max_rel_error(conv.asnumpy(), io["conv_logits"]) < 1e-4
+    assert max_rel_error(trans.asnumpy(), io["trans_logits"]) < 1e-4
+    assert max_rel_error((conv + trans).asnumpy(), io["sum_logits"]) < 1e-4
+    np.testing.assert_allclose(trans.asnumpy(), io["trans_logits"], rtol=1e-4, atol=1e-5)
+
+
+def test_intermediate_features_match_official() -> None:
+    """Walk the network block by block (PyNative) and compare every recorded intermediate."""
+    feats = np.load(REFERENCE / "tiny_feats.npz")
+    x = ms.Tensor(np.load(REFERENCE / "tiny_io.npz")["x"])
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    try:
+        model = reference_model()
+        got = {"x_base": model.maxpool(model.act1(model.bn1(model.conv1(x))))}
+        got["conv_1"], _ = model.conv_1(got["x_base"])
+        got["trans_patch_conv"] = model.trans_patch_conv(got["x_base"])
+        tokens = got["trans_patch_conv"].reshape(2, model.embed_dim, -1).transpose(0, 2, 1)
+        cls = ops.broadcast_to(model.cls_token, (2, 1, model.embed_dim))
+        x_t = got["trans_1"] = model.trans_1(ops.concat((cls, tokens), axis=1))
+        conv = got["conv_1"]
+        for offset, block in enumerate(model.conv_trans):
+            i = offset + 2
+            conv_out, x2 = block.cnn_block(conv)
+            h, w = x2.shape[2] // block.dw_stride, x2.shape[3] // block.dw_stride
+            got[f"conv_trans_{i}/fcu_down"] = x_st = block.squeeze_block(x2, x_t)
+            x_t_new = block.trans_block(x_st + x_t)
+            got[f"conv_trans_{i}/fcu_up"] = up = block.expand_block(x_t_new, h, w)
+            conv, _ = block.fusion_block(conv_out, up)
+            got[f"conv_trans_{i}/x"], got[f"conv_trans_{i}/x_t"] = conv, x_t_new
+            x_t = x_t_new
+        got["trans_norm"] = model.trans_norm(x_t)
+    finally:
+        ms.set_context(mode=ms.GRAPH_MODE)
+    assert set(got) == set(feats.files)
+    errors = {name: max_rel_error(got[name].asnumpy(), feats[name]) for name in feats.files}
+    assert max(errors.values()) < 1e-4, errors
+
+
+def test_input_of_wrong_size_is_refused_before_compiling() -> None:
+    model = create_model("conformer_nano", num_classes=10, img_size=64)
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        model.check_input_shape((2, 3, 40, 40))

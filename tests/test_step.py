@@ -1,0 +1,219 @@
+"""The compiled train step: learning, clipping, loss scaling/overflow, accumulation, weight decay, live lr."""
+from __future__ import annotations
+
+import mindspore as ms
+import numpy as np
+import pytest
+from mindspore import Tensor, nn, ops
+
+from conformer.losses import DualHeadLoss
+from conformer.optim import build_optimizer, set_lr
+from conformer.train.step import StepResult, TrainStep, apply_amp, data_parallel_reducer
+
+IN, HIDDEN, CLASSES = 6, 16, 3
+
+
+class TwoHeads(nn.Cell):
+    """Shared Dense (+ optional BatchNorm1d) feeding two Dense heads; `spare` takes no part in the forward."""
+
+    def __init__(self, bn: bool = False) -> None:
+        super().__init__()
+        self.stem = nn.Dense(IN, HIDDEN)
+        self.norm = nn.BatchNorm1d(HIDDEN) if bn else nn.Identity()
+        self.conv_head = nn.Dense(HIDDEN, CLASSES)
+        self.trans_head = nn.Dense(HIDDEN, CLASSES)
+        self.spare = nn.Dense(2, 2)
+
+    def construct(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        h = ops.relu(self.norm(self.stem(x)))
+        return self.conv_head(h), self.trans_head(h)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def graph_mode():
+    ms.set_context(mode=ms.GRAPH_MODE)
+    ms.set_device("CPU")
+    yield
+
+
+def blobs(n: int, seed: int = 0) -> tuple[Tensor, Tensor]:
+    rng = np.random.default_rng(seed)
+    centers = np.random.default_rng(123).normal(0, 2.0, (CLASSES, IN))
+    labels = rng.integers(0, CLASSES, n)
+    x = centers[labels] + rng.normal(0, 0.5, (n, IN))
+    return Tensor(x.astype(np.float32)), Tensor(labels.astype(np.int32))
+
+
+def weights(net: nn.Cell) -> dict[str, np.ndarray]:
+    return {p.name: p.asnumpy().copy() for p in net.get_parameters()}
+
+
+def copy_weights(src: nn.Cell, dst: nn.Cell) -> None:
+    for a, b in zip(src.get_parameters(), dst.get_parameters()):
+        b.set_data(Tensor(a.asnumpy().copy()))
+
+
+def reference_grads(net: nn.Cell, loss_fn: nn.Cell, x: Tensor, y: Tensor) -> dict[str, np.ndarray]:
+    params = net.trainable_params()
+
+    def forward(images: Tensor, targets: Tensor) -> Tensor:
+        return loss_fn(net(images), targets)
+
+    _, grads = ms.value_and_grad(forward, None, params)(x, y)
+    return {p.name: g.asnumpy() for p, g in zip(params, grads)}
+
+
+def test_learns_and_updates_bn_stats_even_after_eval() -> None:
+    ms.set_seed(0)
+    net = TwoHeads(bn=True)
+    step = TrainStep(net, DualHeadLoss(0.1), build_optimizer(net, "adamw", lr=0.02))
+    x, y = blobs(64)
+    first = step(x, y)
+    assert isinstance(first, StepResult) and first.applied and not first.overflow
+    assert first.loss_scale == 1.0 and first.grad_norm > 0
+    losses = [step(x, y).loss for _ in range(25)]
+    assert losses[-1] < 0.5 * first.loss
+    net.set_train(False)
+    net(x)  # an eval pass in between, as the trainer does every epoch
+    mean_before = net.norm.moving_mean.asnumpy().copy()
+    step(x, y)
+    assert net.training
+    assert not np.allclose(net.norm.moving_mean.asnumpy(), mean_before)
+
+
+@pytest.mark.parametrize("clip", [0.05, 1e3])
+def test_clip_reports_raw_norm_and_scales_update(clip: float) -> None:
+    ms.set_seed(1)
+    net, loss_fn = TwoHeads(), DualHeadLoss()
+    opt = build_optimizer(net, "sgd", lr=1.0, momentum=0.0, weight_decay=0.0)
+    x, y = blobs(16, seed=1)
+    grads = reference_grads(net, loss_fn, x, y)
+    norm = float(np.sqrt(sum((g.astype(np.float64) ** 2).sum() for g in grads.values())))
+    before = weights(net)
+    result = TrainStep(net, loss_fn, opt, clip_grad_norm=clip)(x, y)
+    assert result.grad_norm == pytest.approx(norm, rel=1e-5)
+    coef = min(1.0, clip / (norm + 1e-6))
+    after = weights(net)
+    for name, grad in grads.items():
+        np.testing.assert_allclose(before[name] - after[name], coef * grad, rtol=1e-4, atol=1e-7)
+    if clip < norm:
+        delta = np.sqrt(sum(((before[n] - after[n]) ** 2).sum() for n in grads))
+        assert delta == pytest.approx(clip, rel=1e-4)
+
+
+def test_dynamic_overflow_skips_update_and_lowers_scale_then_grows() -> None:
+    ms.set_seed(2)
+    net = TwoHeads()
+    step = TrainStep(net, DualHeadLoss(), build_optimizer(net, "adamw", lr=0.1), loss_scale="dynamic",
+                     init_loss_scale=2.0**10, scale_window=2)
+    x, y = blobs(8, seed=2)
+    bad = x.asnumpy().copy()
+    bad[0, 0] = np.inf
+    before = weights(net)
+    result = step(Tensor(bad), y)
+    assert result.overflow and not result.applied
+    assert result.loss_scale == 2.0**9
+    for name, value in weights(net).items():
+        np.testing.assert_array_equal(value, before[name], err_msg=name)
+    scales = [step(x, y) for _ in range(2)]
+    assert all(r.applied and not r.overflow for r in scales)
+    assert [r.loss_scale for r in scales] == [2.0**9, 2.0**10]  # grows after scale_window finite updates
+    state = {name: Tensor(p.asnumpy()) for name, p in step.parameters_dict().items()}
+    assert set(state) == {"loss_scale.value", "loss_scale.counter"}
+    step.load_parameters_dict({"loss_scale.value": Tensor(np.float32(8.0))})
+    assert step(x, y).loss_scale == 8.0  # restored in place: the compiled step sees it
+    step.load_parameters_dict(state)
+    assert step(x, y).loss_scale == 2.0**10
+
+
+def test_static_scale_unscales_grads_and_overflow_skips() -> None:
+    ms.set_seed(3)
+    x, y = blobs(8, seed=3)
+    plain, scaled = TwoHeads(), TwoHeads()
+    copy_weights(plain, scaled)
+    steps = [TrainStep(net, DualHeadLoss(), build_optimizer(net, "sgd", lr=0.5, momentum=0.0),
+                       loss_scale=mode, init_loss_scale=scale)
+             for net, mode, scale in ((plain, "none", 1.0), (scaled, "static", 1e30))]
+    results = [step(x, y) for step in steps]
+    assert results[1].loss_scale == pytest.approx(1e30, rel=1e-6)
+    assert results[1].grad_norm == pytest.approx(results[0].grad_norm, rel=1e-5)
+    for name, value in weights(plain).items():
+        np.testing.assert_allclose(weights(scaled)[name], value, rtol=1e-5, atol=1e-6)
+    bad = x.asnumpy().copy()
+    bad[1, 2] = np.nan
+    before = weights(scaled)
+    overflow = steps[1](Tensor(bad), y)
+    assert overflow.overflow and not overflow.applied
+    assert overflow.loss_scale == pytest.approx(1e30, rel=1e-6)  # static: never adjusted
+    for name, value in weights(scaled).items():
+        np.testing.assert_array_equal(value, before[name], err_msg=name)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_accumulating_two_half_batches_equals_one_full_batch(name: str) -> None:
+    ms.set_seed(4)
+    full_net, accum_net = TwoHeads(), TwoHeads()
+    copy_weights(full_net, accum_net)
+    full = TrainStep(full_net, DualHeadLoss(0.1), build_optimizer(full_net, name, lr=0.05))
+    accum = TrainStep(accum_net, DualHeadLoss(0.1), build_optimizer(accum_net, name, lr=0.05),
+                      grad_accum_steps=2)
+    for seed in (4, 5):  # two windows: the accumulators must be zeroed after each update
+        x, y = blobs(16, seed=seed)
+        full_result = full(x, y)
+        halves = [accum(x[:8], y[:8]), accum(x[8:], y[8:])]
+        assert [r.applied for r in halves] == [False, True]
+        assert accum.micro_step == 0
+        assert halves[1].grad_norm == pytest.approx(full_result.grad_norm, rel=1e-5)
+        assert (halves[0].loss + halves[1].loss) / 2 == pytest.approx(full_result.loss, rel=1e-5)
+    for a, b in zip(full_net.get_parameters(), accum_net.get_parameters()):
+        np.testing.assert_allclose(b.asnumpy(), a.asnumpy(), rtol=1e-5, atol=1e-6, err_msg=a.name)
+
+
+def test_adamw_decays_zero_grad_weight_but_not_bias() -> None:
+    ms.set_seed(5)
+    net = TwoHeads()
+    lr, wd = 0.1, 0.05
+    step = TrainStep(net, DualHeadLoss(), build_optimizer(net, "adamw", lr=lr, weight_decay=wd))
+    w, b = net.spare.weight.asnumpy().copy(), net.spare.bias.asnumpy().copy()
+    step(*blobs(8))
+    np.testing.assert_allclose(net.spare.weight.asnumpy(), w * (1 - lr * wd), rtol=1e-6)
+    np.testing.assert_array_equal(net.spare.bias.asnumpy(), b)
+
+
+def test_set_lr_takes_effect_inside_compiled_step() -> None:
+    ms.set_seed(6)
+    net, loss_fn = TwoHeads(), DualHeadLoss()
+    opt = build_optimizer(net, "sgd", lr=0.1, momentum=0.0, weight_decay=0.0)
+    step = TrainStep(net, loss_fn, opt)
+    x, y = blobs(8, seed=6)
+    step(x, y)  # compiled with lr 0.1
+    set_lr(opt, 0.0)
+    before = weights(net)
+    step(x, y)
+    for name, value in weights(net).items():
+        np.testing.assert_array_equal(value, before[name])
+    set_lr(opt, 0.5)
+    grads = reference_grads(net, loss_fn, x, y)
+    step(x, y)
+    after = weights(net)
+    for name, grad in grads.items():
+        np.testing.assert_allclose(before[name] - after[name], 0.5 * grad, rtol=1e-4, atol=1e-7)
+
+
+def test_bad_arguments_fail_early() -> None:
+    net, other = TwoHeads(), TwoHeads()
+    opt = build_optimizer(net, "sgd", lr=0.1)
+    with pytest.raises(ValueError, match="loss_scale"):
+        TrainStep(net, DualHeadLoss(), opt, loss_scale="fp16")
+    with pytest.raises(ValueError, match="grad_accum_steps"):
+        TrainStep(net, DualHeadLoss(), opt, grad_accum_steps=0)
+    with pytest.raises(ValueError, match="clip_grad_norm"):
+        TrainStep(net, DualHeadLoss(), opt, clip_grad_norm=0.0)
+    with pytest.raises(ValueError, match="not in the network"):
+        TrainStep(other, DualHeadLoss(), opt)
+    with pytest.raises(TypeError, match="experimental"):
+        TrainStep(net, DualHeadLoss(), nn.SGD(net.trainable_params()))
+    with pytest.raises(ValueError, match="amp level"):
+        apply_amp(net, "O4")
+    assert apply_amp(net, "O0") is net
+    assert data_parallel_reducer(tuple(net.trainable_params())) is None  # stand-alone: no all-reduce

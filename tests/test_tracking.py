@@ -1,0 +1,457 @@
+"""MLflow tracking against real stores: a SQLite file, a real `mlflow server`, a SIGTERM'd subprocess."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.utils import JobReturn, JobStatus
+from mlflow import MlflowClient
+from omegaconf import OmegaConf
+from PIL import Image
+
+from conformer.tracking import (
+    SWEEP_PARENT_ENV,
+    SWEEP_PARENT_FILE,
+    NullTracker,
+    RunKilled,
+    SweepParentCallback,
+    Tracker,
+    create_tracker,
+    default_artifact_root,
+    default_tracking_uri,
+    flatten_config,
+    git_commit,
+    plot_curves,
+    resolve_tracking_uri,
+    run_tags,
+    sweep_parent_run_id,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> tuple[Path, str]:
+    """Project root holding the default SQLite store (created once per module: migrations take seconds)."""
+    root = tmp_path_factory.mktemp("project")
+    return root, default_tracking_uri(root)
+
+
+@pytest.fixture
+def experiment(request) -> str:
+    return f"exp-{request.node.name}"
+
+
+@pytest.fixture(autouse=True)
+def _no_inherited_parent(monkeypatch):
+    monkeypatch.delenv(SWEEP_PARENT_ENV, raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+def test_uri_resolution(tmp_path, monkeypatch):
+    default = default_tracking_uri(tmp_path)
+    assert default == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    assert resolve_tracking_uri(None, tmp_path) == default
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    assert resolve_tracking_uri(None, tmp_path) == "http://127.0.0.1:5999"
+    assert resolve_tracking_uri("sqlite:////x/y.db", tmp_path) == "sqlite:////x/y.db"
+    assert default_artifact_root(default) == tmp_path.resolve() / "mlruns"
+    monkeypatch.chdir(tmp_path)
+    assert default_artifact_root("sqlite:///rel/m.db") == tmp_path.resolve() / "rel" / "mlruns"
+    assert default_artifact_root("http://127.0.0.1:5000") is None
+
+
+def test_flatten_config_resolves_stringifies_and_truncates():
+    cfg = OmegaConf.create({
+        "optim": {"optimizer": {"lr": 1e-3, "betas": [0.9, 0.999]}, "base_lr": "${optim.optimizer.lr}"},
+        "model": {"name": "conformer_tiny_patch16", "drop_path": None, "pretrained": False},
+        "callbacks": {}, "note": "x" * 7000,
+    })
+    flat = flatten_config(cfg)
+    assert flat == {
+        "optim.optimizer.lr": "0.001", "optim.optimizer.betas": "[0.9, 0.999]", "optim.base_lr": "0.001",
+        "model.name": "conformer_tiny_patch16", "model.drop_path": "None", "model.pretrained": "False",
+        "callbacks": "{}", "note": "x" * 5997 + "...",
+    }
+    nested = flatten_config({"data": OmegaConf.create({"size": 32, "mean": [0.5, 0.5]}), "seed": 3})
+    assert nested == {"data.size": "32", "data.mean": "[0.5, 0.5]", "seed": "3"}
+    with pytest.raises(ValueError, match="interpolation"):
+        flatten_config(OmegaConf.create({"a": "${missing.key}"}))
+    with pytest.raises(TypeError, match="mapping"):
+        flatten_config([1, 2])
+
+
+def test_run_records_params_metrics_artifacts_and_tags(store, experiment, tmp_path, monkeypatch, caplog):
+    root, uri = store
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # Hydra may change the cwd: artifacts must not follow it
+    params = flatten_config({"layer": {f"p{i}": i for i in range(250)}, "lr": 0.001})
+    tags = run_tags(model="conformer_tiny_patch16", data="digits", hardware="cpu", task="train",
+                    overrides=["optim.lr=0.001", "trainer.epochs=2"], git_commit="abc123", run_dir=tmp_path,
+                    world_size=2)
+    note = tmp_path / "notes.txt"
+    note.write_text("hello")
+    folder = tmp_path / "plots"
+    folder.mkdir()
+    (folder / "a.json").write_text("{}")
+
+    with Tracker(uri, experiment, run_name="trial-1") as tracker:
+        run_id = tracker.start(params, tags)
+        assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+        for step in range(3):
+            tracker.log_metrics({"train/loss": 2.0 - step, "lr": 1e-3 * (step + 1)}, step=step * 10)
+        tracker.log_metrics({"train/loss": float("nan"), "val/top1_sum": 0.5}, step=30)
+        tracker.log_metrics({"train/loss": float("inf")}, step=40)
+        tracker.log_artifact(note)
+        tracker.log_artifact(folder, artifact_path="extra")
+        tracker.log_text("a: 1\n", "config.yaml")
+        with pytest.raises(FileNotFoundError, match="missing.txt"):
+            tracker.log_artifact(tmp_path / "missing.txt")
+        with pytest.raises(TypeError, match="'val/acc' must be a number"):
+            tracker.log_metrics({"val/acc": "high"}, step=1)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert "'train/loss' is nan at step 30" in caplog.text
+
+    client = MlflowClient(uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "trial-1"
+    assert run.data.params == params and len(params) == 251
+    expected_tags = {"model": "conformer_tiny_patch16", "data": "digits", "hardware": "cpu", "task": "train",
+                     "overrides": "optim.lr=0.001 trainer.epochs=2", "world_size": "2"}
+    assert {k: run.data.tags[k] for k in expected_tags} == expected_tags
+    assert run.data.tags["mlflow.source.git.commit"] == "abc123"
+    assert run.data.tags["nonfinite.train/loss"] == "30"
+    history = [(m.step, m.value) for m in client.get_metric_history(run_id, "train/loss")]
+    assert sorted(history) == [(0, 2.0), (10, 1.0), (20, 0.0)]
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "val/top1_sum")] == [(30, 0.5)]
+    assert {a.path for a in client.list_artifacts(run_id)} == {"notes.txt", "extra", "config.yaml"}
+    assert [a.path for a in client.list_artifacts(run_id, "extra")] == ["extra/a.json"]
+
+    artifact_dir = Path(client.get_experiment(run.info.experiment_id).artifact_location.removeprefix("file://"))
+    assert artifact_dir.parent == root.resolve() / "mlruns"
+    assert (artifact_dir / run_id / "artifacts" / "notes.txt").read_text() == "hello"
+    assert tracker.artifact_uri == run.info.artifact_uri and tracker.run_url is None
+    assert not any(elsewhere.iterdir())
+    with pytest.raises(RuntimeError, match="has ended"):
+        tracker.log_metrics({"x": 1.0}, step=0)
+
+
+def test_exceptions_end_the_run_failed_or_killed(store, experiment):
+    root, uri = store
+    client = MlflowClient(uri)
+    cases = [(ValueError("bad batch"), "FAILED"), (KeyboardInterrupt(), "KILLED"),
+             (RunKilled("SIGTERM"), "KILLED"), (SystemExit(0), "FINISHED"), (SystemExit(2), "FAILED")]
+    for exc, expected in cases:
+        tracker = Tracker(uri, experiment)
+        with pytest.raises(type(exc)), tracker:
+            tracker.start({}, {})
+            raise exc
+        run = client.get_run(tracker.run_id)
+        assert (type(exc).__name__, run.info.status) == (type(exc).__name__, expected)
+        assert run.data.tags.get("error") == ("ValueError: bad batch" if isinstance(exc, ValueError) else
+                                              "SystemExit: 2" if expected == "FAILED" else None)
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL and not tracker.active
+
+
+def test_sigterm_to_a_real_process_ends_its_run_killed(store, experiment, tmp_path):
+    root, uri = store
+    script = tmp_path / "worker.py"
+    script.write_text(textwrap.dedent(f"""
+        import time
+        from conformer.tracking import Tracker
+        with Tracker({uri!r}, {experiment!r}) as tracker:
+            print(tracker.start({{"lr": 0.1}}, {{}}), flush=True)
+            while True:
+                tracker.log_metrics({{"beat": 1.0}}, step=0)
+                time.sleep(0.2)
+    """))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=tmp_path)
+    try:
+        run_id = proc.stdout.readline().strip()
+        assert run_id, proc.stderr.read()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0 and "RunKilled: received signal SIGTERM" in err
+    assert MlflowClient(uri).get_run(run_id).info.status == "KILLED"
+
+
+def test_disabled_tracker_and_factory(store, experiment, monkeypatch):
+    root, uri = store
+    null = Tracker.disabled()
+    with null as tracker:
+        assert tracker.start({"a": 1}, {"b": 2}) is None
+        tracker.log_metrics({"loss": 1.0}, step=1)
+        tracker.log_artifact("/does/not/matter")
+        tracker.log_text("x", "x.txt")
+        tracker.set_tags({"x": 1})
+    assert tracker.run_id is None and not tracker.enabled
+    cfg = OmegaConf.create({"enabled": True, "uri": uri, "experiment_name": experiment, "run_name": "r"})
+    assert isinstance(create_tracker(cfg, root, is_main=False), NullTracker)
+    assert isinstance(create_tracker(OmegaConf.merge(cfg, {"enabled": False}), root), NullTracker)
+    monkeypatch.setenv(SWEEP_PARENT_ENV, "0123abcd")
+    real = create_tracker(cfg, root)
+    assert isinstance(real, Tracker) and real.uri == uri and real.parent_run_id == "0123abcd"
+    with pytest.raises(ValueError, match="parent run 0123abcd not found"), real:
+        real.start({}, {})
+    assert real.run_id is None
+
+
+def test_deleted_experiment_is_a_clear_error(store, experiment):
+    root, uri = store
+    client = MlflowClient(uri)
+    client.delete_experiment(client.create_experiment(experiment))
+    with pytest.raises(ValueError, match="is deleted.*mlflow experiments restore"):
+        Tracker(uri, experiment).start({}, {})
+    with pytest.raises(ValueError, match="experiment_name"):
+        create_tracker({"uri": uri, "experiment_name": ""}, root)
+
+
+def _sweep_config(uri: str, experiment: str, sweep_dir: Path):
+    return OmegaConf.create({
+        "tracking": {"enabled": True, "uri": uri, "experiment_name": experiment},
+        "hydra": {"sweep": {"dir": str(sweep_dir)}, "job": {"name": "train"},
+                  "overrides": {"task": ["optim.lr=0.1,0.01"]},
+                  "sweeper": {"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper",
+                              "params": {"optim.lr": "0.1,0.01"}}},
+    })
+
+
+@pytest.mark.parametrize("child_statuses", [("FINISHED", "FINISHED"), ("FINISHED", "FAILED")])
+def test_sweep_parent_callback(store, experiment, tmp_path, child_statuses):
+    root, uri = store
+    sweep_dir = tmp_path / "multirun" / "12-00-00"
+    cfg = _sweep_config(uri, experiment, sweep_dir)
+    callback = SweepParentCallback(project_root=str(root))
+    callback.on_multirun_start(cfg)
+    parent_id = callback.run_id
+    assert os.environ[SWEEP_PARENT_ENV] == parent_id == sweep_parent_run_id()
+    assert (sweep_dir / SWEEP_PARENT_FILE).read_text().strip() == parent_id
+
+    children = []
+    for index, status in enumerate(child_statuses):
+        child = create_tracker(cfg.tracking, root)
+        child.run_name = f"trial-{index}"
+        child.start({"optim.lr": 0.1 / 10 ** index}, {})
+        child.end(status)
+        children.append(child.run_id)
+        callback.on_job_end(cfg, JobReturn(status=JobStatus.COMPLETED))
+    callback.on_multirun_end(cfg)
+
+    client = MlflowClient(uri)
+    parent = client.get_run(parent_id)
+    assert parent.info.status == ("FAILED" if "FAILED" in child_statuses else "FINISHED")
+    assert parent.info.run_name == "train-12-00-00"
+    assert parent.data.params == {"sweep.optim.lr": "0.1,0.01"}
+    assert parent.data.tags["sweep.trials"] == "2"
+    assert parent.data.tags["overrides"] == "optim.lr=0.1,0.01"
+    for run_id in children:
+        assert client.get_run(run_id).data.tags["mlflow.parentRunId"] == parent_id
+    assert SWEEP_PARENT_ENV not in os.environ
+    assert sweep_parent_run_id(sweep_dir) == parent_id and sweep_parent_run_id() is None
+
+
+def test_sweep_parent_fails_when_a_job_failed_before_opening_its_run(store, experiment, tmp_path):
+    root, uri = store
+    callback = SweepParentCallback(project_root=str(root), run_name="lr-sweep")
+    callback.on_multirun_start(_sweep_config(uri, experiment, tmp_path / "sweep"))
+    callback.on_job_end(None, JobReturn(status=JobStatus.FAILED))  # only Hydra's job status knows
+    callback.on_multirun_end(None)
+    parent = MlflowClient(uri).get_run(callback.run_id)
+    assert (parent.info.status, parent.info.run_name) == ("FAILED", "lr-sweep")
+    assert parent.data.tags["sweep.failed"] == "1"
+
+    disabled = SweepParentCallback()
+    disabled.on_multirun_start(OmegaConf.create({"tracking": {"enabled": False}}))
+    disabled.on_multirun_end(None)
+    assert disabled.run_id is None and SWEEP_PARENT_ENV not in os.environ
+
+
+def _python(code: str, cwd: Path, *args: str) -> subprocess.Popen:
+    script = cwd / "script.py"
+    script.write_text(textwrap.dedent(code))
+    return subprocess.Popen([sys.executable, str(script), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=cwd)
+
+
+def test_child_run_of_a_vanished_process_is_closed_failed(store, experiment, tmp_path):
+    root, uri = store
+    callback = SweepParentCallback(project_root=str(root))
+    callback.on_multirun_start(_sweep_config(uri, experiment, tmp_path / "sweep"))
+    proc = _python(f"""
+        import time
+        from pathlib import Path
+        from conformer.tracking import create_tracker
+        tracker = create_tracker({{"uri": {uri!r}, "experiment_name": {experiment!r}}}, Path.cwd())
+        print(tracker.start({{}}, {{}}), flush=True)
+        time.sleep(120)
+    """, tmp_path)
+    try:
+        child_id = proc.stdout.readline().strip()
+        assert child_id, proc.stderr.read()
+    finally:
+        proc.kill()  # SIGKILL: no handler, no exit hook, the run stays RUNNING
+        proc.communicate(timeout=30)
+    client = MlflowClient(uri)
+    assert client.get_run(child_id).info.status == "RUNNING"
+    assert client.get_run(child_id).data.tags["mlflow.parentRunId"] == callback.run_id
+    callback.on_multirun_end(None)
+    assert client.get_run(child_id).info.status == "FAILED"
+    assert client.get_run(callback.run_id).info.status == "FAILED"
+
+
+def test_real_hydra_multirun_aborted_by_a_failing_trial(store, experiment, tmp_path):
+    # BasicSweeper re-raises a failed trial before on_multirun_end: the exit hook must end the parent.
+    root, uri = store
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "config.yaml").write_text(textwrap.dedent(f"""
+        fail: false
+        tracking: {{enabled: true, uri: "{uri}", experiment_name: {experiment}}}
+        hydra:
+          callbacks:
+            mlflow_sweep: {{_target_: conformer.tracking.SweepParentCallback}}
+          sweep: {{dir: {tmp_path / "multirun"}}}
+    """))
+    proc = _python("""
+        from pathlib import Path
+
+        import hydra
+        from conformer.tracking import create_tracker
+
+        @hydra.main(config_path="conf", config_name="config", version_base="1.3")
+        def main(cfg):
+            with create_tracker(cfg.tracking, Path.cwd()) as tracker:
+                tracker.start({"fail": cfg.fail}, {})
+                if cfg.fail:
+                    raise RuntimeError("trial diverged")
+
+        main()
+    """, tmp_path, "-m", "fail=false,true")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "trial diverged" in err
+
+    client = MlflowClient(uri)
+    parent_id = (tmp_path / "multirun" / SWEEP_PARENT_FILE).read_text().strip()
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FAILED" and parent.data.tags["sweep.trials"] == "2"
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
+    assert sorted((r.data.params["fail"], r.info.status) for r in children) == [
+        ("False", "FINISHED"), ("True", "FAILED")]
+
+
+def test_plot_curves_writes_a_png(tmp_path):
+    history = {
+        "train/loss": [(s, 2.0 / (s + 1)) for s in range(50)],
+        "val/loss": [(10, 1.0), (20, 0.8), (30, 0.7)],
+        "lr": [(s, 1e-3 * min(1.0, s / 10)) for s in range(50)],
+        "val/top1_conv": [(10, 0.3), (20, 0.5), (30, 0.6)],
+        "val/top1_trans": [(10, 0.2), (20, 0.45), (30, 0.55)],
+        "val/top1_sum": [(10, 0.35), (20, 0.55), (30, float("nan"))],
+    }
+    path = plot_curves(history, tmp_path / "plots" / "curves.png")
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.size == (1500, 360)  # 3 groups: loss, lr, top1
+        colours = image.convert("RGB").getcolors(maxcolors=1 << 16)
+    assert colours is None or len(colours) > 50
+    assert path.stat().st_size > 20_000
+    more = plot_curves({**history, "train/samples_per_sec": [(0, 100.0)]}, tmp_path / "more.png")
+    with Image.open(more) as image:
+        assert image.size == (1500, 720)
+    with pytest.raises(ValueError, match="at least one"):
+        plot_curves({}, tmp_path / "empty.png")
+    with pytest.raises(ValueError, match="pairs"):
+        plot_curves({"loss": [(1, 2.0, 3)]}, tmp_path / "bad.png")
+
+
+def test_git_commit_and_tags(tmp_path):
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
+    expected = head.stdout.strip()
+    assert git_commit(REPO) == expected and len(expected) == 40
+    assert git_commit(tmp_path) is None
+    assert run_tags(world_size=1) == {"overrides": "", "world_size": "1"}
+
+
+def test_tracking_config_group(tmp_path):
+    conf = tmp_path / "conf"
+    shutil.copytree(REPO / "conf" / "tracking", conf / "tracking")
+    (conf / "config.yaml").write_text("defaults:\n  - tracking: mlflow\n  - _self_\n")
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        on = compose(config_name="config").tracking
+        off = compose(config_name="config", overrides=["tracking=disabled"]).tracking
+    assert OmegaConf.to_container(on) == {"enabled": True, "uri": None, "experiment_name": "conformer",
+                                          "run_name": None, "log_every_n_steps": 10, "log_checkpoints": True}
+    assert OmegaConf.to_container(off) == {**OmegaConf.to_container(on), "enabled": False}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"mlflow server exited early: {proc.stderr.read()}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    raise TimeoutError(f"mlflow server at {url} not healthy after {timeout} s")
+
+
+@pytest.mark.slow
+def test_logging_to_a_real_tracking_server(tmp_path):
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    artifacts = tmp_path / "server-artifacts"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--default-artifact-root", str(artifacts), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tmp_path, start_new_session=True,
+        # No background job runner: it costs a process and leaves a directory in /dev/shm.
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+    try:
+        _wait_healthy(url, proc)
+        with Tracker(url, "server-exp", run_name="http-run") as tracker:
+            run_id = tracker.start({"lr": 0.001, "betas": [0.9, 0.999]}, run_tags(model="tiny"))
+            for step in range(5):
+                tracker.log_metrics({"train/loss": 1.0 / (step + 1)}, step=step)
+            tracker.log_text(json.dumps({"top1": 0.5}), "summary.json")
+        client = MlflowClient(url)
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED"
+        assert run.data.params == {"lr": "0.001", "betas": "[0.9, 0.999]"}
+        assert run.data.tags["model"] == "tiny"
+        assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [0, 1, 2, 3, 4]
+        assert [a.path for a in client.list_artifacts(run_id)] == ["summary.json"]
+        downloaded = Path(client.download_artifacts(run_id, "summary.json", str(tmp_path)))
+        assert json.loads(downloaded.read_text()) == {"top1": 0.5}
+        assert tracker.run_url == f"{url}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
