@@ -1,8 +1,9 @@
 """Throughput of the full ImageNet-recipe train pipeline (conf/data/imagenet.yaml) on realistic JPEGs.
 
 Writes N JPEGs (~500x375, smooth random content plus noise) to a temp dir, instantiates the imagenet data
-config on them (RandomResizedCrop bicubic, flip, RandAugment rand-m9-mstd0.5-inc1, random erasing, Mixup/CutMix)
-with num_workers = the core count, iterates the train loader and reports images/s after a warm-up.
+config on them (RandomResizedCrop bicubic, flip, RandAugment rand-m9-mstd0.5-inc1, random erasing,
+Mixup/CutMix) with num_workers = the core count, iterates the train loader and reports images/s after a
+warm-up. The machine is described in the JSON (CPU model, cores, load average: a shared machine skews it).
 
     python benchmarks/pipeline.py [--images 256] [--batch-size 128] [--batches 12]
 """
@@ -59,11 +60,13 @@ def main() -> dict:
     workers = os.cpu_count() or 1
     with tempfile.TemporaryDirectory(prefix="pipeline-bench-") as tmp:
         start = time.perf_counter()
-        root = write_image_folder(Path(tmp) / "imagenet", num_classes=CLASSES, train_per_class=args.images // CLASSES,
-                                  val_per_class=1, size=(500, 375), noise=12.0, seed=0)
+        root = write_image_folder(Path(tmp) / "imagenet", num_classes=CLASSES,
+                                  train_per_class=args.images // CLASSES, val_per_class=1, size=(500, 375),
+                                  noise=12.0, seed=0)
         write_s = time.perf_counter() - start
         jpeg_kib = sum(p.stat().st_size for p in (root / "train").rglob("*.jpg")) / 1024 / args.images
-        cfg = OmegaConf.create({"paths": {"data_dir": tmp, "cache_dir": tmp}, "loss": {"label_smoothing": 0.1},
+        cfg = OmegaConf.create({"seed": 0, "paths": {"data_dir": tmp, "cache_dir": tmp},
+                                "loss": {"label_smoothing": 0.1},
                                 "data": OmegaConf.load(REPO / "conf" / "data" / "imagenet.yaml")})
         overrides = {"num_classes": None, "num_workers": workers, "image_size": args.image_size,
                      "batch_size": args.batch_size}

@@ -17,9 +17,9 @@ CONF = Path(__file__).resolve().parents[1] / "conf" / "data"
 
 
 def _config(name: str, tmp_path: Path, **data_overrides) -> DictConfig:
-    """The data group under a root with the keys it interpolates (paths.*, loss.label_smoothing)."""
+    """The data group under a root with the keys it interpolates (seed, paths.*, loss.label_smoothing)."""
     paths = {"data_dir": str(tmp_path / "data"), "cache_dir": str(tmp_path / "cache")}
-    root = OmegaConf.create({"paths": paths, "loss": {"label_smoothing": 0.1},
+    root = OmegaConf.create({"seed": 5, "paths": paths, "loss": {"label_smoothing": 0.1},
                              "data": OmegaConf.load(CONF / f"{name}.yaml")})
     for key, value in data_overrides.items():
         OmegaConf.update(root, f"data.{key}", value, force_add=False)
@@ -63,7 +63,7 @@ def test_imagenet_recipe(tmp_path: Path) -> None:
     assert (train.erasing.probability, train.erasing.mode, train.erasing.max_count) == (0.25, "pixel", 1)
     mixup = module.mixup
     assert (mixup.mixup_alpha, mixup.cutmix_alpha, mixup.prob, mixup.switch_prob) == (0.8, 1.0, 1.0, 0.5)
-    assert (mixup.label_smoothing, mixup.num_classes) == (0.1, 3)
+    assert (mixup.label_smoothing, mixup.num_classes, module.seed) == (0.1, 3, 5)
     assert module.eval_transform.resize_size == int(32 / 0.875)
     images, targets = _first_batch(module)
     assert images.shape == (4, 3, 32, 32) and targets.shape == (4, 3) and targets.dtype == np.float32
@@ -86,3 +86,16 @@ def test_synthetic_config(tmp_path: Path) -> None:
     assert module.num_classes == 1000 and module.steps_per_epoch() == 2
     images, labels = _first_batch(module)
     assert images.shape == (8, 3, 32, 32) and labels.max() < 1000
+
+
+def test_groups_compose_under_the_real_config(tmp_path: Path) -> None:
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(CONF.parent), version_base=None):
+        default = compose("config", overrides=[f"paths.root={tmp_path}"])
+        cfg = compose("config", overrides=[f"paths.root={tmp_path}", "data=synthetic", "data.image_size=32",
+                                           "data.batch_size=8", "data.source.num_train=16", "seed=9"])
+    assert default.data.name == "digits" and default.data.source.root == f"{tmp_path}/.cache/digits"
+    module = instantiate(cfg.data)
+    assert (module.image_size, module.seed, module.steps_per_epoch()) == (32, 9, 2)
+    assert module.train_transform.image_size == 32

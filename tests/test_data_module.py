@@ -11,7 +11,7 @@ import pytest
 from conformer.data.folders import ImageFolderSource, SyntheticSource, write_image_folder
 from conformer.data.mixup import Mixup
 from conformer.data.module import DataModule
-from conformer.data.sampler import train_shard
+from conformer.data.sampler import repeated_aug_shard, train_shard
 from conformer.data.transforms import EvalTransform, TrainTransform
 
 SIZE = 32
@@ -58,6 +58,13 @@ def test_train_shards_give_equal_step_counts(source: ImageFolderSource) -> None:
     module = _module(source, batch_size=5)
     counts = [len(_epochs(module.train_loader(rank, 2), 1)[0]) for rank in range(2)]
     assert counts == [module.steps_per_epoch(2)] * 2 == [2, 2]
+
+
+def test_repeated_augmentation_reaches_the_loader(source: ImageFolderSource) -> None:
+    module = _module(source, repeated_aug=3, seed=2)
+    labels = np.concatenate([y for _, y in _epochs(module.train_loader(), 1)[0]]).tolist()
+    assert labels == [source.train_samples[i][1] for i in repeated_aug_shard(24, 0, 1, 2, 0, 3)]
+    assert module.steps_per_epoch() == 6
 
 
 def test_val_shards_cover_the_split_once_with_partial_batches(source: ImageFolderSource) -> None:
@@ -121,6 +128,13 @@ def test_workers_are_capped_at_the_core_count(source: ImageFolderSource) -> None
 def test_bad_settings_fail_early(source: ImageFolderSource, overrides: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         _module(source, **overrides)
+
+
+def test_unbuilt_components_are_reported(source: ImageFolderSource) -> None:
+    with pytest.raises(TypeError, match="data.source must be a data source"):
+        _module("/data/imagenet")
+    with pytest.raises(TypeError, match="data.eval_transform"):
+        _module(source, eval_transform={"image_size": SIZE})
 
 
 def test_too_small_a_split_is_reported(source: ImageFolderSource, tmp_path: Path) -> None:

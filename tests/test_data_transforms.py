@@ -84,8 +84,10 @@ def test_rand_augment_is_wired_with_timm_hparams() -> None:
     if not (Path(__file__).resolve().parents[1] / "conformer" / "data" / "randaugment.py").exists():
         pytest.skip("conformer/data/randaugment.py not written yet")
     transform = TrainTransform(224, auto_augment="rand-m9-mstd0.5-inc1", mean=(0.5, 0.25, 1.0))
-    augment = transform.operations()[2]
-    assert type(augment).__name__ == "RandAugment"
+    stages = transform.stages()
+    assert [stage.processes for stage in stages] == [False, True, False]  # only RandAugment crosses processes
+    (augment,) = stages[1].ops
+    assert type(augment).__name__ == "RandAugment" and transform.operations()[2] is augment
     assert augment.params.translate_const == int(224 * 0.45)
     assert augment.params.fill == (128, 64, 255)
     random.seed(0)
@@ -107,6 +109,7 @@ def test_rand_augment_is_wired_with_timm_hparams() -> None:
         ({"image_size": 32, "hflip": 1.5}, "hflip"),
         ({"image_size": 32, "auto_augment": "v0"}, "RandAugment"),
         ({"image_size": 32, "re_prob": 0.5, "re_mode": "noise"}, "mode"),
+        ({"image_size": 32, "re_prob": -0.1}, "re_prob"),
         ({"image_size": 32, "mean": (0.5, 0.5)}, "mean"),
     ],
 )

@@ -17,7 +17,7 @@ import mindspore.dataset as ds
 from conformer.data.folders import Source
 from conformer.data.mixup import Mixup
 from conformer.data.sampler import ShardSampler, train_shard_length
-from conformer.data.transforms import EvalTransform, TrainTransform
+from conformer.data.transforms import EvalTransform, Stage, TrainTransform
 
 __all__ = ["PATCH_MULTIPLE", "DataModule"]
 
@@ -40,6 +40,13 @@ class DataModule:
                  num_classes: int | None = None, eval_batch_size: int | None = None, num_workers: int = 2,
                  mixup: MixupSpec = None, repeated_aug: int = 1, drop_last: bool = True,
                  seed: int = 0) -> None:
+        if not isinstance(source, Source):
+            raise TypeError(f"data.source must be a data source (e.g. conformer.data.folders."
+                            f"ImageFolderSource with a _target_), got {type(source).__name__}: {source!r}")
+        for kind, transform in (("train_transform", train_transform), ("eval_transform", eval_transform)):
+            if not hasattr(transform, "stages"):
+                raise TypeError(f"data.{kind} must be a TrainTransform/EvalTransform (give it a "
+                                f"_target_), got {type(transform).__name__}")
         self.name, self.source = name, source
         self.image_size = _positive_int(image_size, "image_size")
         if image_size % PATCH_MULTIPLE:
@@ -103,10 +110,14 @@ class DataModule:
                                    python_multiprocessing=False)
 
     def _map(self, dataset: ds.Dataset, transform: TrainTransform | EvalTransform) -> ds.Dataset:
-        # Python ops (RandAugment, erasing) hold the GIL: run them in worker processes when there are several
-        processes = transform.has_python_ops and self.num_workers > 1
-        return dataset.map(transform.operations(decode=self.source.encoded), input_columns="image",
-                           num_parallel_workers=self.num_workers, python_multiprocessing=processes)
+        stages = transform.stages(decode=self.source.encoded)
+        if self.num_workers == 1:
+            # one map, one thread: Python ops draw from the shared `random` in a fixed order (determinism)
+            stages = [Stage([op for stage in stages for op in stage.ops])]
+        for stage in stages:
+            dataset = dataset.map(stage.ops, input_columns="image", num_parallel_workers=self.num_workers,
+                                  python_multiprocessing=stage.processes and self.num_workers > 1)
+        return dataset
 
     def train_loader(self, rank: int = 0, world_size: int = 1, start_epoch: int = 0) -> ds.Dataset:
         """Rank ``rank``'s train pipeline, reshuffled each epoch; ``start_epoch`` resumes the order."""

@@ -4,10 +4,15 @@ Train: decode + RandomResizedCrop (fused for encoded input), horizontal flip, Ra
 normalise to CHW float32, random erasing (Python, after normalisation). Eval: resize the shorter side to
 ``int(image_size / crop_pct)``, center crop, normalise. ``bicubic`` is PIL's bicubic (MindSpore ``PILCUBIC``,
 pixel-identical to PIL), as timm uses.
+
+``stages(decode)`` groups the ops into consecutive ``map`` calls and marks the GIL-bound Python stage
+(RandAugment on uint8 images) as worth worker processes; C ops and the light erasing stay on threads, so only
+small uint8 images cross process boundaries. ``operations(decode)`` is the flat op list.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import mindspore.dataset.vision as vision
@@ -15,7 +20,7 @@ from mindspore.dataset.vision import Inter
 
 from conformer.data.erasing import RandomErasing
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "INTERPOLATIONS", "EvalTransform", "TrainTransform"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "INTERPOLATIONS", "EvalTransform", "Stage", "TrainTransform"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -48,8 +53,16 @@ def _pair(values: Sequence[float], name: str) -> tuple[float, float]:
     return values  # type: ignore[return-value]
 
 
+@dataclass(frozen=True)
+class Stage:
+    """Ops mapped together; ``processes``: GIL-bound Python work that deserves worker processes."""
+
+    ops: list = field(default_factory=list)
+    processes: bool = False
+
+
 class _Normalised:
-    """Shared normalisation: uint8 HWC -> (x - 255 mean) / (255 std) as float32 CHW."""
+    """Shared normalisation (uint8 HWC -> (x - 255 mean) / (255 std) as float32 CHW) and the flat op list."""
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         self.mean, self.std = _triple(mean, "mean"), _triple(std, "std")
@@ -60,6 +73,14 @@ class _Normalised:
         # transposing the uint8 image first moves 4x fewer bytes
         return [vision.HWC2CHW(), vision.Normalize(mean=[255.0 * m for m in self.mean],
                                                    std=[255.0 * s for s in self.std], is_hwc=False)]
+
+    def stages(self, decode: bool = True) -> list[Stage]:
+        """The op groups, each one ``map`` call."""
+        raise NotImplementedError
+
+    def operations(self, decode: bool = True) -> list:
+        """Ops from an encoded image (``decode``) or a uint8 HWC array to a normalised CHW float32 image."""
+        return [op for stage in self.stages(decode) for op in stage.ops]
 
 
 class TrainTransform(_Normalised):
@@ -81,6 +102,8 @@ class TrainTransform(_Normalised):
             raise ValueError(f"hflip={hflip} is a probability: use a value in [0, 1]")
         self.hflip = float(hflip)
         self.auto_augment = auto_augment or None
+        if not 0.0 <= re_prob <= 1.0:
+            raise ValueError(f"re_prob={re_prob} is a probability: use a value in [0, 1] (0: no erasing)")
         self.erasing = RandomErasing(re_prob, mode=re_mode, max_count=re_count) if re_prob > 0 else None
         self._rand_augment = self._build_rand_augment() if self.auto_augment else None
 
@@ -95,24 +118,17 @@ class TrainTransform(_Normalised):
                    "interpolation": self.interpolation}
         return rand_augment_transform(self.auto_augment, hparams)
 
-    @property
-    def has_python_ops(self) -> bool:
-        """Whether the op list holds Python callables (worth worker processes)."""
-        return self._rand_augment is not None or self.erasing is not None
-
-    def operations(self, decode: bool = True) -> list:
-        """Ops from an encoded image (``decode``) or a uint8 HWC array to a normalised CHW float32 image."""
+    def stages(self, decode: bool = True) -> list[Stage]:
         crop = vision.RandomCropDecodeResize if decode else vision.RandomResizedCrop
-        ops: list = [crop(self.image_size, scale=self.scale, ratio=self.ratio,
-                          interpolation=_interpolation(self.interpolation))]
+        geometry: list = [crop(self.image_size, scale=self.scale, ratio=self.ratio,
+                               interpolation=_interpolation(self.interpolation))]
         if self.hflip > 0:
-            ops.append(vision.RandomHorizontalFlip(self.hflip))
+            geometry.append(vision.RandomHorizontalFlip(self.hflip))
+        stages = [Stage(geometry)]
         if self._rand_augment is not None:
-            ops.append(self._rand_augment)
-        ops += self._normalise_ops()
-        if self.erasing is not None:
-            ops.append(self.erasing)
-        return ops
+            stages.append(Stage([self._rand_augment], processes=True))
+        erasing = [self.erasing] if self.erasing is not None else []
+        return stages + [Stage(self._normalise_ops() + erasing)]
 
     def __repr__(self) -> str:
         return (f"TrainTransform(size={self.image_size}, scale={self.scale}, ratio={self.ratio}, "
@@ -137,16 +153,11 @@ class EvalTransform(_Normalised):
         """Shorter side before the center crop."""
         return int(self.image_size / self.crop_pct)
 
-    @property
-    def has_python_ops(self) -> bool:
-        return False
-
-    def operations(self, decode: bool = True) -> list:
-        """Ops from an encoded image (``decode``) or a uint8 HWC array to a normalised CHW float32 image."""
+    def stages(self, decode: bool = True) -> list[Stage]:
         ops: list = [vision.Decode()] if decode else []
         ops += [vision.Resize(self.resize_size, interpolation=_interpolation(self.interpolation)),
                 vision.CenterCrop(self.image_size)]
-        return ops + self._normalise_ops()
+        return [Stage(ops + self._normalise_ops())]
 
     def __repr__(self) -> str:
         return f"EvalTransform(size={self.image_size}, crop_pct={self.crop_pct}, {self.interpolation})"

@@ -1,0 +1,178 @@
+"""The training loop: per-iteration lr, compiled steps, evaluation of both heads, checkpoints, metrics."""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import mindspore as ms
+import numpy as np
+from mindspore import Tensor, nn, ops
+
+from conformer.hardware import ProcessGroup, all_reduce_sum
+from conformer.optim import set_lr
+from conformer.train.checkpoint import CheckpointManager, TrainState
+from conformer.train.ema import ModelEma
+from conformer.train.step import TrainStep
+
+log = logging.getLogger(__name__)
+HEADS = ("conv", "trans", "sum")
+
+
+class EvalStep(nn.Cell):
+    """Sums for one eval batch: [loss_sum, count, top1 conv/trans/sum, top5 conv/trans/sum]."""
+
+    def __init__(self, network: nn.Cell, loss_fn: nn.Cell, num_classes: int) -> None:
+        super().__init__()
+        self.network, self.loss_fn = network, loss_fn
+        self.k = min(5, num_classes)
+
+    def _correct(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        _, top = ops.topk(logits, self.k)
+        hits = (top == labels.reshape(-1, 1)).astype(ms.float32)
+        return hits[:, 0].sum(), hits.sum()
+
+    def construct(self, images: Tensor, labels: Tensor) -> Tensor:
+        conv, trans = self.network(images)
+        labels = labels.astype(ms.int32)
+        batch = ops.cast(labels.shape[0], ms.float32)
+        loss_sum = self.loss_fn((conv, trans), labels) * batch
+        c1, c5 = self._correct(conv, labels)
+        t1, t5 = self._correct(trans, labels)
+        s1, s5 = self._correct(conv + trans, labels)
+        return ops.stack([loss_sum, batch, c1, t1, s1, c5, t5, s5])
+
+
+def eval_metrics(sums: np.ndarray, prefix: str = "val") -> dict[str, float]:
+    """Turn summed counts into percentages and the mean loss."""
+    loss_sum, count = float(sums[0]), float(sums[1])
+    metrics = {f"{prefix}/loss": loss_sum / count}
+    for i, head in enumerate(HEADS):
+        metrics[f"{prefix}/top1_{head}"] = 100.0 * float(sums[2 + i]) / count
+        metrics[f"{prefix}/top5_{head}"] = 100.0 * float(sums[5 + i]) / count
+    return metrics
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int
+    log_every_n_steps: int = 10
+    eval_every_n_epochs: int = 1
+
+
+class Throughput:
+    """Images per second over a sliding window of steps."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.start, self.images = time.perf_counter(), 0
+
+    def add(self, images: int) -> None:
+        self.images += images
+
+    def rate(self) -> float:
+        elapsed = time.perf_counter() - self.start
+        return self.images / elapsed if elapsed > 0 else 0.0
+
+
+class Trainer:
+    """Runs epochs of `step` over `train_loader`, evaluates, checkpoints on rank 0 and reports to `tracker`."""
+
+    def __init__(self, *, step: TrainStep, evaluator: EvalStep, lr_values: np.ndarray, data, group: ProcessGroup,
+                 checkpoints: CheckpointManager, tracker, config: TrainerConfig, ema: ModelEma | None = None) -> None:
+        self.step, self.evaluator, self.lr_values = step, evaluator, lr_values
+        self.data, self.group, self.checkpoints, self.tracker = data, group, checkpoints, tracker
+        self.config, self.ema = config, ema
+        self.history: dict[str, list[tuple[int, float]]] = defaultdict(list)
+        self.steps_per_epoch = data.steps_per_epoch(group.world_size)
+        self.global_batch = data.batch_size * group.world_size
+
+    def _log(self, metrics: dict[str, float], step: int) -> None:
+        for key, value in metrics.items():
+            self.history[key].append((step, value))
+        self.tracker.log_metrics(metrics, step=step)
+
+    def fit(self, state: TrainState) -> TrainState:
+        """Train from `state` (epoch 0 for a fresh run) to `config.epochs`; returns the final state."""
+        epochs, start = self.config.epochs, state.epoch
+        if start >= epochs:
+            log.info("checkpoint is at epoch %d of %d: nothing left to train", start, epochs)
+            return state
+        train_iter = self.data.train_loader(self.group.rank, self.group.world_size, start_epoch=start) \
+            .create_tuple_iterator(num_epochs=epochs - start)
+        val_loader = self.data.val_loader(self.group.rank, self.group.world_size)
+        val_iter = val_loader.create_tuple_iterator(num_epochs=epochs - start)
+        step = state.step
+        for epoch in range(start, epochs):
+            t0 = time.perf_counter()
+            step, train_loss = self._train_epoch(train_iter, epoch, step)
+            metrics = {"epoch": float(epoch + 1), "train/epoch_loss": train_loss, **self.evaluate(val_iter)}
+            metrics["epoch_time_s"] = time.perf_counter() - t0
+            self._log(metrics, step=step)  # the global step, so val curves line up with the train curves
+            saved = self._checkpoint(epoch + 1, step, metrics)
+            state = TrainState(epoch=epoch + 1, step=step, best_metric=self.checkpoints.best_metric,
+                               best_epoch=self.checkpoints.best_epoch, metrics=metrics)
+            log.info("epoch %d/%d  train loss %.4f  val loss %.4f  top-1 sum %.2f%%  conv %.2f%%  trans %.2f%%  "
+                     "(%.1f s)%s", epoch + 1, epochs, train_loss, metrics["val/loss"], metrics["val/top1_sum"],
+                     metrics["val/top1_conv"], metrics["val/top1_trans"], metrics["epoch_time_s"],
+                     "  * best" if "best" in saved else "")
+        return state
+
+    def _train_epoch(self, batches: Iterator, epoch: int, step: int) -> tuple[int, float]:
+        every = self.config.log_every_n_steps
+        meter, window_loss, window_norm, window_n, epoch_loss, n = Throughput(), 0.0, 0.0, 0, 0.0, 0
+        for i, (images, targets) in enumerate(batches):
+            lr = float(self.lr_values[min(step // self.step.grad_accum_steps, len(self.lr_values) - 1)])
+            set_lr(self.step.optimizer, lr)
+            result = self.step(images, targets)
+            if not math.isfinite(result.loss):
+                raise FloatingPointError(f"loss is {result.loss} at epoch {epoch + 1}, step {step}: lower the "
+                                         "learning rate or enable trainer.clip_grad_norm / trainer.loss_scale")
+            step += 1
+            meter.add(self.global_batch)
+            window_loss += result.loss
+            window_norm += result.grad_norm
+            window_n += 1
+            epoch_loss += result.loss
+            n += 1
+            if step % every == 0 or i + 1 == self.steps_per_epoch:
+                rate = meter.rate()
+                metrics = {"train/loss": window_loss / window_n, "train/lr": lr, "train/img_per_s": rate,
+                           "train/grad_norm": window_norm / window_n, "train/loss_scale": result.loss_scale}
+                self._log(metrics, step=step)
+                remaining = (self.steps_per_epoch - i - 1) * self.global_batch / max(rate, 1e-9)
+                log.info("epoch %d step %d/%d  loss %.4f  lr %.3e  %.0f img/s  eta %s", epoch + 1, i + 1,
+                         self.steps_per_epoch, metrics["train/loss"], lr, rate, _clock(remaining))
+                meter.reset()
+                window_loss = window_norm = 0.0
+                window_n = 0
+        if n == 0:
+            raise RuntimeError(f"the train loader gave no batches in epoch {epoch + 1}")
+        return step, epoch_loss / n
+
+    def evaluate(self, batches: Iterator) -> dict[str, float]:
+        """Eval every head on this rank's shard, summed over ranks (every rank returns the same numbers)."""
+        self.evaluator.set_train(False)
+        with self.ema.swapped() if self.ema is not None else nullcontext():
+            sums = np.zeros(8, dtype=np.float64)
+            for images, labels in batches:
+                sums += self.evaluator(images, labels).asnumpy().astype(np.float64)
+        self.evaluator.set_train(True)
+        return eval_metrics(all_reduce_sum(sums, self.group))
+
+    def _checkpoint(self, epoch: int, step: int, metrics: dict[str, float]) -> dict:
+        if not self.group.is_main:
+            return {}
+        return self.checkpoints.save(self.step.network, self.step.optimizer, self.ema, epoch=epoch, step=step,
+                                     metrics=metrics)
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
