@@ -5,7 +5,9 @@ import os
 import sys
 from pathlib import Path
 
-os.environ.setdefault("CONFORMER_PROJECT_ROOT", str(Path(__file__).resolve().parent))
+CODE_DIR = Path(__file__).resolve().parent
+os.environ["CONFORMER_CODE_DIR"] = str(CODE_DIR)  # conf/ and sweeps/ (Hydra's search path)
+os.environ.setdefault("CONFORMER_PROJECT_ROOT", str(CODE_DIR))  # mlflow.db, outputs/, .cache/
 os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")  # must precede MindSpore's first CPU convolution
 os.environ.setdefault("GLOG_v", "3")  # MindSpore's C++ warnings drown the progress lines
 
