@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
-CODE_DIR = Path(__file__).resolve().parent
-os.environ["CONFORMER_CODE_DIR"] = str(CODE_DIR)  # conf/ and sweeps/ (Hydra's search path)
-os.environ.setdefault("CONFORMER_PROJECT_ROOT", str(CODE_DIR))  # mlflow.db, outputs/, .cache/
+os.environ.setdefault("CONFORMER_PROJECT_ROOT", str(Path(__file__).resolve().parent))
 os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")  # must precede MindSpore's first CPU convolution
 os.environ.setdefault("GLOG_v", "3")  # MindSpore's C++ warnings drown the progress lines
 
@@ -15,17 +14,55 @@ import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
+CONFIG_DIR = Path(__file__).resolve().parent / "conf"
+# Hydra settings of the parent that msrun workers must not inherit (they run one job in the parent's dir).
+PARENT_ONLY = ("hydra.mode", "hydra.run.", "hydra.sweep", "hydra.sweeper", "hydra/sweeper", "hydra.launcher",
+               "hydra/launcher", "hydra.output_subdir", "hydra.job_logging.handlers.file")
+PARENT_ONLY_TASK = ("hardware.dry_run",)
+
+
+def _override_value(path: Path) -> str:
+    """`path` as a Hydra override value: quoted when it holds characters the override grammar reserves."""
+    text = str(path)
+    return text if re.fullmatch(r"[\w/.@+-]+", text) else "'" + text.replace("'", "\\'") + "'"
+
+
+def worker_args(hydra_cfg: DictConfig, run_dir: Path) -> list[str]:
+    """Arguments that make an msrun worker compose this run's config and share its run dir.
+
+    Workers write no `.hydra/` (the parent did) and log through their own files (`train.log` for rank 0,
+    `worker_<rank>.log` for the others, see conformer.runtime.log_to_file), not through Hydra's file handler.
+    """
+    args = []
+    if hydra_cfg.job.config_name != "config":
+        args.append(f"--config-name={hydra_cfg.job.config_name}")
+    for source in hydra_cfg.runtime.config_sources:
+        if source.provider == "main" and source.schema == "file" and Path(source.path) != CONFIG_DIR:
+            args.append(f"--config-path={source.path}")
+        elif source.provider == "command-line":
+            args.append(f"--config-dir={source.path}")
+    args += [o for o in hydra_cfg.overrides.task if not o.lstrip("~+").startswith(PARENT_ONLY_TASK)]
+    args += [o for o in hydra_cfg.overrides.hydra if not o.lstrip("~+").startswith(PARENT_ONLY)]
+    return args + [f"hydra.run.dir={_override_value(run_dir)}", "hydra.output_subdir=null",
+                   f"hydra.job_logging.handlers.file.filename={os.devnull}"]
+
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    from conformer.app import run
+    from conformer.app import Relaunch, run
+    from conformer.launch import LaunchError
     from conformer.validation import ConfigError
 
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
-        return run(cfg, Path(HydraConfig.get().runtime.output_dir))
+        return run(cfg, run_dir, Relaunch(Path(__file__).resolve(), worker_args(hydra_cfg, run_dir)))
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         sys.exit(2)
+    except LaunchError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
 
 
 if __name__ == "__main__":

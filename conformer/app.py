@@ -1,41 +1,86 @@
-"""The application behind run.py: validate, set up the hardware, run the selected task."""
+"""The application behind run.py: validate, set up the hardware (or launch the workers), run the selected task."""
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig
 
-from conformer.hardware import configure_device
+from conformer.hardware import check_hardware, configure_device, in_launcher, world_size
 from conformer.runtime import RunContext, log_to_file, resolved_yaml, seed_everything
-from conformer.validation import validate_config
+from conformer.validation import ConfigError, validate_config
 
 log = logging.getLogger(__name__)
 PROJECT_ROOT_ENV = "CONFORMER_PROJECT_ROOT"
 
 
+@dataclass(frozen=True)
+class Relaunch:
+    """How msrun re-runs this program: the script and its arguments (same config, this run's dir)."""
+
+    script: Path
+    args: Sequence[str]
+
+
 def task_registry() -> dict[str, Callable[[RunContext], float | None]]:
+    from conformer.tasks.eval import evaluate
+    from conformer.tasks.export import export
+    from conformer.tasks.predict import predict
     from conformer.tasks.train import train
 
-    return {"train": train}
+    return {"train": train, "eval": evaluate, "export": export, "predict": predict}
 
 
 def project_root(cfg: DictConfig) -> Path:
     return Path(cfg.paths.root or os.environ.get(PROJECT_ROOT_ENV) or Path.cwd()).resolve()
 
 
-def run(cfg: DictConfig, run_dir: Path) -> float | None:
-    """Run `cfg.task` in `run_dir`; returns the task's objective (the monitored metric for training)."""
+def run(cfg: DictConfig, run_dir: Path, relaunch: Relaunch | None = None) -> float | None:
+    """Run `cfg.task` in `run_dir`; returns the task's objective (the monitored metric for training).
+
+    With a multi-worker `hardware` in a plain process, start the workers under msrun instead (`relaunch` says
+    how) and return rank 0's objective; `hardware.dry_run=true` only prints the msrun command line.
+    """
     validate_config(cfg)
+    check_hardware(cfg.hardware)
     tasks = task_registry()
-    if cfg.task not in tasks:
-        raise NotImplementedError(f"task={cfg.task} is not available yet; available: {', '.join(tasks)}")
+    if cfg.task.name not in tasks:
+        raise NotImplementedError(f"task={cfg.task.name} is not available yet; available: {', '.join(tasks)}")
+    if in_launcher() and (world_size(cfg.hardware) > 1 or cfg.hardware.get("dry_run")):
+        return launch_workers(cfg, run_dir, relaunch)
     group = configure_device(cfg.hardware)
     run_dir.mkdir(parents=True, exist_ok=True)
     log_to_file(run_dir, group.rank)
     if group.is_main:
         log.info("composed config:\n%s", resolved_yaml(cfg))
     seed_everything(int(cfg.seed))
-    return tasks[cfg.task](RunContext(cfg=cfg, run_dir=run_dir, project_root=project_root(cfg), group=group))
+    objective = tasks[cfg.task.name](RunContext(cfg=cfg, run_dir=run_dir, project_root=project_root(cfg), group=group))
+    if group.distributed and group.is_main:
+        from conformer.launch import write_result
+
+        write_result(run_dir, objective)
+    return objective
+
+
+def launch_workers(cfg: DictConfig, run_dir: Path, relaunch: Relaunch | None) -> float | None:
+    """The parent of a multi-worker job: msrun re-runs `relaunch`; rank 0's objective comes back."""
+    from conformer.launch import launch, plan_launch
+    from conformer.tracking import end_unfinished_runs
+
+    hardware = cfg.hardware
+    if world_size(hardware) == 1:
+        print(f"hardware={hardware.name} runs in this process (1 worker): nothing to launch with msrun")
+        return None
+    if relaunch is None:
+        raise ConfigError(f"hardware={hardware.name} needs {world_size(hardware)} workers: start it with "
+                          "`python run.py ...` (it re-launches itself under msrun)")
+    plan = plan_launch(hardware, relaunch.script, relaunch.args, run_dir)
+    if hardware.get("dry_run"):
+        print(plan.describe())
+        return None
+    root = project_root(cfg)
+    return launch(plan, lambda status, reason: end_unfinished_runs(cfg.tracking, root, plan.run_dir, status,
+                                                                   reason))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,8 +12,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from conformer.hardware import ProcessGroup
+from conformer.validation import ConfigError
 
+log = logging.getLogger(__name__)
 LOG_FILE = "train.log"
+CHECKPOINT_SUFFIXES = (".ckpt",)
+OFFICIAL_SUFFIXES = (".pth", ".pt", ".tar", ".npz")  # converted on load (conformer.convert)
 
 
 @dataclass(frozen=True)
@@ -59,3 +64,73 @@ def build_network(cfg: DictConfig, num_classes: int) -> Any:
 
 def resolved_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def task_weights(cfg: DictConfig) -> Path:
+    """The weights a task that does not train uses: `task.checkpoint`, else `model.pretrained`.
+
+    Checked before anything is built: a missing or unknown file, or `task.ema=true` without one of our
+    checkpoints, is a ConfigError.
+    """
+    key = "task.checkpoint" if cfg.task.get("checkpoint") else "model.pretrained"
+    source = OmegaConf.select(cfg, key)
+    if not source:
+        raise ConfigError(f"task={cfg.task.name} needs weights: set task.checkpoint=<run dir>/checkpoints/best.ckpt "
+                          "(ours) or official weights (.pth/.npz), or model.pretrained=<file>")
+    path = Path(str(source)).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"{key}={source}: no such file")
+    if path.suffix not in CHECKPOINT_SUFFIXES + OFFICIAL_SUFFIXES:
+        raise ConfigError(f"{key}={source}: unknown weights format {path.suffix!r}; use one of our .ckpt files or "
+                          f"official weights ({', '.join(OFFICIAL_SUFFIXES)})")
+    if cfg.task.get("ema") and path.suffix not in CHECKPOINT_SUFFIXES:
+        raise ConfigError(f"task.ema=true needs a .ckpt written by training with trainer.ema_decay set; {path.name} "
+                          "holds no EMA copy: drop task.ema")
+    return path.resolve()
+
+
+def weights_num_classes(path: Path) -> int:
+    """Class count of a weights file, read from its conv classifier head."""
+    from conformer.convert import infer_num_classes, read_state_dict
+
+    if path.suffix not in CHECKPOINT_SUFFIXES:
+        return infer_num_classes(read_state_dict(path))
+    head = ms.load_checkpoint(str(path), choice_func=lambda name: name == "conv_cls_head.bias")
+    if not head:
+        raise ConfigError(f"{path} has no conv_cls_head.bias: is it a Conformer checkpoint?")
+    return int(head["conv_cls_head.bias"].shape[0])
+
+
+def build_trained_network(cfg: DictConfig, weights: Path, num_classes: int) -> Any:
+    """The configured model with `weights` loaded (the EMA copy when `task.ema`), in eval mode."""
+    from conformer.models import load_pretrained
+    from conformer.train.checkpoint import load_weights
+
+    network = instantiate(cfg.model, num_classes=num_classes, pretrained=None, _convert_="all")
+    if cfg.task.get("ema"):
+        load_weights(weights, network, strict=True, ema=True)
+    else:
+        load_pretrained(network, str(weights))
+    network.set_train(False)
+    log.info("%s with the %sweights of %s", cfg.model.name, "EMA " if cfg.task.get("ema") else "", weights)
+    return network
+
+
+def run_overrides(run_dir: Path) -> list[str]:
+    """The command-line overrides Hydra saved for this run (empty outside the CLI)."""
+    path = run_dir / ".hydra" / "overrides.yaml"
+    return list(OmegaConf.load(path)) if path.is_file() else []
+
+
+def open_run(tracker: Any, ctx: RunContext, task: str, extra_tags: Mapping[str, Any] | None = None) -> None:
+    """Start the task's MLflow run: the flattened config as params, the standard tags, the config as artifacts."""
+    from conformer.tracking import flatten_config, git_commit, run_tags
+
+    cfg = ctx.cfg
+    overrides = run_overrides(ctx.run_dir)
+    tracker.start(params=flatten_config(cfg), tags=run_tags(
+        model=cfg.model.name, data=cfg.data.name, hardware=cfg.hardware.name, task=task, overrides=overrides,
+        git_commit=git_commit(ctx.project_root), run_dir=ctx.run_dir, world_size=ctx.group.world_size,
+        extra=extra_tags))
+    tracker.log_text(resolved_yaml(cfg), "config.yaml")
+    tracker.log_text("\n".join(overrides) + "\n", "overrides.txt")

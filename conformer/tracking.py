@@ -431,6 +431,33 @@ def create_tracker(tracking_cfg: Mapping[str, Any], project_root: Path, *, is_ma
                    parent_run_id=parent_run_id or sweep_parent_run_id())
 
 
+def end_unfinished_runs(tracking_cfg: Mapping[str, Any], project_root: Path, run_dir: Path | str,
+                        status: str = "FAILED", reason: str | None = None) -> list[str]:
+    """End the runs tagged with `run_dir` that are still RUNNING (their process was killed): their ids.
+
+    For the msrun launcher: rank 0 cannot end its run when it is killed, so the parent does it for it.
+    """
+    if status not in TERMINAL_STATUSES:
+        raise ValueError(f"status must be one of {TERMINAL_STATUSES}, got {status!r}")
+    if not tracking_cfg.get("enabled", True):
+        return []
+    client = MlflowClient(tracking_uri=resolve_tracking_uri(tracking_cfg.get("uri"), project_root))
+    experiment = client.get_experiment_by_name(tracking_cfg.get("experiment_name", "conformer"))
+    if experiment is None:
+        return []
+    runs = client.search_runs([experiment.experiment_id], filter_string="attributes.status = 'RUNNING'",
+                              max_results=1000)
+    ended = []
+    for run in runs:
+        if run.data.tags.get("run_dir") != str(run_dir):
+            continue
+        if reason:
+            client.set_tag(run.info.run_id, "error", _truncate(reason, MAX_TAG_VAL_LENGTH))
+        client.set_terminated(run.info.run_id, status)
+        ended.append(run.info.run_id)
+    return ended
+
+
 def _raise_run_killed(signum: int, frame: Any) -> None:
     raise RunKilled(f"received signal {signal.Signals(signum).name}")
 
@@ -609,6 +636,6 @@ def _close_children(parent: Tracker) -> list[str]:
 
 __all__ = [
     "NullTracker", "RunKilled", "SweepParentCallback", "Tracker", "create_tracker",
-    "default_artifact_root", "default_tracking_uri", "flatten_config", "git_commit", "plot_curves",
-    "resolve_tracking_uri", "run_tags", "sweep_parent_run_id",
+    "default_artifact_root", "default_tracking_uri", "end_unfinished_runs", "flatten_config", "git_commit",
+    "plot_curves", "resolve_tracking_uri", "run_tags", "sweep_parent_run_id",
 ]

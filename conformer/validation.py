@@ -43,7 +43,7 @@ def _choice(cfg: DictConfig, key: str, choices: tuple[str, ...]) -> None:
 
 def validate_config(cfg: DictConfig) -> None:
     """Raise ConfigError for the first impossible value (types, ranges, geometry)."""
-    _choice(cfg, "task", TASKS)
+    _choice(cfg, "task.name", TASKS)
     _number(cfg, "seed", lambda v: v >= 0, "a non-negative integer", integer=True)
 
     _number(cfg, "data.image_size", lambda v: v > 0, "a positive integer", integer=True)

@@ -5,12 +5,9 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -37,6 +34,8 @@ from conformer.tracking import (
     run_tags,
     sweep_parent_run_id,
 )
+
+from .helpers import mlflow_server
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -399,40 +398,9 @@ def test_tracking_config_group(tmp_path):
     assert OmegaConf.to_container(off) == {**OmegaConf.to_container(on), "enabled": False}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"mlflow server exited early: {proc.stderr.read()}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.3)
-    raise TimeoutError(f"mlflow server at {url} not healthy after {timeout} s")
-
-
 @pytest.mark.slow
 def test_logging_to_a_real_tracking_server(tmp_path):
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    artifacts = tmp_path / "server-artifacts"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--default-artifact-root", str(artifacts), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tmp_path, start_new_session=True,
-        # No background job runner: it costs a process and leaves a directory in /dev/shm.
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
-    try:
-        _wait_healthy(url, proc)
+    with mlflow_server(tmp_path) as url:
         with Tracker(url, "server-exp", run_name="http-run") as tracker:
             run_id = tracker.start({"lr": 0.001, "betas": [0.9, 0.999]}, run_tags(model="tiny"))
             for step in range(5):
@@ -448,10 +416,3 @@ def test_logging_to_a_real_tracking_server(tmp_path):
         downloaded = Path(client.download_artifacts(run_id, "summary.json", str(tmp_path)))
         assert json.loads(downloaded.read_text()) == {"top1": 0.5}
         assert tracker.run_url == f"{url}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)

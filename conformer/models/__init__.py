@@ -1,5 +1,5 @@
 """Conformer models and their named variants."""
-from conformer.models.conformer import Conformer, validate_image_size
+from conformer.models.conformer_net import Conformer, validate_image_size
 from conformer.models.registry import (
     VARIANTS,
     build_model,

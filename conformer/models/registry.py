@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from conformer.models.conformer import Conformer
+from conformer.models.conformer_net import Conformer
 
 # Constructor arguments of each variant (the official `Conformer_*` functions), by name.
 VARIANTS: dict[str, dict[str, Any]] = {

@@ -5,11 +5,11 @@ import logging
 from pathlib import Path
 
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
-from conformer.runtime import LOG_FILE, RunContext, build_data, build_network, resolved_yaml
+from conformer.hardware import replicas_in_sync
+from conformer.runtime import LOG_FILE, RunContext, build_data, build_network, open_run
 from conformer.schedules import scale_lr
-from conformer.tracking import create_tracker, flatten_config, git_commit, plot_curves, run_tags
+from conformer.tracking import create_tracker, plot_curves
 from conformer.train.checkpoint import CheckpointManager, TrainState
 from conformer.train.ema import ModelEma
 from conformer.train.step import TrainStep, apply_amp
@@ -24,7 +24,7 @@ def train(ctx: RunContext) -> float:
     data = build_data(cfg)
     network = build_network(cfg, data.num_classes)
     network.check_input_shape((data.batch_size, network.in_chans, data.image_size, data.image_size))
-    network = apply_amp(network, cfg.hardware.amp_level)
+    network = apply_amp(network, cfg.hardware.amp_level, workdir=ctx.run_dir)
     loss_fn = instantiate(cfg.loss)
     eval_loss = instantiate(cfg.loss, label_smoothing=0.0)
 
@@ -59,13 +59,10 @@ def train(ctx: RunContext) -> float:
              cfg.model.name, data, sum(p.size for p in network.trainable_params()), data.train_size,
              data.val_size, steps_per_epoch, global_batch, base_lr)
     with tracker:
-        tracker.start(params=flatten_config(cfg), tags=run_tags(
-            model=cfg.model.name, data=cfg.data.name, hardware=cfg.hardware.name, task="train",
-            overrides=_overrides(ctx.run_dir), git_commit=git_commit(ctx.project_root), run_dir=ctx.run_dir,
-            world_size=group.world_size))
-        _log_config(tracker, ctx)
+        open_run(tracker, ctx, "train")
         try:
             state = trainer.fit(state)
+            replicas_in_sync(network.trainable_params(), group)  # data-parallel ranks must agree (logged)
         finally:
             _log_outputs(tracker, ctx, trainer, checkpoints, cfg.tracking.log_checkpoints)
     best = checkpoints.best_metric if checkpoints.best_metric is not None else state.metrics.get(tcfg.monitor)
@@ -73,16 +70,6 @@ def train(ctx: RunContext) -> float:
         log.info("done: %s %.2f (best %.2f at epoch %s) | run dir %s", tcfg.monitor,
                  state.metrics.get(tcfg.monitor, float("nan")), best, checkpoints.best_epoch, ctx.run_dir)
     return float(best)
-
-
-def _overrides(run_dir: Path) -> list[str]:
-    path = run_dir / ".hydra" / "overrides.yaml"
-    return list(OmegaConf.load(path)) if path.is_file() else []
-
-
-def _log_config(tracker, ctx: RunContext) -> None:
-    tracker.log_text(resolved_yaml(ctx.cfg), "config.yaml")
-    tracker.log_text("\n".join(_overrides(ctx.run_dir)) + "\n", "overrides.txt")
 
 
 def _log_outputs(tracker, ctx: RunContext, trainer: Trainer, checkpoints: CheckpointManager,

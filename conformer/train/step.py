@@ -1,8 +1,10 @@
 """The compiled training step: loss scaling, data-parallel gradient mean, accumulation, clipping, update."""
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import mindspore as ms
@@ -76,17 +78,23 @@ def assign_in_place(param: Parameter, value: Tensor | np.ndarray) -> None:
     ops.assign(param, Tensor(array, param.dtype))
 
 
-def apply_amp(network: nn.Cell, level: str = "O0") -> nn.Cell:
+def apply_amp(network: nn.Cell, level: str = "O0", workdir: str | Path | None = None) -> nn.Cell:
     """Mixed precision 'O0' (none) .. 'O3' (all fp16) for the network only.
 
     The loss stays a separate fp32 cell (logits are cast to fp32 before log-softmax). On CPU keep 'O0': its
-    kernels are fp32, so fp16 only adds casts.
+    kernels are fp32, so fp16 only adds casts. O1 rewrites the network's source into `./rewritten_network/`,
+    which graph compilation reads later: `workdir` (e.g. the run dir) keeps it out of the current directory.
     """
     if level not in AMP_LEVELS:
         raise ValueError(f"amp level {level!r} is unknown; choose one of {AMP_LEVELS}.")
     if level == "O0":
         return network
-    return ms.amp.auto_mixed_precision(network, level)
+    previous = os.getcwd()
+    os.chdir(workdir or previous)
+    try:
+        return ms.amp.auto_mixed_precision(network, level)
+    finally:
+        os.chdir(previous)
 
 
 def data_parallel_reducer(weights: tuple[Parameter, ...]) -> nn.Cell | None:

@@ -48,7 +48,7 @@ class DropPath(nn.Cell):
             return x
         mask_shape = (x.shape[0],) + (1,) * (x.ndim - 1)
         # Dropout on a ones tensor yields the per-sample keep mask already scaled by 1 / keep_prob.
-        mask = self.dropout(ops.ones(mask_shape, x.dtype))
+        mask = self.dropout(x.new_ones(mask_shape))
         return x * mask
 
 
@@ -77,14 +77,16 @@ class Attention(nn.Cell):
         self.proj = nn.Dense(dim, dim)
         self.proj_drop = nn.Dropout(p=proj_drop)
         self.softmax = nn.Softmax(axis=-1)
+        self.qk_matmul = ops.BatchMatMul(transpose_b=True)
+        self.av_matmul = ops.BatchMatMul()
 
     def construct(self, x: Tensor) -> Tensor:
         b, n, c = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).transpose(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
-        attn = ops.matmul(q, k.swapaxes(-2, -1)) * self.scale
+        attn = self.qk_matmul(q, k) * self.scale
         attn = self.attn_drop(self.softmax(attn))
-        x = ops.matmul(attn, v).transpose(0, 2, 1, 3).reshape(b, n, c)
+        x = self.av_matmul(attn, v).transpose(0, 2, 1, 3).reshape(b, n, c)
         return self.proj_drop(self.proj(x))
 
 
@@ -151,6 +153,7 @@ class FCUDown(nn.Cell):
         self.sample_pooling = nn.AvgPool2d(kernel_size=dw_stride, stride=dw_stride)
         self.ln = layer_norm(outplanes)
         self.act = nn.GELU(approximate=False)
+        self.concat = ops.Concat(axis=1)
 
     def construct(self, x: Tensor, x_t: Tensor) -> Tensor:
         x = self.conv_project(x)
@@ -159,7 +162,7 @@ class FCUDown(nn.Cell):
         b, c = x.shape[0], x.shape[1]
         x = x.reshape(b, c, -1).transpose(0, 2, 1)
         x = self.act(self.ln(x))
-        return ops.concat((x_t[:, :1], x), axis=1)
+        return self.concat((x_t[:, :1], x))
 
 
 class FCUUp(nn.Cell):
@@ -181,7 +184,7 @@ class FCUUp(nn.Cell):
         s = self.up_stride
         ch = x_r.shape[1]
         # Nearest-neighbour upsampling by an integer factor: repeat every pixel s x s times.
-        x_r = ops.broadcast_to(x_r.reshape(b, ch, h, 1, w, 1), (b, ch, h, s, w, s))
+        x_r = x_r.reshape(b, ch, h, 1, w, 1).broadcast_to((b, ch, h, s, w, s))
         return x_r.reshape(b, ch, h * s, w * s)
 
 
@@ -251,6 +254,7 @@ class Conformer(nn.Cell):
         self.bn1 = batch_norm(64, eps=OUTER_NORM_EPS)
         self.act1 = nn.ReLU()
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, pad_mode="pad", padding=1)
+        self.concat = ops.Concat(axis=1)
 
         stage_1_channel = int(base_channel * channel_ratio)
         trans_dw_stride = patch_size // 4
@@ -317,8 +321,8 @@ class Conformer(nn.Cell):
         x, _ = self.conv_1(x_base)
         x_t = self.trans_patch_conv(x_base)
         x_t = x_t.reshape(b, self.embed_dim, -1).transpose(0, 2, 1)
-        cls_tokens = ops.broadcast_to(self.cls_token, (b, 1, self.embed_dim)).astype(x_t.dtype)
-        x_t = self.trans_1(ops.concat((cls_tokens, x_t), axis=1))
+        cls_tokens = self.cls_token.broadcast_to((b, 1, self.embed_dim)).astype(x_t.dtype)
+        x_t = self.trans_1(self.concat((cls_tokens, x_t)))
         for block in self.conv_trans:
             x, x_t = block(x, x_t)
         return x, self.trans_norm(x_t)

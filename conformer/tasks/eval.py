@@ -1,0 +1,78 @@
+"""task=eval: top-1/top-5 of both heads and their sum, plus the loss, on the val split of trained weights."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+from hydra.utils import instantiate
+
+from conformer.hardware import ProcessGroup, all_reduce_sum
+from conformer.runtime import RunContext, build_data, build_trained_network, open_run, task_weights
+from conformer.tracking import create_tracker
+from conformer.train.trainer import HEADS, EvalStep, eval_metrics
+
+log = logging.getLogger(__name__)
+METRICS_FILE = "eval_metrics.json"
+
+
+def evaluate_batches(evaluator: EvalStep, batches: Iterable, group: ProcessGroup) -> dict[str, float]:
+    """Metrics of `evaluator` over this rank's `batches`, summed over all ranks (every rank gets the same)."""
+    evaluator.set_train(False)
+    sums = np.zeros(8, dtype=np.float64)
+    for images, labels in batches:
+        sums += evaluator(images, labels).asnumpy().astype(np.float64)
+    sums = all_reduce_sum(sums, group)
+    if sums[1] == 0:
+        raise RuntimeError("the val loader gave no images: nothing to evaluate")
+    return eval_metrics(sums)
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    """A small table: top-1 / top-5 per head, then the loss."""
+    rows = [f"{'head':<6} {'top-1':>7} {'top-5':>7}"]
+    rows += [f"{head:<6} {metrics[f'val/top1_{head}']:7.2f} {metrics[f'val/top5_{head}']:7.2f}" for head in HEADS]
+    rows.append(f"val loss {metrics['val/loss']:.4f}")
+    return "\n".join(rows)
+
+
+def evaluate(ctx: RunContext) -> float:
+    """Evaluate `task.checkpoint` (or `model.pretrained`) on the val split; returns val/top1_sum."""
+    cfg, group = ctx.cfg, ctx.group
+    weights = task_weights(cfg)
+    data = build_data(cfg)
+    network = build_trained_network(cfg, weights, data.num_classes)
+    network.check_input_shape((data.eval_batch_size, network.in_chans, data.image_size, data.image_size))
+    evaluator = EvalStep(network, instantiate(cfg.loss, label_smoothing=0.0), data.num_classes)
+    ema = bool(cfg.task.get("ema"))
+
+    tracker = create_tracker(cfg.tracking, ctx.project_root, is_main=group.is_main)
+    with tracker:
+        open_run(tracker, ctx, "eval", extra_tags={"weights": weights, "ema": ema})
+        start = time.perf_counter()
+        batches = data.val_loader(group.rank, group.world_size).create_tuple_iterator(num_epochs=1)
+        metrics = evaluate_batches(evaluator, batches, group)
+        seconds = time.perf_counter() - start
+        tracker.log_metrics({**metrics, "eval_time_s": seconds}, step=0)
+        if group.is_main:
+            path = _write_report(ctx.run_dir / METRICS_FILE, metrics, weights=weights, ema=ema, seconds=seconds,
+                                 model=cfg.model.name, data=cfg.data.name, images=data.val_size,
+                                 image_size=data.image_size)
+            tracker.log_artifact(path)
+            print(f"{cfg.model.name} on {cfg.data.name} val ({data.val_size} images, {data.image_size} px), "
+                  f"weights {weights}{' (EMA)' if ema else ''}:\n{format_metrics(metrics)}")
+            log.info("eval: top-1 sum %.2f%% conv %.2f%% trans %.2f%% loss %.4f (%.1f s) -> %s",
+                     metrics["val/top1_sum"], metrics["val/top1_conv"], metrics["val/top1_trans"],
+                     metrics["val/loss"], seconds, path)
+    return metrics["val/top1_sum"]
+
+
+def _write_report(path: Path, metrics: dict[str, float], *, weights: Path, ema: bool, seconds: float, model: str,
+                  data: str, images: int, image_size: int) -> Path:
+    report = {"metrics": metrics, "weights": str(weights), "ema": ema, "model": model, "data": data,
+              "split": "val", "images": images, "image_size": image_size, "eval_time_s": seconds}
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    return path

@@ -1,0 +1,144 @@
+"""task=export: the network in eval mode as a MINDIR / ONNX (/ AIR on Ascend) file for deployment."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import mindspore as ms
+import numpy as np
+from mindspore import Tensor, nn, ops
+
+from conformer.runtime import RunContext, build_trained_network, open_run, task_weights, weights_num_classes
+from conformer.tracking import create_tracker
+from conformer.validation import ConfigError
+
+log = logging.getLogger(__name__)
+SUFFIXES = {"MINDIR": ".mindir", "ONNX": ".onnx", "AIR": ".air"}
+OUTPUTS = ("sum", "both")
+
+
+class ExportNetwork(nn.Cell):
+    """What a deployed model returns: the prediction (conv + trans logits) or both heads' logits."""
+
+    def __init__(self, network: nn.Cell, output: str = "sum") -> None:
+        super().__init__(auto_prefix=False)  # keep the network's parameter names
+        if output not in OUTPUTS:
+            raise ValueError(f"output={output!r}; choose one of {', '.join(OUTPUTS)}")
+        self.network = network
+        self.both = output == "both"
+
+    def construct(self, x: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+        conv, trans = self.network(x)
+        if self.both:
+            return conv, trans
+        return conv + trans
+
+
+# Abramowitz & Stegun 7.1.26: erf(z) = 1 - poly(t) exp(-z^2), t = 1 / (1 + P z), z >= 0, |error| <= 1.5e-7.
+_ERF_P = 0.3275911
+_ERF_A = (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)
+
+
+class PolyErfGELU(nn.Cell):
+    """Exact (erf) GELU from ops ONNX export supports: MindSpore 2.10 cannot write Erf to ONNX.
+
+    The erf approximation errs by at most 1.5e-7, below float32 resolution of the activations.
+    """
+
+    def construct(self, x: Tensor) -> Tensor:
+        z = ops.abs(x) * 0.7071067811865476
+        t = ops.ones_like(z) / (1.0 + _ERF_P * z)  # a scalar numerator would become Reciprocal: not exportable
+        poly = t * (_ERF_A[0] + t * (_ERF_A[1] + t * (_ERF_A[2] + t * (_ERF_A[3] + t * _ERF_A[4]))))
+        tail = 0.5 * poly * ops.exp(-z * z)  # Phi(-|x|)
+        return x * ops.select(x >= 0, 1.0 - tail, tail)
+
+
+class PadMaxPool(nn.Cell):
+    """`nn.MaxPool2d(pad_mode="pad")` as Pad + valid MaxPool: MindSpore 2.10 cannot write its
+    MaxPool3DWithArgmax to ONNX. The padded border is set to -3e38, so it never wins a max (as -inf would)."""
+
+    def __init__(self, pool: nn.MaxPool2d) -> None:
+        super().__init__()
+        attrs = pool.max_pool.get_attr_dict()
+        if attrs["ceil_mode"] or tuple(attrs["dilation"]) != (1, 1, 1):
+            raise ValueError("ONNX export supports padded MaxPool2d without ceil_mode and dilation only")
+        _, pad_h, pad_w = attrs["pads"]
+        self.pad = ops.Pad(((0, 0), (0, 0), (pad_h, pad_h), (pad_w, pad_w)))
+        self.pool = nn.MaxPool2d(tuple(attrs["ksize"][1:]), tuple(attrs["strides"][1:]), pad_mode="valid")
+
+    def construct(self, x: Tensor) -> Tensor:
+        inside = self.pad(ops.ones_like(x))  # 1 inside, 0 on the border; adding 0 keeps inner values exact
+        return self.pool(self.pad(x) + (inside - 1.0) * 3.0e38)
+
+
+def _onnx_replacement(cell: nn.Cell) -> nn.Cell | None:
+    if isinstance(cell, nn.GELU) and cell.approximate == "none":
+        return PolyErfGELU()
+    if isinstance(cell, nn.MaxPool2d) and getattr(cell, "use_pad", False):
+        return PadMaxPool(cell)
+    return None
+
+
+def make_onnx_compatible(network: nn.Cell) -> int:
+    """Swap, in place, the cells MindSpore cannot write to ONNX for equivalents; returns how many it swapped."""
+    swapped = 0
+    for _, parent in list(network.cells_and_names()):
+        for name, child in list(parent.name_cells().items()):
+            replacement = _onnx_replacement(child)
+            if replacement is not None:
+                setattr(parent, name, replacement)
+                swapped += 1
+    return swapped
+
+
+def export_options(task, device_target: str) -> tuple[str, int, str]:
+    """(format, batch size, output) from the task config; impossible values are ConfigErrors."""
+    fmt = str(task.format).upper()
+    if fmt not in SUFFIXES:
+        raise ConfigError(f"task.format={task.format!r}; choose one of {', '.join(SUFFIXES)}")
+    if fmt == "AIR" and device_target != "Ascend":
+        raise ConfigError(f"task.format=AIR needs an Ascend device (hardware=ascend), this run uses "
+                          f"{device_target}: export MINDIR or ONNX instead")
+    batch = task.batch_size
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ConfigError(f"task.batch_size={batch!r} must be a positive integer (the exported input's batch)")
+    if task.output not in OUTPUTS:
+        raise ConfigError(f"task.output={task.output!r}; choose sum (the prediction) or both (the two heads)")
+    return fmt, batch, task.output
+
+
+def export_path(file: str | None, run_dir: Path, model_name: str | None, fmt: str) -> Path:
+    """The file MindSpore writes: `file` (or <run_dir>/<model name>) with the format's suffix."""
+    suffix = SUFFIXES[fmt]
+    base = Path(file).expanduser() if file else run_dir / (model_name or "conformer")
+    return base if base.suffix.lower() == suffix else base.with_name(base.name + suffix)
+
+
+def export(ctx: RunContext) -> None:
+    """Export `task.checkpoint` (or `model.pretrained`) as configured; only the main process writes."""
+    cfg = ctx.cfg
+    fmt, batch, output = export_options(cfg.task, cfg.hardware.device_target)
+    weights = task_weights(cfg)
+    if not ctx.group.is_main:
+        return None
+    size = int(cfg.data.image_size)
+    network = build_trained_network(cfg, weights, weights_num_classes(weights))  # the weights say, not the data
+    shape = (batch, network.in_chans, size, size)
+    network.check_input_shape(shape)
+    if fmt == "ONNX":
+        log.info("ONNX: swapped %d cells for exportable equivalents", make_onnx_compatible(network))
+    path = export_path(cfg.task.file, ctx.run_dir, cfg.model.name, fmt)
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    tracker = create_tracker(cfg.tracking, ctx.project_root)
+    with tracker:
+        open_run(tracker, ctx, "export", extra_tags={"weights": weights, "format": fmt, "output": output})
+        # file_name keeps its suffix: MindSpore adds one only when it is missing
+        ms.export(ExportNetwork(network, output), Tensor(np.zeros(shape, np.float32)), file_name=str(path),
+                  file_format=fmt)
+        if not path.is_file():
+            raise RuntimeError(f"MindSpore reported no error but wrote no {path}")
+        tracker.log_artifact(path, "export")
+    print(f"exported {cfg.model.name} ({output} logits, input {list(shape)}) to {path}")
+    log.info("exported %s with %s to %s (%.1f MB)", cfg.model.name, weights, path, path.stat().st_size / 2**20)
+    return None

@@ -1,0 +1,174 @@
+"""Shared by the integration tests: tiny datasets, tiny run configs, `python run.py`, a real `mlflow server`."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from omegaconf import DictConfig
+
+REPO = Path(__file__).resolve().parents[1]
+CONF_DIR = REPO / "conf"
+RUN_PY = REPO / "run.py"
+
+# conformer_nano cut to one stage (depth 3) at 16 px: the train step compiles in ~15 s on 2 cores.
+TINY_OVERRIDES = ("model.depth=3", "data.image_size=16", "trainer.log_every_n_steps=2",
+                  "optim.schedule.warmup_epochs=1")
+TINY_TRAIN, TINY_VAL, TINY_CLASSES, TINY_BATCH = 32, 8, 3, 16  # per class: 6 steps/epoch, 24 val images
+
+
+def tiny_folder(base: Path) -> Path:
+    """An ImageFolder of 3 classes x (32 train + 8 val) 16x16 PNGs under `base`, written once per base dir."""
+    from conformer.data.folders import write_image_folder
+
+    root = base / "tiny-folder"
+    done = root / ".complete"
+    if not done.is_file():
+        write_image_folder(root, num_classes=TINY_CLASSES, train_per_class=TINY_TRAIN, val_per_class=TINY_VAL,
+                           size=(16, 16), ext=".png")
+        done.touch()
+    return root
+
+
+def tiny_overrides(root: Path, data_root: Path, *extra: str) -> list[str]:
+    """Overrides for a ~30 s training of conformer_nano on `tiny_folder` data with everything under `root`."""
+    return [f"paths.root={root}", "data=folder", f"data.source.root={data_root}", f"data.batch_size={TINY_BATCH}",
+            *TINY_OVERRIDES, *extra]
+
+
+def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
+    """The config `python run.py <overrides>` would run with (without the hydra node)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def sqlite_uri(path: Path) -> str:
+    return f"sqlite:///{path}"
+
+
+def store_uri(root: Path) -> str:
+    """The SQLite store `train_in_process` tracks to."""
+    return sqlite_uri(root / "store.db")
+
+
+def train_in_process(root: Path, data_root: Path, *extra: str, run_name: str = "run"
+                     ) -> tuple[DictConfig, Path, float | None]:
+    """`conformer.app.run` on a tiny composed config into `<root>/outputs/<run_name>`, tracked to `store_uri`.
+
+    Returns (config, run dir, objective).
+    """
+    from conformer.app import run
+
+    cfg = compose_config(tiny_overrides(root, data_root, f"tracking.uri={store_uri(root)}", *extra))
+    run_dir = root / "outputs" / run_name
+    with pytest.MonkeyPatch.context() as env:
+        env.delenv("CONFORMER_MLFLOW_PARENT_RUN_ID", raising=False)
+        return cfg, run_dir, run(cfg, run_dir)
+
+
+def clean_env(project_root: Path) -> dict[str, str]:
+    """Environment for a subprocess: this project root, no store or sweep parent inherited from the caller."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MLFLOW_TRACKING_URI", "CONFORMER_MLFLOW_PARENT_RUN_ID")}
+    return {**env, "CONFORMER_PROJECT_ROOT": str(project_root)}
+
+
+def run_py(args: Sequence[str], project_root: Path, **popen) -> subprocess.Popen:
+    """Start `python run.py <args>` in `project_root` (so MindSpore's stray dirs land there, not in the repo)."""
+    return subprocess.Popen([sys.executable, str(RUN_PY), *args], cwd=project_root, env=clean_env(project_root),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def run_py_to_end(args: Sequence[str], project_root: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    proc = run_py(args, project_root)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stop(proc)
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, group: bool = False) -> None:
+    """Signal `proc` (or its process group), then kill it if it does not exit within 20 s."""
+    if proc.poll() is not None:
+        return
+
+    def send(signum: int) -> None:
+        if group:
+            os.killpg(proc.pid, signum)
+        else:
+            proc.send_signal(signum)
+
+    send(sig)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        send(signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+def wait_for_run(db: Path, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    """Poll the SQLite store read-only (no migrations, no locks) until the process has created its run."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited ({proc.returncode}) before its MLflow run: {proc.stderr.read()}")
+        try:
+            with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+                if conn.execute("SELECT count(*) FROM runs").fetchone()[0]:
+                    return
+        except sqlite3.Error:  # no file or no tables yet
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"no MLflow run in {db} after {timeout} s")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"mlflow server exited early: {proc.stderr.read()}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    raise TimeoutError(f"mlflow server at {url} not healthy after {timeout} s")
+
+
+@contextmanager
+def mlflow_server(workdir: Path) -> Iterator[str]:
+    """A real `mlflow server` on 127.0.0.1 with its store and artifacts in `workdir`; yields its URL."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", sqlite_uri(workdir / "server.db"),
+         "--default-artifact-root", str(workdir / "server-artifacts"), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=workdir, start_new_session=True,
+        # No background job runner: it costs a process and leaves a directory in /dev/shm.
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+    try:
+        wait_healthy(url, proc)
+        yield url
+    finally:
+        stop(proc, group=True)

@@ -1,0 +1,107 @@
+"""The composed config: every group option composes and validates, bad values are one-line errors, and
+`python run.py` refuses unknown names and bad values before anything is built or compiled."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra.utils import get_method, instantiate
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from conformer.models import VARIANTS
+from conformer.validation import ConfigError, validate_config
+
+from .helpers import CONF_DIR, compose_config, run_py_to_end
+
+GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir())
+OPTIONS = [(group, path.stem) for group in GROUPS for path in sorted((CONF_DIR / group).glob("*.yaml"))]
+REFERENCE = Path(__file__).resolve().parent / "data" / "reference"
+
+
+def _targets(node) -> list[str]:
+    """Every `_target_` in a config tree."""
+    if isinstance(node, DictConfig):
+        found = [node._target_] if "_target_" in node else []
+        return found + [t for key in node if key != "_target_" for t in _targets(node._get_node(key))]
+    if isinstance(node, ListConfig):
+        return [t for item in node for t in _targets(item)]
+    return []
+
+
+def test_config_groups_are_the_documented_ones() -> None:
+    assert {"model", "data", "optim", "loss", "trainer", "hardware", "tracking", "task"} <= set(GROUPS)
+    defaults = compose_config()
+    assert (defaults.model.name, defaults.data.name, defaults.hardware.name, defaults.task.name) == (
+        "conformer_nano", "digits", "cpu", "train")
+
+
+@pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_every_group_option_composes_resolves_and_validates(group: str, option: str, tmp_path: Path) -> None:
+    cfg = compose_config([f"{group}={option}", f"paths.root={tmp_path}"])
+    plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    assert plain["paths"]["root"] == str(tmp_path)
+    validate_config(cfg)
+    for target in _targets(cfg):
+        assert callable(get_method(target)), f"{group}={option}: {target} is not importable"
+
+
+@pytest.mark.parametrize("option", sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml")))
+def test_model_configs_match_the_registered_variants(option: str) -> None:
+    model = compose_config([f"model={option}"]).model
+    assert model.name == option
+    for key, value in VARIANTS[option].items():
+        assert model[key] == value, f"model={option}: {key}={model[key]} but the variant has {value}"
+
+
+def test_conformer_ti_config_builds_the_official_parameter_count() -> None:
+    cfg = compose_config(["model=conformer_ti", "data=imagenet"])
+    network = instantiate(cfg.model)
+    expected = json.loads((REFERENCE / "param_counts.json").read_text())["Conformer_tiny_patch16"]["params"]
+    assert sum(int(np.prod(p.shape)) for p in network.trainable_params()) == expected == 23_524_704
+    assert network.conv_cls_head.weight.shape[0] == 1000
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("optim.schedule.base_lr=-0.001", "optim.schedule.base_lr=-0.001 must be non-negative (a learning rate)"),
+    ("data.image_size=50", "data.image_size=50 must be a multiple of the patch size 16 (model.patch_size), "
+                           "e.g. data.image_size=48"),
+    ("data.batch_size=0", "data.batch_size=0 must be at least 1"),
+    ("trainer.epochs=ten", "trainer.epochs='ten' must be an integer (at least 1)"),
+    ("model.depth=7", "model.depth=7 must be a positive multiple of 3"),
+])
+def test_bad_values_are_one_line_config_errors(override: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        validate_config(compose_config([override]))
+    assert str(info.value) == message
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("group", "listed"), [
+    ("model", ["conformer_b", "conformer_nano", "conformer_s", "conformer_s32", "conformer_ti"]),
+    ("data", ["digits", "folder", "imagenet", "synthetic"]),
+    ("hardware", ["ascend", "cpu", "gpu"]),
+])
+def test_unknown_group_option_lists_the_choices(group: str, listed: list[str], tmp_path: Path) -> None:
+    result = run_py_to_end([f"{group}=nope"], tmp_path, timeout=120)
+    assert result.returncode != 0
+    assert f"Could not find '{group}/nope'" in result.stderr
+    for name in listed:
+        assert f"\t{name}\n" in result.stderr, f"{name} missing from: {result.stderr}"
+    assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.slow
+def test_cli_rejects_a_bad_value_before_building_anything(tmp_path: Path) -> None:
+    start = time.monotonic()
+    result = run_py_to_end(["data.batch_size=0"], tmp_path, timeout=120)
+    elapsed = time.monotonic() - start
+    assert result.returncode == 2
+    assert result.stderr.strip() == "config error: data.batch_size=0 must be at least 1"
+    assert elapsed < 15, f"the config error took {elapsed:.1f} s: something was built before validation"
+    # Hydra made the run dir; nothing else ran: no data written, no MLflow store, no checkpoints, no log lines
+    assert not (tmp_path / ".cache").exists() and not (tmp_path / "mlflow.db").exists()
+    assert not list((tmp_path / "outputs").rglob("checkpoints"))
+    assert "composed config" not in result.stdout

@@ -1,0 +1,66 @@
+"""Resuming from last.ckpt: the epoch, the global step, the optimizer state and the best checkpoint carry on."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from conformer.train.checkpoint import read_checkpoint
+
+from .helpers import store_uri, tiny_folder, train_in_process
+
+pytestmark = pytest.mark.slow
+STEPS_PER_EPOCH = 6  # 96 tiny train images / batch 16
+# Monitoring the epoch number with mode=min makes epoch 1 the best and every later epoch worse, whatever the
+# (random) accuracy does: "the best checkpoint survives a worse epoch" becomes deterministic.
+MONITOR = ("trainer.monitor=epoch", "trainer.monitor_mode=min")
+
+
+def _state_step(path: Path) -> int:
+    tensors, _ = read_checkpoint(path)
+    return int(tensors["optimizer.state_step"].asnumpy().reshape(-1)[0])
+
+
+def test_resume_continues_the_epochs_optimizer_and_best_checkpoint(tmp_path: Path, tmp_path_factory) -> None:
+    data_root = tiny_folder(tmp_path_factory.getbasetemp())
+    _, first_dir, first_best = train_in_process(tmp_path, data_root, "trainer.epochs=2", *MONITOR, run_name="first")
+    first_last = first_dir / "checkpoints" / "last.ckpt"
+    assert first_best == 1.0 and _state_step(first_last) == 2 * STEPS_PER_EPOCH
+
+    cfg, second_dir, objective = train_in_process(tmp_path, data_root, "trainer.epochs=3", *MONITOR,
+                                                  f"trainer.resume={first_last}", run_name="second")
+    assert objective == 1.0  # the best of the first run, not epoch 3's
+
+    client = MlflowClient(store_uri(tmp_path))
+    runs = client.search_runs([client.get_experiment_by_name("conformer").experiment_id],
+                              order_by=["attributes.start_time ASC"])
+    assert [r.data.tags["run_dir"] for r in runs] == [str(first_dir), str(second_dir)]
+    assert [r.info.status for r in runs] == ["FINISHED", "FINISHED"]
+    resumed = runs[1].info.run_id
+    assert runs[1].data.params["trainer.resume"] == str(first_last)
+
+    # epoch 3 only, on global steps 13..18 (not epoch 1 again from step 1)
+    history = {key: [(m.step, m.value) for m in client.get_metric_history(resumed, key)]
+               for key in ("epoch", "train/loss")}
+    assert history["epoch"] == [(3 * STEPS_PER_EPOCH, 3.0)]
+    assert [step for step, _ in history["train/loss"]] == [14, 16, 18]
+
+    _, extra = read_checkpoint(second_dir / "checkpoints" / "last.ckpt")
+    assert (extra["epoch"], extra["step"]) == (3, 3 * STEPS_PER_EPOCH)
+    assert (extra["best_metric"], extra["best_epoch"]) == (1.0, 1)
+    # AdamW's step count went on from the checkpoint's 12 (a fresh optimizer would stand at 6)
+    assert _state_step(second_dir / "checkpoints" / "last.ckpt") == 3 * STEPS_PER_EPOCH
+
+    # the resumed run dir holds the best checkpoint (epoch 1), not overwritten by the worse epoch 3
+    _, best = read_checkpoint(second_dir / "checkpoints" / "best.ckpt")
+    assert best["epoch"] == 1
+    assert (second_dir / "checkpoints" / "best.ckpt").read_bytes() == \
+        (first_dir / "checkpoints" / "best.ckpt").read_bytes()
+    artifacts = {a.path for a in client.list_artifacts(resumed, "checkpoints")}
+    assert artifacts == {"checkpoints/best.ckpt", "checkpoints/last.ckpt"}
+
+    # each run's train.log holds only its own records
+    assert "resumed from" in (second_dir / "train.log").read_text()
+    assert "resumed from" not in (first_dir / "train.log").read_text()
+    assert cfg.trainer.epochs == 3

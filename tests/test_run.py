@@ -1,0 +1,183 @@
+"""Real trainings end to end: `conformer.app.run` and `python run.py`, recorded in real MLflow stores."""
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+from mlflow.entities import Run
+from omegaconf import DictConfig, OmegaConf
+
+from conformer.models import create_model
+from conformer.tracking import flatten_config
+from conformer.train.checkpoint import load_weights, read_checkpoint
+
+from .helpers import (
+    mlflow_server,
+    run_py,
+    sqlite_uri,
+    stop,
+    store_uri,
+    tiny_folder,
+    tiny_overrides,
+    train_in_process,
+    wait_for_run,
+)
+
+pytestmark = pytest.mark.slow
+STEPS_PER_EPOCH = 6  # 96 tiny train images / batch 16
+
+
+@dataclass(frozen=True)
+class Trained:
+    cfg: DictConfig
+    run_dir: Path
+    objective: float
+    client: MlflowClient
+    run: Run
+
+    def history(self, key: str) -> list[tuple[int, float]]:
+        return [(m.step, m.value) for m in self.client.get_metric_history(self.run.info.run_id, key)]
+
+
+def _only_run(client: MlflowClient, experiment: str = "conformer") -> Run:
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert len(runs) == 1, [r.info.run_id for r in runs]
+    return runs[0]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Trained:
+    root = tmp_path_factory.mktemp("trained")
+    cfg, run_dir, objective = train_in_process(root, tiny_folder(tmp_path_factory.getbasetemp()), "trainer.epochs=2")
+    client = MlflowClient(store_uri(root))
+    return Trained(cfg, run_dir, objective, client, _only_run(client))
+
+
+def test_run_is_finished_with_the_config_as_params_and_tags(trained: Trained) -> None:
+    run_ = trained.run
+    assert run_.info.status == "FINISHED"
+    assert run_.data.params == flatten_config(trained.cfg)
+    assert run_.data.params["optim.optimizer.weight_decay"] == "0.05"
+    assert (run_.data.params["model.embed_dim"], run_.data.params["model.depth"]) == ("96", "3")
+    assert run_.data.params["data.source.root"] == str(trained.cfg.data.source.root)
+    tags = run_.data.tags
+    assert {k: tags[k] for k in ("model", "data", "hardware", "task", "run_dir", "world_size")} == {
+        "model": "conformer_nano", "data": "folder", "hardware": "cpu", "task": "train",
+        "run_dir": str(trained.run_dir), "world_size": "1"}
+
+
+def test_metric_histories_follow_the_global_step(trained: Trained) -> None:
+    last = 2 * STEPS_PER_EPOCH
+    assert [step for step, _ in trained.history("train/loss")] == list(range(2, last + 1, 2))
+    assert all(np.isfinite(v) and v > 0 for _, v in trained.history("train/loss"))
+    assert [step for step, _ in trained.history("train/lr")] == list(range(2, last + 1, 2))
+    assert trained.history("epoch") == [(STEPS_PER_EPOCH, 1.0), (last, 2.0)]
+    top1 = trained.history("val/top1_sum")
+    assert [step for step, _ in top1] == [STEPS_PER_EPOCH, last]
+    assert all(0.0 <= v <= 100.0 for _, v in top1)
+    for head in ("conv", "trans"):
+        assert len(trained.history(f"val/top1_{head}")) == 2
+    assert trained.objective == max(v for _, v in top1)
+
+
+def test_artifacts_are_the_config_log_curves_and_checkpoints(trained: Trained, tmp_path: Path) -> None:
+    client, run_id = trained.client, trained.run.info.run_id
+    listed = {a.path for a in client.list_artifacts(run_id)} | {
+        a.path for a in client.list_artifacts(run_id, "checkpoints")}
+    assert listed >= {"config.yaml", "overrides.txt", "train.log", "curves.png", "checkpoints",
+                      "checkpoints/best.ckpt", "checkpoints/last.ckpt"}
+    local = Path(client.download_artifacts(run_id, "", str(tmp_path)))
+    assert OmegaConf.load(local / "config.yaml") == OmegaConf.to_container(trained.cfg, resolve=True)
+    assert (local / "overrides.txt").read_text() == "\n"  # composed in-process: no command line
+    log_text = (local / "train.log").read_text()
+    assert f"MLflow run {run_id}" in log_text and "epoch 2/2" in log_text and "done: val/top1_sum" in log_text
+    assert (local / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in ("best.ckpt", "last.ckpt"):
+        assert (local / "checkpoints" / name).read_bytes() == (trained.run_dir / "checkpoints" / name).read_bytes()
+
+
+def test_checkpoints_hold_the_training_state(trained: Trained) -> None:
+    # the weights keep the network's own names: they load strictly into a freshly built model
+    fresh = create_model("conformer_nano", num_classes=3, depth=3, img_size=16)
+    assert load_weights(trained.run_dir / "checkpoints" / "best.ckpt", fresh, strict=True)["epoch"] >= 1
+    top1 = dict(trained.history("val/top1_sum"))
+    tensors, extra = read_checkpoint(trained.run_dir / "checkpoints" / "last.ckpt")
+    assert (extra["epoch"], extra["step"]) == (2, 2 * STEPS_PER_EPOCH)
+    assert extra["metrics"]["val/top1_sum"] == pytest.approx(top1[2 * STEPS_PER_EPOCH])
+    assert extra["best_metric"] == trained.objective
+    assert (extra["monitor"], extra["mode"]) == ("val/top1_sum", "max")
+    assert int(tensors["optimizer.state_step"].asnumpy().reshape(-1)[0]) == 2 * STEPS_PER_EPOCH
+    assert any(k.startswith("optimizer.exp_avg") for k in tensors)
+    _, best = read_checkpoint(trained.run_dir / "checkpoints" / "best.ckpt")
+    assert best["epoch"] == extra["best_epoch"]
+    assert best["metrics"]["val/top1_sum"] == trained.objective
+
+
+def test_diverging_run_ends_failed(trained: Trained, tmp_path_factory) -> None:
+    root = tmp_path_factory.mktemp("diverging")
+    data_root = tiny_folder(tmp_path_factory.getbasetemp())
+    with pytest.raises(FloatingPointError, match="loss is nan at epoch 1"):
+        train_in_process(root, data_root, "trainer.epochs=2", "optim.schedule.base_lr=1e30",
+                         "optim.schedule.warmup_epochs=0")
+    client = MlflowClient(store_uri(root))
+    failed = _only_run(client)
+    assert failed.info.status == "FAILED"
+    assert failed.data.tags["error"].startswith("FloatingPointError: loss is nan")
+    assert "train.log" in {a.path for a in client.list_artifacts(failed.info.run_id)}
+    assert not (root / "outputs" / "run" / "checkpoints").exists()
+    # each run's log holds only its own records (in-process runs must not leak into each other's train.log)
+    assert failed.info.run_id not in (trained.run_dir / "train.log").read_text()
+
+
+def test_ctrl_c_ends_the_run_killed(tmp_path: Path, tmp_path_factory) -> None:
+    data_root = tiny_folder(tmp_path_factory.getbasetemp())
+    proc = run_py(tiny_overrides(tmp_path, data_root, "trainer.epochs=2"), tmp_path)
+    try:
+        wait_for_run(tmp_path / "mlflow.db", proc)
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=60)
+    finally:
+        stop(proc, signal.SIGKILL)
+    assert proc.returncode != 0
+    killed = _only_run(MlflowClient(sqlite_uri(tmp_path / "mlflow.db")))
+    assert killed.info.status == "KILLED"
+
+
+def test_cli_trains_digits_into_one_run_dir_and_a_tracking_server(tmp_path: Path, tmp_path_factory) -> None:
+    """`python run.py` with the default data (digits), logging to a real `mlflow server` on 127.0.0.1."""
+    digits = tmp_path_factory.getbasetemp() / "digits"  # one materialised copy for the whole session
+    (tmp_path / "server").mkdir()
+    with mlflow_server(tmp_path / "server") as url:
+        args = [f"data.source.root={digits}", "data.image_size=16", "model.depth=3", "trainer.epochs=1",
+                f"tracking.uri={url}", "tracking.experiment_name=cli"]
+        proc = run_py(args, tmp_path)
+        try:
+            out, err = proc.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            stop(proc)
+            raise
+        assert proc.returncode == 0, err[-3000:]
+        client = MlflowClient(url)
+        run_ = _only_run(client, "cli")
+        run_id = run_.info.run_id
+        assert run_.info.status == "FINISHED"
+        [top1] = client.get_metric_history(run_id, "val/top1_sum")
+        assert top1.step == 1437 // 64  # digits: 1,437 train images, batches of 64
+        artifacts = {a.path for a in client.list_artifacts(run_id)}
+        assert {"config.yaml", "overrides.txt", "train.log", "curves.png", "checkpoints"} <= artifacts
+        overrides = Path(client.download_artifacts(run_id, "overrides.txt", str(tmp_path))).read_text()
+    final = re.search(r"done: val/top1_sum (\d+\.\d+) \(best (\d+\.\d+) at epoch 1\)", out)
+    assert final, out[-2000:]
+    assert float(final.group(1)) == pytest.approx(top1.value, abs=0.005)
+    run_dirs = [p for p in (tmp_path / "outputs").rglob("*") if (p / ".hydra").is_dir()]
+    assert len(run_dirs) == 1
+    assert run_.data.tags["run_dir"] == str(run_dirs[0])
+    assert (run_dirs[0] / "checkpoints" / "last.ckpt").is_file() and (run_dirs[0] / "train.log").is_file()
+    assert overrides.split() == args
+    assert (digits / "train" / "9").is_dir()
