@@ -388,15 +388,19 @@ def launch(plan: LaunchPlan, end_runs: Callable[[str, str], list[str]] | None = 
     `end_runs(status, reason)` ends the MLflow runs that the job left RUNNING (rank 0 killed mid-collective).
     """
     result = plan.run_dir / RESULT_FILE
-    result.unlink(missing_ok=True)
+    is_main_node = plan.node_rank == 0
+    if is_main_node:
+        result.unlink(missing_ok=True)
     log.info("launching %d workers with msrun (logs in %s):\n  %s", plan.world_size, plan.log_dir,
              shlex.join(plan.command))
     outcome = supervise(plan, out)
-    is_main_node = plan.node_rank == 0
-    if outcome.returncode == 0 and not outcome.interrupted and (result.is_file() or not is_main_node):
+    succeeded = outcome.returncode == 0 and not outcome.interrupted
+    if succeeded and not is_main_node:  # rank 0, on node 0, reports the result (and may still be finishing)
+        return None
+    if succeeded and result.is_file():
         if end_runs is not None:
             end_runs("FAILED", "rank 0 exited without ending its MLflow run")
-        return read_result(plan.run_dir) if is_main_node else None
+        return read_result(plan.run_dir)
     message = _failure_message(plan, outcome)
     if end_runs is not None:
         ended = end_runs("KILLED" if outcome.interrupted else "FAILED", message.splitlines()[0])

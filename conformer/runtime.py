@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,21 @@ def log_to_file(run_dir: Path, rank: int = 0) -> Path:
         root.addHandler(handler)
     root.setLevel(min(root.level or logging.INFO, logging.INFO))
     return path
+
+
+@contextmanager
+def file_logging(run_dir: Path, rank: int = 0) -> Iterator[Path]:
+    """`log_to_file` for one run: a handler it adds is closed afterwards, so runs in one process (tests, sweeps
+    with the basic launcher) do not write into each other's logs."""
+    before = set(logging.getLogger().handlers)
+    path = log_to_file(run_dir, rank)
+    try:
+        yield path
+    finally:
+        root = logging.getLogger()
+        for handler in [h for h in root.handlers if h not in before]:
+            root.removeHandler(handler)
+            handler.close()
 
 
 def seed_everything(seed: int) -> None:

@@ -52,6 +52,18 @@ class DropPath(nn.Cell):
         return x * mask
 
 
+class ZeroPadMaxPool(nn.Cell):
+    """Max-pool over a zero-padded input: PyTorch's padded max-pool for non-negative inputs."""
+
+    def __init__(self, kernel_size: int, stride: int, padding: int) -> None:
+        super().__init__()
+        self.pad = ops.Pad(((0, 0), (0, 0), (padding, padding), (padding, padding)))
+        self.pool = nn.MaxPool2d(kernel_size=kernel_size, stride=stride, pad_mode="valid")
+
+    def construct(self, x: Tensor) -> Tensor:
+        return self.pool(self.pad(x))
+
+
 class Mlp(nn.Cell):
     def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0) -> None:
         super().__init__()
@@ -249,11 +261,13 @@ class Conformer(nn.Cell):
 
         self.cls_token = Parameter(init.initializer(init.TruncatedNormal(0.02), (1, 1, embed_dim)), name="cls_token")
 
-        # Stem: 7x7/2 conv, BN, ReLU, 3x3/2 max-pool with symmetric padding (PyTorch style).
+        # Stem: 7x7/2 conv, BN, ReLU, 3x3/2 max-pool with symmetric padding 1 (PyTorch style; MindSpore's 'same'
+        # pads bottom/right only). The pool follows a ReLU, so zero padding equals PyTorch's -inf padding, and a
+        # plain pad + valid pool also exports to ONNX (MindSpore's padded MaxPool2d does not).
         self.conv1 = conv2d(in_chans, 64, 7, stride=2, padding=3)
         self.bn1 = batch_norm(64, eps=OUTER_NORM_EPS)
         self.act1 = nn.ReLU()
-        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, pad_mode="pad", padding=1)
+        self.maxpool = ZeroPadMaxPool(kernel_size=3, stride=2, padding=1)
         self.concat = ops.Concat(axis=1)
 
         stage_1_channel = int(base_channel * channel_ratio)

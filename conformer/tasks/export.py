@@ -53,29 +53,9 @@ class PolyErfGELU(nn.Cell):
         return x * ops.select(x >= 0, 1.0 - tail, tail)
 
 
-class PadMaxPool(nn.Cell):
-    """`nn.MaxPool2d(pad_mode="pad")` as Pad + valid MaxPool: MindSpore 2.10 cannot write its
-    MaxPool3DWithArgmax to ONNX. The padded border is set to -3e38, so it never wins a max (as -inf would)."""
-
-    def __init__(self, pool: nn.MaxPool2d) -> None:
-        super().__init__()
-        attrs = pool.max_pool.get_attr_dict()
-        if attrs["ceil_mode"] or tuple(attrs["dilation"]) != (1, 1, 1):
-            raise ValueError("ONNX export supports padded MaxPool2d without ceil_mode and dilation only")
-        _, pad_h, pad_w = attrs["pads"]
-        self.pad = ops.Pad(((0, 0), (0, 0), (pad_h, pad_h), (pad_w, pad_w)))
-        self.pool = nn.MaxPool2d(tuple(attrs["ksize"][1:]), tuple(attrs["strides"][1:]), pad_mode="valid")
-
-    def construct(self, x: Tensor) -> Tensor:
-        inside = self.pad(ops.ones_like(x))  # 1 inside, 0 on the border; adding 0 keeps inner values exact
-        return self.pool(self.pad(x) + (inside - 1.0) * 3.0e38)
-
-
 def _onnx_replacement(cell: nn.Cell) -> nn.Cell | None:
     if isinstance(cell, nn.GELU) and cell.approximate == "none":
         return PolyErfGELU()
-    if isinstance(cell, nn.MaxPool2d) and getattr(cell, "use_pad", False):
-        return PadMaxPool(cell)
     return None
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 from hydra.utils import instantiate
@@ -10,7 +11,7 @@ from conformer.hardware import replicas_in_sync
 from conformer.runtime import LOG_FILE, RunContext, build_data, build_network, open_run
 from conformer.schedules import scale_lr
 from conformer.tracking import create_tracker, plot_curves
-from conformer.train.checkpoint import CheckpointManager, TrainState
+from conformer.train.checkpoint import CheckpointManager, TrainState, read_checkpoint
 from conformer.train.ema import ModelEma
 from conformer.train.step import TrainStep, apply_amp
 from conformer.train.trainer import EvalStep, Trainer, TrainerConfig
@@ -35,15 +36,17 @@ def train(ctx: RunContext) -> float:
         raise ValueError(f"trainer.grad_accum_steps={accum} exceeds the {steps_per_epoch} steps of an epoch")
     global_batch = data.batch_size * group.world_size * accum
     base_lr = scale_lr(cfg.optim.schedule.base_lr, global_batch, cfg.optim.reference_batch_size, cfg.optim.lr_scaling)
-    schedule = instantiate(cfg.optim.schedule, base_lr=base_lr)(epochs=tcfg.epochs,
-                                                                steps_per_epoch=steps_per_epoch // accum)
+    schedule = instantiate(cfg.optim.schedule, base_lr=base_lr, warmup_epochs=_warmup_epochs(cfg))(
+        epochs=tcfg.epochs, steps_per_epoch=steps_per_epoch // accum)
     optimizer = instantiate(cfg.optim.optimizer)(network, lr=schedule(0))
     ema = ModelEma(network, decay=tcfg.ema_decay) if tcfg.ema_decay else None
 
     checkpoints = CheckpointManager(ctx.run_dir / "checkpoints", monitor=tcfg.monitor, mode=tcfg.monitor_mode)
     state = TrainState()
     if tcfg.resume:  # before the step is compiled: the compiled step would not see later assignments
-        state = checkpoints.load(Path(tcfg.resume).expanduser(), network, optimizer, ema)
+        resume = Path(tcfg.resume).expanduser()
+        state = checkpoints.load(resume, network, optimizer, ema)
+        _carry_best(resume.parent / checkpoints.best_path.name, checkpoints)
         log.info("resumed from %s at epoch %d (best %s=%s)", tcfg.resume, state.epoch, tcfg.monitor,
                  state.best_metric)
     step = TrainStep(network, loss_fn, optimizer, clip_grad_norm=tcfg.clip_grad_norm, loss_scale=tcfg.loss_scale,
@@ -63,13 +66,41 @@ def train(ctx: RunContext) -> float:
         try:
             state = trainer.fit(state)
             replicas_in_sync(network.trainable_params(), group)  # data-parallel ranks must agree (logged)
+            best = checkpoints.best_metric if checkpoints.best_metric is not None else state.metrics.get(tcfg.monitor)
+            if group.is_main:  # before the log is uploaded: the train.log artifact ends with this summary
+                log.info("done: %s %.2f (best %.2f at epoch %s) | run dir %s", tcfg.monitor,
+                         state.metrics.get(tcfg.monitor, float("nan")), best, checkpoints.best_epoch, ctx.run_dir)
         finally:
             _log_outputs(tracker, ctx, trainer, checkpoints, cfg.tracking.log_checkpoints)
-    best = checkpoints.best_metric if checkpoints.best_metric is not None else state.metrics.get(tcfg.monitor)
-    if group.is_main:
-        log.info("done: %s %.2f (best %.2f at epoch %s) | run dir %s", tcfg.monitor,
-                 state.metrics.get(tcfg.monitor, float("nan")), best, checkpoints.best_epoch, ctx.run_dir)
     return float(best)
+
+
+def _warmup_epochs(cfg) -> float:
+    """The configured warmup; none for a run shorter than it (validation lets 1-epoch smoke runs through)."""
+    warmup, epochs = cfg.optim.schedule.warmup_epochs, cfg.trainer.epochs
+    if warmup < epochs:
+        return warmup
+    log.warning("optim.schedule.warmup_epochs=%s does not fit in trainer.epochs=%d: training without warmup",
+                warmup, epochs)
+    return 0
+
+
+def _carry_best(source: Path, checkpoints: CheckpointManager) -> None:
+    """Copy the resumed run's best checkpoint into this run's dir when it is the best the resumed state knows.
+
+    A later, worse epoch then leaves it in place, and this run's `best.ckpt` is its best weights so far.
+    """
+    target = checkpoints.best_path
+    if checkpoints.best_epoch is None or not source.is_file() or source.resolve() == target.resolve():
+        return
+    _, extra = read_checkpoint(source)
+    if extra.get("epoch") != checkpoints.best_epoch:
+        log.warning("%s is from epoch %s, not the best epoch %s of the resumed run: not carried over", source,
+                    extra.get("epoch"), checkpoints.best_epoch)
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, target)
+    log.info("best checkpoint of epoch %d carried over from %s", checkpoints.best_epoch, source)
 
 
 def _log_outputs(tracker, ctx: RunContext, trainer: Trainer, checkpoints: CheckpointManager,

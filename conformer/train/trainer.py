@@ -27,7 +27,7 @@ class EvalStep(nn.Cell):
     """Sums for one eval batch: [loss_sum, count, top1 conv/trans/sum, top5 conv/trans/sum]."""
 
     def __init__(self, network: nn.Cell, loss_fn: nn.Cell, num_classes: int) -> None:
-        super().__init__()
+        super().__init__(auto_prefix=False)  # a prefix would rename the network's parameters ("network.*")
         self.network, self.loss_fn = network, loss_fn
         self.k = min(5, num_classes)
 
