@@ -325,7 +325,8 @@ def supervise(plan: LaunchPlan, out: IO[str] | None = None) -> Outcome:
     echo.start()
     tree = _ProcessTree(proc.pid, plan.script)
     outcome = Outcome(returncode=0)
-    previous = signal.signal(signal.SIGTERM, _raise_terminated) if _main_thread() else None
+    guard = _main_thread()  # signal handlers can only be set there
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if guard else None
     try:
         failed_at = None
         while proc.poll() is None:
@@ -333,7 +334,8 @@ def supervise(plan: LaunchPlan, out: IO[str] | None = None) -> Outcome:
             if echo.exits and failed_at is None:
                 failed_at = time.monotonic()
             if failed_at is not None and time.monotonic() - failed_at > FAILURE_GRACE_S:
-                log.warning("msrun is still waiting %.0f s after a worker failed: stopping the job", FAILURE_GRACE_S)
+                log.warning("msrun still runs %.0f s after a worker failed: stopping the scheduler and any worker "
+                            "left", FAILURE_GRACE_S)
                 outcome.stuck = True
                 break
             time.sleep(POLL_S)
@@ -341,13 +343,15 @@ def supervise(plan: LaunchPlan, out: IO[str] | None = None) -> Outcome:
         outcome.interrupted = True
         log.warning("interrupted: stopping the %d workers", plan.workers)
     finally:
+        if guard:  # a second SIGTERM must not cut the cleanup short
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         tree.stop()
         if proc.poll() is None:
             proc.kill()
         outcome.returncode = proc.wait()
         echo.join(timeout=10)
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        if guard:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
     outcome.failures = [WorkerExit(pid, code, tree.ranks.get(pid)) for pid, code in echo.exits]
     return outcome
 

@@ -4,31 +4,16 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterable
 from pathlib import Path
 
-import numpy as np
 from hydra.utils import instantiate
 
-from conformer.hardware import ProcessGroup, all_reduce_sum
 from conformer.runtime import RunContext, build_data, build_trained_network, open_run, task_weights
 from conformer.tracking import create_tracker
-from conformer.train.trainer import HEADS, EvalStep, eval_metrics
+from conformer.train.trainer import HEADS, EvalStep, evaluate_batches
 
 log = logging.getLogger(__name__)
 METRICS_FILE = "eval_metrics.json"
-
-
-def evaluate_batches(evaluator: EvalStep, batches: Iterable, group: ProcessGroup) -> dict[str, float]:
-    """Metrics of `evaluator` over this rank's `batches`, summed over all ranks (every rank gets the same)."""
-    evaluator.set_train(False)
-    sums = np.zeros(8, dtype=np.float64)
-    for images, labels in batches:
-        sums += evaluator(images, labels).asnumpy().astype(np.float64)
-    sums = all_reduce_sum(sums, group)
-    if sums[1] == 0:
-        raise RuntimeError("the val loader gave no images: nothing to evaluate")
-    return eval_metrics(sums)
 
 
 def format_metrics(metrics: dict[str, float]) -> str:

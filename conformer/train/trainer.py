@@ -5,7 +5,7 @@ import logging
 import math
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -45,6 +45,19 @@ class EvalStep(nn.Cell):
         t1, t5 = self._correct(trans, labels)
         s1, s5 = self._correct(conv + trans, labels)
         return ops.stack([loss_sum, batch, c1, t1, s1, c5, t5, s5])
+
+
+def evaluate_batches(evaluator: EvalStep, batches: Iterable, group: ProcessGroup) -> dict[str, float]:
+    """Metrics of `evaluator` over this rank's `batches`, summed over all ranks (every rank gets the same)."""
+    evaluator.set_train(False)
+    sums = np.zeros(8, dtype=np.float64)
+    for images, labels in batches:
+        sums += evaluator(images, labels).asnumpy().astype(np.float64)
+    evaluator.set_train(True)
+    sums = all_reduce_sum(sums, group)
+    if sums[1] == 0:
+        raise RuntimeError("the val loader gave no images: nothing to evaluate")
+    return eval_metrics(sums)
 
 
 def eval_metrics(sums: np.ndarray, prefix: str = "val") -> dict[str, float]:
@@ -158,13 +171,8 @@ class Trainer:
 
     def evaluate(self, batches: Iterator) -> dict[str, float]:
         """Eval every head on this rank's shard, summed over ranks (every rank returns the same numbers)."""
-        self.evaluator.set_train(False)
         with self.ema.swapped() if self.ema is not None else nullcontext():
-            sums = np.zeros(8, dtype=np.float64)
-            for images, labels in batches:
-                sums += self.evaluator(images, labels).asnumpy().astype(np.float64)
-        self.evaluator.set_train(True)
-        return eval_metrics(all_reduce_sum(sums, self.group))
+            return evaluate_batches(self.evaluator, batches, self.group)
 
     def _checkpoint(self, epoch: int, step: int, metrics: dict[str, float]) -> dict:
         if not self.group.is_main:
