@@ -6,7 +6,9 @@ import re
 import sys
 from pathlib import Path
 
-os.environ.setdefault("CONFORMER_PROJECT_ROOT", str(Path(__file__).resolve().parent))
+CODE_DIR = Path(__file__).resolve().parent
+os.environ["CONFORMER_CODE_DIR"] = str(CODE_DIR)  # conf/ and sweeps/ (Hydra's search path)
+os.environ.setdefault("CONFORMER_PROJECT_ROOT", str(CODE_DIR))  # mlflow.db, outputs/, .cache/
 os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")  # must precede MindSpore's first CPU convolution
 os.environ.setdefault("GLOG_v", "3")  # MindSpore's C++ warnings drown the progress lines
 
@@ -14,7 +16,7 @@ import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-CONFIG_DIR = Path(__file__).resolve().parent / "conf"
+CONFIG_DIR = CODE_DIR / "conf"
 # Hydra settings of the parent that msrun workers must not inherit (they run one job in the parent's dir).
 PARENT_ONLY = ("hydra.mode", "hydra.run.", "hydra.sweep", "hydra.sweeper", "hydra/sweeper", "hydra.launcher",
                "hydra/launcher", "hydra.output_subdir", "hydra.job_logging.handlers.file")
