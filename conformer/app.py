@@ -10,7 +10,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from conformer.hardware import check_hardware, configure_device, in_launcher, world_size
-from conformer.runtime import RunContext, file_logging, resolved_yaml, seed_everything
+from conformer.runtime import RunContext, file_logging, interruptible, resolved_yaml, seed_everything
 from conformer.validation import ConfigError, validate_config
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ def run(cfg: DictConfig, run_dir: Path, relaunch: Relaunch | None = None) -> flo
         return launch_workers(cfg, run_dir, relaunch)
     group = configure_device(cfg.hardware)
     run_dir.mkdir(parents=True, exist_ok=True)
-    with file_logging(run_dir, group.rank):
+    with file_logging(run_dir, group.rank), interruptible():
         if group.is_main:
             log.info("composed config:\n%s", resolved_yaml(cfg))
         seed_everything(int(cfg.seed))

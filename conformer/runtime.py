@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -56,6 +58,41 @@ def file_logging(run_dir: Path, rank: int = 0) -> Iterator[Path]:
         for handler in [h for h in root.handlers if h not in before]:
             root.removeHandler(handler)
             handler.close()
+
+
+class _Interrupt:
+    pending = False
+
+
+def _remember_sigint(signum: int, frame: Any) -> None:
+    _Interrupt.pending = True
+    raise KeyboardInterrupt
+
+
+@contextmanager
+def interruptible() -> Iterator[None]:
+    """Ctrl-C raises KeyboardInterrupt as usual and is also remembered, for `check_interrupted`.
+
+    Python drops an exception raised inside a finalizer or weakref callback ("Exception ignored in ..."): a
+    Ctrl-C landing there (e.g. while SQLAlchemy collects garbage as the MLflow run opens) would be lost and the
+    run would train to the end.
+    """
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:  # ignored (background job) or custom
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, _remember_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        _Interrupt.pending = False
+
+
+def check_interrupted() -> None:
+    """Raise KeyboardInterrupt when a Ctrl-C arrived but its exception got swallowed on the way."""
+    if _Interrupt.pending:
+        raise KeyboardInterrupt("Ctrl-C")
 
 
 def seed_everything(seed: int) -> None:

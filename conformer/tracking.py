@@ -268,8 +268,8 @@ class Tracker:
         self._install_guards()
         try:
             self.log_params(params or {})
-        except BaseException:
-            self.end("FAILED")
+        except BaseException as err:
+            self.end(_status_for(type(err), err))  # KILLED for Ctrl-C / SIGTERM, FAILED otherwise
             raise
         log.info("MLflow run %s (%s) in %s", self._run_id, run.info.run_name, self.uri)
         return self._run_id

@@ -4,12 +4,11 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -119,20 +118,16 @@ def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, group: bool = False)
         proc.wait(timeout=10)
 
 
-def wait_for_run(db: Path, proc: subprocess.Popen, timeout: float = 120.0) -> None:
-    """Poll the SQLite store read-only (no migrations, no locks) until the process has created its run."""
+def wait_until(ready: Callable[[], bool], proc: subprocess.Popen, what: str, timeout: float = 120.0) -> None:
+    """Poll `ready()` while `proc` runs; fail early with its stderr when it exits first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"process exited ({proc.returncode}) before its MLflow run: {proc.stderr.read()}")
-        try:
-            with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
-                if conn.execute("SELECT count(*) FROM runs").fetchone()[0]:
-                    return
-        except sqlite3.Error:  # no file or no tables yet
-            pass
+            raise RuntimeError(f"process exited ({proc.returncode}) before {what}: {proc.stderr.read()}")
+        if ready():
+            return
         time.sleep(0.2)
-    raise TimeoutError(f"no MLflow run in {db} after {timeout} s")
+    raise TimeoutError(f"no {what} after {timeout} s")
 
 
 def free_port() -> int:

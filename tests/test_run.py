@@ -14,6 +14,7 @@ from mlflow.entities import Run
 from omegaconf import DictConfig, OmegaConf
 
 from conformer.models import create_model
+from conformer.runtime import check_interrupted, interruptible
 from conformer.tracking import flatten_config
 from conformer.train.checkpoint import load_weights, read_checkpoint
 
@@ -26,7 +27,7 @@ from .helpers import (
     tiny_folder,
     tiny_overrides,
     train_in_process,
-    wait_for_run,
+    wait_until,
 )
 
 pytestmark = pytest.mark.slow
@@ -135,16 +136,32 @@ def test_diverging_run_ends_failed(trained: Trained, tmp_path_factory) -> None:
     assert failed.info.run_id not in (trained.run_dir / "train.log").read_text()
 
 
+def test_a_ctrl_c_swallowed_by_a_finalizer_is_not_lost() -> None:
+    """Python drops exceptions raised in __del__ or weakref callbacks: `check_interrupted` raises it again."""
+    class Finalized:
+        def __del__(self) -> None:
+            signal.raise_signal(signal.SIGINT)  # the handler runs here; its KeyboardInterrupt is "ignored"
+
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with interruptible():
+        Finalized()  # collected at once
+        with pytest.raises(KeyboardInterrupt):
+            check_interrupted()
+    check_interrupted()  # the memory of it ends with the run
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_ctrl_c_ends_the_run_killed(tmp_path: Path, tmp_path_factory) -> None:
     data_root = tiny_folder(tmp_path_factory.getbasetemp())
     proc = run_py(tiny_overrides(tmp_path, data_root, "trainer.epochs=2"), tmp_path)
     try:
-        wait_for_run(tmp_path / "mlflow.db", proc)
+        # once the run is open: its config artifact is logged right after Tracker.start
+        wait_until(lambda: any(tmp_path.glob("mlruns/*/*/artifacts/overrides.txt")), proc, "an open MLflow run")
         proc.send_signal(signal.SIGINT)
-        proc.communicate(timeout=60)
+        _, err = proc.communicate(timeout=60)
     finally:
         stop(proc, signal.SIGKILL)
-    assert proc.returncode != 0
+    assert proc.returncode != 0, err[-3000:]
     killed = _only_run(MlflowClient(sqlite_uri(tmp_path / "mlflow.db")))
     assert killed.info.status == "KILLED"
 

@@ -394,7 +394,7 @@ def test_tracking_config_group(tmp_path):
         on = compose(config_name="config").tracking
         off = compose(config_name="config", overrides=["tracking=disabled"]).tracking
     assert OmegaConf.to_container(on) == {"enabled": True, "uri": None, "experiment_name": "conformer",
-                                          "run_name": None, "log_every_n_steps": 10, "log_checkpoints": True}
+                                          "run_name": None, "log_checkpoints": True}
     assert OmegaConf.to_container(off) == {**OmegaConf.to_container(on), "enabled": False}
 
 

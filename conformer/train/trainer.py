@@ -15,6 +15,7 @@ from mindspore import Tensor, nn, ops
 
 from conformer.hardware import ProcessGroup, all_reduce_sum
 from conformer.optim import set_lr
+from conformer.runtime import check_interrupted
 from conformer.train.checkpoint import CheckpointManager, TrainState
 from conformer.train.ema import ModelEma
 from conformer.train.step import TrainStep
@@ -141,6 +142,7 @@ class Trainer:
         every = self.config.log_every_n_steps
         meter, window_loss, window_norm, window_n, epoch_loss, n = Throughput(), 0.0, 0.0, 0, 0.0, 0
         for i, (images, targets) in enumerate(batches):
+            check_interrupted()
             lr = float(self.lr_values[min(step // self.step.grad_accum_steps, len(self.lr_values) - 1)])
             set_lr(self.step.optimizer, lr)
             result = self.step(images, targets)
