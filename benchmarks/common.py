@@ -21,7 +21,7 @@ def machine() -> dict[str, object]:
     import mindspore
 
     return {"cpu": cpu, "cores": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2),
-            "python": platform.python_version(), "mindspore": mindspore.__version__}
+            "platform": platform.platform(), "python": platform.python_version(), "mindspore": mindspore.__version__}
 
 
 def write_result(name: str, result: dict) -> Path:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -27,20 +26,10 @@ import mindspore as ms  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
+from benchmarks.common import machine  # noqa: E402
 from conformer.data.folders import write_image_folder  # noqa: E402
 
 CLASSES = 8
-
-
-def cpu_model() -> str:
-    """The CPU model name from /proc/cpuinfo (Linux), else what platform knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def parse_args() -> argparse.Namespace:
@@ -105,9 +94,7 @@ def main() -> dict:
         "write_jpegs_s": round(write_s, 2),
         "output": {"images": list(images.shape), "images_dtype": str(images.dtype),
                    "targets": list(targets.shape), "targets_dtype": str(targets.dtype)},
-        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2),
-                    "platform": platform.platform(), "python": platform.python_version(),
-                    "mindspore": ms.__version__},
+        "machine": machine(),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -8,7 +8,12 @@ from pathlib import Path
 os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")
 os.environ.setdefault("GLOG_v", "3")
 
+import mindspore as ms  # noqa: E402
 import pytest  # noqa: E402
+
+# Pin the device before any test runs a kernel: MindSpore refuses `set_device` once its runtime is up, unless the
+# device was already set to the same value (which the tests and conformer.hardware then do harmlessly).
+ms.set_device("CPU")
 
 TESTS_DIR = Path(__file__).resolve().parent
 DATA_DIR = TESTS_DIR / "data"

@@ -1,23 +1,19 @@
 """`python run.py -m ...`: a real two-trial sweep, each trial an MLflow run nested under one parent run."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 from mlflow import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ["data.image_size=16", "trainer.epochs=1", "optim.schedule.warmup_epochs=0", "trainer.log_every_n_steps=5",
-        "tracking.log_checkpoints=false"]
+from .helpers import run_py_to_end, tiny_folder, tiny_overrides
 
 
 def test_grid_sweep_nests_trials_under_one_parent_run(tmp_path: Path) -> None:
-    env = {**os.environ, "CONFORMER_PROJECT_ROOT": str(tmp_path)}
-    proc = subprocess.run([sys.executable, str(ROOT / "run.py"), "-m", "optim.schedule.base_lr=1e-3,2e-3", *TINY],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    overrides = [o for o in tiny_overrides(tmp_path, tiny_folder(tmp_path), "trainer.epochs=1",
+                                           "optim.schedule.warmup_epochs=0", "tracking.log_checkpoints=false")
+                 if not o.startswith("paths.root=")]
+    proc = run_py_to_end(["-m", "optim.schedule.base_lr=1e-3,2e-3", *overrides], tmp_path, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
