@@ -169,6 +169,15 @@ def build_trained_network(cfg: DictConfig, weights: Path, num_classes: int) -> A
     return network
 
 
+def task_tracker(ctx: RunContext) -> Any:
+    """The task's MLflow tracker (a no-op off rank 0); its run is named `<task>-<model>-<run dir>` unless
+    `tracking.run_name` says otherwise (sweep trials get distinct names: their run dirs are the job numbers)."""
+    from conformer.tracking import create_tracker
+
+    name = f"{ctx.cfg.task.name}-{ctx.cfg.model.name}-{ctx.run_dir.name}"
+    return create_tracker(ctx.cfg.tracking, ctx.project_root, is_main=ctx.group.is_main, default_run_name=name)
+
+
 def run_overrides(run_dir: Path) -> list[str]:
     """The command-line overrides Hydra saved for this run (empty outside the CLI)."""
     path = run_dir / ".hydra" / "overrides.yaml"

@@ -419,7 +419,7 @@ class NullTracker:
 
 
 def create_tracker(tracking_cfg: Mapping[str, Any], project_root: Path, *, is_main: bool = True,
-                   parent_run_id: str | None = None) -> Tracker | NullTracker:
+                   parent_run_id: str | None = None, default_run_name: str | None = None) -> Tracker | NullTracker:
     """Tracker from the `tracking` config group; a NullTracker when disabled or not the main process.
 
     The parent run defaults to the enclosing sweep's (`sweep_parent_run_id()`).
@@ -427,7 +427,8 @@ def create_tracker(tracking_cfg: Mapping[str, Any], project_root: Path, *, is_ma
     if not is_main or not tracking_cfg.get("enabled", True):
         return NullTracker()
     return Tracker(resolve_tracking_uri(tracking_cfg.get("uri"), project_root),
-                   tracking_cfg.get("experiment_name", "conformer"), run_name=tracking_cfg.get("run_name"),
+                   tracking_cfg.get("experiment_name", "conformer"),
+                   run_name=tracking_cfg.get("run_name") or default_run_name,
                    parent_run_id=parent_run_id or sweep_parent_run_id())
 
 

@@ -22,6 +22,7 @@ def test_grid_sweep_nests_trials_under_one_parent_run(tmp_path: Path) -> None:
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     children = [r for r in runs if r.data.tags.get(MLFLOW_PARENT_RUN_ID) == parents[0].info.run_id]
     assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children)
+    assert sorted(r.info.run_name for r in children) == ["train-conformer_nano-0", "train-conformer_nano-1"]
     assert sorted(float(r.data.params["optim.schedule.base_lr"]) for r in children) == [1e-3, 2e-3]
     assert all("val/top1_sum" in r.data.metrics for r in children)
     # One run dir per trial under a single sweep dir, each with its own checkpoints.

@@ -8,8 +8,7 @@ from pathlib import Path
 
 from hydra.utils import instantiate
 
-from conformer.runtime import RunContext, build_data, build_trained_network, open_run, task_weights
-from conformer.tracking import create_tracker
+from conformer.runtime import RunContext, build_data, build_trained_network, open_run, task_tracker, task_weights
 from conformer.train.trainer import HEADS, EvalStep, evaluate_batches
 
 log = logging.getLogger(__name__)
@@ -34,7 +33,7 @@ def evaluate(ctx: RunContext) -> float:
     evaluator = EvalStep(network, instantiate(cfg.loss, label_smoothing=0.0), data.num_classes)
     ema = bool(cfg.task.get("ema"))
 
-    tracker = create_tracker(cfg.tracking, ctx.project_root, is_main=group.is_main)
+    tracker = task_tracker(ctx)
     with tracker:
         open_run(tracker, ctx, "eval", extra_tags={"weights": weights, "ema": ema})
         start = time.perf_counter()

@@ -8,8 +8,14 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
 
-from conformer.runtime import RunContext, build_trained_network, open_run, task_weights, weights_num_classes
-from conformer.tracking import create_tracker
+from conformer.runtime import (
+    RunContext,
+    build_trained_network,
+    open_run,
+    task_tracker,
+    task_weights,
+    weights_num_classes,
+)
 from conformer.validation import ConfigError
 
 log = logging.getLogger(__name__)
@@ -110,7 +116,7 @@ def export(ctx: RunContext) -> None:
     path = export_path(cfg.task.file, ctx.run_dir, cfg.model.name, fmt)
     path.parent.mkdir(parents=True, exist_ok=True)
 
-    tracker = create_tracker(cfg.tracking, ctx.project_root)
+    tracker = task_tracker(ctx)
     with tracker:
         open_run(tracker, ctx, "export", extra_tags={"weights": weights, "format": fmt, "output": output})
         # file_name keeps its suffix: MindSpore adds one only when it is missing

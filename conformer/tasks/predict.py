@@ -16,8 +16,14 @@ from omegaconf.errors import OmegaConfBaseException
 
 from conformer.data.folders import IMAGE_EXTENSIONS
 from conformer.data.transforms import EvalTransform
-from conformer.runtime import RunContext, build_trained_network, open_run, task_weights, weights_num_classes
-from conformer.tracking import create_tracker
+from conformer.runtime import (
+    RunContext,
+    build_trained_network,
+    open_run,
+    task_tracker,
+    task_weights,
+    weights_num_classes,
+)
 from conformer.validation import ConfigError
 
 log = logging.getLogger(__name__)
@@ -152,7 +158,7 @@ def predict(ctx: RunContext) -> None:
     network.check_input_shape((batch_size, network.in_chans, transform.image_size, transform.image_size))
 
     path = ctx.run_dir / PREDICTIONS_FILE
-    tracker = create_tracker(cfg.tracking, ctx.project_root)
+    tracker = task_tracker(ctx)
     with tracker, path.open("w", newline="") as handle:
         open_run(tracker, ctx, "predict", extra_tags={"weights": weights, "images": len(paths)})
         writer = csv.writer(handle)

@@ -8,9 +8,9 @@ from pathlib import Path
 from hydra.utils import instantiate
 
 from conformer.hardware import replicas_in_sync
-from conformer.runtime import LOG_FILE, RunContext, build_data, build_network, open_run
+from conformer.runtime import LOG_FILE, RunContext, build_data, build_network, open_run, task_tracker
 from conformer.schedules import scale_lr
-from conformer.tracking import create_tracker, plot_curves
+from conformer.tracking import plot_curves
 from conformer.train.checkpoint import CheckpointManager, TrainState, read_checkpoint
 from conformer.train.ema import ModelEma
 from conformer.train.step import TrainStep, apply_amp
@@ -52,7 +52,7 @@ def train(ctx: RunContext) -> float:
     step = TrainStep(network, loss_fn, optimizer, clip_grad_norm=tcfg.clip_grad_norm, loss_scale=tcfg.loss_scale,
                      init_loss_scale=tcfg.init_loss_scale, scale_factor=tcfg.scale_factor,
                      scale_window=tcfg.scale_window, grad_accum_steps=accum, ema=ema)
-    tracker = create_tracker(cfg.tracking, ctx.project_root, is_main=group.is_main)
+    tracker = task_tracker(ctx)
     trainer = Trainer(step=step, evaluator=EvalStep(network, eval_loss, data.num_classes),
                       lr_values=schedule.values(), data=data, group=group, checkpoints=checkpoints, tracker=tracker,
                       config=TrainerConfig(epochs=tcfg.epochs, log_every_n_steps=tcfg.log_every_n_steps),
