@@ -1,6 +1,7 @@
 """Real trainings end to end: `conformer.app.run` and `python run.py`, recorded in real MLflow stores."""
 from __future__ import annotations
 
+import math
 import re
 import signal
 import subprocess
@@ -134,6 +135,25 @@ def test_diverging_run_ends_failed(trained: Trained, tmp_path_factory) -> None:
     assert not (root / "outputs" / "run" / "checkpoints").exists()
     # each run's log holds only its own records (in-process runs must not leak into each other's train.log)
     assert failed.info.run_id not in (trained.run_dir / "train.log").read_text()
+
+
+def test_overflow_steps_are_skipped_and_kept_out_of_the_averages(tmp_path_factory) -> None:
+    """A dynamic loss scale far too high: the first updates overflow, are skipped, the scale comes down, the run
+    finishes; the logged loss and gradient norm average only the steps that counted."""
+    root = tmp_path_factory.mktemp("overflow")
+    data_root = tiny_folder(tmp_path_factory.getbasetemp())
+    _, _, objective = train_in_process(root, data_root, "trainer.epochs=1", "optim.schedule.warmup_epochs=0",
+                                       "trainer.loss_scale=dynamic", "trainer.init_loss_scale=1e38",
+                                       "trainer.log_every_n_steps=1")
+    client = MlflowClient(store_uri(root))
+    run = _only_run(client)
+    assert run.info.status == "FINISHED" and objective is not None
+    scales = [m.value for m in client.get_metric_history(run.info.run_id, "train/loss_scale")]
+    assert scales[0] < 1e38 and scales == sorted(scales, reverse=True)  # halved on every overflow
+    norms = client.get_metric_history(run.info.run_id, "train/grad_norm")
+    assert norms and all(np.isfinite(m.value) for m in norms)
+    overflows = round(math.log2(1e38 / scales[-1]))  # each one halved the scale
+    assert overflows >= 1 and len(scales) == 6 - overflows  # 6 steps; only the applied ones are logged
 
 
 def test_a_ctrl_c_swallowed_by_a_finalizer_is_not_lost() -> None:

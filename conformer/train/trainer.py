@@ -140,35 +140,43 @@ class Trainer:
 
     def _train_epoch(self, batches: Iterator, epoch: int, step: int) -> tuple[int, float]:
         every = self.config.log_every_n_steps
-        meter, window_loss, window_norm, window_n, epoch_loss, n = Throughput(), 0.0, 0.0, 0, 0.0, 0
+        meter, window_loss, window_norm, window_n, norm_n, epoch_loss, n = Throughput(), 0.0, 0.0, 0, 0, 0.0, 0
         for i, (images, targets) in enumerate(batches):
             check_interrupted()
             lr = float(self.lr_values[min(step // self.step.grad_accum_steps, len(self.lr_values) - 1)])
             set_lr(self.step.optimizer, lr)
             result = self.step(images, targets)
-            if not math.isfinite(result.loss):
+            # A dynamic loss scale skips non-finite steps and shrinks; once it cannot shrink further, give up.
+            if not math.isfinite(result.loss) and (not result.overflow or result.loss_scale <= 1.0):
                 raise FloatingPointError(f"loss is {result.loss} at epoch {epoch + 1}, step {step}: lower the "
                                          "learning rate or enable trainer.clip_grad_norm / trainer.loss_scale")
             step += 1
             meter.add(self.global_batch)
-            window_loss += result.loss
-            window_norm += result.grad_norm
-            window_n += 1
-            epoch_loss += result.loss
-            n += 1
-            if step % every == 0 or i + 1 == self.steps_per_epoch:
+            if not result.overflow:  # overflow steps were skipped: their loss and inf norm say nothing
+                window_loss += result.loss
+                window_n += 1
+                epoch_loss += result.loss
+                n += 1
+            if result.applied:  # accumulation micro-steps have no norm of their own
+                window_norm += result.grad_norm
+                norm_n += 1
+            if (step % every == 0 or i + 1 == self.steps_per_epoch) and window_n:
                 rate = meter.rate()
                 metrics = {"train/loss": window_loss / window_n, "train/lr": lr, "train/img_per_s": rate,
-                           "train/grad_norm": window_norm / window_n, "train/loss_scale": result.loss_scale}
+                           "train/grad_norm": window_norm / max(norm_n, 1), "train/loss_scale": result.loss_scale}
                 self._log(metrics, step=step)
-                remaining = (self.steps_per_epoch - i - 1) * self.global_batch / max(rate, 1e-9)
-                log.info("epoch %d step %d/%d  loss %.4f  lr %.3e  %.0f img/s  eta %s", epoch + 1, i + 1,
-                         self.steps_per_epoch, metrics["train/loss"], lr, rate, _clock(remaining))
+                left_in_epoch = self.steps_per_epoch - i - 1
+                left_total = left_in_epoch + (self.config.epochs - epoch - 1) * self.steps_per_epoch
+                per_step = self.global_batch / max(rate, 1e-9)
+                log.info("epoch %d step %d/%d  loss %.4f  lr %.3e  %.0f img/s  eta epoch %s, train %s", epoch + 1,
+                         i + 1, self.steps_per_epoch, metrics["train/loss"], lr, rate,
+                         _clock(left_in_epoch * per_step), _clock(left_total * per_step))
                 meter.reset()
                 window_loss = window_norm = 0.0
-                window_n = 0
+                window_n = norm_n = 0
         if n == 0:
-            raise RuntimeError(f"the train loader gave no batches in epoch {epoch + 1}")
+            raise RuntimeError(f"no update was applied in epoch {epoch + 1}: the loader gave no batches or every "
+                               "step overflowed (see train/loss_scale)")
         return step, epoch_loss / n
 
     def evaluate(self, batches: Iterator) -> dict[str, float]:
