@@ -1,4 +1,4 @@
-"""Shared test setup: CPU tuning before MindSpore runs any kernel, and paths to the test vectors."""
+"""Shared test setup: CPU tuning and device before MindSpore runs any kernel, graph mode per test, data paths."""
 from __future__ import annotations
 
 import os
@@ -19,7 +19,7 @@ TESTS_DIR = Path(__file__).resolve().parent
 DATA_DIR = TESTS_DIR / "data"
 
 
-@pytest.fixture(scope="session")
-def reference_dir() -> Path:
-    """Folder with the official PyTorch reference vectors copied from shared/reference."""
-    return DATA_DIR / "reference"
+@pytest.fixture(autouse=True)
+def graph_mode() -> None:
+    """Every test starts in graph mode, the product's mode (a test may switch to PyNative for itself)."""
+    ms.set_context(mode=ms.GRAPH_MODE)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,8 @@ from pathlib import Path
 
 import pytest
 from omegaconf import DictConfig
+
+from conformer.launch import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "conf"
@@ -128,12 +129,6 @@ def wait_until(ready: Callable[[], bool], proc: subprocess.Popen, what: str, tim
             return
         time.sleep(0.2)
     raise TimeoutError(f"no {what} after {timeout} s")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 90.0) -> None:

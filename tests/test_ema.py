@@ -12,13 +12,6 @@ from conformer.train.ema import ModelEma
 from conformer.train.step import TrainStep
 
 
-@pytest.fixture(autouse=True, scope="module")
-def graph_mode():
-    ms.set_context(mode=ms.GRAPH_MODE)
-    ms.set_device("CPU")
-    yield
-
-
 class Net(nn.Cell):
     def __init__(self) -> None:
         super().__init__()

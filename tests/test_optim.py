@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import mindspore as ms
 import numpy as np
 import pytest
 from hydra.utils import instantiate
@@ -14,13 +13,6 @@ from omegaconf import OmegaConf
 from conformer.optim import build_optimizer, get_lr, param_groups, set_lr
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def graph_mode():
-    ms.set_context(mode=ms.GRAPH_MODE)
-    ms.set_device("CPU")
-    yield
 
 
 class Toy(nn.Cell):

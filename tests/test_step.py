@@ -29,13 +29,6 @@ class TwoHeads(nn.Cell):
         return self.conv_head(h), self.trans_head(h)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def graph_mode():
-    ms.set_context(mode=ms.GRAPH_MODE)
-    ms.set_device("CPU")
-    yield
-
-
 def blobs(n: int, seed: int = 0) -> tuple[Tensor, Tensor]:
     rng = np.random.default_rng(seed)
     centers = np.random.default_rng(123).normal(0, 2.0, (CLASSES, IN))
