@@ -3,15 +3,22 @@ from __future__ import annotations
 
 import io
 import random
-from pathlib import Path
 
 import mindspore.dataset as ds
+import mindspore.dataset.vision as vision
 import numpy as np
 import pytest
 from PIL import Image
 
 from conformer.data.erasing import RandomErasing
-from conformer.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, TrainTransform
+from conformer.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    EvalTransform,
+    TrainTransform,
+    center_crop_offset,
+    shorter_side_size,
+)
 
 MEAN = np.array(IMAGENET_MEAN, np.float32).reshape(3, 1, 1)
 STD = np.array(IMAGENET_STD, np.float32).reshape(3, 1, 1)
@@ -59,6 +66,65 @@ def test_eval_resizes_shorter_side_then_center_crops_like_pil() -> None:
     np.testing.assert_allclose(out, expected, atol=2.5 / 255 / min(IMAGENET_STD))
 
 
+def _photo(width: int, height: int, seed: int = 0) -> np.ndarray:
+    """A photo-sized image with per-pixel detail: any one-pixel shift of a crop changes it."""
+    noise = np.random.default_rng(seed + 1).integers(-40, 41, (height, width, 3))
+    return np.clip(_pattern(width, height, seed).astype(np.int64) + noise, 0, 255).astype(np.uint8)
+
+
+# (width, height, image_size, crop_pct, torchvision's resized (width, height), crop (left, top)), by hand from
+# torchvision: Resize(int(image_size / crop_pct)) gives the shorter side that size and the longer
+# int(size * long / short); CenterCrop starts at int(round((L - image_size) / 2)), round half to even.
+TORCHVISION_EVAL_CASES = [
+    (640, 427, 224, 0.875, (383, 256), (80, 16)),  # 256 * 640 / 427 = 383.7; (383 - 224) / 2 = 79.5 -> 80
+    (427, 640, 224, 0.875, (256, 383), (16, 80)),  # the same, transposed
+    (636, 427, 224, 0.875, (381, 256), (78, 16)),  # 256 * 636 / 427 = 381.3; 78.5 -> 78 (half to even)
+    (494, 470, 224, 0.95, (247, 235), (12, 6)),  # 235 * 494 / 470 = 247 exactly; 11.5 -> 12, 5.5 -> 6
+]
+
+
+@pytest.mark.parametrize(("width", "height", "image_size", "crop_pct", "resized", "corner"), TORCHVISION_EVAL_CASES)
+def test_eval_matches_torchvision_resize_and_center_crop_exactly(width: int, height: int, image_size: int,
+                                                                 crop_pct: float, resized: tuple[int, int],
+                                                                 corner: tuple[int, int]) -> None:
+    pixels = _photo(width, height)
+    transform = EvalTransform(image_size, crop_pct=crop_pct)
+    left, top = corner
+    crop = Image.fromarray(pixels).resize(resized, Image.BICUBIC).crop(
+        (left, top, left + image_size, top + image_size))
+    expected_pixels = np.asarray(crop)
+    normalise = transform.operations(decode=False)[1:]  # the transform's own normalisation after the crop
+    expected = _apply(normalise, expected_pixels)
+    raw = _encode(pixels)
+    out = _apply(transform.operations(decode=True), raw)
+    assert out.shape == (3, image_size, image_size) and out.dtype == np.float32
+    np.testing.assert_array_equal(out, expected)
+    np.testing.assert_array_equal(_apply(transform.operations(decode=False), pixels), expected)
+    np.testing.assert_array_equal(_pipeline(transform.operations(), raw, 2), np.stack([expected] * 2))
+
+
+@pytest.mark.parametrize(("width", "height", "image_size", "crop_pct", "resized", "corner"),
+                         [TORCHVISION_EVAL_CASES[0], TORCHVISION_EVAL_CASES[3]])
+def test_mindspore_resize_and_center_crop_are_a_pixel_off(width: int, height: int, image_size: int,
+                                                          crop_pct: float, resized: tuple[int, int],
+                                                          corner: tuple[int, int]) -> None:
+    """What the eval transform replaces: MindSpore's Resize(int) + CenterCrop cut these a pixel away."""
+    pixels = _photo(width, height)
+    resize_size = EvalTransform(image_size, crop_pct=crop_pct).resize_size
+    ours = vision.CenterCrop(image_size)(vision.Resize(resize_size, vision.Inter.PILCUBIC)(pixels))
+    left, top = corner
+    torchvision = Image.fromarray(pixels).resize(resized, Image.BICUBIC).crop(
+        (left, top, left + image_size, top + image_size))
+    assert not np.array_equal(ours, np.asarray(torchvision))
+
+
+def test_torchvision_size_and_offset_helpers() -> None:
+    assert shorter_side_size(427, 640, 256) == (256, 383) and shorter_side_size(640, 427, 256) == (383, 256)
+    assert shorter_side_size(470, 494, 235) == (235, 247) and shorter_side_size(300, 300, 256) == (256, 256)
+    assert [center_crop_offset(length, 224) for length in (224, 225, 226, 227, 381, 383, 385)] == [
+        0, 0, 1, 2, 78, 80, 80]  # (L - 224) / 2 = 0, 0.5, 1, 1.5, 78.5, 79.5, 80.5: halves go to the even side
+
+
 def test_train_crop_flip_matches_pil_reference_when_deterministic() -> None:
     pixels = _pattern(48, 36)
     ratio = 48 / 36
@@ -81,8 +147,6 @@ def test_train_output_range_and_randomness() -> None:
 
 
 def test_rand_augment_is_wired_with_timm_hparams() -> None:
-    if not (Path(__file__).resolve().parents[1] / "conformer" / "data" / "randaugment.py").exists():
-        pytest.skip("conformer/data/randaugment.py not written yet")
     transform = TrainTransform(224, auto_augment="rand-m9-mstd0.5-inc1", mean=(0.5, 0.25, 1.0))
     stages = transform.stages()
     assert [stage.processes for stage in stages] == [False, True, False]  # only RandAugment crosses processes

@@ -2,12 +2,12 @@
 
 Train: decode + RandomResizedCrop (fused for encoded input), horizontal flip, RandAugment (timm spec, Python),
 normalise to CHW float32, random erasing (Python, after normalisation). Eval: resize the shorter side to
-``int(image_size / crop_pct)``, center crop, normalise. ``bicubic`` is PIL's bicubic (MindSpore ``PILCUBIC``,
-pixel-identical to PIL), as timm uses.
+``int(image_size / crop_pct)``, center crop, normalise, with torchvision's sizes and offsets (``ResizeCenterCrop``).
+``bicubic`` is PIL's bicubic (MindSpore ``PILCUBIC``, pixel-identical to PIL), as timm uses.
 
 ``stages(decode)`` groups the ops into consecutive ``map`` calls and marks the GIL-bound Python stage
-(RandAugment on uint8 images) as worth worker processes; C ops and the light erasing stay on threads, so only
-small uint8 images cross process boundaries. ``operations(decode)`` is the flat op list.
+(RandAugment on uint8 images) as worth worker processes; C ops and light Python ops (erasing, the eval crop) stay
+on threads, so only small uint8 images cross process boundaries. ``operations(decode)`` is the flat op list.
 """
 from __future__ import annotations
 
@@ -16,11 +16,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import mindspore.dataset.vision as vision
+import numpy as np
 from mindspore.dataset.vision import Inter
 
 from conformer.data.erasing import RandomErasing
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "INTERPOLATIONS", "EvalTransform", "Stage", "TrainTransform"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "INTERPOLATIONS", "EvalTransform", "ResizeCenterCrop", "Stage",
+           "TrainTransform"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -51,6 +53,41 @@ def _pair(values: Sequence[float], name: str) -> tuple[float, float]:
     if len(values) != 2 or not 0 < values[0] <= values[1]:
         raise ValueError(f"{name}={values} must be a (min, max) pair with 0 < min <= max")
     return values  # type: ignore[return-value]
+
+
+def shorter_side_size(height: int, width: int, size: int) -> tuple[int, int]:
+    """(height, width) with the shorter side at ``size``, the longer at ``int(size * long / short)`` (torchvision)."""
+    if width <= height:
+        return int(size * height / width), size
+    return size, int(size * width / height)
+
+
+def center_crop_offset(length: int, crop: int) -> int:
+    """torchvision's (>= 0.9) center crop start ``int(round((length - crop) / 2))``: ties round half to even."""
+    return int(round((length - crop) / 2.0))
+
+
+class ResizeCenterCrop:
+    """torchvision's ``Resize(resize_size)`` + ``CenterCrop(crop_size)`` on one HWC image, pixel for pixel.
+
+    MindSpore's ``Resize(int)`` computes the longer side in float32 (one pixel short where
+    ``size * long / short`` is a whole number, e.g. 235 * 494 / 470) and its ``CenterCrop`` floors the offset
+    (79 for 383 -> 224 where torchvision takes 80), so both are computed here per image and the resampling stays
+    MindSpore's op. torchvision 0.6-0.8 rounded ties up instead (``int((length - crop + 1) * 0.5)``).
+    """
+
+    def __init__(self, resize_size: int, crop_size: int, interpolation: str = "bicubic") -> None:
+        if crop_size > resize_size:
+            raise ValueError(f"crop_size={crop_size} must not exceed resize_size={resize_size}")
+        self.resize_size, self.crop_size = resize_size, crop_size
+        self.interpolation = _interpolation(interpolation)
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        size = shorter_side_size(image.shape[0], image.shape[1], self.resize_size)
+        if size != image.shape[:2]:  # torchvision leaves an image of the right size untouched
+            image = vision.Resize(size, interpolation=self.interpolation)(image)
+        top, left = (center_crop_offset(length, self.crop_size) for length in size)
+        return np.ascontiguousarray(image[top:top + self.crop_size, left:left + self.crop_size])
 
 
 @dataclass(frozen=True)
@@ -136,7 +173,8 @@ class TrainTransform(_Normalised):
 
 
 class EvalTransform(_Normalised):
-    """Resize the shorter side to ``int(image_size / crop_pct)``, center crop ``image_size``, normalise."""
+    """Resize the shorter side to ``int(image_size / crop_pct)``, center crop ``image_size``, normalise (torchvision's
+    sizes and offsets, see ``ResizeCenterCrop``)."""
 
     def __init__(self, image_size: int, crop_pct: float = 0.875, interpolation: str = "bicubic",
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> None:
@@ -155,8 +193,7 @@ class EvalTransform(_Normalised):
 
     def stages(self, decode: bool = True) -> list[Stage]:
         ops: list = [vision.Decode()] if decode else []
-        ops += [vision.Resize(self.resize_size, interpolation=_interpolation(self.interpolation)),
-                vision.CenterCrop(self.image_size)]
+        ops.append(ResizeCenterCrop(self.resize_size, self.image_size, self.interpolation))
         return [Stage(ops + self._normalise_ops())]
 
     def __repr__(self) -> str:
