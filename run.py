@@ -6,21 +6,18 @@ import re
 import sys
 from pathlib import Path
 
-CODE_DIR = Path(__file__).resolve().parent
-os.environ["CONFORMER_CODE_DIR"] = str(CODE_DIR)  # conf/ and sweeps/ (Hydra's search path)
-os.environ.setdefault("CONFORMER_PROJECT_ROOT", str(CODE_DIR))  # mlflow.db, outputs/, .cache/
-os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")  # must precede MindSpore's first CPU convolution
-os.environ.setdefault("GLOG_v", "3")  # MindSpore's C++ warnings drown the progress lines
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
 
-import hydra  # noqa: E402
-from hydra.core.hydra_config import HydraConfig  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
+import conformer  # noqa: F401  (process defaults MindSpore needs, the ${project_root:} resolver)
 
-CONFIG_DIR = CODE_DIR / "conf"
+CONFIG_DIR = Path(__file__).resolve().parent / "conf"
 # Hydra settings of the parent that msrun workers must not inherit (they run one job in the parent's dir).
 PARENT_ONLY = ("hydra.mode", "hydra.run.", "hydra.sweep", "hydra.sweeper", "hydra/sweeper", "hydra.launcher",
                "hydra/launcher", "hydra.output_subdir", "hydra.job_logging.handlers.file")
-PARENT_ONLY_TASK = ("hardware.dry_run",)
+PARENT_ONLY_TASK = ("hardware.dry_run", "sweep=", "sweep/")
 
 
 def _override_value(path: Path) -> str:
@@ -33,7 +30,7 @@ def worker_args(hydra_cfg: DictConfig, run_dir: Path) -> list[str]:
     """Arguments that make an msrun worker compose this run's config and share its run dir.
 
     Workers write no `.hydra/` (the parent did) and log through their own files (`train.log` for rank 0,
-    `worker_<rank>.log` for the others, see conformer.runtime.log_to_file), not through Hydra's file handler.
+    `worker_<rank>.log` for the others, see conformer.logs), not through Hydra's file handler.
     """
     args = []
     if hydra_cfg.job.config_name != "config":
@@ -49,21 +46,40 @@ def worker_args(hydra_cfg: DictConfig, run_dir: Path) -> list[str]:
                    f"hydra.job_logging.handlers.file.filename={os.devnull}"]
 
 
+def sweep_parent(cfg: DictConfig, hydra_cfg: DictConfig) -> list[str]:
+    """In a multirun trial: nest the trial's MLflow run under the sweep's parent run; the override that tells the
+    msrun workers the same."""
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return []
+    from conformer.sweep import sweep_parent_run_id
+
+    parent = sweep_parent_run_id(hydra_cfg.sweep.dir)
+    if parent is None:
+        return []
+    cfg.tracking.parent_run_id = parent
+    return [f"tracking.parent_run_id={parent}"]
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     from conformer.app import Relaunch, run
     from conformer.launch import LaunchError
+    from conformer.signals import Interrupted
     from conformer.validation import ConfigError
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
+    relaunch = Relaunch(Path(__file__).resolve(), worker_args(hydra_cfg, run_dir) + sweep_parent(cfg, hydra_cfg))
     try:
-        return run(cfg, run_dir, Relaunch(Path(__file__).resolve(), worker_args(hydra_cfg, run_dir)))
+        return run(cfg, run_dir, relaunch)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         sys.exit(2)
     except LaunchError as err:
         print(f"error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
+    except Interrupted as err:
+        print(f"interrupted: {err}; the run dir is {run_dir}", file=sys.stderr)
         sys.exit(err.exit_code)
 
 

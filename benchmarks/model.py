@@ -9,18 +9,16 @@ benchmarks/results/model_<model>_<size>.json; compare them with benchmarks/resul
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")
-os.environ.setdefault("GLOG_v", "3")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import mindspore as ms  # noqa: E402
 import numpy as np  # noqa: E402
 
+import conformer  # noqa: E402,F401  (process defaults MindSpore needs: ONEDNN_MAX_CPU_ISA, GLOG_v)
 from benchmarks.common import write_result  # noqa: E402
 from conformer.losses import DualHeadLoss  # noqa: E402
 from conformer.models import create_model  # noqa: E402

@@ -17,8 +17,6 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("GLOG_v", "3")
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -26,8 +24,9 @@ import mindspore as ms  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
+import conformer  # noqa: E402,F401  (process defaults MindSpore needs: ONEDNN_MAX_CPU_ISA, GLOG_v)
 from benchmarks.common import machine  # noqa: E402
-from conformer.data.folders import write_image_folder  # noqa: E402
+from conformer.data.sources import write_image_folder  # noqa: E402
 
 CLASSES = 8
 

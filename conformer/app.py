@@ -1,20 +1,27 @@
-"""The application behind run.py: validate, set up the hardware (or launch the workers), run the selected task."""
+"""The application behind run.py: validate, set up the hardware (or launch the workers), run the selected task.
+
+Nothing here imports MindSpore at module level: the config is checked before the device, the tasks and their
+graphs are loaded.
+"""
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig
 
-from conformer.hardware import check_hardware, configure_device, in_launcher, world_size
-from conformer.runtime import RunContext, file_logging, interruptible, resolved_yaml, seed_everything
-from conformer.validation import ConfigError, validate_config
+from conformer.hardware import configure_device, in_launcher, world_size
+from conformer.logs import file_logging
+from conformer.signals import interruptible
+from conformer.validation import validate_config
+
+if TYPE_CHECKING:
+    from conformer.tasks.common import RunContext
 
 log = logging.getLogger(__name__)
-PROJECT_ROOT_ENV = "CONFORMER_PROJECT_ROOT"
 
 
 @dataclass(frozen=True)
@@ -34,10 +41,6 @@ def task_registry() -> dict[str, Callable[[RunContext], float | None]]:
     return {"train": train, "eval": evaluate, "export": export, "predict": predict}
 
 
-def project_root(cfg: DictConfig) -> Path:
-    return Path(cfg.paths.root or os.environ.get(PROJECT_ROOT_ENV) or Path.cwd()).resolve()
-
-
 def run(cfg: DictConfig, run_dir: Path, relaunch: Relaunch | None = None) -> float | None:
     """Run `cfg.task` in `run_dir`; returns the task's objective (the monitored metric for training).
 
@@ -45,20 +48,19 @@ def run(cfg: DictConfig, run_dir: Path, relaunch: Relaunch | None = None) -> flo
     how) and return rank 0's objective; `hardware.dry_run=true` only prints the msrun command line.
     """
     validate_config(cfg)
-    check_hardware(cfg.hardware)
-    tasks = task_registry()
-    if cfg.task.name not in tasks:
-        raise NotImplementedError(f"task={cfg.task.name} is not available yet; available: {', '.join(tasks)}")
     if in_launcher() and (world_size(cfg.hardware) > 1 or cfg.hardware.get("dry_run")):
-        return launch_workers(cfg, run_dir, relaunch)
+        with interruptible():
+            return launch_workers(cfg, run_dir, relaunch)
     group = configure_device(cfg.hardware)
+    from conformer.tasks.common import RunContext, resolved_yaml, seed_everything
+
     run_dir.mkdir(parents=True, exist_ok=True)
     with file_logging(run_dir, group.rank), interruptible():
         if group.is_main:
             log.info("composed config:\n%s", resolved_yaml(cfg))
         seed_everything(int(cfg.seed))
-        ctx = RunContext(cfg=cfg, run_dir=run_dir, project_root=project_root(cfg), group=group)
-        objective = tasks[cfg.task.name](ctx)
+        ctx = RunContext(cfg=cfg, run_dir=run_dir, project_root=Path(cfg.paths.root), group=group)
+        objective = task_registry()[cfg.task.name](ctx)
     if group.distributed and group.is_main:
         from conformer.launch import write_result
 
@@ -68,7 +70,7 @@ def run(cfg: DictConfig, run_dir: Path, relaunch: Relaunch | None = None) -> flo
 
 def launch_workers(cfg: DictConfig, run_dir: Path, relaunch: Relaunch | None) -> float | None:
     """The parent of a multi-worker job: msrun re-runs `relaunch`; rank 0's objective comes back."""
-    from conformer.launch import launch, plan_launch
+    from conformer.launch import LaunchError, launch, plan_launch
     from conformer.tracking import end_unfinished_runs
 
     hardware = cfg.hardware
@@ -76,12 +78,12 @@ def launch_workers(cfg: DictConfig, run_dir: Path, relaunch: Relaunch | None) ->
         print(f"hardware={hardware.name} runs in this process (1 worker): nothing to launch with msrun")
         return None
     if relaunch is None:
-        raise ConfigError(f"hardware={hardware.name} needs {world_size(hardware)} workers: start it with "
+        raise LaunchError(f"hardware={hardware.name} needs {world_size(hardware)} workers: start it with "
                           "`python run.py ...` (it re-launches itself under msrun)")
     plan = plan_launch(hardware, relaunch.script, relaunch.args, run_dir)
     if hardware.get("dry_run"):
         print(plan.describe())
         return None
-    root = project_root(cfg)
+    root = Path(cfg.paths.root)
     return launch(plan, lambda status, reason: end_unfinished_runs(cfg.tracking, root, plan.run_dir, status,
                                                                    reason))

@@ -13,7 +13,12 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
+import mindspore as ms
 import numpy as np
+
+from conformer.models.conformer_net import create_model
+from conformer.models.registry import model_names
+from conformer.train.checkpoint import save_checkpoint
 
 # Keys with no MindSpore counterpart: BN's batch counter is unused with a fixed momentum.
 IGNORED_SUFFIXES = (".num_batches_tracked",)
@@ -111,8 +116,6 @@ def network_shapes(network) -> dict[str, tuple[int, ...]]:
 
 def model_shapes(model: str, num_classes: int = 1000) -> dict[str, tuple[int, ...]]:
     """Parameter shapes of a named variant (built once, on the host)."""
-    from conformer.models import create_model
-
     return network_shapes(create_model(model, num_classes=num_classes, img_size=None))
 
 
@@ -124,13 +127,9 @@ def infer_num_classes(state: Mapping[str, np.ndarray]) -> int:
 
 def convert_file(src: str | Path, dst: str | Path, model: str, num_classes: int | None = None) -> Path:
     """Convert an official checkpoint file into a MindSpore `.ckpt` for the named variant."""
-    from conformer.train.checkpoint import save_checkpoint
-
     state = read_state_dict(src)
     classes = num_classes if num_classes is not None else infer_num_classes(state)
     converted = convert_state_dict(state, model_shapes(model, classes))
-    import mindspore as ms
-
     params = [{"name": name, "data": ms.Tensor(value)} for name, value in converted.items()]
     dst = Path(dst)
     save_checkpoint(params, dst, extra={"source": str(src), "model": model, "num_classes": classes})
@@ -139,8 +138,6 @@ def convert_file(src: str | Path, dst: str | Path, model: str, num_classes: int 
 
 def load_official_weights(network, path: str | Path, skip: tuple[str, ...] = ()) -> list[str]:
     """Load official `.pth`/`.npz` weights straight into `network`; returns the names left out by `skip`."""
-    import mindspore as ms
-
     converted = convert_state_dict(read_state_dict(path), network_shapes(network), skip=skip)
     params = {name: ms.Parameter(ms.Tensor(value), name=name) for name, value in converted.items()}
     not_loaded, _ = ms.load_param_into_net(network, params, strict_load=True)
@@ -150,8 +147,6 @@ def load_official_weights(network, path: str | Path, skip: tuple[str, ...] = ())
 
 
 def main(argv: list[str] | None = None) -> int:
-    from conformer.models import model_names
-
     parser = argparse.ArgumentParser(prog="python -m conformer.convert", description=__doc__.split("\n")[0])
     parser.add_argument("src", help="official weights: .pth (needs the [torch] extra) or .npz")
     parser.add_argument("dst", help="MindSpore checkpoint to write (.ckpt)")

@@ -8,7 +8,6 @@ and train data-parallel (gradients all-reduced as a mean, each rank on its own s
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import logging
 import os
 from collections.abc import Iterable, Mapping
@@ -17,14 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from conformer.validation import ConfigError
-
 log = logging.getLogger(__name__)
 
-DEVICE_TARGETS = ("CPU", "GPU", "Ascend")
-MODES = ("graph", "pynative")
-BACKENDS = {"CPU": "mccl", "GPU": "nccl", "Ascend": "hccl"}  # MindSpore's collective library per device
-PARALLEL_MODES = ("data_parallel",)
 ROLE_ENV, WORKER_ROLE, SCHEDULER_ROLE = "MS_ROLE", "MS_WORKER", "MS_SCHED"
 
 
@@ -44,25 +37,13 @@ class ProcessGroup:
         return self.world_size > 1
 
 
-def tune_cpu() -> None:
-    """oneDNN picks a ~90x slower reference convolution on AVX-512/AMX CPUs unless capped at AVX2."""
-    os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")
-
-
 def configure_device(hardware: Mapping[str, Any]) -> ProcessGroup:
-    """Set MindSpore's device, execution mode and jit level; join the process group inside msrun workers."""
+    """Set MindSpore's device, execution mode and jit level (a checked hardware config, see
+    conformer.validation.check_hardware); join the process group inside msrun workers."""
     import mindspore as ms
 
-    target = hardware.get("device_target", "CPU")
-    if target not in DEVICE_TARGETS:
-        raise ValueError(f"hardware.device_target={target!r}; choose one of {', '.join(DEVICE_TARGETS)}")
-    mode = hardware.get("mode", "graph")
-    if mode not in MODES:
-        raise ValueError(f"hardware.mode={mode!r}; choose one of {', '.join(MODES)}")
-    if target == "CPU":
-        tune_cpu()
-    ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
-    ms.set_device(target)
+    ms.set_context(mode=ms.GRAPH_MODE if hardware.get("mode", "graph") == "graph" else ms.PYNATIVE_MODE)
+    ms.set_device(hardware.get("device_target", "CPU"))
     jit_level = hardware.get("jit_level")
     if jit_level:
         ms.set_context(jit_config={"jit_level": jit_level})
@@ -91,63 +72,6 @@ def world_size(hardware: Mapping[str, Any]) -> int:
 def in_launcher() -> bool:
     """A plain process, not started by msrun (where a multi-worker job is launched from)."""
     return os.environ.get(ROLE_ENV) is None
-
-
-def needs_msrun(hardware: Mapping[str, Any]) -> bool:
-    """True in a plain `python run.py` whose hardware asks for more than one worker (not yet under msrun)."""
-    return world_size(hardware) > 1 and in_launcher()
-
-
-def _int_at_least(hardware: Mapping[str, Any], key: str, low: int, hint: str) -> int:
-    value = hardware.get(key)
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f"hardware.{key}={value!r} must be an integer >= {low} ({hint})")
-    return value
-
-
-def check_hardware(hardware: Mapping[str, Any]) -> None:
-    """Raise ConfigError for a hardware config that cannot launch, before any process is started."""
-    target = hardware.get("device_target", "CPU")
-    if target not in DEVICE_TARGETS:
-        raise ConfigError(f"hardware.device_target={target!r}; choose one of {', '.join(DEVICE_TARGETS)}")
-    workers = _int_at_least(hardware, "workers", 1, "processes per node, one per device")
-    nodes = _int_at_least(hardware, "nodes", 1, "machines in the job") if "nodes" in hardware else 1
-    if workers * nodes == 1:
-        return
-    backend = hardware.get("backend")
-    if backend not in (None, BACKENDS[target]):
-        raise ConfigError(f"hardware.backend={backend!r} does not work on {target}: use "
-                          f"hardware.backend={BACKENDS[target]} (or null to let MindSpore pick it)")
-    mode = hardware.get("parallel_mode", "data_parallel")
-    if mode not in PARALLEL_MODES:
-        raise ConfigError(f"hardware.parallel_mode={mode!r}; only {', '.join(PARALLEL_MODES)} is supported")
-    node_rank = _int_at_least(hardware, "node_rank", 0, "this machine's index in the job")
-    if node_rank >= nodes:
-        raise ConfigError(f"hardware.node_rank={node_rank} must be below hardware.nodes={nodes}")
-    port = hardware.get("master_port")
-    if port is not None and (isinstance(port, bool) or not isinstance(port, int) or not 1024 <= port <= 65535):
-        raise ConfigError(f"hardware.master_port={port!r} must be a port in [1024, 65535], or null for a free one")
-    if nodes > 1:
-        if port is None:
-            raise ConfigError(f"hardware.nodes={nodes} needs one fixed port on every node: set "
-                              "hardware.master_port (e.g. 8118)")
-        if _is_loopback(str(hardware.get("master_addr"))):
-            raise ConfigError(f"hardware.nodes={nodes} needs hardware.master_addr=<IP or host name of node 0>, "
-                              f"got {hardware.get('master_addr')!r} (a loopback address)")
-    msrun = hardware.get("msrun") or {}
-    timeout = msrun.get("cluster_time_out")
-    if isinstance(timeout, bool) or not isinstance(timeout, int) or timeout <= 0:
-        raise ConfigError(f"hardware.msrun.cluster_time_out={timeout!r} must be a positive number of seconds "
-                          "(msrun waits that long for missing workers before it fails)")
-
-
-def _is_loopback(address: str) -> bool:
-    if address in ("localhost", "None", ""):
-        return True
-    try:
-        return ipaddress.ip_address(address).is_loopback
-    except ValueError:  # a host name
-        return False
 
 
 def join_process_group(hardware: Mapping[str, Any]) -> ProcessGroup:

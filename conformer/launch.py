@@ -26,7 +26,10 @@ from typing import IO, Any
 
 import psutil
 
-from conformer.hardware import BACKENDS, SCHEDULER_ROLE, WORKER_ROLE, world_size
+from conformer.hardware import SCHEDULER_ROLE, WORKER_ROLE, world_size
+from conformer.paths import PROJECT_ROOT_ENV
+from conformer.signals import interruptible, signals_ignored
+from conformer.validation import BACKENDS
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +39,7 @@ DEFAULT_LOG_DIR = "msrun"
 FAILURE_GRACE_S = 5.0
 TERMINATE_GRACE_S = 5.0
 POLL_S = 0.5
-INHERITED_ENV = ("CONFORMER_PROJECT_ROOT", "ONEDNN_MAX_CPU_ISA", "GLOG_v", "MLFLOW_TRACKING_URI",
-                 "CONFORMER_MLFLOW_PARENT_RUN_ID")
+INHERITED_ENV = (PROJECT_ROOT_ENV, "ONEDNN_MAX_CPU_ISA", "GLOG_v", "MLFLOW_TRACKING_URI")
 _WORKER_EXIT = re.compile(r"Worker process (\d+) exit with exception\. Error code: (-?\d+)")
 
 
@@ -221,7 +223,7 @@ class Outcome:
 
     returncode: int
     failures: list[WorkerExit] = field(default_factory=list)
-    interrupted: bool = False
+    interrupted: int = 0  # the signal that stopped the launcher (SIGINT, SIGTERM), 0 if none
     stuck: bool = False
 
 
@@ -303,14 +305,6 @@ class _Echo(threading.Thread):
             self.out.flush()
 
 
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM to the launcher: handled like Ctrl-C (stop the workers, end the run KILLED)."""
-
-
-def _raise_terminated(signum: int, frame: Any) -> None:
-    raise _Terminated(f"received {signal.Signals(signum).name}")
-
-
 def supervise(plan: LaunchPlan, out: IO[str] | None = None) -> Outcome:
     """Run msrun for `plan` until it exits; never leaves a worker or the scheduler behind."""
     out = out or sys.stdout
@@ -325,39 +319,31 @@ def supervise(plan: LaunchPlan, out: IO[str] | None = None) -> Outcome:
     echo.start()
     tree = _ProcessTree(proc.pid, plan.script)
     outcome = Outcome(returncode=0)
-    guard = _main_thread()  # signal handlers can only be set there
-    previous = signal.signal(signal.SIGTERM, _raise_terminated) if guard else None
     try:
-        failed_at = None
-        while proc.poll() is None:
-            tree.refresh()
-            if echo.exits and failed_at is None:
-                failed_at = time.monotonic()
-            if failed_at is not None and time.monotonic() - failed_at > FAILURE_GRACE_S:
-                log.warning("msrun still runs %.0f s after a worker failed: stopping the scheduler and any worker "
-                            "left", FAILURE_GRACE_S)
-                outcome.stuck = True
-                break
-            time.sleep(POLL_S)
-    except KeyboardInterrupt:
-        outcome.interrupted = True
+        with interruptible():  # SIGTERM (scancel, kill) stops the job like Ctrl-C
+            failed_at = None
+            while proc.poll() is None:
+                tree.refresh()
+                if echo.exits and failed_at is None:
+                    failed_at = time.monotonic()
+                if failed_at is not None and time.monotonic() - failed_at > FAILURE_GRACE_S:
+                    log.warning("msrun still runs %.0f s after a worker failed: stopping the scheduler and any "
+                                "worker left", FAILURE_GRACE_S)
+                    outcome.stuck = True
+                    break
+                time.sleep(POLL_S)
+    except KeyboardInterrupt as err:
+        outcome.interrupted = getattr(err, "signum", signal.SIGINT)
         log.warning("interrupted: stopping the %d workers", plan.workers)
     finally:
-        if guard:  # a second SIGTERM must not cut the cleanup short
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        tree.stop()
-        if proc.poll() is None:
-            proc.kill()
-        outcome.returncode = proc.wait()
-        echo.join(timeout=10)
-        if guard:
-            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        with signals_ignored():  # a second Ctrl-C or SIGTERM must not cut the cleanup short
+            tree.stop()
+            if proc.poll() is None:
+                proc.kill()
+            outcome.returncode = proc.wait()
+            echo.join(timeout=10)
     outcome.failures = [WorkerExit(pid, code, tree.ranks.get(pid)) for pid, code in echo.exits]
     return outcome
-
-
-def _main_thread() -> bool:
-    return threading.current_thread() is threading.main_thread()
 
 
 # ---------------------------------------------------------------------------------------------------- launch
@@ -411,4 +397,5 @@ def launch(plan: LaunchPlan, end_runs: Callable[[str, str], list[str]] | None = 
         if ended:
             message += f"\nMLflow run {', '.join(ended)} marked {'KILLED' if outcome.interrupted else 'FAILED'}"
     rank0 = next((f for f in outcome.failures if f.rank == 0 and f.code > 0), None)
-    raise LaunchError(message, exit_code=130 if outcome.interrupted else rank0.code if rank0 else 1)
+    raise LaunchError(message, exit_code=128 + outcome.interrupted if outcome.interrupted else
+                      rank0.code if rank0 else 1)

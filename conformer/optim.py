@@ -78,9 +78,3 @@ def set_lr(optimizer: optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         # an in-place write: set_data swaps the tensor object, which an already compiled jit graph can miss
         ops.assign(group["lr"], Tensor(lr, ms.float32))
-
-
-def get_lr(optimizer: optim.Optimizer) -> float:
-    """The learning rate of the first param group (all groups share it under `set_lr`)."""
-    _check_optimizer(optimizer)
-    return float(optimizer.param_groups[0]["lr"].asnumpy())

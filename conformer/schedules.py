@@ -1,4 +1,4 @@
-"""Per-iteration learning-rate schedules and batch-size lr scaling."""
+"""Warmup + cosine learning-rate schedule, stepped per iteration or per epoch, and batch-size lr scaling."""
 from __future__ import annotations
 
 import math
@@ -6,13 +6,20 @@ import math
 import numpy as np
 
 LR_SCALING_MODES = ("none", "linear")
+INTERVALS = ("step", "epoch")
 
 
-def scale_lr(base_lr: float, global_batch: int, reference_batch: int, mode: str = "none") -> float:
-    """The lr at `global_batch`: `base_lr` ("none") or base_lr * global_batch / reference_batch ("linear")."""
+def scale_lr(base_lr: float, global_batch: int | None, reference_batch: int, mode: str = "none") -> float:
+    """The lr at `global_batch`: `base_lr` ("none") or base_lr * global_batch / reference_batch ("linear").
+
+    `global_batch` may be None only for "none".
+    """
     if mode not in LR_SCALING_MODES:
         raise ValueError(f"lr scaling mode {mode!r} is unknown; choose one of {LR_SCALING_MODES}.")
-    if global_batch < 1 or reference_batch < 1:
+    if global_batch is None and mode == "linear":
+        raise ValueError("lr scaling 'linear' needs the global batch size: pass global_batch (per-device batch "
+                         "x devices x gradient accumulation steps).")
+    if (global_batch is not None and global_batch < 1) or reference_batch < 1:
         raise ValueError(f"batch sizes must be >= 1, got global_batch={global_batch}, "
                          f"reference_batch={reference_batch}.")
     if mode == "linear":
@@ -21,29 +28,54 @@ def scale_lr(base_lr: float, global_batch: int, reference_batch: int, mode: str 
 
 
 class WarmupCosineSchedule:
-    """Linear warmup from `warmup_lr` to `base_lr`, then cosine decay to `min_lr` at the last step.
+    """Linear warmup from `warmup_lr` to `base_lr`, then cosine decay towards `min_lr`.
 
-    Stepped per iteration: there are `epochs * steps_per_epoch` steps, of which the first
-    `round(warmup_epochs * steps_per_epoch)` warm up (step 0 is `warmup_lr`, the first cosine step is
-    `base_lr`). Steps past the end return `min_lr`.
+    `base_lr` is first scaled to the global batch: with `lr_scaling="linear"` it becomes
+    base_lr * global_batch / reference_batch_size (`warmup_lr` and `min_lr` are not scaled). `self.base_lr` is the
+    lr in use, `self.configured_base_lr` the configured one.
+
+    There are `epochs * steps_per_epoch` optimizer updates; `values()` has one lr per update and `schedule(step)`
+    is the lr of update `step`, whatever the interval:
+
+    - ``interval="step"``: the lr changes every update. The first `round(warmup_epochs * steps_per_epoch)` steps
+      warm up (step 0 is `warmup_lr`, the first cosine step `base_lr`); the cosine reaches `min_lr` at the last
+      step. Steps past the end return `min_lr`.
+    - ``interval="epoch"``: the official Conformer / DeiT recipe, timm's ``CosineLRScheduler`` (timm 0.3-0.4,
+      built by ``create_scheduler`` with ``t_initial=epochs``, ``warmup_t=warmup_epochs``, no cycles nor noise),
+      stepped with ``step(epoch)`` at the end of each epoch. Its value at epoch t is
+      ``warmup_lr + t * (base_lr - warmup_lr) / warmup_epochs`` while t < warmup_epochs, then
+      ``min_lr + (base_lr - min_lr) * (1 + cos(pi * t / epochs)) / 2`` (the cosine counts from epoch 0, not from
+      the end of the warmup, so it starts just below `base_lr`), and `min_lr` from t = epochs on (`epoch_lr`).
+      Because the scheduler is stepped after the epoch, epoch e trains at the value of epoch e - 1, and epoch 0
+      at the value of epoch 0; the lr is constant within an epoch.
     """
 
     def __init__(self, base_lr: float, warmup_lr: float, min_lr: float, warmup_epochs: float, epochs: int,
-                 steps_per_epoch: int) -> None:
+                 steps_per_epoch: int, global_batch: int | None = None, lr_scaling: str = "none",
+                 reference_batch_size: int = 1024, interval: str = "step") -> None:
         for name, value in (("base_lr", base_lr), ("warmup_lr", warmup_lr), ("min_lr", min_lr),
                             ("warmup_epochs", warmup_epochs)):
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"WarmupCosineSchedule: {name} must be a finite number >= 0, got {value}.")
-        if min_lr > base_lr:
-            raise ValueError(f"WarmupCosineSchedule: min_lr ({min_lr}) must not exceed base_lr ({base_lr}).")
+        if interval not in INTERVALS:
+            raise ValueError(f"WarmupCosineSchedule: interval {interval!r} is unknown; choose one of {INTERVALS}.")
         if not all(int(n) == n and n >= 1 for n in (epochs, steps_per_epoch)):
             raise ValueError(f"WarmupCosineSchedule: epochs and steps_per_epoch must be integers >= 1, got "
                              f"epochs={epochs}, steps_per_epoch={steps_per_epoch}.")
         if warmup_epochs >= epochs:
             raise ValueError(f"WarmupCosineSchedule: warmup_epochs ({warmup_epochs}) must be smaller than "
                              f"epochs ({epochs}); lower warmup_epochs or train longer.")
-        self.base_lr, self.warmup_lr, self.min_lr = float(base_lr), float(warmup_lr), float(min_lr)
-        self.total_steps = int(epochs) * int(steps_per_epoch)
+        self.configured_base_lr = float(base_lr)
+        self.base_lr = float(scale_lr(base_lr, global_batch, reference_batch_size, lr_scaling))
+        if min_lr > self.base_lr:
+            scaled = "" if self.base_lr == self.configured_base_lr else f", scaled from {base_lr} by {lr_scaling}"
+            raise ValueError(f"WarmupCosineSchedule: min_lr ({min_lr}) must not exceed base_lr "
+                             f"({self.base_lr}{scaled}).")
+        self.warmup_lr, self.min_lr = float(warmup_lr), float(min_lr)
+        self.global_batch, self.lr_scaling, self.reference_batch_size = global_batch, lr_scaling, reference_batch_size
+        self.interval, self.warmup_epochs = interval, float(warmup_epochs)
+        self.epochs, self.steps_per_epoch = int(epochs), int(steps_per_epoch)
+        self.total_steps = self.epochs * self.steps_per_epoch
         self.warmup_steps = int(round(warmup_epochs * steps_per_epoch))
 
     def __len__(self) -> int:
@@ -52,12 +84,25 @@ class WarmupCosineSchedule:
     def __call__(self, step: int) -> float:
         if step < 0:
             raise ValueError(f"WarmupCosineSchedule: step must be >= 0, got {step}.")
+        if self.interval == "epoch":
+            return self.epoch_lr(max(step // self.steps_per_epoch - 1, 0))
         if step < self.warmup_steps:
-            return self.warmup_lr + (self.base_lr - self.warmup_lr) * step / self.warmup_steps
+            return self._warmup(step / self.warmup_steps)
         decay_steps = max(1, self.total_steps - 1 - self.warmup_steps)
-        progress = min(1.0, (step - self.warmup_steps) / decay_steps)
+        return self._cosine(min(1.0, (step - self.warmup_steps) / decay_steps))
+
+    def epoch_lr(self, epoch: int) -> float:
+        """timm's per-epoch value at `epoch` (interval "epoch": the lr that epoch `epoch + 1` trains at)."""
+        if epoch < self.warmup_epochs:
+            return self._warmup(epoch / self.warmup_epochs)
+        return self._cosine(epoch / self.epochs) if epoch < self.epochs else self.min_lr
+
+    def _warmup(self, fraction: float) -> float:
+        return self.warmup_lr + (self.base_lr - self.warmup_lr) * fraction
+
+    def _cosine(self, progress: float) -> float:
         return self.min_lr + 0.5 * (self.base_lr - self.min_lr) * (1.0 + math.cos(math.pi * progress))
 
     def values(self) -> np.ndarray:
-        """The learning rate of every step, shape [len(self)]."""
+        """The learning rate of every optimizer update, shape [len(self)]."""
         return np.array([self(step) for step in range(self.total_steps)], dtype=np.float64)

@@ -2,8 +2,9 @@
 
 `Tracker` wraps one MLflow run through an explicit `MlflowClient` (no fluent global state), so several
 trackers and processes never interfere. It is a context manager that always terminates its run: FINISHED
-on success, KILLED on KeyboardInterrupt or SIGTERM (raised as `RunKilled` while the run is active), FAILED
-otherwise. Non-rank-0 processes use `NullTracker`, which has the same methods and does nothing.
+on success, KILLED on KeyboardInterrupt (Ctrl-C and SIGTERM arrive as one, see conformer.signals), FAILED
+otherwise; an exit hook ends a run the program left open. Non-rank-0 processes use `NullTracker`, which has the
+same methods and does nothing.
 
 Non-finite metric values (NaN/inf) are not sent to MLflow: SQLite turns inf into 1.8e308, which flattens
 every chart. Each one is dropped with a warning, and the first step at which a key went non-finite is recorded
@@ -18,18 +19,14 @@ import logging
 import math
 import os
 import re
-import signal
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from hydra.core.utils import JobReturn, JobStatus
-from hydra.experimental.callback import Callback
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
@@ -45,14 +42,7 @@ from omegaconf.errors import InterpolationResolutionError
 
 log = logging.getLogger(__name__)
 
-SWEEP_PARENT_ENV = "CONFORMER_MLFLOW_PARENT_RUN_ID"
-SWEEP_PARENT_FILE = "mlflow_parent_run_id.txt"
 TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
-_HEAD_SUFFIXES = ("_conv", "_trans", "_sum")
-
-
-class RunKilled(KeyboardInterrupt):
-    """Raised in the main thread when SIGTERM arrives while a run is active (the run ends KILLED)."""
 
 
 # ---------------------------------------------------------------------------------------------------- store
@@ -209,49 +199,18 @@ class Tracker:
         self.artifact_root = artifact_root if artifact_root is not None else default_artifact_root(uri)
         self.parent_run_id = parent_run_id
         self._client = MlflowClient(tracking_uri=uri)
-        self._run_id: str | None = None
-        self._experiment_id: str | None = None
-        self._artifact_uri: str | None = None
-        self._active = False
-        self._old_sigterm: Any = None
-        self._sigterm_installed = False
+        self.run_id: str | None = None
+        self.experiment_id: str | None = None
+        self.artifact_uri: str | None = None
+        self.active = False  # between start() and end()
         self._nonfinite: set[str] = set()
-
-    @staticmethod
-    def disabled() -> NullTracker:
-        """A tracker that does nothing (tracking off, or not rank 0)."""
-        return NullTracker()
-
-    # -- properties
-    @property
-    def run_id(self) -> str | None:
-        return self._run_id
-
-    @property
-    def experiment_id(self) -> str | None:
-        return self._experiment_id
-
-    @property
-    def artifact_uri(self) -> str | None:
-        return self._artifact_uri
-
-    @property
-    def active(self) -> bool:
-        return self._active
-
-    @property
-    def run_url(self) -> str | None:
-        """Link to the run in the MLflow UI when the store is a tracking server, else None."""
-        if self._run_id is None or not self.uri.startswith(("http://", "https://")):
-            return None
-        return f"{self.uri.rstrip('/')}/#/experiments/{self._experiment_id}/runs/{self._run_id}"
 
     # -- lifecycle
     def start(self, params: Mapping[str, Any] | None = None, tags: Mapping[str, Any] | None = None) -> str:
-        """Create the run, log `params` and `tags`, guard against SIGTERM; returns the run id."""
-        if self._run_id is not None:
-            raise RuntimeError(f"tracker already started run {self._run_id}; create a new Tracker per run")
-        self._experiment_id = _experiment_id(self._client, self.experiment_name, self.artifact_root)
+        """Create the run, log `params` and `tags`, end it at exit if the program forgets; returns the run id."""
+        if self.run_id is not None:
+            raise RuntimeError(f"tracker already started run {self.run_id}; create a new Tracker per run")
+        self.experiment_id = _experiment_id(self._client, self.experiment_name, self.artifact_root)
         run_tags_ = {MLFLOW_SOURCE_NAME: sys.argv[0] or "python", **(tags or {})}
         user = _user()
         if user:
@@ -260,35 +219,35 @@ class Tracker:
             self._check_parent()
             run_tags_[MLFLOW_PARENT_RUN_ID] = self.parent_run_id
         run = self._client.create_run(
-            self._experiment_id, run_name=self.run_name,
+            self.experiment_id, run_name=self.run_name,
             tags={k: _truncate(str(v), MAX_TAG_VAL_LENGTH) for k, v in run_tags_.items()})
-        self._run_id = run.info.run_id
-        self._artifact_uri = run.info.artifact_uri
-        self._active = True
-        self._install_guards()
+        self.run_id = run.info.run_id
+        self.artifact_uri = run.info.artifact_uri
+        self.active = True
+        atexit.register(self._end_at_exit)
         try:
             self.log_params(params or {})
         except BaseException as err:
             self.end(_status_for(type(err), err))  # KILLED for Ctrl-C / SIGTERM, FAILED otherwise
             raise
-        log.info("MLflow run %s (%s) in %s", self._run_id, run.info.run_name, self.uri)
-        return self._run_id
+        log.info("MLflow run %s (%s) in %s", self.run_id, run.info.run_name, self.uri)
+        return self.run_id
 
     def end(self, status: str = "FINISHED") -> None:
         """Terminate the run with FINISHED, FAILED or KILLED (idempotent)."""
         if status not in TERMINAL_STATUSES:
             raise ValueError(f"status must be one of {TERMINAL_STATUSES}, got {status!r}")
-        if not self._active:
+        if not self.active:
             return
-        self._active = False
-        self._remove_guards()
-        self._client.set_terminated(self._run_id, status)
+        self.active = False
+        atexit.unregister(self._end_at_exit)
+        self._client.set_terminated(self.run_id, status)
 
     def __enter__(self) -> Tracker:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> bool:
-        if not self._active:
+        if not self.active:
             return False
         status = _status_for(exc_type, exc)
         try:
@@ -296,7 +255,7 @@ class Tracker:
                 self.set_tags({"error": f"{exc_type.__name__}: {exc}"})
             self.end(status)
         except Exception:  # never hide the original exception behind a tracking error
-            log.exception("could not mark MLflow run %s as %s", self._run_id, status)
+            log.exception("could not mark MLflow run %s as %s", self.run_id, status)
         return False
 
     # -- logging
@@ -344,12 +303,27 @@ class Tracker:
         """Store `text` as the artifact `artifact_file` (e.g. "config.yaml")."""
         self._client.log_text(self._require_run(), text, artifact_file)
 
+    def close_children(self) -> list[str]:
+        """Statuses of this run's child runs; a child still RUNNING (its process is gone) is marked FAILED."""
+        experiment_ids = [e.experiment_id for e in self._client.search_experiments()]
+        runs = self._client.search_runs(experiment_ids, max_results=50000,
+                                        filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{self._require_run()}'")
+        statuses = []
+        for run in runs:
+            status = run.info.status
+            if status not in TERMINAL_STATUSES:
+                log.warning("child run %s was left %s: marking it FAILED", run.info.run_id, status)
+                self._client.set_terminated(run.info.run_id, "FAILED")
+                status = "FAILED"
+            statuses.append(status)
+        return statuses
+
     # -- internals
     def _require_run(self) -> str:
-        if not self._active:
-            state = "has ended" if self._run_id else "has not started"
+        if not self.active:
+            state = "has ended" if self.run_id else "has not started"
             raise RuntimeError(f"the MLflow run {state}: call Tracker.start() first and log before end()")
-        return self._run_id
+        return self.run_id
 
     def _check_parent(self) -> None:
         try:
@@ -357,59 +331,28 @@ class Tracker:
         except MlflowException as err:
             raise ValueError(f"parent run {self.parent_run_id} not found in {self.uri}: the sweep callback "
                              "and its jobs must use the same tracking URI") from err
-        if parent.info.experiment_id != self._experiment_id:
+        if parent.info.experiment_id != self.experiment_id:
             log.warning("parent run %s is in another experiment: MLflow only nests runs of one experiment",
                         self.parent_run_id)
-
-    def _install_guards(self) -> None:
-        atexit.register(self._end_at_exit)
-        if threading.current_thread() is threading.main_thread():
-            self._old_sigterm = signal.signal(signal.SIGTERM, _raise_run_killed)
-            self._sigterm_installed = True
-
-    def _remove_guards(self) -> None:
-        atexit.unregister(self._end_at_exit)
-        if self._sigterm_installed and threading.current_thread() is threading.main_thread():
-            # None means the old handler was not installed from Python: fall back to the default action.
-            old = self._old_sigterm
-            signal.signal(signal.SIGTERM, old if old is not None else signal.SIG_DFL)
-            self._sigterm_installed = False
 
     def _end_at_exit(self) -> None:
         # Reached only when the run was neither ended nor closed by `with`: the program stopped without us.
         try:
             self.end("FAILED")
         except Exception:
-            log.exception("could not end MLflow run %s at exit", self._run_id)
+            log.exception("could not end MLflow run %s at exit", self.run_id)
 
 
 class NullTracker:
     """Same interface as `Tracker`, does nothing: for processes that must not log (rank > 0, tracking off)."""
 
-    enabled = False
-    run_id = experiment_id = artifact_uri = run_url = None
-    active = False
+    enabled = active = False
+    run_id = experiment_id = artifact_uri = None
 
-    def start(self, params: Mapping[str, Any] | None = None, tags: Mapping[str, Any] | None = None) -> None:
+    def _ignore(self, *args: Any, **kwargs: Any) -> None:
         return None
 
-    def end(self, status: str = "FINISHED") -> None:
-        return None
-
-    def log_params(self, params: Mapping[str, Any]) -> None:
-        return None
-
-    def set_tags(self, tags: Mapping[str, Any]) -> None:
-        return None
-
-    def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
-        return None
-
-    def log_artifact(self, path: Path | str, artifact_path: str | None = None) -> None:
-        return None
-
-    def log_text(self, text: str, artifact_file: str) -> None:
-        return None
+    start = end = log_params = set_tags = log_metrics = log_artifact = log_text = _ignore
 
     def __enter__(self) -> NullTracker:
         return self
@@ -419,17 +362,19 @@ class NullTracker:
 
 
 def create_tracker(tracking_cfg: Mapping[str, Any], project_root: Path, *, is_main: bool = True,
-                   parent_run_id: str | None = None, default_run_name: str | None = None) -> Tracker | NullTracker:
-    """Tracker from the `tracking` config group; a NullTracker when disabled or not the main process.
-
-    The parent run defaults to the enclosing sweep's (`sweep_parent_run_id()`).
-    """
+                   default_run_name: str | None = None) -> Tracker | NullTracker:
+    """Tracker from the `tracking` config group (its run nested under `tracking.parent_run_id` when set); a
+    NullTracker when tracking is disabled or this is not the main process."""
     if not is_main or not tracking_cfg.get("enabled", True):
         return NullTracker()
     return Tracker(resolve_tracking_uri(tracking_cfg.get("uri"), project_root),
                    tracking_cfg.get("experiment_name", "conformer"),
                    run_name=tracking_cfg.get("run_name") or default_run_name,
-                   parent_run_id=parent_run_id or sweep_parent_run_id())
+                   parent_run_id=tracking_cfg.get("parent_run_id"))
+
+
+def _client_for(tracking_cfg: Mapping[str, Any], project_root: Path) -> MlflowClient:
+    return MlflowClient(tracking_uri=resolve_tracking_uri(tracking_cfg.get("uri"), project_root))
 
 
 def end_unfinished_runs(tracking_cfg: Mapping[str, Any], project_root: Path, run_dir: Path | str,
@@ -442,7 +387,7 @@ def end_unfinished_runs(tracking_cfg: Mapping[str, Any], project_root: Path, run
         raise ValueError(f"status must be one of {TERMINAL_STATUSES}, got {status!r}")
     if not tracking_cfg.get("enabled", True):
         return []
-    client = MlflowClient(tracking_uri=resolve_tracking_uri(tracking_cfg.get("uri"), project_root))
+    client = _client_for(tracking_cfg, project_root)
     experiment = client.get_experiment_by_name(tracking_cfg.get("experiment_name", "conformer"))
     if experiment is None:
         return []
@@ -457,10 +402,6 @@ def end_unfinished_runs(tracking_cfg: Mapping[str, Any], project_root: Path, run
         client.set_terminated(run.info.run_id, status)
         ended.append(run.info.run_id)
     return ended
-
-
-def _raise_run_killed(signum: int, frame: Any) -> None:
-    raise RunKilled(f"received signal {signal.Signals(signum).name}")
 
 
 def _status_for(exc_type: type[BaseException] | None, exc: BaseException | None) -> str:
@@ -480,163 +421,20 @@ def _user() -> str | None:
         return None
 
 
-# ---------------------------------------------------------------------------------------------------- curves
-def _metric_group(key: str) -> str:
-    """"val/top1_conv" -> "top1", "train/loss" -> "loss", "lr" -> "lr": one subplot per group."""
-    name = key.rsplit("/", 1)[-1]
-    for suffix in _HEAD_SUFFIXES:
-        if name.endswith(suffix) and len(name) > len(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
-def plot_curves(history: Mapping[str, Sequence[tuple[int, float]]], path: Path) -> Path:
-    """PNG with one subplot per metric group (loss, lr, top-1 by head, ...), each key a line over steps."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    if not history:
-        raise ValueError("plot_curves needs at least one metric history, got an empty mapping")
-    groups: dict[str, list[str]] = {}
-    for key in history:
-        groups.setdefault(_metric_group(key), []).append(key)
-    ncols = min(3, len(groups))
-    nrows = math.ceil(len(groups) / ncols)
-    fig = Figure(figsize=(5 * ncols, 3.6 * nrows), dpi=100)
-    FigureCanvasAgg(fig)  # Agg canvas attached to this figure only: no pyplot global state
-    for index, (group, keys) in enumerate(groups.items(), start=1):
-        ax = fig.add_subplot(nrows, ncols, index)
-        for key in keys:
-            steps, values = _unzip(history[key], key)
-            ax.plot(steps, values, label=key, marker="." if len(steps) < 30 else None)
-        ax.set_title(group)
-        ax.set_xlabel("step")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize="small")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
-    return path
-
-
-def _unzip(points: Iterable[tuple[int, float]], key: str) -> tuple[list[int], list[float]]:
-    steps, values = [], []
-    for point in points:
-        if len(point) != 2:
-            raise ValueError(f"history[{key!r}] must hold (step, value) pairs, got {point!r}")
-        steps.append(int(point[0]))
-        values.append(float(point[1]))
-    return steps, values
-
-
-# ---------------------------------------------------------------------------------------------------- sweeps
-def sweep_parent_run_id(sweep_dir: Path | str | None = None) -> str | None:
-    """Parent run id of the enclosing Hydra sweep: env CONFORMER_MLFLOW_PARENT_RUN_ID, else the id file that
-    `SweepParentCallback` wrote into `sweep_dir`; None outside a sweep."""
-    run_id = os.environ.get(SWEEP_PARENT_ENV)
-    if run_id:
-        return run_id
-    if sweep_dir is not None:
-        id_file = Path(sweep_dir) / SWEEP_PARENT_FILE
-        if id_file.is_file():
-            return id_file.read_text().strip() or None
-    return None
-
-
-class SweepParentCallback(Callback):
-    """Hydra callback: one MLflow parent run per multirun; every trial's run nests under it.
-
-    on_multirun_start creates the parent (named after the sweep) and publishes its id in the env and the
-    sweep dir; on_multirun_end ends it FAILED if any trial failed (Hydra job status or child run status),
-    KILLED if a trial was killed, else FINISHED. When a failed trial aborts the sweep before on_multirun_end,
-    an exit hook ends the parent instead. `project_root` must be the root the jobs use for the default store
-    (default: hydra.runtime.cwd).
-    """
-
-    def __init__(self, project_root: str | None = None, run_name: str | None = None) -> None:
-        self.project_root = project_root
-        self.run_name = run_name
-        self._tracker: Tracker | None = None
-        self._failed_jobs = 0
-        self._previous_env: str | None = None
-
-    @property
-    def run_id(self) -> str | None:
-        return self._tracker.run_id if self._tracker else None
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        tracking = OmegaConf.select(config, "tracking")
-        if tracking is None or not tracking.get("enabled", True):
-            return
-        sweep_dir = Path(OmegaConf.select(config, "hydra.sweep.dir", default="multirun"))
-        root = Path(self.project_root or OmegaConf.select(config, "hydra.runtime.cwd", default=None)
-                    or os.getcwd())
-        job_name = OmegaConf.select(config, "hydra.job.name", default="sweep")
-        name = self.run_name or f"{job_name}-{sweep_dir.name}"
-        self._tracker = Tracker(resolve_tracking_uri(tracking.get("uri"), root),
-                                tracking.get("experiment_name", "conformer"), run_name=name)
-        space = OmegaConf.select(config, "hydra.sweeper.params", default=None)
-        overrides = OmegaConf.select(config, "hydra.overrides.task", default=None)
-        run_id = self._tracker.start(
-            params=flatten_config({"sweep": space}) if space else {},
-            tags=run_tags(overrides=list(overrides or []), run_dir=sweep_dir.resolve(), extra={
-                "sweep": "parent",
-                "sweeper": OmegaConf.select(config, "hydra.sweeper._target_", default=None)}),
-        )
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        (sweep_dir / SWEEP_PARENT_FILE).write_text(run_id + "\n")
-        self._previous_env = os.environ.get(SWEEP_PARENT_ENV)
-        os.environ[SWEEP_PARENT_ENV] = run_id
-        # Registered after the tracker's own hook, so it runs first (atexit is LIFO) with the sweep's status.
-        atexit.register(self._finish, aborted=True)
-
-    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
-        if job_return.status == JobStatus.FAILED:
-            self._failed_jobs += 1
-
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        self._finish(aborted=False)
-
-    def _finish(self, aborted: bool) -> None:
-        tracker = self._tracker
-        if tracker is None or not tracker.active:
-            return
-        atexit.unregister(self._finish)
-        if self._previous_env is None:
-            os.environ.pop(SWEEP_PARENT_ENV, None)
-        else:
-            os.environ[SWEEP_PARENT_ENV] = self._previous_env
-        status = "FAILED"
-        try:
-            statuses = _close_children(tracker)
-            failed = self._failed_jobs + statuses.count("FAILED")
-            if not failed:
-                status = "KILLED" if "KILLED" in statuses else "FAILED" if aborted else "FINISHED"
-            tracker.set_tags({"sweep.trials": len(statuses), "sweep.failed": failed})
-        finally:
-            tracker.end(status)
-
-
-def _close_children(parent: Tracker) -> list[str]:
-    """Statuses of the parent's child runs; a child still RUNNING after its job returned is marked FAILED."""
-    client = parent._client
-    experiment_ids = [e.experiment_id for e in client.search_experiments()]
-    runs = client.search_runs(experiment_ids, max_results=50000,
-                              filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent.run_id}'")
-    statuses = []
-    for run in runs:
-        status = run.info.status
-        if status not in TERMINAL_STATUSES:
-            log.warning("child run %s was left %s: marking it FAILED", run.info.run_id, status)
-            client.set_terminated(run.info.run_id, "FAILED")
-            status = "FAILED"
-        statuses.append(status)
-    return statuses
-
-
-__all__ = [
-    "NullTracker", "RunKilled", "SweepParentCallback", "Tracker", "create_tracker",
-    "default_artifact_root", "default_tracking_uri", "end_unfinished_runs", "flatten_config", "git_commit",
-    "plot_curves", "resolve_tracking_uri", "run_tags", "sweep_parent_run_id",
-]
+def run_checkpoint(tracking_cfg: Mapping[str, Any], project_root: Path, run_id: str, name: str = "best.ckpt") -> Path:
+    """The checkpoint `name` of training run `run_id`: in its run dir (tag `run_dir`), else downloaded from its
+    artifacts into `<project root>/.cache/mlflow/<run_id>/`. LookupError (saying what is missing) otherwise."""
+    client = _client_for(tracking_cfg, project_root)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as err:
+        raise LookupError(f"no MLflow run {run_id} in {client.tracking_uri}") from err
+    local = Path(run.data.tags.get("run_dir", "")) / "checkpoints" / name
+    if run.data.tags.get("run_dir") and local.is_file():
+        return local
+    target = Path(project_root) / ".cache" / "mlflow" / run_id
+    try:
+        return Path(client.download_artifacts(run_id, f"checkpoints/{name}", str(target)))
+    except (MlflowException, OSError) as err:
+        raise LookupError(f"MLflow run {run_id} has no checkpoints/{name}: not in its run dir {local.parent} nor "
+                          "among its artifacts") from err

@@ -1,18 +1,62 @@
-"""Config checks that run before anything is built or compiled: one clear line per problem."""
+"""Config checks that run before anything is built or compiled: one clear line per problem.
+
+The only module that raises `ConfigError`, and the home of the choices several modules share. It imports no
+MindSpore: `validate_config` runs before any device or graph work.
+"""
 from __future__ import annotations
 
-from collections.abc import Callable
+import glob
+import ipaddress
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from conformer.models.registry import architecture_problem, model_arguments, nearest_image_size, valid_image_size
 
 TASKS = ("train", "eval", "export", "predict")
 AMP_LEVELS = ("O0", "O1", "O2", "O3")
 LOSS_SCALES = ("none", "static", "dynamic")
+DEVICE_TARGETS = ("CPU", "GPU", "Ascend")
+MODES = ("graph", "pynative")
+BACKENDS = {"CPU": "mccl", "GPU": "nccl", "Ascend": "hccl"}  # MindSpore's collective library per device
+PARALLEL_MODES = ("data_parallel",)
+EXPORT_SUFFIXES = {"MINDIR": ".mindir", "ONNX": ".onnx", "AIR": ".air"}
+EXPORT_OUTPUTS = ("sum", "both")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+CHECKPOINT_SUFFIXES = (".ckpt",)
+OFFICIAL_SUFFIXES = (".pth", ".pt", ".tar", ".npz")  # official PyTorch weights, converted on load
+MLFLOW_PREFIX = "mlflow:"
+# Keys of a model config that are not constructor arguments of the network.
+MODEL_CONFIG_KEYS = ("_target_", "name", "pretrained")
 
 
 class ConfigError(ValueError):
     """The composed config cannot work; the message says which key and how to fix it."""
+
+
+# ---------------------------------------------------------------------------------------------------- checkers
+def require_int(value: Any, key: str, minimum: int = 1, hint: str = "") -> int:
+    """`value` as an integer >= `minimum`, or a ConfigError naming `key` (the project's one integer check)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{key}={value!r} must be an integer >= {minimum}" + (f" ({hint})" if hint else ""))
+    return value
+
+
+def require_number(value: Any, key: str, minimum: float = 0.0, strict: bool = False, hint: str = "") -> float:
+    """`value` as a number >= `minimum` (> when `strict`), or a ConfigError naming `key`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            (value <= minimum if strict else value < minimum):
+        bound = f"{'>' if strict else '>='} {minimum:g}"
+        raise ConfigError(f"{key}={value!r} must be a number {bound}" + (f" ({hint})" if hint else ""))
+    return float(value)
+
+
+def require_choice(value: Any, key: str, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r}; choose one of {', '.join(choices)}")
+    return value
 
 
 def _get(cfg: DictConfig, key: str) -> Any:
@@ -22,58 +66,223 @@ def _get(cfg: DictConfig, key: str) -> Any:
         raise ConfigError(f"{key}: {err}".splitlines()[0]) from err
 
 
-def _number(cfg: DictConfig, key: str, ok: Callable[[float], bool], expect: str, integer: bool = False,
-            optional: bool = False) -> None:
-    value = _get(cfg, key)
-    if value is None and optional:
-        return
-    kinds = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds):
-        kind = "an integer" if integer else "a number"
-        raise ConfigError(f"{key}={value!r} must be {kind} ({expect})")
-    if not ok(value):
-        raise ConfigError(f"{key}={value!r} must be {expect}")
-
-
-def _choice(cfg: DictConfig, key: str, choices: tuple[str, ...]) -> None:
-    value = _get(cfg, key)
-    if value not in choices:
-        raise ConfigError(f"{key}={value!r}; choose one of {', '.join(choices)}")
-
-
+# ---------------------------------------------------------------------------------------------------- config
 def validate_config(cfg: DictConfig) -> None:
-    """Raise ConfigError for the first impossible value (types, ranges, geometry)."""
-    _choice(cfg, "task.name", TASKS)
-    _number(cfg, "seed", lambda v: v >= 0, "a non-negative integer", integer=True)
+    """Raise ConfigError for the first impossible value (types, ranges, geometry, files, hardware)."""
+    task = require_choice(_get(cfg, "task.name"), "task.name", TASKS)
+    require_int(_get(cfg, "seed"), "seed", minimum=0)
+    _check_model_and_data(cfg)
+    _check_optim(cfg)
+    _check_trainer(cfg)
+    check_hardware(cfg.hardware)
+    if task == "train":
+        check_weights(cfg, "model.pretrained")
+        check_weights(cfg, "trainer.resume", checkpoint_only=True)
+    else:
+        _check_inference_task(cfg, task)
 
-    _number(cfg, "data.image_size", lambda v: v > 0, "a positive integer", integer=True)
-    patch = _get(cfg, "model.patch_size") or 16
-    size = _get(cfg, "data.image_size")
-    if size % patch:
-        nearest = max(patch, round(size / patch) * patch)
-        raise ConfigError(f"data.image_size={size} must be a multiple of the patch size {patch} "
-                          f"(model.patch_size), e.g. data.image_size={nearest}")
-    _number(cfg, "data.batch_size", lambda v: v >= 1, "at least 1", integer=True)
-    _number(cfg, "data.num_classes", lambda v: v >= 1, "at least 1, or null to infer it", integer=True,
-            optional=True)
-    _number(cfg, "model.depth", lambda v: v > 0 and v % 3 == 0, "a positive multiple of 3", integer=True)
-    heads, dim = _get(cfg, "model.num_heads"), _get(cfg, "model.embed_dim")
-    if not isinstance(heads, int) or not isinstance(dim, int) or heads <= 0 or dim % heads:
-        raise ConfigError(f"model.embed_dim={dim} must be divisible by model.num_heads={heads}")
-    _number(cfg, "model.drop_path_rate", lambda v: 0 <= v < 1, "in [0, 1)")
 
-    for key in ("optim.schedule.base_lr", "optim.schedule.warmup_lr", "optim.schedule.min_lr"):
-        _number(cfg, key, lambda v: v >= 0, "non-negative (a learning rate)")
-    _number(cfg, "optim.schedule.base_lr", lambda v: v > 0, "positive (a learning rate)")
-    _number(cfg, "optim.schedule.warmup_epochs", lambda v: v >= 0, "non-negative")
-    _number(cfg, "optim.optimizer.weight_decay", lambda v: v >= 0, "non-negative")
+def model_config_arguments(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The network's constructor arguments for a model config: the variant's, with the config's overrides."""
+    overrides = {key: value for key, value in model_cfg.items() if key not in MODEL_CONFIG_KEYS}
+    try:
+        return model_arguments(model_cfg["name"], overrides)
+    except ValueError as err:
+        raise ConfigError(f"{err} (model.name={model_cfg['name']!r})") from err
 
-    _number(cfg, "trainer.epochs", lambda v: v >= 1, "at least 1", integer=True)
-    _number(cfg, "trainer.grad_accum_steps", lambda v: v >= 1, "at least 1", integer=True)
-    _number(cfg, "trainer.clip_grad_norm", lambda v: v > 0, "positive, or null for no clipping", optional=True)
-    _number(cfg, "trainer.log_every_n_steps", lambda v: v >= 1, "at least 1", integer=True)
-    _choice(cfg, "trainer.loss_scale", LOSS_SCALES)
-    _choice(cfg, "hardware.amp_level", AMP_LEVELS)
-    warmup, epochs = _get(cfg, "optim.schedule.warmup_epochs"), _get(cfg, "trainer.epochs")
-    if warmup >= epochs and epochs > 1:
+
+def _check_model_and_data(cfg: DictConfig) -> None:
+    size = require_int(_get(cfg, "data.image_size"), "data.image_size")
+    require_int(_get(cfg, "data.batch_size"), "data.batch_size")
+    if _get(cfg, "data.num_classes") is not None:
+        require_int(_get(cfg, "data.num_classes"), "data.num_classes", hint="or null to infer it")
+    arguments = model_config_arguments(OmegaConf.to_container(_get(cfg, "model"), resolve=True))
+    patch = arguments["patch_size"]
+    problem = architecture_problem(**{**arguments, "img_size": None})
+    if problem:
+        name, what = problem
+        raise ConfigError(f"model.{name}={arguments[name]!r} must be {what}")
+    if not valid_image_size(size, patch):
+        raise ConfigError(f"data.image_size={size} must be a multiple of the patch size {patch} (model.patch_size), "
+                          f"e.g. data.image_size={nearest_image_size(size, patch)}")
+
+
+def _check_optim(cfg: DictConfig) -> None:
+    for key in ("optim.schedule.warmup_lr", "optim.schedule.min_lr", "optim.optimizer.weight_decay"):
+        require_number(_get(cfg, key), key)
+    require_number(_get(cfg, "optim.schedule.base_lr"), "optim.schedule.base_lr", strict=True, hint="a learning rate")
+    require_number(_get(cfg, "optim.schedule.warmup_epochs"), "optim.schedule.warmup_epochs")
+
+
+def _check_trainer(cfg: DictConfig) -> None:
+    epochs = require_int(_get(cfg, "trainer.epochs"), "trainer.epochs")
+    require_int(_get(cfg, "trainer.grad_accum_steps"), "trainer.grad_accum_steps")
+    require_int(_get(cfg, "trainer.log_every_n_steps"), "trainer.log_every_n_steps")
+    if _get(cfg, "trainer.clip_grad_norm") is not None:
+        require_number(_get(cfg, "trainer.clip_grad_norm"), "trainer.clip_grad_norm", strict=True,
+                       hint="or null for no clipping")
+    require_choice(_get(cfg, "trainer.loss_scale"), "trainer.loss_scale", LOSS_SCALES)
+    require_choice(_get(cfg, "hardware.amp_level"), "hardware.amp_level", AMP_LEVELS)
+    warmup = _get(cfg, "optim.schedule.warmup_epochs")
+    if warmup >= epochs > 1:
         raise ConfigError(f"optim.schedule.warmup_epochs={warmup} must be below trainer.epochs={epochs}")
+
+
+# ---------------------------------------------------------------------------------------------------- weights
+def weights_problem(spec: str, checkpoint_only: bool = False) -> str | None:
+    """What is wrong with a weights file spec (no such file, unknown format), or None."""
+    spec = str(spec)
+    if spec.startswith(MLFLOW_PREFIX):
+        return None if spec[len(MLFLOW_PREFIX):].strip() else "give the run id after 'mlflow:'"
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        return "no such file"
+    allowed = CHECKPOINT_SUFFIXES if checkpoint_only else CHECKPOINT_SUFFIXES + OFFICIAL_SUFFIXES
+    if path.suffix not in allowed:
+        return f"unknown weights format {path.suffix!r}; use one of {', '.join(allowed)}"
+    return None
+
+
+def check_weights(cfg: DictConfig, key: str, checkpoint_only: bool = False) -> None:
+    """The weights spec at `key` (if set) names a readable file of a known format, or an existing MLflow run."""
+    spec = _get(cfg, key)
+    if not spec:
+        return
+    problem = weights_problem(spec, checkpoint_only)
+    if problem:
+        raise ConfigError(f"{key}={spec}: {problem}")
+    if str(spec).startswith(MLFLOW_PREFIX):
+        from conformer.tracking import run_checkpoint  # imports mlflow: only for mlflow: specs
+
+        name = "last.ckpt" if key == "trainer.resume" else "best.ckpt"
+        try:
+            run_checkpoint(cfg.tracking, Path(cfg.paths.root), str(spec)[len(MLFLOW_PREFIX):], name)
+        except LookupError as err:
+            raise ConfigError(f"{key}={spec}: {err}") from err
+
+
+def _check_inference_task(cfg: DictConfig, task: str) -> None:
+    if _get(cfg, "model.pretrained"):
+        raise ConfigError(f"model.pretrained is where a training starts; task={task} takes its weights from "
+                          f"task.checkpoint=<file or mlflow:<run_id>>: use that instead")
+    spec = _get(cfg, "task.checkpoint")
+    if not spec:
+        raise ConfigError(f"task={task} needs weights: set task.checkpoint=<run dir>/checkpoints/best.ckpt (ours), "
+                          "official weights (.pth/.npz) or mlflow:<run_id>")
+    check_weights(cfg, "task.checkpoint")
+    if _get(cfg, "task.ema") and Path(str(spec)).suffix in OFFICIAL_SUFFIXES:
+        raise ConfigError(f"task.ema=true needs a .ckpt written by training with trainer.ema_decay set; "
+                          f"{Path(str(spec)).name} holds no EMA copy: drop task.ema")
+    if task == "export":
+        _check_export(cfg)
+    elif task == "predict":
+        require_int(_get(cfg, "task.topk"), "task.topk")
+        require_int(_get(cfg, "task.batch_size"), "task.batch_size")
+        image_inputs(_get(cfg, "task.inputs"))
+        if _get(cfg, "task.classes"):
+            class_names_file(_get(cfg, "task.classes"))
+
+
+def _check_export(cfg: DictConfig) -> None:
+    fmt = str(_get(cfg, "task.format")).upper()
+    require_choice(fmt, "task.format", tuple(EXPORT_SUFFIXES))
+    if fmt == "AIR" and cfg.hardware.device_target != "Ascend":
+        raise ConfigError(f"task.format=AIR needs an Ascend device (hardware=ascend), this run uses "
+                          f"{cfg.hardware.device_target}: export MINDIR or ONNX instead")
+    require_int(_get(cfg, "task.batch_size"), "task.batch_size", hint="the exported input's batch")
+    if _get(cfg, "task.output") not in EXPORT_OUTPUTS:
+        raise ConfigError(f"task.output={_get(cfg, 'task.output')!r}; choose sum (the prediction) or both "
+                          "(the two heads)")
+
+
+# ---------------------------------------------------------------------------------------------------- predict
+def _is_image(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def image_inputs(inputs: str | Sequence[str] | None) -> list[Path]:
+    """Image files named by `task.inputs`: files, folders (recursive) or globs, in order, without duplicates."""
+    if not inputs:
+        raise ConfigError("task.inputs is required: an image file, a folder or a glob, e.g. "
+                          "task.inputs=photos/cat.jpg or task.inputs='photos/**/*.png'")
+    if isinstance(inputs, ListConfig):
+        inputs = OmegaConf.to_container(inputs)
+    specs = [inputs] if isinstance(inputs, str) else [str(spec) for spec in inputs]
+    found: dict[Path, None] = {}
+    for spec in specs:
+        path = Path(spec).expanduser()
+        if path.is_file():
+            files = [path]
+        elif path.is_dir():
+            files = sorted(p for p in path.rglob("*") if _is_image(p))
+        else:
+            files = sorted(p for p in map(Path, glob.glob(str(path), recursive=True)) if _is_image(p))
+        if not files:
+            kind = "folder" if path.is_dir() else "glob" if glob.has_magic(spec) else "path"
+            raise ConfigError(f"task.inputs: the {kind} {spec!r} matches no image files "
+                              f"({', '.join(IMAGE_EXTENSIONS)}); check the path (relative to {Path.cwd()})")
+        found.update(dict.fromkeys(files))
+    return list(found)
+
+
+def class_names_file(spec: str) -> list[str]:
+    """The class names of `task.classes`: a text file, one name per line."""
+    path = Path(str(spec)).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"task.classes={spec}: no such file (one class name per line)")
+    names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not names:
+        raise ConfigError(f"task.classes={path} holds no class names (one per line)")
+    return names
+
+
+def check_class_count(names: int, num_classes: int, origin: str) -> None:
+    """Class names must match the weights' classifier."""
+    if names != num_classes:
+        raise ConfigError(f"the weights have {num_classes} classes but {names} class names came from {origin}: "
+                          "choose the data config the weights were trained on, or set task.classes=<file with one "
+                          "name per line>")
+
+
+# ---------------------------------------------------------------------------------------------------- hardware
+def check_hardware(hardware: Mapping[str, Any]) -> None:
+    """Raise ConfigError for a hardware config that cannot launch, before any process is started."""
+    target = require_choice(hardware.get("device_target", "CPU"), "hardware.device_target", DEVICE_TARGETS)
+    require_choice(hardware.get("mode", "graph"), "hardware.mode", MODES)
+    workers = require_int(hardware.get("workers"), "hardware.workers", hint="processes per node, one per device")
+    nodes = require_int(hardware.get("nodes", 1), "hardware.nodes", hint="machines in the job")
+    if workers * nodes == 1:
+        return
+    backend = hardware.get("backend")
+    if backend not in (None, BACKENDS[target]):
+        raise ConfigError(f"hardware.backend={backend!r} does not work on {target}: use "
+                          f"hardware.backend={BACKENDS[target]} (or null to let MindSpore pick it)")
+    mode = hardware.get("parallel_mode", "data_parallel")
+    if mode not in PARALLEL_MODES:
+        raise ConfigError(f"hardware.parallel_mode={mode!r}; only {', '.join(PARALLEL_MODES)} is supported")
+    node_rank = require_int(hardware.get("node_rank"), "hardware.node_rank", minimum=0,
+                            hint="this machine's index in the job")
+    if node_rank >= nodes:
+        raise ConfigError(f"hardware.node_rank={node_rank} must be below hardware.nodes={nodes}")
+    port = hardware.get("master_port")
+    if port is not None and (isinstance(port, bool) or not isinstance(port, int) or not 1024 <= port <= 65535):
+        raise ConfigError(f"hardware.master_port={port!r} must be a port in [1024, 65535], or null for a free one")
+    if nodes > 1:
+        if port is None:
+            raise ConfigError(f"hardware.nodes={nodes} needs one fixed port on every node: set "
+                              "hardware.master_port (e.g. 8118)")
+        if _is_loopback(str(hardware.get("master_addr"))):
+            raise ConfigError(f"hardware.nodes={nodes} needs hardware.master_addr=<IP or host name of node 0>, "
+                              f"got {hardware.get('master_addr')!r} (a loopback address)")
+    timeout = (hardware.get("msrun") or {}).get("cluster_time_out")
+    require_int(timeout, "hardware.msrun.cluster_time_out",
+                hint="seconds msrun waits for missing workers before it fails")
+
+
+def _is_loopback(address: str) -> bool:
+    if address in ("localhost", "None", ""):
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:  # a host name
+        return False

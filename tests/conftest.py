@@ -1,15 +1,12 @@
 """Shared test setup: CPU tuning and device before MindSpore runs any kernel, graph mode per test, data paths."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-# oneDNN falls back to a ~90x slower reference convolution on AVX-512 CPUs unless capped (DESIGN.md).
-os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")
-os.environ.setdefault("GLOG_v", "3")
+import mindspore as ms
+import pytest
 
-import mindspore as ms  # noqa: E402
-import pytest  # noqa: E402
+import conformer  # noqa: F401  (sets ONEDNN_MAX_CPU_ISA and GLOG_v before MindSpore loads)
 
 # Pin the device before any test runs a kernel: MindSpore refuses `set_device` once its runtime is up, unless the
 # device was already set to the same value (which the tests and conformer.hardware then do harmlessly).

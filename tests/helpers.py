@@ -11,7 +11,6 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-import pytest
 from omegaconf import DictConfig
 
 from conformer.launch import free_port
@@ -21,14 +20,14 @@ CONF_DIR = REPO / "conf"
 RUN_PY = REPO / "run.py"
 
 # conformer_nano cut to one stage (depth 3) at 16 px: the train step compiles in ~15 s on 2 cores.
-TINY_OVERRIDES = ("model.depth=3", "data.image_size=16", "trainer.log_every_n_steps=2",
+TINY_OVERRIDES = ("+model.depth=3", "data.image_size=16", "trainer.log_every_n_steps=2",
                   "optim.schedule.warmup_epochs=1")
 TINY_TRAIN, TINY_VAL, TINY_CLASSES, TINY_BATCH = 32, 8, 3, 16  # per class: 6 steps/epoch, 24 val images
 
 
 def tiny_folder(base: Path) -> Path:
     """An ImageFolder of 3 classes x (32 train + 8 val) 16x16 PNGs under `base`, written once per base dir."""
-    from conformer.data.folders import write_image_folder
+    from conformer.data.sources import write_image_folder
 
     root = base / "tiny-folder"
     done = root / ".complete"
@@ -72,15 +71,12 @@ def train_in_process(root: Path, data_root: Path, *extra: str, run_name: str = "
 
     cfg = compose_config(tiny_overrides(root, data_root, f"tracking.uri={store_uri(root)}", *extra))
     run_dir = root / "outputs" / run_name
-    with pytest.MonkeyPatch.context() as env:
-        env.delenv("CONFORMER_MLFLOW_PARENT_RUN_ID", raising=False)
-        return cfg, run_dir, run(cfg, run_dir)
+    return cfg, run_dir, run(cfg, run_dir)
 
 
 def clean_env(project_root: Path) -> dict[str, str]:
-    """Environment for a subprocess: this project root, no store or sweep parent inherited from the caller."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("MLFLOW_TRACKING_URI", "CONFORMER_MLFLOW_PARENT_RUN_ID")}
+    """Environment for a subprocess: this project root, no store inherited from the caller."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     return {**env, "CONFORMER_PROJECT_ROOT": str(project_root)}
 
 

@@ -10,8 +10,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from conformer.data.folders import write_image_folder
 from conformer.data.module import DataModule
+from conformer.data.sources import write_image_folder
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "data"
 

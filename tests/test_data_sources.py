@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conformer.data.folders import DigitsSource, ImageFolderSource, SyntheticSource, write_image_folder
+from conformer.data.sources import DigitsSource, ImageFolderSource, SyntheticSource, write_image_folder
 
 
 def _image(path: Path, colour: int = 0, fmt: str | None = None) -> None:
@@ -92,7 +92,7 @@ def test_digits_materialised_once_with_stratified_split(tmp_path: Path) -> None:
 
 def test_digits_concurrent_processes_agree(tmp_path: Path) -> None:
     root = tmp_path / "digits"
-    code = ("import sys, json; from conformer.data.folders import DigitsSource; "
+    code = ("import sys, json; from conformer.data.sources import DigitsSource; "
             "s = DigitsSource(sys.argv[1]); print(json.dumps([s.train_size, s.val_size]))")
     procs = [subprocess.Popen([sys.executable, "-c", code, str(root)], stdout=subprocess.PIPE, text=True,
                               cwd=Path(__file__).resolve().parents[1]) for _ in range(2)]

@@ -25,13 +25,13 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.entities import Run
 
-from conformer.data.folders import ImageFolderSource, write_image_folder
 from conformer.data.module import DataModule
+from conformer.data.sources import ImageFolderSource, write_image_folder
 from conformer.data.transforms import EvalTransform, TrainTransform
-from conformer.hardware import check_hardware, weights_digest
+from conformer.hardware import weights_digest
 from conformer.launch import RESULT_FILE, read_result
 from conformer.train.checkpoint import read_checkpoint
-from conformer.validation import ConfigError
+from conformer.validation import ConfigError, check_hardware
 
 from .helpers import RUN_PY, clean_env, compose_config, stop
 
@@ -40,7 +40,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 SIZE, TRAIN_PER_CLASS, VAL_PER_CLASS, CLASSES = 32, 8, 4, 2
 # Every image used as is (full-image crop, no flip) and one loader thread: the runs differ only in how the
 # batches are spread over processes.
-DETERMINISTIC = ("data=folder", f"data.image_size={SIZE}", "model.depth=3", "data.batch_size=1",
+DETERMINISTIC = ("data=folder", f"data.image_size={SIZE}", "+model.depth=3", "data.batch_size=1",
                  "data.num_workers=1", "data.train_transform.scale=[1.0,1.0]",
                  "data.train_transform.ratio=[1.0,1.0]", "data.train_transform.hflip=0.0",
                  "data.eval_transform.crop_pct=1.0", "optim.schedule.warmup_epochs=0", "trainer.log_every_n_steps=1")

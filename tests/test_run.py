@@ -14,12 +14,15 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 from omegaconf import DictConfig, OmegaConf
 
+from conformer import weights
 from conformer.models import create_model
-from conformer.runtime import check_interrupted, interruptible
+from conformer.signals import check_interrupted, interruptible
 from conformer.tracking import flatten_config
 from conformer.train.checkpoint import load_weights, read_checkpoint
+from conformer.validation import ConfigError, validate_config
 
 from .helpers import (
+    compose_config,
     mlflow_server,
     run_py,
     sqlite_uri,
@@ -64,7 +67,13 @@ def trained(tmp_path_factory) -> Trained:
 def test_run_is_finished_with_the_config_as_params_and_tags(trained: Trained) -> None:
     run_ = trained.run
     assert run_.info.status == "FINISHED"
-    assert run_.data.params == flatten_config(trained.cfg)
+    # the composed config, plus the whole architecture of the variant (its defaults are not in the config)
+    assert flatten_config(trained.cfg).items() <= run_.data.params.items()
+    architecture = {k: v for k, v in run_.data.params.items() if k not in flatten_config(trained.cfg)}
+    assert architecture == {"model.patch_size": "16", "model.in_chans": "3", "model.base_channel": "64",
+                            "model.channel_ratio": "1", "model.num_med_block": "0", "model.embed_dim": "96",
+                            "model.num_heads": "4", "model.mlp_ratio": "4.0", "model.qkv_bias": "True",
+                            "model.qk_scale": "None", "model.drop_rate": "0.0", "model.attn_drop_rate": "0.0"}
     assert run_.data.params["optim.optimizer.weight_decay"] == "0.05"
     assert (run_.data.params["model.embed_dim"], run_.data.params["model.depth"]) == ("96", "3")
     assert run_.data.params["data.source.root"] == str(trained.cfg.data.source.root)
@@ -119,6 +128,34 @@ def test_checkpoints_hold_the_training_state(trained: Trained) -> None:
     _, best = read_checkpoint(trained.run_dir / "checkpoints" / "best.ckpt")
     assert best["epoch"] == extra["best_epoch"]
     assert best["metrics"]["val/top1_sum"] == trained.objective
+
+
+def test_an_mlflow_run_id_names_its_checkpoints(trained: Trained, tmp_path_factory) -> None:
+    run_id, root, tracking = trained.run.info.run_id, Path(trained.cfg.paths.root), trained.cfg.tracking
+    checkpoints = trained.run_dir / "checkpoints"
+    assert weights.resolve(f"mlflow:{run_id}", tracking, root) == checkpoints / "best.ckpt"
+    assert weights.resolve(f"mlflow:{run_id}", tracking, root, "last.ckpt") == checkpoints / "last.ckpt"
+    hidden = checkpoints.with_name("moved-away")  # a run dir that is gone: the artifacts serve
+    checkpoints.rename(hidden)
+    try:
+        downloaded = weights.resolve(f"mlflow:{run_id}", tracking, root)
+        assert downloaded.read_bytes() == (hidden / "best.ckpt").read_bytes()
+        assert downloaded.is_relative_to(root / ".cache" / "mlflow" / run_id)
+    finally:
+        hidden.rename(checkpoints)
+
+    # task=eval on the run's best weights, by run id, through the app
+    data_root = tiny_folder(tmp_path_factory.getbasetemp())
+    _, eval_dir, objective = train_in_process(root, data_root, "task=eval", f"task.checkpoint=mlflow:{run_id}",
+                                              run_name="eval-by-run-id")
+    assert objective == pytest.approx(trained.objective, abs=1e-9)  # best.ckpt on the same val images
+    eval_run = next(r for r in trained.client.search_runs([trained.run.info.experiment_id])
+                    if r.data.tags.get("task") == "eval")
+    assert eval_run.data.tags["weights"] == str(checkpoints / "best.ckpt") and eval_run.info.status == "FINISHED"
+    for spec, message in ((f"mlflow:{'0' * 32}", f"no MLflow run {'0' * 32}"), ("mlflow:", "give the run id")):
+        with pytest.raises(ConfigError, match=message):
+            validate_config(compose_config(tiny_overrides(root, data_root, f"tracking.uri={store_uri(root)}",
+                                                          "task=eval", f"task.checkpoint={spec}")))
 
 
 def test_diverging_run_ends_failed(trained: Trained, tmp_path_factory) -> None:
@@ -191,7 +228,7 @@ def test_cli_trains_digits_into_one_run_dir_and_a_tracking_server(tmp_path: Path
     digits = tmp_path_factory.getbasetemp() / "digits"  # one materialised copy for the whole session
     (tmp_path / "server").mkdir()
     with mlflow_server(tmp_path / "server") as url:
-        args = [f"data.source.root={digits}", "data.image_size=16", "model.depth=3", "trainer.epochs=1",
+        args = [f"data.source.root={digits}", "data.image_size=16", "+model.depth=3", "trainer.epochs=1",
                 f"tracking.uri={url}", "tracking.experiment_name=cli"]
         proc = run_py(args, tmp_path)
         try:

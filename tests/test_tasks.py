@@ -20,10 +20,10 @@ from PIL import Image
 
 from conformer.app import run
 from conformer.convert import load_official_weights
-from conformer.data.folders import DigitsSource
+from conformer.data.sources import DigitsSource
 from conformer.data.transforms import EvalTransform
 from conformer.models import create_model
-from conformer.runtime import build_data
+from conformer.tasks.common import build_data
 from conformer.tasks.export import ExportNetwork, make_onnx_compatible
 from conformer.tasks.predict import class_names
 from conformer.tracking import default_tracking_uri
@@ -130,8 +130,8 @@ def checkpoint(root: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def official_eval(root: Path) -> tuple[float, Path, dict]:
-    """task=eval of the official reference weights (converted on load) through model.pretrained."""
-    objective, run_dir = run_task(root, "eval", f"model.pretrained={TINY_STATE}")
+    """task=eval of the official reference weights (converted on load)."""
+    objective, run_dir = run_task(root, "eval", f"task.checkpoint={TINY_STATE}")
     return objective, run_dir, json.loads((run_dir / "eval_metrics.json").read_text())
 
 
@@ -145,7 +145,7 @@ def test_eval_of_official_weights_matches_a_manual_computation(root: Path, offic
         assert 0.0 <= metrics[f"val/top1_{head}"] <= metrics[f"val/top5_{head}"] <= 100.0
 
     # the same val images through the reference network, scored in numpy
-    data = build_data(compose_cfg(root, f"model.pretrained={TINY_STATE}"))
+    data = build_data(compose_cfg(root))
     network = nano()
     load_official_weights(network, TINY_STATE)
     network.set_train(False)
@@ -189,7 +189,7 @@ def test_eval_of_ema_weights_uses_the_ema_copy(root: Path, official_eval) -> Non
 # ---------------------------------------------------------------------------------------------------- export
 def test_export_mindir_round_trip_gives_the_reference_logits(root: Path) -> None:
     io = np.load(REFERENCE / "tiny_io.npz")
-    _, run_dir = run_task(root, "export", f"model.pretrained={TINY_STATE}", "data.image_size=64",
+    _, run_dir = run_task(root, "export", f"task.checkpoint={TINY_STATE}", "data.image_size=64",
                           "task.batch_size=2", "task.output=both")
     path = run_dir / "conformer_nano.mindir"
     assert path.is_file()
@@ -312,7 +312,8 @@ def broken_png(tmp_path: Path) -> Path:
     ("predict", [f"task.checkpoint={TINY_STATE}", "task.inputs={tmp}/*.jpg"], ConfigError, "matches no image"),
     ("predict", [f"task.checkpoint={TINY_STATE}", "task.inputs={tmp}"], ValueError, "cannot read 1 of 2"),
     ("predict", [f"task.checkpoint={TINY_STATE}", "task.inputs={tmp}", "task.topk=0"], ConfigError,
-     "task.topk=0 must be a positive integer"),
+     "task.topk=0 must be an integer >= 1"),
+    ("eval", [f"model.pretrained={TINY_STATE}"], ConfigError, "model.pretrained is where a training starts"),
     ("predict", [f"task.checkpoint={TINY_STATE}", "task.inputs={tmp}/good.png", "task.classes={tmp}/names.txt"],
      ConfigError, "the weights have 10 classes but 3 class names"),
 ])

@@ -14,22 +14,16 @@ from typing import Union
 
 import mindspore.dataset as ds
 
-from conformer.data.folders import Source
 from conformer.data.mixup import Mixup
 from conformer.data.sampler import ShardSampler, train_shard_length
+from conformer.data.sources import Source
 from conformer.data.transforms import EvalTransform, Stage, TrainTransform
+from conformer.validation import require_int
 
-__all__ = ["PATCH_MULTIPLE", "DataModule"]
+__all__ = ["DataModule"]
 
-PATCH_MULTIPLE = 16  # the Conformer's patch embedding downsamples by 16
 COLUMNS = ["image", "label"]
 MixupSpec = Union[Mixup, Callable[..., Mixup], None]
-
-
-def _positive_int(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"data.{name}={value!r} must be a positive integer")
-    return value
 
 
 class DataModule:
@@ -41,27 +35,23 @@ class DataModule:
                  mixup: MixupSpec = None, repeated_aug: int = 1, drop_last: bool = True,
                  seed: int = 0) -> None:
         if not isinstance(source, Source):
-            raise TypeError(f"data.source must be a data source (e.g. conformer.data.folders."
+            raise TypeError(f"data.source must be a data source (e.g. conformer.data.sources."
                             f"ImageFolderSource with a _target_), got {type(source).__name__}: {source!r}")
         for kind, transform in (("train_transform", train_transform), ("eval_transform", eval_transform)):
             if not hasattr(transform, "stages"):
                 raise TypeError(f"data.{kind} must be a TrainTransform/EvalTransform (give it a "
                                 f"_target_), got {type(transform).__name__}")
         self.name, self.source = name, source
-        self.image_size = _positive_int(image_size, "image_size")
-        if image_size % PATCH_MULTIPLE:
-            nearest = max(PATCH_MULTIPLE, round(image_size / PATCH_MULTIPLE) * PATCH_MULTIPLE)
-            raise ValueError(f"data.image_size={image_size} must be a multiple of {PATCH_MULTIPLE} (the "
-                             f"patch size), e.g. {nearest}")
+        self.image_size = require_int(image_size, "data.image_size")
         for kind, transform in (("train_transform", train_transform), ("eval_transform", eval_transform)):
             if transform.image_size != image_size:
                 raise ValueError(f"data.{kind}.image_size={transform.image_size} differs from "
                                  f"data.image_size={image_size}: set it to ${{data.image_size}}")
         self.train_transform, self.eval_transform = train_transform, eval_transform
-        self.batch_size = _positive_int(batch_size, "batch_size")
-        self.eval_batch_size = _positive_int(eval_batch_size or batch_size, "eval_batch_size")
-        self.num_workers = min(_positive_int(num_workers, "num_workers"), os.cpu_count() or 1)
-        self.repeated_aug = _positive_int(repeated_aug, "repeated_aug")
+        self.batch_size = require_int(batch_size, "data.batch_size")
+        self.eval_batch_size = require_int(eval_batch_size or batch_size, "data.eval_batch_size")
+        self.num_workers = min(require_int(num_workers, "data.num_workers"), os.cpu_count() or 1)
+        self.repeated_aug = require_int(repeated_aug, "data.repeated_aug")
         self.drop_last, self.seed = bool(drop_last), int(seed)
         if num_classes is not None and num_classes != source.num_classes:
             raise ValueError(f"data.num_classes={num_classes} but {source!r} has {source.num_classes} "
@@ -97,7 +87,7 @@ class DataModule:
 
     def steps_per_epoch(self, world_size: int = 1) -> int:
         """Train batches per epoch on each device (the global batch is ``batch_size * world_size``)."""
-        per_rank = train_shard_length(self.train_size, _positive_int(world_size, "world_size"))
+        per_rank = train_shard_length(self.train_size, require_int(world_size, "world_size"))
         steps = per_rank // self.batch_size if self.drop_last else math.ceil(per_rank / self.batch_size)
         if steps == 0:
             raise ValueError(f"the train split of {self.name!r} gives {per_rank} samples per device "
@@ -134,7 +124,7 @@ class DataModule:
 
     def val_loader(self, rank: int = 0, world_size: int = 1) -> ds.Dataset:
         """Rank ``rank``'s share of the val split (no padding, no duplicates), in file order."""
-        if self.val_size < _positive_int(world_size, "world_size"):
+        if self.val_size < require_int(world_size, "world_size"):
             raise ValueError(f"the val split of {self.name!r} has {self.val_size} samples, fewer than "
                              f"world_size={world_size}: every device needs at least one")
         sampler = ShardSampler(self.val_size, rank, world_size, train=False)

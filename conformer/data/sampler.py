@@ -93,9 +93,5 @@ class ShardSampler(ds.Sampler):
     def __iter__(self):
         return iter(self.indices())
 
-    def set_epoch(self, epoch: int) -> None:
-        """Jump to ``epoch`` (before a pipeline is iterated)."""
-        self.epoch = int(epoch)
-
     def reset(self) -> None:
         self.epoch += 1

@@ -20,6 +20,7 @@ import numpy as np
 from mindspore.dataset.vision import Inter
 
 from conformer.data.erasing import RandomErasing
+from conformer.validation import require_int
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "INTERPOLATIONS", "EvalTransform", "ResizeCenterCrop", "Stage",
            "TrainTransform"]
@@ -33,12 +34,6 @@ def _interpolation(name: str) -> Inter:
     if name not in INTERPOLATIONS:
         raise ValueError(f"interpolation={name!r} is not supported: use one of {sorted(INTERPOLATIONS)}")
     return INTERPOLATIONS[name]
-
-
-def _positive_size(image_size: int) -> int:
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size <= 0:
-        raise ValueError(f"image_size={image_size!r} must be a positive integer (e.g. 224)")
-    return image_size
 
 
 def _triple(values: Sequence[float], name: str) -> tuple[float, float, float]:
@@ -129,7 +124,7 @@ class TrainTransform(_Normalised):
                  re_count: int = 1, mean: Sequence[float] = IMAGENET_MEAN,
                  std: Sequence[float] = IMAGENET_STD) -> None:
         super().__init__(mean, std)
-        self.image_size = _positive_size(image_size)
+        self.image_size = require_int(image_size, "image_size", hint="e.g. 224")
         self.scale, self.ratio = _pair(scale, "scale"), _pair(ratio, "ratio")
         if self.scale[1] > 1.0:
             raise ValueError(f"scale={self.scale} is a fraction of the image area: max must be <= 1")
@@ -179,7 +174,7 @@ class EvalTransform(_Normalised):
     def __init__(self, image_size: int, crop_pct: float = 0.875, interpolation: str = "bicubic",
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> None:
         super().__init__(mean, std)
-        self.image_size = _positive_size(image_size)
+        self.image_size = require_int(image_size, "image_size", hint="e.g. 224")
         if not 0.0 < crop_pct <= 1.0:
             raise ValueError(f"crop_pct={crop_pct} must be in (0, 1] (0.875 is the ImageNet convention)")
         self.crop_pct = float(crop_pct)

@@ -1,13 +1,19 @@
-"""Conformer models and their named variants."""
-from conformer.models.conformer_net import Conformer, validate_image_size
-from conformer.models.registry import (
-    VARIANTS,
-    build_model,
-    create_model,
-    load_pretrained,
-    model_names,
-    variant_kwargs,
-)
+"""Conformer models: the network (`conformer_net`, MindSpore) and its named variants (`registry`, plain Python).
 
-__all__ = ["Conformer", "VARIANTS", "build_model", "create_model", "load_pretrained", "model_names",
-           "validate_image_size", "variant_kwargs"]
+`Conformer` and `create_model` load MindSpore on first use, so the config checks can read the registry without it.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from conformer.models.registry import VARIANTS, model_names, variant_kwargs
+
+__all__ = ["VARIANTS", "Conformer", "create_model", "model_names", "variant_kwargs"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("Conformer", "create_model"):
+        from conformer.models import conformer_net
+
+        return getattr(conformer_net, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -10,10 +10,13 @@ released weights load one to one (see `conformer.convert`).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common import initializer as init
+
+from conformer.models.registry import check_architecture, model_arguments, nearest_image_size, valid_image_size
 
 # BatchNorm and LayerNorm inside the blocks use eps 1e-6; the stem BN and the final LayerNorm use 1e-5.
 BLOCK_NORM_EPS = 1e-6
@@ -250,8 +253,8 @@ class Conformer(nn.Cell):
                  drop_rate: float = 0.0, attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
                  img_size: int | None = 224) -> None:
         super().__init__()
-        validate_architecture(patch_size=patch_size, num_classes=num_classes, embed_dim=embed_dim, depth=depth,
-                              num_heads=num_heads, drop_path_rate=drop_path_rate, img_size=img_size)
+        check_architecture(patch_size=patch_size, num_classes=num_classes, embed_dim=embed_dim, depth=depth,
+                           num_heads=num_heads, drop_path_rate=drop_path_rate, img_size=img_size)
         self.num_classes = num_classes
         self.patch_size = patch_size
         self.embed_dim = embed_dim
@@ -326,7 +329,9 @@ class Conformer(nn.Cell):
             raise ValueError(f"expected images shaped [batch, {self.in_chans}, H, W], got {list(shape)}")
         if shape[2] != shape[3]:
             raise ValueError(f"expected square images, got {shape[2]}x{shape[3]}")
-        validate_image_size(shape[2], self.patch_size)
+        if not valid_image_size(shape[2], self.patch_size):
+            raise ValueError(f"image size {shape[2]} is not a positive multiple of the patch size {self.patch_size}: "
+                             f"use e.g. {nearest_image_size(shape[2], self.patch_size)}")
 
     def forward_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Return the final CNN feature map and the normalised token sequence."""
@@ -348,25 +353,7 @@ class Conformer(nn.Cell):
         return conv_logits, trans_logits
 
 
-def validate_architecture(*, patch_size: int, num_classes: int, embed_dim: int, depth: int, num_heads: int,
-                          drop_path_rate: float, img_size: int | None) -> None:
-    """Raise a ValueError naming the first impossible constructor argument."""
-    if patch_size not in (16, 32):
-        raise ValueError(f"patch_size must be 16 or 32 (the official variants), got {patch_size}")
-    if depth <= 0 or depth % 3:
-        raise ValueError(f"depth must be a positive multiple of 3 (three stages), got {depth}")
-    if embed_dim <= 0 or num_heads <= 0 or embed_dim % num_heads:
-        raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
-    if num_classes <= 0:
-        raise ValueError(f"num_classes must be positive, got {num_classes}")
-    if not 0.0 <= drop_path_rate < 1.0:
-        raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
-    if img_size is not None:
-        validate_image_size(img_size, patch_size)
-
-
-def validate_image_size(img_size: int, patch_size: int = 16) -> None:
-    if img_size <= 0 or img_size % patch_size:
-        raise ValueError(
-            f"image size {img_size} is not a positive multiple of the patch size {patch_size}: the CNN branch "
-            f"and the token grid must align (e.g. use {max(patch_size, round(img_size / patch_size) * patch_size)})")
+def create_model(name: str, **overrides: Any) -> Conformer:
+    """Build a named variant (conformer.models.registry); keyword arguments override its constructor arguments
+    (num_classes, img_size, drop_path_rate, ...). The Hydra target of `conf/model/*.yaml`."""
+    return Conformer(**model_arguments(name, overrides))

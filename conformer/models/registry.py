@@ -1,23 +1,34 @@
-"""Named Conformer variants: the official configurations plus `conformer_nano` for CPU tests."""
+"""Named Conformer variants and the rules of the architecture: plain Python, no MindSpore.
+
+Each variant is the official `Conformer_*` constructor's arguments; `conformer_nano` is the reference code's small
+config, for CPU tests and the embedded default. `conf/model/<name>.yaml` names a variant and the few keys a user
+overrides; any other constructor argument can be added from the command line (`+model.depth=9`). The config
+checks read the architecture from here, before MindSpore is imported.
+"""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
-from conformer.models.conformer_net import Conformer
+# Constructor arguments of `conformer.models.conformer_net.Conformer`, with their defaults.
+CONSTRUCTOR_DEFAULTS: dict[str, Any] = dict(
+    patch_size=16, in_chans=3, num_classes=1000, base_channel=64, channel_ratio=4, num_med_block=0, embed_dim=768,
+    depth=12, num_heads=12, mlp_ratio=4.0, qkv_bias=False, qk_scale=None, drop_rate=0.0, attn_drop_rate=0.0,
+    drop_path_rate=0.0, img_size=224)
 
-# Constructor arguments of each variant (the official `Conformer_*` functions), by name.
 VARIANTS: dict[str, dict[str, Any]] = {
-    "conformer_nano": dict(patch_size=16, channel_ratio=1, embed_dim=96, depth=6, num_heads=4, mlp_ratio=4,
+    "conformer_nano": dict(patch_size=16, channel_ratio=1, embed_dim=96, depth=6, num_heads=4, mlp_ratio=4.0,
                            qkv_bias=True),
-    "conformer_ti": dict(patch_size=16, channel_ratio=1, embed_dim=384, depth=12, num_heads=6, mlp_ratio=4,
+    "conformer_ti": dict(patch_size=16, channel_ratio=1, embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.0,
                          qkv_bias=True),
-    "conformer_s": dict(patch_size=16, channel_ratio=4, embed_dim=384, depth=12, num_heads=6, mlp_ratio=4,
+    "conformer_s": dict(patch_size=16, channel_ratio=4, embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.0,
                         qkv_bias=True),
-    "conformer_s32": dict(patch_size=32, channel_ratio=4, embed_dim=384, depth=12, num_heads=6, mlp_ratio=4,
+    "conformer_s32": dict(patch_size=32, channel_ratio=4, embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.0,
                           qkv_bias=True),
-    "conformer_b": dict(patch_size=16, channel_ratio=6, embed_dim=576, depth=12, num_heads=9, mlp_ratio=4,
+    "conformer_b": dict(patch_size=16, channel_ratio=6, embed_dim=576, depth=12, num_heads=9, mlp_ratio=4.0,
                         qkv_bias=True),
 }
+PATCH_SIZES = (16, 32)
 
 
 def model_names() -> list[str]:
@@ -31,34 +42,47 @@ def variant_kwargs(name: str) -> dict[str, Any]:
     return dict(VARIANTS[name])
 
 
-def create_model(name: str, **overrides: Any) -> Conformer:
-    """Build a named variant; keyword arguments override its defaults (num_classes, drop_path_rate, ...)."""
-    return Conformer(**{**variant_kwargs(name), **overrides})
+def model_arguments(name: str, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Every constructor argument of variant `name` with `overrides` applied; unknown keys are a ValueError."""
+    overrides = dict(overrides or {})
+    unknown = sorted(set(overrides) - set(CONSTRUCTOR_DEFAULTS))
+    if unknown:
+        raise ValueError(f"model.{unknown[0]} is not a Conformer argument; choose from "
+                         f"{', '.join(CONSTRUCTOR_DEFAULTS)}")
+    return {**CONSTRUCTOR_DEFAULTS, **variant_kwargs(name), **overrides}
 
 
-def build_model(name: str | None = None, pretrained: str | None = None, **kwargs: Any) -> Conformer:
-    """Hydra entry point (`conf/model/*.yaml`): a Conformer from explicit arguments, optionally pretrained.
-
-    `name` only labels the variant; `pretrained` is a MindSpore `.ckpt` or official `.pth`/`.npz` weights.
-    """
-    model = Conformer(**kwargs)
-    if pretrained:
-        load_pretrained(model, pretrained)
-    return model
+def valid_image_size(img_size: int, patch_size: int) -> bool:
+    """The CNN branch and the token grid align only for positive multiples of the patch size."""
+    return img_size > 0 and img_size % patch_size == 0
 
 
-def load_pretrained(model: Conformer, path: str) -> None:
-    """Load weights by file type: our own checkpoints, or the official PyTorch ones (converted on the fly)."""
-    from pathlib import Path
+def nearest_image_size(img_size: int, patch_size: int) -> int:
+    return max(patch_size, round(img_size / patch_size) * patch_size)
 
-    source = Path(path).expanduser()
-    if not source.is_file():
-        raise FileNotFoundError(f"model.pretrained={path}: no such file")
-    if source.suffix == ".ckpt":
-        from conformer.train.checkpoint import load_weights
 
-        load_weights(source, model, strict=True)
-    else:
-        from conformer.convert import load_official_weights
+def architecture_problem(*, patch_size: int, num_classes: int, embed_dim: int, depth: int, num_heads: int,
+                         drop_path_rate: float, img_size: int | None, **_: Any) -> tuple[str, str] | None:
+    """The first impossible constructor argument as (name, what it must be), or None."""
+    if patch_size not in PATCH_SIZES:
+        return "patch_size", "16 or 32 (the official variants)"
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth <= 0 or depth % 3:
+        return "depth", "a positive multiple of 3"
+    if embed_dim <= 0 or num_heads <= 0 or embed_dim % num_heads:
+        return "embed_dim", f"divisible by num_heads ({num_heads})"
+    if num_classes is not None and num_classes <= 0:
+        return "num_classes", "positive"
+    if not 0.0 <= drop_path_rate < 1.0:
+        return "drop_path_rate", "in [0, 1)"
+    if img_size is not None and not valid_image_size(img_size, patch_size):
+        return "img_size", (f"a positive multiple of the patch size {patch_size}: the CNN branch and the token grid "
+                            f"must align (e.g. {nearest_image_size(img_size, patch_size)})")
+    return None
 
-        load_official_weights(model, source)
+
+def check_architecture(**arguments: Any) -> None:
+    """Raise a ValueError naming the first impossible constructor argument."""
+    problem = architecture_problem(**arguments)
+    if problem:
+        name, what = problem
+        raise ValueError(f"{name} must be {what}, got {arguments[name]!r}")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from hydra.utils import instantiate
 
-from conformer.runtime import RunContext, build_data, build_trained_network, open_run, task_tracker, task_weights
+from conformer.tasks.common import RunContext, build_data, open_run, task_tracker, trained_network
 from conformer.train.trainer import HEADS, EvalStep, evaluate_batches
 
 log = logging.getLogger(__name__)
@@ -24,18 +24,16 @@ def format_metrics(metrics: dict[str, float]) -> str:
 
 
 def evaluate(ctx: RunContext) -> float:
-    """Evaluate `task.checkpoint` (or `model.pretrained`) on the val split; returns val/top1_sum."""
+    """Evaluate `task.checkpoint` on the val split; returns val/top1_sum."""
     cfg, group = ctx.cfg, ctx.group
-    weights = task_weights(cfg)
     data = build_data(cfg)
-    network = build_trained_network(cfg, weights, data.num_classes)
-    network.check_input_shape((data.eval_batch_size, network.in_chans, data.image_size, data.image_size))
+    network, weights = trained_network(ctx, data.num_classes)
     evaluator = EvalStep(network, instantiate(cfg.loss, label_smoothing=0.0), data.num_classes)
     ema = bool(cfg.task.get("ema"))
 
     tracker = task_tracker(ctx)
     with tracker:
-        open_run(tracker, ctx, "eval", extra_tags={"weights": weights, "ema": ema})
+        open_run(tracker, ctx, extra_tags={"weights": weights, "ema": ema})
         start = time.perf_counter()
         batches = data.val_loader(group.rank, group.world_size).create_tuple_iterator(num_epochs=1)
         metrics = evaluate_batches(evaluator, batches, group)

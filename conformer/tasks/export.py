@@ -8,19 +8,10 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
 
-from conformer.runtime import (
-    RunContext,
-    build_trained_network,
-    open_run,
-    task_tracker,
-    task_weights,
-    weights_num_classes,
-)
-from conformer.validation import ConfigError
+from conformer.tasks.common import RunContext, open_run, task_tracker, trained_network
+from conformer.validation import EXPORT_OUTPUTS, EXPORT_SUFFIXES
 
 log = logging.getLogger(__name__)
-SUFFIXES = {"MINDIR": ".mindir", "ONNX": ".onnx", "AIR": ".air"}
-OUTPUTS = ("sum", "both")
 
 
 class ExportNetwork(nn.Cell):
@@ -28,8 +19,8 @@ class ExportNetwork(nn.Cell):
 
     def __init__(self, network: nn.Cell, output: str = "sum") -> None:
         super().__init__(auto_prefix=False)  # keep the network's parameter names
-        if output not in OUTPUTS:
-            raise ValueError(f"output={output!r}; choose one of {', '.join(OUTPUTS)}")
+        if output not in EXPORT_OUTPUTS:
+            raise ValueError(f"output={output!r}; choose one of {', '.join(EXPORT_OUTPUTS)}")
         self.network = network
         self.both = output == "both"
 
@@ -77,40 +68,21 @@ def make_onnx_compatible(network: nn.Cell) -> int:
     return swapped
 
 
-def export_options(task, device_target: str) -> tuple[str, int, str]:
-    """(format, batch size, output) from the task config; impossible values are ConfigErrors."""
-    fmt = str(task.format).upper()
-    if fmt not in SUFFIXES:
-        raise ConfigError(f"task.format={task.format!r}; choose one of {', '.join(SUFFIXES)}")
-    if fmt == "AIR" and device_target != "Ascend":
-        raise ConfigError(f"task.format=AIR needs an Ascend device (hardware=ascend), this run uses "
-                          f"{device_target}: export MINDIR or ONNX instead")
-    batch = task.batch_size
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        raise ConfigError(f"task.batch_size={batch!r} must be a positive integer (the exported input's batch)")
-    if task.output not in OUTPUTS:
-        raise ConfigError(f"task.output={task.output!r}; choose sum (the prediction) or both (the two heads)")
-    return fmt, batch, task.output
-
-
 def export_path(file: str | None, run_dir: Path, model_name: str | None, fmt: str) -> Path:
     """The file MindSpore writes: `file` (or <run_dir>/<model name>) with the format's suffix."""
-    suffix = SUFFIXES[fmt]
+    suffix = EXPORT_SUFFIXES[fmt]
     base = Path(file).expanduser() if file else run_dir / (model_name or "conformer")
     return base if base.suffix.lower() == suffix else base.with_name(base.name + suffix)
 
 
 def export(ctx: RunContext) -> None:
-    """Export `task.checkpoint` (or `model.pretrained`) as configured; only the main process writes."""
+    """Export `task.checkpoint` as configured (checked by conformer.validation); only the main process writes."""
     cfg = ctx.cfg
-    fmt, batch, output = export_options(cfg.task, cfg.hardware.device_target)
-    weights = task_weights(cfg)
+    fmt, output = str(cfg.task.format).upper(), cfg.task.output
     if not ctx.group.is_main:
         return None
-    size = int(cfg.data.image_size)
-    network = build_trained_network(cfg, weights, weights_num_classes(weights))  # the weights say, not the data
-    shape = (batch, network.in_chans, size, size)
-    network.check_input_shape(shape)
+    network, weights = trained_network(ctx)  # the class count comes from the weights, not the data
+    shape = (cfg.task.batch_size, network.in_chans, cfg.data.image_size, cfg.data.image_size)
     if fmt == "ONNX":
         log.info("ONNX: swapped %d cells for exportable equivalents", make_onnx_compatible(network))
     path = export_path(cfg.task.file, ctx.run_dir, cfg.model.name, fmt)
@@ -118,7 +90,7 @@ def export(ctx: RunContext) -> None:
 
     tracker = task_tracker(ctx)
     with tracker:
-        open_run(tracker, ctx, "export", extra_tags={"weights": weights, "format": fmt, "output": output})
+        open_run(tracker, ctx, extra_tags={"weights": weights, "format": fmt, "output": output})
         # file_name keeps its suffix: MindSpore adds one only when it is missing
         ms.export(ExportNetwork(network, output), Tensor(np.zeros(shape, np.float32)), file_name=str(path),
                   file_format=fmt)

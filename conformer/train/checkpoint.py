@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any, Protocol, Union
 
 import mindspore as ms
-from mindspore import Parameter, Tensor, nn
+import numpy as np
+from mindspore import Parameter, Tensor, nn, ops
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,6 @@ OPTIMIZER_PREFIX = "optimizer."
 EMA_PREFIX = "ema."
 META_PREFIX = "meta."
 META_JSON = META_PREFIX + "json"
-
 
 
 class HasParameters(Protocol):
@@ -209,6 +209,18 @@ def load_weights(path: Path | str, network: nn.Cell, strict: bool = True,
             raise KeyError(f"{path} holds no EMA weights: train with EMA enabled or load without ema=True")
     _load_network(tensors, network, path, strict)
     return extra
+
+
+def assign_in_place(param: Parameter, value: Tensor | np.ndarray) -> None:
+    """Write `value` into `param`'s existing buffer.
+
+    A graph compiled before `Parameter.set_data` / `load_param_into_net` keeps using the old buffer (measured
+    for optimizer state and lrs); an in-place assign is seen by every compiled graph.
+    """
+    array = np.asarray(value.asnumpy() if isinstance(value, Tensor) else value)
+    if array.shape != tuple(param.shape):
+        raise ValueError(f"{param.name}: got shape {array.shape}, expected {tuple(param.shape)}.")
+    ops.assign(param, Tensor(array, param.dtype))
 
 
 # ---------------------------------------------------------------------------------------------------- manager

@@ -7,7 +7,7 @@ from contextlib import contextmanager
 import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
-from conformer.train.step import assign_in_place
+from conformer.train.checkpoint import assign_in_place
 
 _lerp = ops.MultitypeFuncGraph("ema_lerp")
 _copy = ops.MultitypeFuncGraph("ema_copy")

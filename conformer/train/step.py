@@ -8,15 +8,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import mindspore as ms
-import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.experimental import optim
+
+from conformer.train.checkpoint import assign_in_place
+from conformer.validation import AMP_LEVELS, LOSS_SCALES
 
 if TYPE_CHECKING:
     from conformer.train.ema import ModelEma
 
-LOSS_SCALES = ("none", "static", "dynamic")
-AMP_LEVELS = ("O0", "O1", "O2", "O3")
 
 _mul_by = ops.MultitypeFuncGraph("mul_by")
 _div_by = ops.MultitypeFuncGraph("div_by")
@@ -64,18 +64,6 @@ class StepResult:
     overflow: bool
     loss_scale: float
     applied: bool
-
-
-def assign_in_place(param: Parameter, value: Tensor | np.ndarray) -> None:
-    """Write `value` into `param`'s existing buffer.
-
-    A graph compiled before `Parameter.set_data` / `load_param_into_net` keeps using the old buffer (measured
-    for optimizer state and lrs); an in-place assign is seen by every compiled graph.
-    """
-    array = np.asarray(value.asnumpy() if isinstance(value, Tensor) else value)
-    if array.shape != tuple(param.shape):
-        raise ValueError(f"{param.name}: got shape {array.shape}, expected {tuple(param.shape)}.")
-    ops.assign(param, Tensor(array, param.dtype))
 
 
 def apply_amp(network: nn.Cell, level: str = "O0", workdir: str | Path | None = None) -> nn.Cell:

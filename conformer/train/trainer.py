@@ -1,22 +1,26 @@
-"""The training loop: per-iteration lr, compiled steps, evaluation of both heads, checkpoints, metrics."""
+"""The training loop: built from `conf/trainer/` (`_target_`), it owns the step, the lr schedule, evaluation of
+both heads, EMA, checkpoints and resuming."""
 from __future__ import annotations
 
 import logging
 import math
+import shutil
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
+from mindspore.experimental import optim
 
 from conformer.hardware import ProcessGroup, all_reduce_sum
 from conformer.optim import set_lr
-from conformer.runtime import check_interrupted
-from conformer.train.checkpoint import CheckpointManager, TrainState
+from conformer.signals import check_interrupted
+from conformer.train.checkpoint import CheckpointManager, TrainState, read_checkpoint
 from conformer.train.ema import ModelEma
 from conformer.train.step import TrainStep
 
@@ -71,13 +75,6 @@ def eval_metrics(sums: np.ndarray, prefix: str = "val") -> dict[str, float]:
     return metrics
 
 
-@dataclass
-class TrainerConfig:
-    epochs: int
-    log_every_n_steps: int = 10
-    eval_every_n_epochs: int = 1
-
-
 class Throughput:
     """Images per second over a sliding window of steps."""
 
@@ -96,25 +93,77 @@ class Throughput:
 
 
 class Trainer:
-    """Runs epochs of `step` over `train_loader`, evaluates, checkpoints on rank 0 and reports to `tracker`."""
+    """Trains `network` on `data` for `epochs`, evaluates every epoch, checkpoints on rank 0, reports to `tracker`.
 
-    def __init__(self, *, step: TrainStep, evaluator: EvalStep, lr_values: np.ndarray, data, group: ProcessGroup,
-                 checkpoints: CheckpointManager, tracker, config: TrainerConfig, ema: ModelEma | None = None) -> None:
-        self.step, self.evaluator, self.lr_values = step, evaluator, lr_values
-        self.data, self.group, self.checkpoints, self.tracker = data, group, checkpoints, tracker
-        self.config, self.ema = config, ema
-        self.history: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    Built by Hydra from `conf/trainer/*.yaml` (`_partial_`), then completed by the train task with the components.
+    `optimizer(network, lr=...)` and `schedule(epochs=..., steps_per_epoch=..., global_batch=...)` are factories
+    (`conf/optim/`): the trainer computes, once, the steps per epoch and the global batch (images per optimizer
+    update: batch_size x world size x grad_accum_steps) they need. `resume` (a `last.ckpt`) restores weights,
+    optimizer, EMA, epoch, step and best metric before the step is compiled.
+    """
+
+    def __init__(self, *, network: nn.Cell, loss_fn: nn.Cell, eval_loss_fn: nn.Cell,
+                 optimizer: Callable[..., optim.Optimizer], schedule: Callable[..., Any], data: Any,
+                 group: ProcessGroup, run_dir: Path, tracker: Any, epochs: int, grad_accum_steps: int = 1,
+                 clip_grad_norm: float | None = None, loss_scale: str = "none", init_loss_scale: float = 65536,
+                 scale_factor: int = 2, scale_window: int = 2000, ema_decay: float | None = None,
+                 monitor: str = "val/top1_sum", monitor_mode: str = "max", log_every_n_steps: int = 10,
+                 resume: str | Path | None = None) -> None:
+        self.data, self.group, self.tracker = data, group, tracker
+        self.epochs, self.log_every_n_steps = int(epochs), int(log_every_n_steps)
         self.steps_per_epoch = data.steps_per_epoch(group.world_size)
-        self.global_batch = data.batch_size * group.world_size
+        if self.steps_per_epoch < grad_accum_steps:
+            raise ValueError(f"trainer.grad_accum_steps={grad_accum_steps} exceeds the {self.steps_per_epoch} steps "
+                             "of an epoch")
+        self.images_per_step = data.batch_size * group.world_size
+        self.global_batch = self.images_per_step * grad_accum_steps
+        self.schedule = schedule(epochs=self.epochs, steps_per_epoch=self.steps_per_epoch // grad_accum_steps,
+                                 global_batch=self.global_batch)
+        self.lr_values = self.schedule.values()
+        self.optimizer = optimizer(network, lr=self.schedule(0))
+        self.ema = ModelEma(network, decay=ema_decay) if ema_decay else None
+        self.checkpoints = CheckpointManager(Path(run_dir) / "checkpoints", monitor=monitor, mode=monitor_mode)
+        self.monitor = monitor
+        self.state = self._resume(Path(resume), network) if resume else TrainState()
+        self.step = TrainStep(network, loss_fn, self.optimizer, clip_grad_norm=clip_grad_norm, loss_scale=loss_scale,
+                              init_loss_scale=init_loss_scale, scale_factor=scale_factor, scale_window=scale_window,
+                              grad_accum_steps=grad_accum_steps, ema=self.ema)
+        self.evaluator = EvalStep(network, eval_loss_fn, data.num_classes)
+        self.history: dict[str, list[tuple[int, float]]] = defaultdict(list)
+
+    def _resume(self, path: Path, network: nn.Cell) -> TrainState:
+        """Restore a `last.ckpt` (the compiled step would not see later assignments), and carry its run's best."""
+        state = self.checkpoints.load(path, network, self.optimizer, self.ema)
+        self._carry_best(path.parent / self.checkpoints.best_path.name)
+        log.info("resumed from %s at epoch %d (best %s=%s)", path, state.epoch, self.monitor, state.best_metric)
+        return state
+
+    def _carry_best(self, source: Path) -> None:
+        """Copy the resumed run's best checkpoint into this run's dir when it is the best the resumed state knows.
+
+        A later, worse epoch then leaves it in place, and this run's `best.ckpt` is its best weights so far.
+        """
+        target, best_epoch = self.checkpoints.best_path, self.checkpoints.best_epoch
+        if best_epoch is None or not source.is_file() or source.resolve() == target.resolve():
+            return
+        _, extra = read_checkpoint(source)
+        if extra.get("epoch") != best_epoch:
+            log.warning("%s is from epoch %s, not the best epoch %s of the resumed run: not carried over", source,
+                        extra.get("epoch"), best_epoch)
+            return
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+        log.info("best checkpoint of epoch %d carried over from %s", best_epoch, source)
 
     def _log(self, metrics: dict[str, float], step: int) -> None:
         for key, value in metrics.items():
             self.history[key].append((step, value))
         self.tracker.log_metrics(metrics, step=step)
 
-    def fit(self, state: TrainState) -> TrainState:
-        """Train from `state` (epoch 0 for a fresh run) to `config.epochs`; returns the final state."""
-        epochs, start = self.config.epochs, state.epoch
+    def fit(self) -> TrainState:
+        """Train from the current state (epoch 0, or the resumed one) to `epochs`; returns the final state."""
+        state = self.state
+        epochs, start = self.epochs, state.epoch
         if start >= epochs:
             log.info("checkpoint is at epoch %d of %d: nothing left to train", start, epochs)
             return state
@@ -130,8 +179,8 @@ class Trainer:
             metrics["epoch_time_s"] = time.perf_counter() - t0
             self._log(metrics, step=step)  # the global step, so val curves line up with the train curves
             saved = self._checkpoint(epoch + 1, step, metrics)
-            state = TrainState(epoch=epoch + 1, step=step, best_metric=self.checkpoints.best_metric,
-                               best_epoch=self.checkpoints.best_epoch, metrics=metrics)
+            state = self.state = TrainState(epoch=epoch + 1, step=step, best_metric=self.checkpoints.best_metric,
+                                            best_epoch=self.checkpoints.best_epoch, metrics=metrics)
             log.info("epoch %d/%d  train loss %.4f  val loss %.4f  top-1 sum %.2f%%  conv %.2f%%  trans %.2f%%  "
                      "(%.1f s)%s", epoch + 1, epochs, train_loss, metrics["val/loss"], metrics["val/top1_sum"],
                      metrics["val/top1_conv"], metrics["val/top1_trans"], metrics["epoch_time_s"],
@@ -139,7 +188,7 @@ class Trainer:
         return state
 
     def _train_epoch(self, batches: Iterator, epoch: int, step: int) -> tuple[int, float]:
-        every = self.config.log_every_n_steps
+        every = self.log_every_n_steps
         meter, window_loss, window_norm, window_n, norm_n, epoch_loss, n = Throughput(), 0.0, 0.0, 0, 0, 0.0, 0
         for i, (images, targets) in enumerate(batches):
             check_interrupted()
@@ -151,7 +200,7 @@ class Trainer:
                 raise FloatingPointError(f"loss is {result.loss} at epoch {epoch + 1}, step {step}: lower the "
                                          "learning rate or enable trainer.clip_grad_norm / trainer.loss_scale")
             step += 1
-            meter.add(self.global_batch)
+            meter.add(self.images_per_step)
             if not result.overflow:  # overflow steps were skipped: their loss and inf norm say nothing
                 window_loss += result.loss
                 window_n += 1
@@ -166,8 +215,8 @@ class Trainer:
                            "train/grad_norm": window_norm / max(norm_n, 1), "train/loss_scale": result.loss_scale}
                 self._log(metrics, step=step)
                 left_in_epoch = self.steps_per_epoch - i - 1
-                left_total = left_in_epoch + (self.config.epochs - epoch - 1) * self.steps_per_epoch
-                per_step = self.global_batch / max(rate, 1e-9)
+                left_total = left_in_epoch + (self.epochs - epoch - 1) * self.steps_per_epoch
+                per_step = self.images_per_step / max(rate, 1e-9)
                 log.info("epoch %d step %d/%d  loss %.4f  lr %.3e  %.0f img/s  eta epoch %s, train %s", epoch + 1,
                          i + 1, self.steps_per_epoch, metrics["train/loss"], lr, rate,
                          _clock(left_in_epoch * per_step), _clock(left_total * per_step))

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from conformer.validation import IMAGE_EXTENSIONS
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "SPLITS",
@@ -28,7 +30,6 @@ __all__ = [
     "write_image_folder",
 ]
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 SPLITS = ("train", "val")
 Sample = tuple[str, int]
 

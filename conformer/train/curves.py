@@ -1,0 +1,57 @@
+"""Training curves as one PNG: a subplot per metric group (loss, lr, top-1 by head, ...)."""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+HEAD_SUFFIXES = ("_conv", "_trans", "_sum")
+
+
+def metric_group(key: str) -> str:
+    """"val/top1_conv" -> "top1", "train/loss" -> "loss", "lr" -> "lr": one subplot per group."""
+    name = key.rsplit("/", 1)[-1]
+    for suffix in HEAD_SUFFIXES:
+        if name.endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def plot_curves(history: Mapping[str, Sequence[tuple[int, float]]], path: Path) -> Path:
+    """PNG with one subplot per metric group, each key a line over steps."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not history:
+        raise ValueError("plot_curves needs at least one metric history, got an empty mapping")
+    groups: dict[str, list[str]] = {}
+    for key in history:
+        groups.setdefault(metric_group(key), []).append(key)
+    ncols = min(3, len(groups))
+    nrows = math.ceil(len(groups) / ncols)
+    fig = Figure(figsize=(5 * ncols, 3.6 * nrows), dpi=100)
+    FigureCanvasAgg(fig)  # Agg canvas attached to this figure only: no pyplot global state
+    for index, (group, keys) in enumerate(groups.items(), start=1):
+        ax = fig.add_subplot(nrows, ncols, index)
+        for key in keys:
+            steps, values = _unzip(history[key], key)
+            ax.plot(steps, values, label=key, marker="." if len(steps) < 30 else None)
+        ax.set_title(group)
+        ax.set_xlabel("step")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    return path
+
+
+def _unzip(points: Iterable[tuple[int, float]], key: str) -> tuple[list[int], list[float]]:
+    steps, values = [], []
+    for point in points:
+        if len(point) != 2:
+            raise ValueError(f"history[{key!r}] must hold (step, value) pairs, got {point!r}")
+        steps.append(int(point[0]))
+        values.append(float(point[1]))
+    return steps, values

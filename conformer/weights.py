@@ -1,0 +1,53 @@
+"""Network weights by where they come from: the one place that reads weights into a network.
+
+A weights spec (`model.pretrained`, `task.checkpoint`, `trainer.resume`) is one of
+- a `.ckpt` written by this project (a training checkpoint or `python -m conformer.convert` output);
+- official PyTorch Conformer weights, `.pth` / `.pt` / `.tar` (needs the [torch] extra) or `.npz`, converted on load;
+- `mlflow:<run_id>`: a checkpoint of that training run (`best.ckpt`, or `last.ckpt` to resume), found in the run's
+  dir or else downloaded from its artifacts.
+Specs are checked before anything is built (conformer.validation.check_weights).
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import mindspore as ms
+from mindspore import nn
+
+from conformer.convert import infer_num_classes, load_official_weights, read_state_dict
+from conformer.tracking import run_checkpoint
+from conformer.train.checkpoint import load_weights
+from conformer.validation import CHECKPOINT_SUFFIXES, MLFLOW_PREFIX
+
+log = logging.getLogger(__name__)
+
+
+def resolve(spec: str, tracking: Mapping[str, Any], project_root: Path, checkpoint: str = "best.ckpt") -> Path:
+    """The local file of a weights spec; `checkpoint` picks the file of an `mlflow:` run."""
+    spec = str(spec)
+    if spec.startswith(MLFLOW_PREFIX):
+        return run_checkpoint(tracking, project_root, spec[len(MLFLOW_PREFIX):], checkpoint)
+    return Path(spec).expanduser().resolve()
+
+
+def num_classes(path: Path) -> int:
+    """Class count of a weights file, read from its conv classifier head."""
+    if path.suffix not in CHECKPOINT_SUFFIXES:
+        return infer_num_classes(read_state_dict(path))
+    head = ms.load_checkpoint(str(path), choice_func=lambda name: name == "conv_cls_head.bias")
+    if not head:
+        raise ValueError(f"{path} has no conv_cls_head.bias: is it a Conformer checkpoint?")
+    return int(head["conv_cls_head.bias"].shape[0])
+
+
+def load_into(network: nn.Cell, path: Path, ema: bool = False) -> None:
+    """Load every weight of `path` into `network` (names and shapes must match); `ema` loads a checkpoint's EMA
+    copy instead of its live weights."""
+    if path.suffix in CHECKPOINT_SUFFIXES:
+        load_weights(path, network, strict=True, ema=ema)
+    else:
+        load_official_weights(network, path)
+    log.info("loaded the %sweights of %s", "EMA " if ema else "", path)
