@@ -72,16 +72,24 @@ def main(cfg: DictConfig) -> float | None:
     relaunch = Relaunch(Path(__file__).resolve(), worker_args(hydra_cfg, run_dir) + sweep_parent(cfg, hydra_cfg))
     try:
         return run(cfg, run_dir, relaunch)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except LaunchError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(err.exit_code)
     except Interrupted as err:
-        print(f"interrupted: {err}; the run dir is {run_dir}", file=sys.stderr)
+        last = run_dir / "checkpoints" / "last.ckpt"
+        hint = f"continue with trainer.resume={last}" if last.is_file() else f"run dir {run_dir}"
+        print(f"interrupted ({err}): {hint}", file=sys.stderr)
         sys.exit(err.exit_code)
+    except Exception as err:
+        if hydra_cfg.mode == RunMode.MULTIRUN:  # a failed trial is recorded, and the sweep goes on
+            from conformer.sweep import fail_trial
 
+            print(f"trial {hydra_cfg.job.num} failed: {err}".splitlines()[0], file=sys.stderr)
+            return fail_trial(cfg, run_dir, err)
+        if isinstance(err, ConfigError):
+            print(f"config error: {err}", file=sys.stderr)
+            sys.exit(2)
+        if isinstance(err, LaunchError):
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(err.exit_code)
+        raise
 
 if __name__ == "__main__":
     main()

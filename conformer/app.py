@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from conformer.hardware import configure_device, in_launcher, world_size
 from conformer.logs import file_logging
 from conformer.signals import interruptible
-from conformer.validation import validate_config
+from conformer.validation import check_devices, check_run_dir, validate_config
 
 if TYPE_CHECKING:
     from conformer.tasks.common import RunContext
@@ -48,6 +48,8 @@ def run(cfg: DictConfig, run_dir: Path, relaunch: Relaunch | None = None) -> flo
     how) and return rank 0's objective; `hardware.dry_run=true` only prints the msrun command line.
     """
     validate_config(cfg)
+    check_run_dir(run_dir)
+    check_devices(cfg.hardware)
     if in_launcher() and (world_size(cfg.hardware) > 1 or cfg.hardware.get("dry_run")):
         with interruptible():
             return launch_workers(cfg, run_dir, relaunch)

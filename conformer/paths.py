@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -20,6 +21,17 @@ def project_root() -> Path:
     """env CONFORMER_PROJECT_ROOT if set, else the checkout, else the current directory."""
     configured = os.environ.get(PROJECT_ROOT_ENV)
     return Path(configured).expanduser().resolve() if configured else (checkout_root() or Path.cwd()).resolve()
+
+
+def git_commit(path: Path | str) -> str | None:
+    """HEAD commit of the git work tree containing `path`, or None (no git, not a repository)."""
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True,
+                                timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    commit = result.stdout.strip()
+    return commit if result.returncode == 0 and commit else None
 
 
 def register_resolvers() -> None:

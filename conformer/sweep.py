@@ -15,10 +15,36 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from conformer.tracking import Tracker, flatten_config, resolve_tracking_uri, run_tags
+from conformer.tracking import (
+    Tracker,
+    create_tracker,
+    default_run_name,
+    flatten_config,
+    resolve_tracking_uri,
+    run_tags,
+)
+from conformer.tracking.store import client_for, search_all_runs
 
 log = logging.getLogger(__name__)
 PARENT_FILE = "mlflow_parent_run_id.txt"
+
+
+def fail_trial(cfg: DictConfig, run_dir: Path, error: BaseException) -> float:
+    """A trial that failed must not end the sweep: record it as a FAILED child run (unless its own run already is)
+    and report the worst objective for `trainer.monitor_mode` to the sweeper."""
+    message = f"{type(error).__name__}: {error}".splitlines()[0]
+    log.error("trial in %s failed: %s", run_dir, message)
+    tracking = cfg.tracking
+    root = Path(cfg.paths.root)
+    if tracking.enabled:
+        runs = search_all_runs(client_for(tracking, root), "attributes.status != 'RUNNING'")
+        if not any(run.data.tags.get("run_dir") == str(run_dir) for run in runs):
+            name = default_run_name(cfg.task.name, cfg.model.name, run_dir)
+            tracker = create_tracker(tracking, root, default_run_name=name)
+            tracker.start(tags=run_tags(model=cfg.model.name, data=cfg.data.name, task=cfg.task.name,
+                                        run_dir=run_dir, extra={"error": message}))
+            tracker.end("FAILED")
+    return float("-inf") if cfg.trainer.monitor_mode == "max" else float("inf")
 
 
 def sweep_parent_run_id(sweep_dir: Path | str) -> str | None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import glob
 import ipaddress
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,11 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 CHECKPOINT_SUFFIXES = (".ckpt",)
 OFFICIAL_SUFFIXES = (".pth", ".pt", ".tar", ".npz")  # official PyTorch weights, converted on load
 MLFLOW_PREFIX = "mlflow:"
+HEADS = ("conv", "trans", "sum")  # the two classifier heads and their sum (the prediction)
+# What a training logs once per epoch, and so what trainer.monitor may name.
+EPOCH_METRICS = ("val/loss", *(f"val/top{k}_{head}" for k in (1, 5) for head in HEADS), "train/epoch_loss", "epoch",
+                 "epoch_time_s")
+MONITOR_MODES = ("max", "min")
 # Keys of a model config that are not constructor arguments of the network.
 MODEL_CONFIG_KEYS = ("_target_", "name", "pretrained")
 
@@ -122,10 +128,13 @@ def _check_trainer(cfg: DictConfig) -> None:
         require_number(_get(cfg, "trainer.clip_grad_norm"), "trainer.clip_grad_norm", strict=True,
                        hint="or null for no clipping")
     require_choice(_get(cfg, "trainer.loss_scale"), "trainer.loss_scale", LOSS_SCALES)
+    require_choice(_get(cfg, "trainer.monitor"), "trainer.monitor", EPOCH_METRICS)
+    require_choice(_get(cfg, "trainer.monitor_mode"), "trainer.monitor_mode", MONITOR_MODES)
     require_choice(_get(cfg, "hardware.amp_level"), "hardware.amp_level", AMP_LEVELS)
     warmup = _get(cfg, "optim.schedule.warmup_epochs")
     if warmup >= epochs > 1:
-        raise ConfigError(f"optim.schedule.warmup_epochs={warmup} must be below trainer.epochs={epochs}")
+        raise ConfigError(f"optim.schedule.warmup_epochs={warmup} must be below trainer.epochs={epochs}: set "
+                          f"optim.schedule.warmup_epochs={max(0, epochs - 1) if epochs <= 5 else 5} or train longer")
 
 
 # ---------------------------------------------------------------------------------------------------- weights
@@ -277,6 +286,35 @@ def check_hardware(hardware: Mapping[str, Any]) -> None:
     timeout = (hardware.get("msrun") or {}).get("cluster_time_out")
     require_int(timeout, "hardware.msrun.cluster_time_out",
                 hint="seconds msrun waits for missing workers before it fails")
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """The run dir (and its checkpoints/) can be written: found now, not after the first epoch."""
+    existing = next(folder for folder in (run_dir, *run_dir.parents) if folder.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot write the run dir {run_dir}: {existing} is not a writable folder; set "
+                          "hydra.run.dir (or paths.root) to a folder you can write")
+    checkpoints = run_dir / "checkpoints"
+    if checkpoints.exists() and not (checkpoints.is_dir() and os.access(checkpoints, os.W_OK | os.X_OK)):
+        raise ConfigError(f"cannot write checkpoints to {checkpoints}: make it a writable folder")
+
+
+def check_devices(hardware: Mapping[str, Any]) -> None:
+    """This machine has the configured device (dry runs plan for other machines and skip this)."""
+    target = hardware.get("device_target", "CPU")
+    if hardware.get("dry_run") or devices_present(target):
+        return
+    raise ConfigError(f"hardware={hardware.get('name')} needs {target} devices, and this machine has none "
+                      f"({DEVICE_FILES[target]} not found): use hardware=cpu, or hardware.dry_run=true to only "
+                      "print the launch plan")
+
+
+DEVICE_FILES = {"CPU": "", "GPU": "/dev/nvidia*", "Ascend": "/dev/davinci*"}
+
+
+def devices_present(target: str) -> bool:
+    """Whether the device nodes of `target` exist (the CPU always does)."""
+    return target == "CPU" or bool(glob.glob(DEVICE_FILES[target]))
 
 
 def _is_loopback(address: str) -> bool:

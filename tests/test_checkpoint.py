@@ -186,6 +186,19 @@ def test_failure_after_the_data_is_written_cleans_up(tmp_path):
     assert manager.best_metric is None and manager.best_epoch is None
 
 
+def test_temp_files_of_a_killed_save_are_removed_by_the_next_save(tmp_path):
+    # A kill -9 during a write leaves our temp file and MindSpore's own .tmp behind.
+    stale = [tmp_path / ".last.0123abcd.partial.ckpt", tmp_path / ".last.0123abcd.partial.tmp"]
+    other = tmp_path / ".best.4567ef.partial.ckpt"  # another checkpoint's: left to that checkpoint's next save
+    for path in (*stale, other):
+        path.write_bytes(b"half a checkpoint")
+    save_checkpoint({"w": Tensor(np.ones(2, np.float32))}, tmp_path / "last.ckpt", {"epoch": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [other.name, "last.ckpt"]
+    manager = CheckpointManager(tmp_path)
+    manager.save(TinyNet(), epoch=2, step=2, metrics={"val/top1_sum": 0.5})  # best, then last copied from it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.ckpt", "last.ckpt"]
+
+
 def test_strict_loading_names_the_mismatched_keys(tmp_path, caplog):
     net = TinyNet()
     save_checkpoint(net, tmp_path / "w.ckpt", {"epoch": 0})

@@ -13,7 +13,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from PIL import Image
 
 from conformer.tasks.common import build_network
-from conformer.validation import ConfigError, validate_config
+from conformer.validation import ConfigError, devices_present, validate_config
 
 from .helpers import CONF_DIR, compose_config, run_py_to_end
 
@@ -70,6 +70,11 @@ def test_conformer_ti_config_builds_the_official_parameter_count() -> None:
     ("data.batch_size=0", "data.batch_size=0 must be an integer >= 1"),
     ("trainer.epochs=ten", "trainer.epochs='ten' must be an integer >= 1"),
     ("+model.depth=7", "model.depth=7 must be a positive multiple of 3"),
+    ("trainer.monitor=val/top1", "trainer.monitor='val/top1'; choose one of val/loss, val/top1_conv, val/top1_trans, "
+                                 "val/top1_sum, val/top5_conv, val/top5_trans, val/top5_sum, train/epoch_loss, epoch, "
+                                 "epoch_time_s"),
+    ("trainer.epochs=3", "optim.schedule.warmup_epochs=5 must be below trainer.epochs=3: set "
+                         "optim.schedule.warmup_epochs=2 or train longer"),
     ("+model.width=7", "model.width is not a Conformer argument; choose from patch_size, in_chans, num_classes, "
                        "base_channel, channel_ratio, num_med_block, embed_dim, depth, num_heads, mlp_ratio, qkv_bias, "
                        "qk_scale, drop_rate, attn_drop_rate, drop_path_rate, img_size (model.name='conformer_nano')"),
@@ -108,3 +113,29 @@ def test_cli_rejects_a_bad_value_before_building_anything(tmp_path: Path) -> Non
     assert not (tmp_path / ".cache").exists() and not (tmp_path / "mlflow.db").exists()
     assert not list((tmp_path / "outputs").rglob("checkpoints"))
     assert "composed config" not in result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(devices_present("Ascend"), reason="this machine has Ascend devices")
+def test_a_missing_device_is_one_line_before_any_process_starts(tmp_path: Path) -> None:
+    start = time.monotonic()
+    result = run_py_to_end(["hardware=ascend8"], tmp_path, timeout=120)
+    elapsed = time.monotonic() - start
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        "config error: hardware=ascend8 needs Ascend devices, and this machine has none (/dev/davinci* not found): "
+        "use hardware=cpu, or hardware.dry_run=true to only print the launch plan")
+    assert elapsed < 15, f"took {elapsed:.1f} s"
+    assert not list((tmp_path / "outputs").rglob("msrun")) and not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.slow
+def test_an_unwritable_checkpoint_dir_is_found_before_training(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "checkpoints").write_text("a file where the checkpoints folder belongs")
+    result = run_py_to_end([f"hydra.run.dir={run_dir}"], tmp_path, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"config error: cannot write checkpoints to {run_dir / 'checkpoints'}: make it a writable folder")
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / ".cache").exists()

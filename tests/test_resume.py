@@ -15,12 +15,14 @@ STEPS_PER_EPOCH = 6  # 96 tiny train images / batch 16
 # Monitoring the epoch number with mode=min makes epoch 1 the best and every later epoch worse, whatever the
 # (random) accuracy does: "the best checkpoint survives a worse epoch" becomes deterministic.
 MONITOR = ("trainer.monitor=epoch", "trainer.monitor_mode=min")
+# The official per-epoch lr stepping: constant within an epoch, epoch e at the value of epoch e - 1.
+PER_EPOCH_LR = "optim.schedule.interval=epoch"
 
 
 def _train(root: Path, data_root: Path, *extra: str) -> str:
     """`python run.py` (a fresh process compiles twice as fast as a second graph in a test process)."""
-    result = run_py_to_end(tiny_overrides(root, data_root, f"tracking.uri={store_uri(root)}", *MONITOR, *extra),
-                           root)
+    result = run_py_to_end(tiny_overrides(root, data_root, f"tracking.uri={store_uri(root)}", *MONITOR, PER_EPOCH_LR,
+                                          *extra), root)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
 
@@ -55,6 +57,12 @@ def test_resume_continues_the_epochs_optimizer_and_best_checkpoint(tmp_path: Pat
                for key in ("epoch", "train/loss")}
     assert history["epoch"] == [(3 * STEPS_PER_EPOCH, 3.0)]
     assert [step for step, _ in history["train/loss"]] == [14, 16, 18]
+    # per-epoch lr (warmup 1 epoch, base 1e-3, warmup 1e-6, min 1e-5): the first run's 2 epochs both train at the
+    # warmup start, lr(0); the resumed epoch 3 of a 3-epoch schedule at lr(1) = 1e-5 + (1e-3 - 1e-5)(1 + cos(pi/3))/2
+    first_lrs = [m.value for m in client.get_metric_history(first.info.run_id, "train/lr")]
+    assert len(first_lrs) == 6 and first_lrs == pytest.approx([1e-6] * 6)
+    resumed_lrs = [m.value for m in client.get_metric_history(resumed, "train/lr")]
+    assert resumed_lrs == pytest.approx([1e-5 + 0.99e-3 * 0.75] * 3)
 
     _, extra = read_checkpoint(second / "checkpoints" / "last.ckpt")
     assert (extra["epoch"], extra["step"]) == (3, 3 * STEPS_PER_EPOCH)

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -17,6 +19,7 @@ from mlflow import MlflowClient
 from omegaconf import OmegaConf
 from PIL import Image
 
+from conformer.paths import git_commit
 from conformer.signals import Interrupted
 from conformer.sweep import PARENT_FILE, SweepParentCallback, sweep_parent_run_id
 from conformer.tracking import (
@@ -26,7 +29,6 @@ from conformer.tracking import (
     default_artifact_root,
     default_tracking_uri,
     flatten_config,
-    git_commit,
     resolve_tracking_uri,
     run_tags,
 )
@@ -307,6 +309,38 @@ def test_child_run_of_a_vanished_process_is_closed_failed(store, experiment, tmp
     callback.on_multirun_end(None)
     assert client.get_run(child_id).info.status == "FAILED"
     assert client.get_run(callback.run_id).info.status == "FAILED"
+
+
+def test_the_next_start_closes_the_runs_of_killed_processes_on_this_host(store, experiment, tmp_path):
+    root, uri = store
+    proc = _python(f"""
+        import time
+        from conformer.tracking import Tracker
+        print(Tracker({uri!r}, {experiment!r}).start({{}}, {{}}), flush=True)
+        time.sleep(120)
+    """, tmp_path)
+    try:
+        killed_id = proc.stdout.readline().strip()
+        assert killed_id, proc.stderr.read()
+    finally:
+        proc.kill()  # SIGKILL, as the OOM killer sends it: no handler, no exit hook
+        proc.communicate(timeout=30)
+    client = MlflowClient(uri)
+    killed = client.get_run(killed_id)
+    assert killed.info.status == "RUNNING"
+    assert (killed.data.tags["host"], killed.data.tags["pid"]) == (socket.gethostname(), str(proc.pid))
+    experiment_id = killed.info.experiment_id
+    elsewhere = client.create_run(experiment_id, tags={"host": "another-host", "pid": str(proc.pid)}).info.run_id
+    alive = client.create_run(experiment_id, tags={"host": socket.gethostname(), "pid": str(os.getpid())}).info.run_id
+
+    with Tracker(uri, experiment) as tracker:
+        tracker.start({}, {})
+    killed = client.get_run(killed_id)
+    assert killed.info.status == "FAILED"
+    assert killed.data.tags["error"].startswith(f"process {proc.pid} on {socket.gethostname()} ended without")
+    assert [client.get_run(run_id).info.status for run_id in (elsewhere, alive)] == ["RUNNING", "RUNNING"]
+    for run_id in (elsewhere, alive):
+        client.set_terminated(run_id, "FINISHED")
 
 
 def test_real_hydra_multirun_aborted_by_a_failing_trial(store, experiment, tmp_path):

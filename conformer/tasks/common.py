@@ -16,7 +16,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from conformer import weights
 from conformer.hardware import ProcessGroup
-from conformer.tracking import NullTracker, Tracker, create_tracker, flatten_config, git_commit, run_tags
+from conformer.paths import git_commit
+from conformer.tracking import NullTracker, Tracker, create_tracker, default_run_name, flatten_config, run_tags
 from conformer.validation import model_config_arguments
 
 log = logging.getLogger(__name__)
@@ -67,9 +68,9 @@ def trained_network(ctx: RunContext, num_classes: int | None = None) -> tuple[nn
 
 
 def task_tracker(ctx: RunContext) -> Tracker | NullTracker:
-    """The task's MLflow tracker (a no-op off rank 0); its run is named `<task>-<model>-<run dir>` unless
-    `tracking.run_name` says otherwise (sweep trials get distinct names: their run dirs are the job numbers)."""
-    name = f"{ctx.cfg.task.name}-{ctx.cfg.model.name}-{ctx.run_dir.name}"
+    """The task's MLflow tracker (a no-op off rank 0), its run named by `default_run_name` unless
+    `tracking.run_name` says otherwise."""
+    name = default_run_name(ctx.cfg.task.name, ctx.cfg.model.name, ctx.run_dir)
     return create_tracker(ctx.cfg.tracking, ctx.project_root, is_main=ctx.group.is_main, default_run_name=name)
 
 

@@ -9,7 +9,8 @@ from pathlib import Path
 from hydra.utils import instantiate
 
 from conformer.tasks.common import RunContext, build_data, open_run, task_tracker, trained_network
-from conformer.train.trainer import HEADS, EvalStep, evaluate_batches
+from conformer.train.trainer import EvalStep, evaluate_batches
+from conformer.validation import HEADS
 
 log = logging.getLogger(__name__)
 METRICS_FILE = "eval_metrics.json"

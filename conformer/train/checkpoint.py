@@ -86,6 +86,12 @@ def _temp_name(path: Path) -> Path:
     return path.with_name(f".{path.stem}.{uuid.uuid4().hex}.partial.ckpt")
 
 
+def _remove_stale_partials(path: Path) -> None:
+    """Temp files of earlier writes of `path` that a killed process left behind (ours and MindSpore's `.tmp`)."""
+    for stale in path.parent.glob(f".{path.stem}.*.partial.*"):
+        _remove(stale)
+
+
 def _publish(tmp: Path, path: Path) -> None:
     """fsync `tmp`, then atomically move it to `path` and make the rename durable."""
     _fsync(tmp)
@@ -103,6 +109,7 @@ def save_checkpoint(params: nn.Cell | list[dict[str, Any]] | Mapping[str, Tensor
     if path.suffix != ".ckpt":
         raise ValueError(f"checkpoint path must end with .ckpt (MindSpore appends it otherwise): {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(path)
     # MindSpore writes "<stem>.tmp" next to the name it is given, then renames it: both are ours to clean.
     tmp = _temp_name(path)
     try:
@@ -116,6 +123,7 @@ def save_checkpoint(params: nn.Cell | list[dict[str, Any]] | Mapping[str, Tensor
 
 def _copy_checkpoint(source: Path, path: Path) -> Path:
     """Atomic copy (cheaper than serialising the tensors again)."""
+    _remove_stale_partials(path)
     tmp = _temp_name(path)
     try:
         shutil.copyfile(source, tmp)

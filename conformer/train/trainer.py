@@ -23,9 +23,9 @@ from conformer.signals import check_interrupted
 from conformer.train.checkpoint import CheckpointManager, TrainState, read_checkpoint
 from conformer.train.ema import ModelEma
 from conformer.train.step import TrainStep
+from conformer.validation import HEADS
 
 log = logging.getLogger(__name__)
-HEADS = ("conv", "trans", "sum")
 
 
 class EvalStep(nn.Cell):

@@ -1,15 +1,5 @@
-"""MLflow run tracking: the only module of the project that talks to MLflow.
-
-`Tracker` wraps one MLflow run through an explicit `MlflowClient` (no fluent global state), so several
-trackers and processes never interfere. It is a context manager that always terminates its run: FINISHED
-on success, KILLED on KeyboardInterrupt (Ctrl-C and SIGTERM arrive as one, see conformer.signals), FAILED
-otherwise; an exit hook ends a run the program left open. Non-rank-0 processes use `NullTracker`, which has the
-same methods and does nothing.
-
-Non-finite metric values (NaN/inf) are not sent to MLflow: SQLite turns inf into 1.8e308, which flattens
-every chart. Each one is dropped with a warning, and the first step at which a key went non-finite is recorded
-in the tag `nonfinite.<key>`, so a diverged run stays visible in the UI.
-"""
+"""`Tracker`: one MLflow run, always ended (FINISHED, FAILED, KILLED); `NullTracker` for processes that must not
+log; the params and tags a run records."""
 from __future__ import annotations
 
 import atexit
@@ -18,14 +8,12 @@ import json
 import logging
 import math
 import os
-import re
-import subprocess
+import socket
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlparse
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
@@ -40,61 +28,19 @@ from mlflow.utils.validation import (
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
+from conformer.tracking.store import (
+    HOST_TAG,
+    PID_TAG,
+    TERMINAL_STATUSES,
+    close_runs_of_dead_processes,
+    default_artifact_root,
+    experiment_id,
+    resolve_tracking_uri,
+    search_all_runs,
+    terminate,
+)
+
 log = logging.getLogger(__name__)
-
-TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
-
-
-# ---------------------------------------------------------------------------------------------------- store
-def default_tracking_uri(project_root: Path) -> str:
-    """The project's default store: a SQLite file `<project_root>/mlflow.db`."""
-    return f"sqlite:///{(Path(project_root).resolve() / 'mlflow.db').as_posix()}"
-
-
-def resolve_tracking_uri(uri: str | None, project_root: Path) -> str:
-    """Config value `tracking.uri` if set, else env MLFLOW_TRACKING_URI, else `default_tracking_uri`."""
-    return uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(project_root)
-
-
-def default_artifact_root(uri: str) -> Path | None:
-    """`mlruns/` next to the database file for a local SQLite store, else None (the store decides).
-
-    MLflow would otherwise put artifacts relative to the current directory, which Hydra may change.
-    """
-    parsed = urlparse(uri)
-    if parsed.scheme != "sqlite" or not parsed.path or parsed.path == "/:memory:":
-        return None
-    # sqlite:///rel.db -> path "/rel.db" (relative); sqlite:////abs.db -> path "//abs.db" (absolute).
-    db_path = Path(unquote(parsed.path[1:]))
-    return db_path.resolve().parent / "mlruns"
-
-
-def _experiment_location(artifact_root: str | Path, experiment_name: str) -> str:
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", experiment_name).strip("_") or "experiment"
-    root = str(artifact_root)
-    if "://" in root:
-        return f"{root.rstrip('/')}/{slug}"
-    return (Path(root).resolve() / slug).as_uri()
-
-
-def _experiment_id(client: MlflowClient, name: str, artifact_root: str | Path | None) -> str:
-    """Id of the active experiment `name`, created (artifacts under `artifact_root`) if it does not exist."""
-    experiment = client.get_experiment_by_name(name)
-    if experiment is None:
-        location = _experiment_location(artifact_root, name) if artifact_root else None
-        try:
-            return client.create_experiment(name, artifact_location=location)
-        except MlflowException:  # another process created it in the meantime
-            experiment = client.get_experiment_by_name(name)
-            if experiment is None:
-                raise
-    if experiment.lifecycle_stage != "active":
-        raise ValueError(
-            f"MLflow experiment {name!r} is deleted in {client.tracking_uri}: restore it "
-            f"(`mlflow experiments restore --experiment-id {experiment.experiment_id}`) or set "
-            "tracking.experiment_name to another name."
-        )
-    return experiment.experiment_id
 
 
 # ---------------------------------------------------------------------------------------------------- values
@@ -158,17 +104,6 @@ def _float(key: str, value: Any) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------- tags
-def git_commit(path: Path | str) -> str | None:
-    """HEAD commit of the git work tree containing `path`, or None (no git, not a repository)."""
-    try:
-        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True,
-                                timeout=10, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    commit = result.stdout.strip()
-    return commit if result.returncode == 0 and commit else None
-
-
 def run_tags(*, model: str | None = None, data: str | None = None, hardware: str | None = None,
              task: str | None = None, overrides: Sequence[str] = (), git_commit: str | None = None,
              run_dir: Path | str | None = None, world_size: int = 1,
@@ -181,6 +116,11 @@ def run_tags(*, model: str | None = None, data: str | None = None, hardware: str
         **(extra or {}),
     }
     return {key: str(value) for key, value in tags.items() if value is not None}
+
+
+def default_run_name(task: str, model: str, run_dir: Path) -> str:
+    """`<task>-<model>-<run dir name>`: sweep trials differ too (their run dirs are the job numbers)."""
+    return f"{task}-{model}-{Path(run_dir).name}"
 
 
 # ---------------------------------------------------------------------------------------------------- tracker
@@ -210,8 +150,10 @@ class Tracker:
         """Create the run, log `params` and `tags`, end it at exit if the program forgets; returns the run id."""
         if self.run_id is not None:
             raise RuntimeError(f"tracker already started run {self.run_id}; create a new Tracker per run")
-        self.experiment_id = _experiment_id(self._client, self.experiment_name, self.artifact_root)
-        run_tags_ = {MLFLOW_SOURCE_NAME: sys.argv[0] or "python", **(tags or {})}
+        self.experiment_id = experiment_id(self._client, self.experiment_name, self.artifact_root)
+        close_runs_of_dead_processes(self._client)
+        run_tags_ = {MLFLOW_SOURCE_NAME: sys.argv[0] or "python", HOST_TAG: socket.gethostname(),
+                     PID_TAG: os.getpid(), **(tags or {})}
         user = _user()
         if user:
             run_tags_.setdefault(MLFLOW_USER, user)
@@ -305,17 +247,11 @@ class Tracker:
 
     def close_children(self) -> list[str]:
         """Statuses of this run's child runs; a child still RUNNING (its process is gone) is marked FAILED."""
-        experiment_ids = [e.experiment_id for e in self._client.search_experiments()]
-        runs = self._client.search_runs(experiment_ids, max_results=50000,
-                                        filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{self._require_run()}'")
         statuses = []
-        for run in runs:
-            status = run.info.status
-            if status not in TERMINAL_STATUSES:
-                log.warning("child run %s was left %s: marking it FAILED", run.info.run_id, status)
-                self._client.set_terminated(run.info.run_id, "FAILED")
-                status = "FAILED"
-            statuses.append(status)
+        for run in search_all_runs(self._client, f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{self._require_run()}'"):
+            if run.info.status not in TERMINAL_STATUSES:
+                terminate(self._client, run.info.run_id, "FAILED", f"left {run.info.status} after its job ended")
+            statuses.append(run.info.status if run.info.status in TERMINAL_STATUSES else "FAILED")
         return statuses
 
     # -- internals
@@ -373,37 +309,6 @@ def create_tracker(tracking_cfg: Mapping[str, Any], project_root: Path, *, is_ma
                    parent_run_id=tracking_cfg.get("parent_run_id"))
 
 
-def _client_for(tracking_cfg: Mapping[str, Any], project_root: Path) -> MlflowClient:
-    return MlflowClient(tracking_uri=resolve_tracking_uri(tracking_cfg.get("uri"), project_root))
-
-
-def end_unfinished_runs(tracking_cfg: Mapping[str, Any], project_root: Path, run_dir: Path | str,
-                        status: str = "FAILED", reason: str | None = None) -> list[str]:
-    """End the runs tagged with `run_dir` that are still RUNNING (their process was killed): their ids.
-
-    For the msrun launcher: rank 0 cannot end its run when it is killed, so the parent does it for it.
-    """
-    if status not in TERMINAL_STATUSES:
-        raise ValueError(f"status must be one of {TERMINAL_STATUSES}, got {status!r}")
-    if not tracking_cfg.get("enabled", True):
-        return []
-    client = _client_for(tracking_cfg, project_root)
-    experiment = client.get_experiment_by_name(tracking_cfg.get("experiment_name", "conformer"))
-    if experiment is None:
-        return []
-    runs = client.search_runs([experiment.experiment_id], filter_string="attributes.status = 'RUNNING'",
-                              max_results=1000)
-    ended = []
-    for run in runs:
-        if run.data.tags.get("run_dir") != str(run_dir):
-            continue
-        if reason:
-            client.set_tag(run.info.run_id, "error", _truncate(reason, MAX_TAG_VAL_LENGTH))
-        client.set_terminated(run.info.run_id, status)
-        ended.append(run.info.run_id)
-    return ended
-
-
 def _status_for(exc_type: type[BaseException] | None, exc: BaseException | None) -> str:
     if exc_type is None:
         return "FINISHED"
@@ -419,22 +324,3 @@ def _user() -> str | None:
         return getpass.getuser()
     except (OSError, KeyError):
         return None
-
-
-def run_checkpoint(tracking_cfg: Mapping[str, Any], project_root: Path, run_id: str, name: str = "best.ckpt") -> Path:
-    """The checkpoint `name` of training run `run_id`: in its run dir (tag `run_dir`), else downloaded from its
-    artifacts into `<project root>/.cache/mlflow/<run_id>/`. LookupError (saying what is missing) otherwise."""
-    client = _client_for(tracking_cfg, project_root)
-    try:
-        run = client.get_run(run_id)
-    except MlflowException as err:
-        raise LookupError(f"no MLflow run {run_id} in {client.tracking_uri}") from err
-    local = Path(run.data.tags.get("run_dir", "")) / "checkpoints" / name
-    if run.data.tags.get("run_dir") and local.is_file():
-        return local
-    target = Path(project_root) / ".cache" / "mlflow" / run_id
-    try:
-        return Path(client.download_artifacts(run_id, f"checkpoints/{name}", str(target)))
-    except (MlflowException, OSError) as err:
-        raise LookupError(f"MLflow run {run_id} has no checkpoints/{name}: not in its run dir {local.parent} nor "
-                          "among its artifacts") from err

@@ -1,0 +1,30 @@
+"""MLflow run tracking: the only package of the project that talks to MLflow.
+
+`Tracker` (tracker.py) wraps one MLflow run through an explicit `MlflowClient` (no fluent global state), so trackers
+and processes never interfere. As a context manager it always ends its run: FINISHED on success, KILLED on
+KeyboardInterrupt (Ctrl-C and SIGTERM arrive as one, see conformer.signals), FAILED otherwise; an exit hook ends a
+run the program left open, and the next start on the host ends the runs of killed processes (store.py).
+`NullTracker` (rank > 0, tracking off) has the same methods and does nothing. Non-finite metric values are dropped
+with a warning (SQLite turns inf into 1.8e308, which flattens every chart); the tag `nonfinite.<key>` records the
+first such step.
+"""
+from conformer.tracking.store import (
+    close_runs_of_dead_processes,
+    default_artifact_root,
+    default_tracking_uri,
+    end_unfinished_runs,
+    resolve_tracking_uri,
+    run_checkpoint,
+)
+from conformer.tracking.tracker import (
+    NullTracker,
+    Tracker,
+    create_tracker,
+    default_run_name,
+    flatten_config,
+    run_tags,
+)
+
+__all__ = ["NullTracker", "Tracker", "close_runs_of_dead_processes", "create_tracker", "default_artifact_root",
+           "default_run_name", "default_tracking_uri", "end_unfinished_runs", "flatten_config", "resolve_tracking_uri",
+           "run_checkpoint", "run_tags"]

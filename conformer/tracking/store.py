@@ -1,0 +1,155 @@
+"""The MLflow store: where it is, its experiments, and the runs no process ends any more (killed, gone)."""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+import psutil
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
+
+log = logging.getLogger(__name__)
+
+TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
+HOST_TAG, PID_TAG = "host", "pid"  # where a run's process lives: stale RUNNING runs are found by them
+
+
+def default_tracking_uri(project_root: Path) -> str:
+    """The project's default store: a SQLite file `<project_root>/mlflow.db`."""
+    return f"sqlite:///{(Path(project_root).resolve() / 'mlflow.db').as_posix()}"
+
+
+def resolve_tracking_uri(uri: str | None, project_root: Path) -> str:
+    """Config value `tracking.uri` if set, else env MLFLOW_TRACKING_URI, else `default_tracking_uri`."""
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(project_root)
+
+
+def default_artifact_root(uri: str) -> Path | None:
+    """`mlruns/` next to the database file for a local SQLite store, else None (the store decides).
+
+    MLflow would otherwise put artifacts relative to the current directory, which Hydra may change.
+    """
+    parsed = urlparse(uri)
+    if parsed.scheme != "sqlite" or not parsed.path or parsed.path == "/:memory:":
+        return None
+    # sqlite:///rel.db -> path "/rel.db" (relative); sqlite:////abs.db -> path "//abs.db" (absolute).
+    db_path = Path(unquote(parsed.path[1:]))
+    return db_path.resolve().parent / "mlruns"
+
+
+def _experiment_location(artifact_root: str | Path, experiment_name: str) -> str:
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", experiment_name).strip("_") or "experiment"
+    root = str(artifact_root)
+    if "://" in root:
+        return f"{root.rstrip('/')}/{slug}"
+    return (Path(root).resolve() / slug).as_uri()
+
+
+def experiment_id(client: MlflowClient, name: str, artifact_root: str | Path | None) -> str:
+    """Id of the active experiment `name`, created (artifacts under `artifact_root`) if it does not exist."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        location = _experiment_location(artifact_root, name) if artifact_root else None
+        try:
+            return client.create_experiment(name, artifact_location=location)
+        except MlflowException:  # another process created it in the meantime
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+    if experiment.lifecycle_stage != "active":
+        raise ValueError(
+            f"MLflow experiment {name!r} is deleted in {client.tracking_uri}: restore it "
+            f"(`mlflow experiments restore --experiment-id {experiment.experiment_id}`) or set "
+            "tracking.experiment_name to another name."
+        )
+    return experiment.experiment_id
+
+
+def client_for(tracking_cfg: Mapping[str, Any], project_root: Path) -> MlflowClient:
+    return MlflowClient(tracking_uri=resolve_tracking_uri(tracking_cfg.get("uri"), project_root))
+
+
+def end_unfinished_runs(tracking_cfg: Mapping[str, Any], project_root: Path, run_dir: Path | str,
+                        status: str = "FAILED", reason: str | None = None) -> list[str]:
+    """End the runs tagged with `run_dir` that are still RUNNING (their process was killed): their ids.
+
+    For the msrun launcher: rank 0 cannot end its run when it is killed, so the parent does it for it.
+    """
+    if not tracking_cfg.get("enabled", True):
+        return []
+    client = client_for(tracking_cfg, project_root)
+    runs = [run for run in search_all_runs(client, "attributes.status = 'RUNNING'")
+            if run.data.tags.get("run_dir") == str(run_dir)]
+    for run in runs:
+        terminate(client, run.info.run_id, status, reason)
+    return [run.info.run_id for run in runs]
+
+
+def close_runs_of_dead_processes(client: MlflowClient) -> list[str]:
+    """End FAILED the RUNNING runs of this host whose process is gone (SIGKILL, OOM killer, power loss): their ids.
+
+    Called whenever a run starts. A run of another host is left alone (its process cannot be seen from here); a
+    pid that now belongs to a younger process counts as gone. Store errors only warn: they must not stop a start.
+    """
+    host = socket.gethostname()
+    try:
+        runs = search_all_runs(client, f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{host}'")
+        dead = [run for run in runs
+                if not _alive_since(int(run.data.tags.get(PID_TAG, -1)), run.info.start_time / 1000.0)]
+        for run in dead:
+            terminate(client, run.info.run_id, "FAILED", f"process {run.data.tags.get(PID_TAG)} on {host} ended "
+                                                          "without ending this run (killed?)")
+    except MlflowException as err:
+        log.warning("could not look for runs left RUNNING by dead processes: %s", err)
+        return []
+    return [run.info.run_id for run in dead]
+
+
+def _alive_since(pid: int, started: float) -> bool:
+    """Process `pid` runs and is not younger than `started` (epoch seconds; 1 s of clock slack)."""
+    try:
+        process = psutil.Process(pid)
+        return process.status() != psutil.STATUS_ZOMBIE and process.create_time() <= started + 1.0
+    except (psutil.Error, ValueError):
+        return False
+
+
+def search_all_runs(client: MlflowClient, filter_string: str) -> list[Any]:
+    """Runs of every experiment of the store that match `filter_string`."""
+    experiment_ids = [e.experiment_id for e in client.search_experiments()]
+    return list(client.search_runs(experiment_ids, filter_string=filter_string, max_results=50000))
+
+
+def terminate(client: MlflowClient, run_id: str, status: str, reason: str | None) -> None:
+    if status not in TERMINAL_STATUSES:
+        raise ValueError(f"status must be one of {TERMINAL_STATUSES}, got {status!r}")
+    log.warning("MLflow run %s: marked %s (%s)", run_id, status, reason or "no reason given")
+    if reason:
+        client.set_tag(run_id, "error", reason[:MAX_TAG_VAL_LENGTH])
+    client.set_terminated(run_id, status)
+
+
+def run_checkpoint(tracking_cfg: Mapping[str, Any], project_root: Path, run_id: str, name: str = "best.ckpt") -> Path:
+    """The checkpoint `name` of training run `run_id`: in its run dir (tag `run_dir`), else downloaded from its
+    artifacts into `<project root>/.cache/mlflow/<run_id>/`. LookupError (saying what is missing) otherwise."""
+    client = client_for(tracking_cfg, project_root)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as err:
+        raise LookupError(f"no MLflow run {run_id} in {client.tracking_uri}") from err
+    local = Path(run.data.tags.get("run_dir", "")) / "checkpoints" / name
+    if run.data.tags.get("run_dir") and local.is_file():
+        return local
+    target = Path(project_root) / ".cache" / "mlflow" / run_id
+    try:
+        return Path(client.download_artifacts(run_id, f"checkpoints/{name}", str(target)))
+    except (MlflowException, OSError) as err:
+        raise LookupError(f"MLflow run {run_id} has no checkpoints/{name}: not in its run dir {local.parent} nor "
+                          "among its artifacts") from err
