@@ -65,6 +65,7 @@ def main(cfg: DictConfig) -> float | None:
     from conformer.app import Relaunch, run
     from conformer.launch import LaunchError
     from conformer.signals import Interrupted
+    from conformer.tracking.store import TrackingUnavailable
     from conformer.validation import ConfigError
 
     hydra_cfg = HydraConfig.get()
@@ -86,9 +87,9 @@ def main(cfg: DictConfig) -> float | None:
         if isinstance(err, ConfigError):
             print(f"config error: {err}", file=sys.stderr)
             sys.exit(2)
-        if isinstance(err, LaunchError):
+        if isinstance(err, (LaunchError, TrackingUnavailable)):
             print(f"error: {err}", file=sys.stderr)
-            sys.exit(err.exit_code)
+            sys.exit(getattr(err, "exit_code", 1))
         raise
 
 if __name__ == "__main__":

@@ -11,12 +11,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig
 
 from conformer.hardware import configure_device, in_launcher, world_size
 from conformer.logs import file_logging
 from conformer.signals import interruptible
-from conformer.validation import check_devices, check_run_dir, validate_config
+from conformer.validation import (
+    check_devices,
+    check_run_dir,
+    check_tracking_store,
+    component_error,
+    validate_config,
+)
 
 if TYPE_CHECKING:
     from conformer.tasks.common import RunContext
@@ -50,6 +57,7 @@ def run(cfg: DictConfig, run_dir: Path, relaunch: Relaunch | None = None) -> flo
     validate_config(cfg)
     check_run_dir(run_dir)
     check_devices(cfg.hardware)
+    check_tracking_store(cfg)
     if in_launcher() and (world_size(cfg.hardware) > 1 or cfg.hardware.get("dry_run")):
         with interruptible():
             return launch_workers(cfg, run_dir, relaunch)
@@ -58,11 +66,16 @@ def run(cfg: DictConfig, run_dir: Path, relaunch: Relaunch | None = None) -> flo
 
     run_dir.mkdir(parents=True, exist_ok=True)
     with file_logging(run_dir, group.rank), interruptible():
-        if group.is_main:
-            log.info("composed config:\n%s", resolved_yaml(cfg))
+        if group.is_main:  # the whole config is in .hydra/ and MLflow's config.yaml: one line on the console
+            log.info("task=%s model=%s data=%s hardware=%s | run dir %s", cfg.task.name, cfg.model.name,
+                     cfg.data.name, cfg.hardware.name, run_dir)
+            log.debug("composed config:\n%s", resolved_yaml(cfg))
         seed_everything(int(cfg.seed))
         ctx = RunContext(cfg=cfg, run_dir=run_dir, project_root=Path(cfg.paths.root), group=group)
-        objective = task_registry()[cfg.task.name](ctx)
+        try:
+            objective = task_registry()[cfg.task.name](ctx)
+        except InstantiationException as err:
+            raise component_error(err) from err
     if group.distributed and group.is_main:
         from conformer.launch import write_result
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import glob
 import ipaddress
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ PARALLEL_MODES = ("data_parallel",)
 EXPORT_SUFFIXES = {"MINDIR": ".mindir", "ONNX": ".onnx", "AIR": ".air"}
 EXPORT_OUTPUTS = ("sum", "both")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+BAD_IMAGE_POLICIES = ("skip", "error")  # data.on_bad_image: what a corrupt or truncated image file does
 CHECKPOINT_SUFFIXES = (".ckpt",)
 OFFICIAL_SUFFIXES = (".pth", ".pt", ".tar", ".npz")  # official PyTorch weights, converted on load
 MLFLOW_PREFIX = "mlflow:"
@@ -35,7 +37,7 @@ EPOCH_METRICS = ("val/loss", *(f"val/top{k}_{head}" for k in (1, 5) for head in 
                  "epoch_time_s")
 MONITOR_MODES = ("max", "min")
 # Keys of a model config that are not constructor arguments of the network.
-MODEL_CONFIG_KEYS = ("_target_", "name", "pretrained")
+MODEL_CONFIG_KEYS = ("_target_", "name", "pretrained", "pretrained_strict")
 
 
 class ConfigError(ValueError):
@@ -65,6 +67,14 @@ def require_choice(value: Any, key: str, choices: Sequence[str]) -> str:
     return value
 
 
+def component_error(err: Exception) -> ConfigError:
+    """A component that refused its config values when it was built (Hydra's InstantiationException), as one line
+    naming the config node: `loss: DualHeadLoss: label_smoothing must be in [0, 1), got 2.0`."""
+    key = re.search(r"full_key: (\S+)", str(err))
+    cause = err.__cause__ or err
+    return ConfigError(f"{key[1] + ': ' if key else ''}{cause}".splitlines()[0])
+
+
 def _get(cfg: DictConfig, key: str) -> Any:
     try:
         return OmegaConf.select(cfg, key, throw_on_missing=True)
@@ -83,7 +93,8 @@ def validate_config(cfg: DictConfig) -> None:
     check_hardware(cfg.hardware)
     if task == "train":
         check_weights(cfg, "model.pretrained")
-        check_weights(cfg, "trainer.resume", checkpoint_only=True)
+        if _get(cfg, "trainer.resume") != "auto":
+            check_weights(cfg, "trainer.resume", checkpoint_only=True)
     else:
         _check_inference_task(cfg, task)
 
@@ -102,6 +113,9 @@ def _check_model_and_data(cfg: DictConfig) -> None:
     require_int(_get(cfg, "data.batch_size"), "data.batch_size")
     if _get(cfg, "data.num_classes") is not None:
         require_int(_get(cfg, "data.num_classes"), "data.num_classes", hint="or null to infer it")
+    # absent where no files are read (data=synthetic): the DataModule's default, skip
+    policy = OmegaConf.select(cfg, "data.on_bad_image", default="skip")
+    require_choice(policy, "data.on_bad_image", BAD_IMAGE_POLICIES)
     arguments = model_config_arguments(OmegaConf.to_container(_get(cfg, "model"), resolve=True))
     patch = arguments["patch_size"]
     problem = architecture_problem(**{**arguments, "img_size": None})
@@ -297,6 +311,21 @@ def check_run_dir(run_dir: Path) -> None:
     checkpoints = run_dir / "checkpoints"
     if checkpoints.exists() and not (checkpoints.is_dir() and os.access(checkpoints, os.W_OK | os.X_OK)):
         raise ConfigError(f"cannot write checkpoints to {checkpoints}: make it a writable folder")
+
+
+def check_tracking_store(cfg: DictConfig) -> None:
+    """An HTTP(S) MLflow store answers within seconds (unless the run may fall back to the local store)."""
+    tracking = cfg.tracking
+    uri = tracking.get("uri") or os.environ.get("MLFLOW_TRACKING_URI") or ""
+    if not tracking.enabled or tracking.get("fallback_to_local") or not uri.startswith(("http://", "https://")):
+        return
+    from conformer.tracking.store import unreachable  # imports mlflow: only for server stores
+
+    reason = unreachable(uri)
+    if reason:
+        raise ConfigError(f"the MLflow store {uri} is unreachable ({reason}): start it, point tracking.uri (or "
+                          "MLFLOW_TRACKING_URI) at one that answers, set tracking.fallback_to_local=true, or run "
+                          "with tracking=disabled")
 
 
 def check_devices(hardware: Mapping[str, Any]) -> None:

@@ -23,6 +23,7 @@ from conformer.train.checkpoint import load_weights
 from conformer.validation import CHECKPOINT_SUFFIXES, MLFLOW_PREFIX
 
 log = logging.getLogger(__name__)
+HEAD_PARAMETERS = ("conv_cls_head.weight", "conv_cls_head.bias", "trans_cls_head.weight", "trans_cls_head.bias")
 
 
 def resolve(spec: str, tracking: Mapping[str, Any], project_root: Path, checkpoint: str = "best.ckpt") -> Path:
@@ -43,11 +44,21 @@ def num_classes(path: Path) -> int:
     return int(head["conv_cls_head.bias"].shape[0])
 
 
-def load_into(network: nn.Cell, path: Path, ema: bool = False) -> None:
+def load_into(network: nn.Cell, path: Path, ema: bool = False, fine_tune: bool = False) -> list[str]:
     """Load every weight of `path` into `network` (names and shapes must match); `ema` loads a checkpoint's EMA
-    copy instead of its live weights."""
+    copy instead of its live weights.
+
+    `fine_tune`: when the file has another class count than the network, its classifier heads are left out (they
+    keep their fresh init, a warning lists them) and everything else must still match. Returns the names left out.
+    """
+    skip: tuple[str, ...] = ()
+    if fine_tune and (classes := num_classes(path)) != network.num_classes:
+        skip = HEAD_PARAMETERS
+        log.warning("fine-tuning: %s has %d classes, the model %d: its classifier heads are not loaded and start "
+                    "fresh (%s)", path, classes, network.num_classes, ", ".join(skip))
     if path.suffix in CHECKPOINT_SUFFIXES:
-        load_weights(path, network, strict=True, ema=ema)
+        load_weights(path, network, strict=True, ema=ema, skip=skip)
     else:
-        load_official_weights(network, path)
+        load_official_weights(network, path, skip=skip)
     log.info("loaded the %sweights of %s", "EMA " if ema else "", path)
+    return list(skip)

@@ -12,6 +12,7 @@ from hydra.utils import get_method
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from PIL import Image
 
+from conformer.launch import free_port
 from conformer.tasks.common import build_network
 from conformer.validation import ConfigError, devices_present, validate_config
 
@@ -139,3 +140,25 @@ def test_an_unwritable_checkpoint_dir_is_found_before_training(tmp_path: Path) -
     assert result.stderr.strip().splitlines()[-1] == (
         f"config error: cannot write checkpoints to {run_dir / 'checkpoints'}: make it a writable folder")
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / ".cache").exists()
+
+
+@pytest.mark.slow
+def test_a_value_a_component_refuses_is_one_line_naming_the_config_node(tmp_path: Path) -> None:
+    result = run_py_to_end(["loss.label_smoothing=2", "tracking=disabled"], tmp_path, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        "config error: loss: DualHeadLoss: label_smoothing must be in [0, 1), got 2.")
+    assert "Traceback" not in result.stderr and "composed config" not in result.stdout
+
+
+@pytest.mark.slow
+def test_an_unreachable_tracking_server_is_one_line_within_seconds(tmp_path: Path) -> None:
+    uri = f"http://127.0.0.1:{free_port()}"  # nobody listens there
+    start = time.monotonic()
+    result = run_py_to_end([f"tracking.uri={uri}"], tmp_path, timeout=120)
+    elapsed = time.monotonic() - start
+    assert result.returncode == 2, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"config error: the MLflow store {uri} is unreachable (") and "tracking=disabled" in last
+    assert elapsed < 10, f"took {elapsed:.1f} s"
+    assert "Traceback" not in result.stderr and not (tmp_path / ".cache").exists()

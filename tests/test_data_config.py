@@ -11,7 +11,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from conformer.data.module import DataModule
-from conformer.data.sources import write_image_folder
+from conformer.data.sources import SyntheticSource, write_image_folder
+from conformer.validation import ConfigError, validate_config
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "data"
 
@@ -45,7 +46,7 @@ def test_digits_config_materialises_and_trains(tmp_path: Path) -> None:
     module = instantiate(_config("digits", tmp_path).data)
     assert (module.num_classes, module.train_size, module.val_size, module.image_size) == (10, 1437, 360, 32)
     assert (tmp_path / "cache" / "digits" / "train").is_dir()
-    assert module.mixup is None and module.train_transform.hflip == 0.0
+    assert module.mixup is None and module.train_transform.hflip == 0.0 and module.on_bad_image == "skip"
     images, labels = _first_batch(module)
     assert images.shape == (64, 3, 32, 32) and labels.dtype == np.int32
 
@@ -99,3 +100,25 @@ def test_groups_compose_under_the_real_config(tmp_path: Path) -> None:
     module = instantiate(cfg.data)
     assert (module.image_size, module.seed, module.steps_per_epoch()) == (32, 9, 2)
     assert module.train_transform.image_size == 32
+
+
+def test_configs_that_read_files_skip_bad_images() -> None:
+    for path in sorted(CONF.glob("*.yaml")):
+        cfg = OmegaConf.load(path)
+        reads_files = cfg.source._target_ != f"{SyntheticSource.__module__}.{SyntheticSource.__name__}"
+        assert cfg.get("on_bad_image") == ("skip" if reads_files else None), path.name
+
+
+def _composed(root: Path, *overrides: str) -> DictConfig:
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(CONF.parent), version_base=None):
+        return compose("config", overrides=[f"paths.root={root}", *overrides])
+
+
+def test_on_bad_image_is_checked_before_anything_is_built(tmp_path: Path) -> None:
+    validate_config(_composed(tmp_path, "data.on_bad_image=error"))
+    validate_config(_composed(tmp_path, "data=synthetic"))  # no files, no key: the DataModule's default
+    with pytest.raises(ConfigError) as caught:
+        validate_config(_composed(tmp_path, "data=imagenet", "data.on_bad_image=ignore"))
+    assert str(caught.value) == "data.on_bad_image='ignore'; choose one of skip, error"

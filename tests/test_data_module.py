@@ -1,7 +1,10 @@
-"""DataModule on a real JPEG tree: batches, dtypes, per-epoch order, sharding, Mixup, determinism, errors."""
+"""DataModule on a real JPEG tree: batches, dtypes, per-epoch order, sharding, Mixup, determinism, errors, bad
+image files."""
 from __future__ import annotations
 
+import logging
 import os
+import re
 from pathlib import Path
 
 import mindspore as ms
@@ -13,6 +16,8 @@ from conformer.data.module import DataModule
 from conformer.data.sampler import repeated_aug_shard, train_shard
 from conformer.data.sources import ImageFolderSource, SyntheticSource, write_image_folder
 from conformer.data.transforms import EvalTransform, TrainTransform
+
+from .test_data_sources import write_corrupt_jpeg, write_truncated
 
 SIZE = 32
 
@@ -123,6 +128,7 @@ def test_workers_are_capped_at_the_core_count(source: ImageFolderSource) -> None
         ({"mixup": Mixup(), "drop_last": False}, "drop_last"),
         ({"num_workers": 0}, "num_workers"),
         ({"repeated_aug": 0}, "repeated_aug"),
+        ({"on_bad_image": "ignore"}, re.escape("data.on_bad_image='ignore'; choose one of skip, error")),
     ],
 )
 def test_bad_settings_fail_early(source: ImageFolderSource, overrides: dict, message: str) -> None:
@@ -143,3 +149,59 @@ def test_too_small_a_split_is_reported(source: ImageFolderSource, tmp_path: Path
         module.steps_per_epoch(world_size=2)
     with pytest.raises(ValueError, match="fewer than batch_size"):
         module.train_loader(0, 2)
+
+
+# ---------------------------------------------------------------------------------------------------- bad images
+@pytest.fixture(scope="module")
+def bad_source(tmp_path_factory: pytest.TempPathFactory) -> tuple[ImageFolderSource, list[Path]]:
+    """4 classes x 5 train + 2 val JPEGs plus a corrupt and a truncated train JPEG and a truncated val JPEG."""
+    root = write_image_folder(tmp_path_factory.mktemp("bad"), num_classes=4, train_per_class=5, val_per_class=2,
+                              size=(48, 40))
+    good = root / "train" / "class_00" / "train_00_0000.jpg"
+    bad = [write_corrupt_jpeg(root / "train" / "class_01" / "corrupt.jpg"),
+           write_truncated(root / "train" / "class_02" / "truncated.jpg", good),
+           write_truncated(root / "val" / "class_03" / "truncated.jpg", good)]
+    return ImageFolderSource(root), bad
+
+
+def _replacements(source: ImageFolderSource, bad: list[Path], split: str) -> list[int]:
+    """Each sample's index after skipping: a bad one is replaced by the next good one of its split."""
+    paths = [p for p, _ in source.samples(split)]
+    good = [p not in map(str, bad) for p in paths]
+    return [next(j % len(paths) for j in range(i, i + len(paths)) if good[j % len(paths)]) for i in range(len(paths))]
+
+
+def test_bad_images_are_skipped_by_name_with_full_epochs(bad_source, caplog: pytest.LogCaptureFixture) -> None:
+    source, bad = bad_source
+    module = _module(source, seed=4)
+    assert (module.train_size, module.val_size, module.steps_per_epoch()) == (22, 9, 5)
+    assert module.skipped_images == {"train": 0, "val": 0}
+    with caplog.at_level(logging.WARNING, logger="conformer.data.sources"):
+        epochs = _epochs(module.train_loader(), 3)
+        val = _epochs(module.val_loader(), 2)
+    replaced = _replacements(source, bad, "train")
+    for epoch, batches in enumerate(epochs):
+        assert [len(y) for _, y in batches] == [4] * module.steps_per_epoch()
+        assert all(images.shape == (4, 3, SIZE, SIZE) for images, _ in batches)
+        labels = np.concatenate([y for _, y in batches]).tolist()
+        order = train_shard(22, 0, 1, 4, epoch)[:20]  # the last partial batch is dropped
+        assert labels == [source.train_samples[replaced[i]][1] for i in order]
+    replaced = _replacements(source, bad, "val")
+    for batches in val:
+        assert np.concatenate([y for _, y in batches]).tolist() == [source.val_samples[i][1] for i in replaced]
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert sorted(next(str(p) for p in bad if str(p) in m) for m in warned) == sorted(map(str, bad))  # once each
+    assert module.skipped_images == {"train": 2, "val": 1}
+    _epochs(module.train_loader(start_epoch=3), 1)  # a new loader, e.g. after a resume: still counted once
+    assert module.skipped_images == {"train": 2, "val": 1} and len(caplog.records) == len(warned)
+
+
+def test_bad_image_under_error_fails_naming_it(bad_source) -> None:
+    source, bad = bad_source
+    module = _module(source, seed=4, on_bad_image="error")
+    first_bad = next(source.train_samples[i][0] for i in train_shard(22, 0, 1, 4, 0)
+                     if source.train_samples[i][0] in map(str, bad))
+    with pytest.raises(RuntimeError, match=re.escape(f"cannot decode image {first_bad}: ")):
+        _epochs(module.train_loader(), 1)
+    with pytest.raises(RuntimeError, match=re.escape(f"cannot decode image {bad[2]}: OSError: ")):
+        _epochs(module.val_loader(), 1)

@@ -1,16 +1,30 @@
-"""Sources: ImageFolder scanning and errors, digits materialisation (atomic, idempotent), synthetic images."""
+"""Sources: ImageFolder scanning and errors, digits materialisation (atomic, idempotent), synthetic images, bad
+image files found by name (skipped or raised) before MindSpore's decoder meets them."""
 from __future__ import annotations
 
 import json
+import logging
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import mindspore.dataset as ds
 import numpy as np
 import pytest
 from PIL import Image
 
-from conformer.data.sources import DigitsSource, ImageFolderSource, SyntheticSource, write_image_folder
+from conformer.data.sources import (
+    BadImageError,
+    CheckedReader,
+    DigitsSource,
+    FileReader,
+    ImageFolderSource,
+    SyntheticSource,
+    file_problem,
+    write_image_folder,
+)
+from conformer.validation import ConfigError
 
 
 def _image(path: Path, colour: int = 0, fmt: str | None = None) -> None:
@@ -131,3 +145,111 @@ def test_write_image_folder_round_trips(tmp_path: Path) -> None:
     assert (source.train_size, source.val_size) == (6, 2)
     with Image.open(source.train_samples[0][0]) as img:
         assert img.size == (40, 30)
+
+
+# ---------------------------------------------------------------------------------------------------- bad images
+def write_corrupt_jpeg(path: Path) -> Path:
+    """Random bytes under a JPEG name."""
+    path.write_bytes(np.random.default_rng(7).integers(0, 256, 3000, dtype=np.uint8).tobytes())
+    return path
+
+
+def write_truncated(path: Path, image: Path, keep: float = 0.5) -> Path:
+    """The first ``keep`` of a real image file, as a download cut short writes it."""
+    data = image.read_bytes()
+    path.write_bytes(data[:int(len(data) * keep)])
+    return path
+
+
+@pytest.fixture()
+def image_files(tmp_path: Path) -> dict[str, Path]:
+    """A good JPEG and PNG (48x40), and the ways files go bad."""
+    jpeg, png = tmp_path / "photo.jpg", tmp_path / "photo.png"
+    pixels = np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(jpeg)
+    Image.fromarray(pixels).save(png)
+    return {"jpeg": jpeg, "png": png, "corrupt": write_corrupt_jpeg(tmp_path / "corrupt.jpg"),
+            "truncated": write_truncated(tmp_path / "half.jpg", jpeg),
+            "end cut": write_truncated(tmp_path / "end.jpg", jpeg, keep=0.98),  # MindSpore decodes it, grey tail
+            "headers only": write_truncated(tmp_path / "head.jpg", jpeg, keep=0.3),  # MindSpore dies of SIGFPE
+            "truncated png": write_truncated(tmp_path / "half.png", png),
+            "empty": write_truncated(tmp_path / "empty.jpg", jpeg, keep=0.0), "missing": tmp_path / "missing.jpg"}
+
+
+@pytest.mark.parametrize(("name", "reason"), [
+    ("jpeg", None), ("png", None), ("corrupt", "not an image (unknown format"),
+    ("truncated", "OSError: image file is truncated"), ("end cut", "OSError: image file is truncated"),
+    ("headers only", "OSError: "), ("truncated png", "OSError: image file is truncated"), ("empty", "empty file"),
+    ("missing", "cannot read the file: FileNotFoundError"),
+])
+def test_file_problem_names_what_is_wrong(image_files: dict[str, Path], name: str, reason: str | None) -> None:
+    problem = file_problem(image_files[name])
+    assert problem is None if reason is None else reason in str(problem), problem
+
+
+@pytest.fixture()
+def bad_folder(tmp_path: Path) -> tuple[ImageFolderSource, list[Path]]:
+    """2 classes x 3 train JPEGs, of which train index 1 is corrupt and index 5 (the last) truncated."""
+    root = write_image_folder(tmp_path / "ds", num_classes=2, train_per_class=3, val_per_class=1)
+    first = root / "train" / "class_00" / "train_00_0000.jpg"
+    bad = [write_corrupt_jpeg(root / "train" / "class_00" / "train_00_0001.jpg"),
+           write_truncated(root / "train" / "class_01" / "train_01_0002.jpg", first)]
+    return ImageFolderSource(root), bad
+
+
+def _read(reader: CheckedReader, order: list[int]) -> list[tuple[bytes, int]]:
+    """One pass of MindSpore's own reader over ``order``: two reader threads, no processes."""
+    dataset = ds.GeneratorDataset(reader, ["image", "label"], sampler=order, num_parallel_workers=2,
+                                  python_multiprocessing=False)
+    return [(x.tobytes(), int(y)) for x, y in dataset.create_tuple_iterator(num_epochs=1, output_numpy=True)]
+
+
+def _warnings_naming(caplog: pytest.LogCaptureFixture, path: Path) -> int:
+    return sum(str(path) in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+
+
+def test_bad_files_are_skipped_once_by_name_and_replaced_by_the_next_good_one(
+        bad_folder: tuple[ImageFolderSource, list[Path]], caplog: pytest.LogCaptureFixture) -> None:
+    source, (corrupt, truncated) = bad_folder
+    reader = CheckedReader(source.reader("train"), source.train_samples, "skip", "train")
+    plain = source.reader("train")
+    order = [5, 1, 3, 0, 2, 4]
+    with caplog.at_level(logging.WARNING, logger="conformer.data.sources"):
+        first = _read(reader, order)
+        second = _read(reader, order)
+    # index 1 -> 2, and the last index wraps around to 0: the same replacement every time
+    expected = [(plain[i][0].tobytes(), int(plain[i][1])) for i in (0, 2, 3, 0, 2, 4)]
+    assert first == second == expected
+    assert reader.bad_images.keys() == {str(corrupt), str(truncated)}
+    assert "not an image" in reader.bad_images[str(corrupt)]
+    assert "truncated" in reader.bad_images[str(truncated)].lower()
+    assert [_warnings_naming(caplog, path) for path in (corrupt, truncated)] == [1, 1]
+
+    # a bad file is never read again, and a good file is decoded in its first epoch only
+    corrupt.write_bytes(Path(source.train_samples[0][0]).read_bytes())
+    write_truncated(Path(source.train_samples[3][0]), Path(source.train_samples[3][0]))
+    third = _read(reader, order)
+    assert third[0] == third[3] == expected[0] and third[1] == expected[1]
+    assert third[2][0] == Path(source.train_samples[3][0]).read_bytes() != expected[2][0]
+    assert len(reader.bad_images) == 2 and _warnings_naming(caplog, corrupt) == 1
+
+
+def test_bad_file_under_error_fails_naming_it(bad_folder: tuple[ImageFolderSource, list[Path]]) -> None:
+    source, (corrupt, _) = bad_folder
+    reader = CheckedReader(source.reader("train"), source.train_samples, "error", "train")
+    assert _read(reader, [0, 2])[1][1] == 0  # good files pass
+    with pytest.raises(RuntimeError, match=re.escape(f"cannot decode image {corrupt}: not an image")) as caught:
+        _read(reader, [0, 1, 2])
+    assert "data.on_bad_image=skip" in str(caught.value)
+    with pytest.raises(BadImageError, match=re.escape(str(corrupt))):
+        reader[1]  # remembered as bad: still an error
+
+
+def test_a_split_without_a_good_image_is_an_error(bad_folder: tuple[ImageFolderSource, list[Path]]) -> None:
+    source, (corrupt, truncated) = bad_folder
+    samples = [(str(corrupt), 0), (str(truncated), 1)]
+    reader = CheckedReader(FileReader(samples), samples, "skip", "val")
+    with pytest.raises(BadImageError, match="none of the 2 images of the val split can be decoded"):
+        reader[0]
+    with pytest.raises(ConfigError, match="data.on_bad_image='ignore'; choose one of skip, error"):
+        CheckedReader(source.reader("val"), source.val_samples, "ignore")

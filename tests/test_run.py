@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import math
 import re
+import shutil
 import signal
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +20,7 @@ from conformer import weights
 from conformer.models import create_model
 from conformer.signals import check_interrupted, interruptible
 from conformer.tracking import flatten_config
-from conformer.train.checkpoint import load_weights, read_checkpoint
+from conformer.train.checkpoint import load_weights, read_checkpoint, save_checkpoint
 from conformer.validation import ConfigError, validate_config
 
 from .helpers import (
@@ -176,15 +178,26 @@ def test_diverging_run_ends_failed(trained: Trained, tmp_path_factory) -> None:
 
 def test_overflow_steps_are_skipped_and_kept_out_of_the_averages(tmp_path_factory) -> None:
     """A dynamic loss scale far too high: the first updates overflow, are skipped, the scale comes down, the run
-    finishes; the logged loss and gradient norm average only the steps that counted."""
+    finishes; the logged loss and gradient norm average only the steps that counted. The run fine-tunes a 10-class
+    checkpoint on the 3-class data (everything but the classifier heads is loaded), and one of its train images is
+    a corrupt file: skipped, named in the log, counted in MLflow."""
     root = tmp_path_factory.mktemp("overflow")
-    data_root = tiny_folder(tmp_path_factory.getbasetemp())
-    _, _, objective = train_in_process(root, data_root, "trainer.epochs=1", "optim.schedule.warmup_epochs=0",
-                                       "trainer.loss_scale=dynamic", "trainer.init_loss_scale=1e38",
-                                       "trainer.log_every_n_steps=1")
+    data_root = root / "data"
+    shutil.copytree(tiny_folder(tmp_path_factory.getbasetemp()), data_root)
+    corrupt = data_root / "train" / "class_01" / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
+    pretrained = save_checkpoint(create_model("conformer_nano", num_classes=10, depth=3, img_size=16),
+                                 root / "ten-classes.ckpt")
+    _, run_dir, objective = train_in_process(root, data_root, "trainer.epochs=1", "optim.schedule.warmup_epochs=0",
+                                             "trainer.loss_scale=dynamic", "trainer.init_loss_scale=1e38",
+                                             "trainer.log_every_n_steps=1", f"model.pretrained={pretrained}")
     client = MlflowClient(store_uri(root))
     run = _only_run(client)
     assert run.info.status == "FINISHED" and objective is not None
+    log_text = (run_dir / "train.log").read_text()
+    assert f"fine-tuning: {pretrained} has 10 classes, the model 3" in log_text
+    assert log_text.count(f"skipping bad image {corrupt}") == 1
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "data/skipped_images_train")] == [1.0]
     scales = [m.value for m in client.get_metric_history(run.info.run_id, "train/loss_scale")]
     assert scales[0] < 1e38 and scales == sorted(scales, reverse=True)  # halved on every overflow
     norms = client.get_metric_history(run.info.run_id, "train/grad_norm")
@@ -208,17 +221,23 @@ def test_a_ctrl_c_swallowed_by_a_finalizer_is_not_lost() -> None:
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
-def test_ctrl_c_ends_the_run_killed(tmp_path: Path, tmp_path_factory) -> None:
+def test_ctrl_c_during_compilation_ends_the_run_killed_within_seconds(tmp_path: Path, tmp_path_factory) -> None:
     data_root = tiny_folder(tmp_path_factory.getbasetemp())
     proc = run_py(tiny_overrides(tmp_path, data_root, "trainer.epochs=2"), tmp_path)
     try:
-        # once the run is open: its config artifact is logged right after Tracker.start
-        wait_until(lambda: any(tmp_path.glob("mlruns/*/*/artifacts/overrides.txt")), proc, "an open MLflow run")
+        # MindSpore compiles the train step in C++ for ~15 s: Python's own handler would wait for it to end
+        wait_until(lambda: any("compiling the train step" in log.read_text() for log in
+                               tmp_path.glob("outputs/*/*/train.log")), proc, "the train step compiling")
         proc.send_signal(signal.SIGINT)
+        start = time.monotonic()
         _, err = proc.communicate(timeout=60)
+        elapsed = time.monotonic() - start
     finally:
         stop(proc, signal.SIGKILL)
-    assert proc.returncode != 0, err[-3000:]
+    assert proc.returncode == 130, err[-3000:]
+    assert elapsed < 10, f"the process took {elapsed:.1f} s to stop"
+    assert re.match(r"interrupted \((received )?SIGINT", err.strip().splitlines()[-1]), err[-3000:]
+    assert "Traceback" not in err
     killed = _only_run(MlflowClient(sqlite_uri(tmp_path / "mlflow.db")))
     assert killed.info.status == "KILLED"
 

@@ -32,6 +32,7 @@ from conformer.train.ema import ModelEma
 from conformer.validation import ConfigError
 
 from .parity import REFERENCE, max_rel_error, reference_model
+from .test_data_sources import write_corrupt_jpeg, write_truncated
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_STATE = REFERENCE / "tiny_state.npz"
@@ -77,6 +78,22 @@ def unexportable_cells(network: nn.Cell) -> int:
 def softmax(logits: np.ndarray) -> np.ndarray:
     exp = np.exp(logits - logits.max(axis=1, keepdims=True))
     return exp / exp.sum(axis=1, keepdims=True)
+
+
+def reference_probabilities(checkpoint: Path, paths: list[str | Path]) -> np.ndarray:
+    """softmax(conv + trans) of image files under the digits eval preprocessing, computed here, not by the task."""
+    network = nano()
+    load_weights(checkpoint, network)
+    network.set_train(False)
+    ops = EvalTransform(SIZE, crop_pct=1.0, mean=(0.5,) * 3, std=(0.5,) * 3).operations(decode=False)
+    batch = []
+    for path in paths:
+        image = np.asarray(Image.open(path).convert("RGB"))
+        for op in ops:
+            image = op(image)
+        batch.append(image)
+    conv, trans = (t.asnumpy().astype(np.float64) for t in network(ms.Tensor(np.stack(batch))))
+    return softmax(conv + trans)
 
 
 def protobuf_fields(data: bytes) -> dict[int, list]:
@@ -265,18 +282,7 @@ def test_predict_cli_writes_the_top_k_of_the_summed_logits(root: Path, checkpoin
         assert f"{row['path']}: {row['label_1']} " in result.stdout
 
     # the same files, preprocessed and scored here
-    network = nano()
-    load_weights(checkpoint, network)
-    network.set_train(False)
-    ops = EvalTransform(SIZE, crop_pct=1.0, mean=(0.5,) * 3, std=(0.5,) * 3).operations(decode=False)
-    batch = []
-    for row in rows:
-        image = np.asarray(Image.open(row["path"]).convert("RGB"))
-        for op in ops:
-            image = op(image)
-        batch.append(image)
-    conv, trans = (t.asnumpy().astype(np.float64) for t in network(ms.Tensor(np.stack(batch))))
-    expected = softmax(conv + trans)
+    expected = reference_probabilities(checkpoint, [row["path"] for row in rows])
     for row, probs in zip(rows, expected):
         top = np.argsort(-probs)[:3]
         assert [row[f"label_{i}"] for i in (1, 2, 3)] == [str(c) for c in top]
@@ -291,6 +297,38 @@ def test_class_names_come_from_a_file_the_data_source_or_nowhere(root: Path, tmp
     assert class_names(compose_cfg(root, "task=predict", "data=folder")) is None  # no data.source.root
     with pytest.raises(ConfigError, match="no such file"):
         class_names(compose_cfg(root, "task=predict", f"task.classes={tmp_path}/missing.txt"))
+
+
+def test_predict_skips_bad_files_and_lists_them_with_the_reason(root: Path, checkpoint: Path, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture) -> None:
+    photo = tmp_path / "photo.jpg"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (24, 40, 3), dtype=np.uint8)).save(photo)
+    Image.new("L", (8, 8), 200).save(tmp_path / "good.png")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    write_corrupt_jpeg(tmp_path / "corrupt.jpg")
+    write_truncated(tmp_path / "truncated.jpg", photo)
+    _, run_dir = run_task(root, "predict", f"task.checkpoint={checkpoint}", f"task.inputs={tmp_path}", "task.topk=3")
+
+    with (run_dir / "predictions.csv").open() as handle:
+        rows = {Path(row["path"]).name: row for row in csv.DictReader(handle)}
+    assert list(rows) == ["broken.png", "corrupt.jpg", "good.png", "photo.jpg", "truncated.jpg"]  # input order
+    reasons = {"broken.png": "not an image", "corrupt.jpg": "not an image", "truncated.jpg": "truncated"}
+    out = capsys.readouterr().out
+    for name, reason in reasons.items():
+        row = rows[name]
+        assert reason in row["error"].lower()
+        assert {row[f"{kind}_{i}"] for kind in ("label", "prob") for i in (1, 2, 3)} == {""}
+        assert f"{row['path']}: skipped ({row['error']})" in out
+    for name, probs in zip(("good.png", "photo.jpg"), reference_probabilities(checkpoint, [tmp_path / "good.png",
+                                                                                           photo])):
+        row, top = rows[name], np.argsort(-probs)[:3]
+        assert row["error"] == "" and [row[f"label_{i}"] for i in (1, 2, 3)] == [str(c) for c in top]
+        np.testing.assert_allclose([float(row[f"prob_{i}"]) for i in (1, 2, 3)], probs[top], rtol=1e-4)
+        assert f"{row['path']}: {row['label_1']} " in out
+
+    _, mlrun = mlflow_run(root, run_dir)
+    assert mlrun.info.status == "FINISHED"
+    assert (mlrun.data.tags["images"], mlrun.data.tags["skipped_images"]) == ("2", "3")
 
 
 # ---------------------------------------------------------------------------------------------------- errors
@@ -310,7 +348,8 @@ def broken_png(tmp_path: Path) -> Path:
     ("export", [f"task.checkpoint={TINY_STATE}", "task.output=mean"], ConfigError, "choose sum"),
     ("predict", [f"task.checkpoint={TINY_STATE}"], ConfigError, "task.inputs is required"),
     ("predict", [f"task.checkpoint={TINY_STATE}", "task.inputs={tmp}/*.jpg"], ConfigError, "matches no image"),
-    ("predict", [f"task.checkpoint={TINY_STATE}", "task.inputs={tmp}"], ValueError, "cannot read 1 of 2"),
+    ("predict", [f"task.checkpoint={TINY_STATE}", "task.inputs={tmp}/broken.png"], ValueError,
+     "none of the 1 input images can be read"),
     ("predict", [f"task.checkpoint={TINY_STATE}", "task.inputs={tmp}", "task.topk=0"], ConfigError,
      "task.topk=0 must be an integer >= 1"),
     ("eval", [f"model.pretrained={TINY_STATE}"], ConfigError, "model.pretrained is where a training starts"),
@@ -322,5 +361,5 @@ def test_bad_task_settings_fail_early_with_a_clear_message(root: Path, broken_pn
     overrides = [o.replace("{tmp}", str(broken_png)) for o in overrides]
     with pytest.raises(error, match=message) as caught:
         run_task(root, task, "tracking.enabled=false", *overrides)
-    if "cannot read" in message:
+    if "can be read" in message:
         assert "broken.png" in str(caught.value) and "good.png" not in str(caught.value)

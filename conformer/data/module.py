@@ -3,22 +3,23 @@
 Built by ``hydra.utils.instantiate`` from ``conf/data/*.yaml``. ``train_loader`` yields
 ``(images float32 [B, 3, H, W], targets)`` with int32 ``[B]`` labels, or float32 ``[B, num_classes]`` soft
 targets when Mixup is on; it reshuffles every epoch (iterate ``create_tuple_iterator(num_epochs=...)``).
-``val_loader`` yields ``(images, int32 labels)``, sharded without padding, last batch kept.
+``val_loader`` yields ``(images, int32 labels)``, sharded without padding, last batch kept. A bad image file
+(corrupt, truncated) is skipped with a warning or raised by name (``on_bad_image``); ``skipped_images`` counts them.
 """
 from __future__ import annotations
 
 import math
 import os
 from collections.abc import Callable
-from typing import Union
+from typing import Any, Union
 
 import mindspore.dataset as ds
 
 from conformer.data.mixup import Mixup
 from conformer.data.sampler import ShardSampler, train_shard_length
-from conformer.data.sources import Source
+from conformer.data.sources import SPLITS, CheckedReader, Source
 from conformer.data.transforms import EvalTransform, Stage, TrainTransform
-from conformer.validation import require_int
+from conformer.validation import BAD_IMAGE_POLICIES, require_choice, require_int
 
 __all__ = ["DataModule"]
 
@@ -33,7 +34,7 @@ class DataModule:
                  train_transform: TrainTransform, eval_transform: EvalTransform,
                  num_classes: int | None = None, eval_batch_size: int | None = None, num_workers: int = 2,
                  mixup: MixupSpec = None, repeated_aug: int = 1, drop_last: bool = True,
-                 seed: int = 0) -> None:
+                 seed: int = 0, on_bad_image: str = "skip") -> None:
         if not isinstance(source, Source):
             raise TypeError(f"data.source must be a data source (e.g. conformer.data.sources."
                             f"ImageFolderSource with a _target_), got {type(source).__name__}: {source!r}")
@@ -57,6 +58,8 @@ class DataModule:
             raise ValueError(f"data.num_classes={num_classes} but {source!r} has {source.num_classes} "
                              "classes: fix num_classes or set it to null to take it from the data")
         self.mixup = self._bind_mixup(mixup)
+        self.on_bad_image = require_choice(on_bad_image, "data.on_bad_image", BAD_IMAGE_POLICIES)
+        self._readers: dict[str, Any] = {}
 
     def _bind_mixup(self, mixup: MixupSpec) -> Mixup | None:
         if mixup is None:
@@ -95,8 +98,30 @@ class DataModule:
                              f"{self.batch_size}: lower data.batch_size or use fewer devices")
         return steps
 
+    @property
+    def skipped_images(self) -> dict[str, int]:
+        """Distinct bad image files met so far in this process, per split: ``{'train': n, 'val': m}``.
+
+        Each rank counts what its own shard met; a file counts once however many epochs meet it.
+        """
+        counts = dict.fromkeys(SPLITS, 0)
+        for split, reader in self._readers.items():
+            if isinstance(reader, CheckedReader):
+                counts[split] = len(reader.bad_images)
+        return counts
+
+    def _split_reader(self, split: str) -> Any:
+        """One reader per split for the module's life, so what it learns about bad files lasts across loaders."""
+        if split not in self._readers:
+            reader = self.source.reader(split)
+            if self.source.encoded:
+                reader = CheckedReader(reader, self.source.samples(split), self.on_bad_image, split)
+            self._readers[split] = reader
+        return self._readers[split]
+
     def _reader(self, split: str, sampler: ShardSampler) -> ds.GeneratorDataset:
-        return ds.GeneratorDataset(self.source.reader(split), column_names=COLUMNS, sampler=sampler,
+        # threads, not processes: the reader's record of bad files must stay in this process
+        return ds.GeneratorDataset(self._split_reader(split), column_names=COLUMNS, sampler=sampler,
                                    python_multiprocessing=False)
 
     def _map(self, dataset: ds.Dataset, transform: TrainTransform | EvalTransform) -> ds.Dataset:

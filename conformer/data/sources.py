@@ -3,35 +3,45 @@
 Every source exposes ``classes``, ``num_classes``, ``train_samples`` / ``val_samples`` (``(path, label)``
 pairs), ``train_size`` / ``val_size``, ``encoded`` (whether its reader yields encoded file bytes that the
 transforms must decode) and ``reader(split)``: a random-access object for ``GeneratorDataset`` yielding
-``(image, label)`` with ``label`` an int32 scalar array.
+``(image, label)`` with ``label`` an int32 scalar array. ``CheckedReader`` wraps an encoded reader so that a
+corrupt or truncated file is skipped (or raised) by name before MindSpore's decoder meets it.
 """
 from __future__ import annotations
 
+import io
 import json
+import logging
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from conformer.validation import IMAGE_EXTENSIONS
+from conformer.validation import BAD_IMAGE_POLICIES, IMAGE_EXTENSIONS, require_choice
 
 __all__ = [
     "IMAGE_EXTENSIONS",
     "SPLITS",
+    "BadImageError",
+    "CheckedReader",
     "DigitsSource",
     "FileReader",
     "ImageFolderSource",
     "Source",
     "SyntheticSource",
+    "file_problem",
+    "image_problem",
     "scan_split",
     "write_image_folder",
 ]
 
 SPLITS = ("train", "val")
 Sample = tuple[str, int]
+log = logging.getLogger(__name__)
 
 
 def _check_split(split: str) -> str:
@@ -92,6 +102,122 @@ class FileReader:
     def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         path, label = self.samples[index]
         return np.fromfile(path, dtype=np.uint8), np.array(label, dtype=np.int32)
+
+
+def image_problem(data: bytes | np.ndarray) -> str | None:
+    """Why encoded image bytes cannot be decoded (e.g. ``'OSError: image file is truncated ...'``), or None.
+
+    PIL decodes the whole file, a JPEG at 1/8 scale: libjpeg's DCT scaling still entropy-decodes every byte, so
+    truncated and corrupt files fail as in a full decode, at a fraction of its cost.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    if len(data) == 0:
+        return "empty file"
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.draft(None, (1, 1))  # JPEG only; other formats ignore it
+            image.load()
+    except UnidentifiedImageError:  # its message names a BytesIO object, not the file
+        return "not an image (unknown format or corrupt header)"
+    except Exception as err:  # PIL raises many types for broken files; all mean "cannot decode"
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def _unreadable(err: OSError) -> str:
+    return f"cannot read the file: {type(err).__name__}: {err}"
+
+
+def file_problem(path: str | os.PathLike) -> str | None:
+    """Why an image file cannot be read or decoded (``image_problem``), or None."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        return _unreadable(err)
+    return image_problem(data)
+
+
+class BadImageError(ValueError):
+    """An image file that cannot be decoded, under ``data.on_bad_image=error`` (or none at all in a split)."""
+
+
+UNCHECKED, GOOD, BAD = 0, 1, 2
+
+
+class CheckedReader:
+    """An encoded-image reader that decodes each file once in Python (``image_problem``) before MindSpore does.
+
+    MindSpore's decoder fails (or crashes the process) on a bad file inside a C++ worker thread, naming nothing.
+    Here a file that cannot be read or decoded is remembered as bad and never read again; good files are checked
+    in their first epoch only. ``on_bad_image='skip'``: a bad file is logged once (a warning naming it and the
+    reason) and its sample is replaced by the next good one of the split (index + 1, + 2, ..., wrapping): the
+    same replacement in every epoch and run, so batch shapes and step counts stay as they are.
+    ``'error'``: ``BadImageError`` naming the file and the reason. ``reader``: any random-access reader of
+    ``(encoded bytes, label)`` for ``samples``, e.g. ``FileReader``. Thread-safe.
+    """
+
+    def __init__(self, reader: Any, samples: Sequence[Sample], on_bad_image: str = "skip",
+                 split: str = "train") -> None:
+        self.reader, self.samples, self.split = reader, list(samples), split
+        self.on_bad_image = require_choice(on_bad_image, "data.on_bad_image", BAD_IMAGE_POLICIES)
+        if len(reader) != len(self.samples):
+            raise ValueError(f"the reader has {len(reader)} samples but the {split} split {len(self.samples)}")
+        self._status = np.full(len(self.samples), UNCHECKED, np.int8)
+        self._bad: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def bad_images(self) -> dict[str, str]:
+        """Path -> reason of every distinct bad file met so far."""
+        with self._lock:
+            return dict(self._bad)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        size = len(self.samples)
+        for step in range(size):
+            candidate = (int(index) + step) % size
+            sample = self._good_sample(candidate)
+            if sample is not None:
+                return sample
+            if self.on_bad_image == "error":
+                raise BadImageError(f"{self._describe(candidate)}; set data.on_bad_image=skip to skip bad "
+                                    "files (a warning names each)")
+        raise BadImageError(f"none of the {size} images of the {self.split} split can be decoded, e.g. "
+                            f"{self._describe(int(index))}")
+
+    def _good_sample(self, index: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """The reader's sample, or None for a bad file (read and checked once, then remembered)."""
+        if self._status[index] == BAD:
+            return None
+        try:
+            image, label = self.reader[index]
+        except OSError as err:  # vanished, unreadable: as bad as a corrupt file
+            problem = _unreadable(err)
+        else:
+            problem = image_problem(image) if self._status[index] == UNCHECKED else None
+        if problem is None:
+            self._status[index] = GOOD
+            return image, label
+        self._mark_bad(index, problem)
+        return None
+
+    def _mark_bad(self, index: int, problem: str) -> None:
+        path = self.samples[index][0]
+        with self._lock:  # two threads may meet the same file: one warning
+            first = path not in self._bad
+            self._bad[path] = problem
+            self._status[index] = BAD
+        if first and self.on_bad_image == "skip":
+            log.warning("skipping bad image %s (%s): the next good image of the %s split takes its place",
+                        path, problem, self.split)
+
+    def _describe(self, index: int) -> str:
+        path = self.samples[index][0]
+        return f"cannot decode image {path}: {self._bad.get(path, 'bad file')}"
 
 
 class Source:

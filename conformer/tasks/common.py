@@ -47,7 +47,8 @@ def build_data(cfg: DictConfig) -> Any:
 def build_network(cfg: DictConfig, num_classes: int) -> nn.Cell:
     """The configured network with `num_classes` outputs (the data's, or the weights'); no weights loaded."""
     model = OmegaConf.to_container(cfg.model, resolve=True)
-    model.pop("pretrained", None)  # weights are the task's business (conformer.weights), not the constructor's
+    for key in ("pretrained", "pretrained_strict"):  # weights are the task's business (conformer.weights)
+        model.pop(key, None)
     return instantiate(model, num_classes=num_classes)
 
 
@@ -90,11 +91,13 @@ def run_params(cfg: DictConfig) -> dict[str, str]:
     return {**flatten_config(architecture), **flatten_config(cfg)}
 
 
-def open_run(tracker: Tracker | NullTracker, ctx: RunContext, extra_tags: Mapping[str, Any] | None = None) -> None:
-    """Start the task's MLflow run: config and architecture as params, the standard tags, the config as artifacts."""
+def open_run(tracker: Tracker | NullTracker, ctx: RunContext, extra_tags: Mapping[str, Any] | None = None,
+             resume_run_id: str | None = None) -> None:
+    """Start the task's MLflow run (or continue `resume_run_id`): config and architecture as params, the standard
+    tags, the config as artifacts."""
     cfg = ctx.cfg
     overrides = run_overrides(ctx.run_dir)
-    tracker.start(params=run_params(cfg), tags=run_tags(
+    tracker.start(resume_run_id=resume_run_id, params=run_params(cfg), tags=run_tags(
         model=cfg.model.name, data=cfg.data.name, hardware=cfg.hardware.name, task=cfg.task.name,
         overrides=overrides, git_commit=git_commit(ctx.project_root), run_dir=ctx.run_dir,
         world_size=ctx.group.world_size, extra=extra_tags))

@@ -1,9 +1,13 @@
-"""task=predict: top-k classes of image files, with the eval preprocessing and softmax(conv + trans logits)."""
+"""task=predict: top-k classes of image files, with the eval preprocessing and softmax(conv + trans logits).
+
+Files that cannot be read or decoded are skipped: printed with the reason and listed in ``predictions.csv`` with
+empty label/prob columns and the reason in its ``error`` column (empty for predicted images).
+"""
 from __future__ import annotations
 
 import csv
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +17,7 @@ from mindspore import Tensor
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
+from conformer.data.sources import file_problem
 from conformer.data.transforms import EvalTransform
 from conformer.tasks.common import RunContext, open_run, task_tracker, trained_network
 from conformer.validation import check_class_count, class_names_file, image_inputs
@@ -21,20 +26,15 @@ log = logging.getLogger(__name__)
 PREDICTIONS_FILE = "predictions.csv"
 
 
-def check_images(paths: Sequence[Path]) -> None:
-    """Fail before anything is compiled when an input is not a readable image."""
-    from PIL import Image
-
-    bad = []
-    for path in paths:
-        try:
-            with Image.open(path) as image:
-                image.verify()
-        except Exception as err:  # PIL raises many types for broken files; all mean "cannot read"
-            bad.append(f"{path} ({type(err).__name__}: {err})")
-    if bad:
-        shown = "; ".join(bad[:10]) + (f"; ... and {len(bad) - 10} more" if len(bad) > 10 else "")
-        raise ValueError(f"cannot read {len(bad)} of {len(paths)} input images: {shown}")
+def bad_images(paths: Sequence[Path]) -> dict[Path, str]:
+    """The inputs that cannot be read or decoded, with the reason; fails before anything is compiled when no
+    input is readable."""
+    problems = {path: problem for path in paths if (problem := file_problem(path))}
+    if len(problems) == len(paths):
+        shown = "; ".join(f"{path} ({problem})" for path, problem in list(problems.items())[:10])
+        more = f"; ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+        raise ValueError(f"none of the {len(paths)} input images can be read: {shown}{more}")
+    return problems
 
 
 def load_image(path: Path) -> np.ndarray:
@@ -85,38 +85,56 @@ def predict_probabilities(network, transform: EvalTransform, paths: Sequence[Pat
         yield _softmax(conv.asnumpy()[:count] + trans.asnumpy()[:count])
 
 
+def write_predictions(handle, paths: Sequence[Path], problems: dict[Path, str],
+                      probabilities: Iterable[np.ndarray], labels: Sequence[str], topk: int) -> None:
+    """One CSV row per input, in input order: the top-k of a predicted image, or the reason a bad one was skipped.
+
+    ``probabilities`` holds one row per readable input (the inputs not in ``problems``), in order.
+    """
+    writer = csv.writer(handle)
+    columns = [f"{kind}_{i}" for i in range(1, topk + 1) for kind in ("label", "prob")]
+    writer.writerow(["path", *columns, "error"])
+    predicted = iter(probabilities)
+    for image_path in paths:
+        if image_path in problems:
+            writer.writerow([str(image_path), *[""] * len(columns), problems[image_path]])
+            print(f"{image_path}: skipped ({problems[image_path]})")
+            continue
+        row = next(predicted)
+        best = np.argsort(-row, kind="stable")[:topk]
+        writer.writerow([str(image_path), *[v for c in best for v in (labels[c], float(row[c]))], ""])
+        print(f"{image_path}: " + ", ".join(f"{labels[c]} {row[c]:.1%}" for c in best))
+
+
 def predict(ctx: RunContext) -> None:
-    """Classify `task.inputs`; prints the top-k per image and writes `<run_dir>/predictions.csv`."""
+    """Classify `task.inputs`; prints the top-k per image and writes `<run_dir>/predictions.csv` (bad files listed,
+    not predicted)."""
     cfg = ctx.cfg
     paths = image_inputs(cfg.task.inputs)
-    check_images(paths)
+    problems = bad_images(paths)
     if not ctx.group.is_main:
         return None
+    readable = [p for p in paths if p not in problems]
     network, weights = trained_network(ctx)  # the class count comes from the weights
     num_classes = network.num_classes
     names = class_names(cfg)
     if names is not None:
         check_class_count(len(names), num_classes, cfg.task.classes or f"data={cfg.data.name}")
     labels = names or [str(i) for i in range(num_classes)]
-    topk = min(cfg.task.topk, num_classes)
     transform = instantiate(cfg.data.eval_transform)
-    batch_size = min(cfg.task.batch_size, len(paths))
+    batches = predict_probabilities(network, transform, readable, min(cfg.task.batch_size, len(readable)))
 
     path = ctx.run_dir / PREDICTIONS_FILE
     tracker = task_tracker(ctx)
     with tracker:
-        open_run(tracker, ctx, extra_tags={"weights": weights, "images": len(paths)})
+        open_run(tracker, ctx, extra_tags={"weights": weights, "images": len(readable),
+                                           "skipped_images": len(problems)})
         with path.open("w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["path"] + [f"{kind}_{i}" for i in range(1, topk + 1) for kind in ("label", "prob")])
-            done = 0
-            for probs in predict_probabilities(network, transform, paths, batch_size):
-                for image_path, row in zip(paths[done:done + len(probs)], probs):
-                    best = np.argsort(-row, kind="stable")[:topk]
-                    writer.writerow([str(image_path)] + [v for c in best for v in (labels[c], float(row[c]))])
-                    shown = ", ".join(f"{labels[c]} {row[c]:.1%}" for c in best)
-                    print(f"{image_path}: {shown}")
-                done += len(probs)
+            write_predictions(handle, paths, problems, (row for batch in batches for row in batch), labels,
+                              min(cfg.task.topk, num_classes))
         tracker.log_artifact(path)
-    log.info("predicted %d images with %s -> %s", len(paths), weights, path)
+    if problems:
+        log.warning("skipped %d of %d input images that cannot be read (listed in %s)", len(problems), len(paths),
+                    path)
+    log.info("predicted %d images with %s -> %s", len(readable), weights, path)
     return None

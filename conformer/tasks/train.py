@@ -1,20 +1,25 @@
 """task=train: fit the model, evaluate every epoch, checkpoint, record the run in MLflow."""
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+from pathlib import Path
 
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from conformer import weights
 from conformer.hardware import replicas_in_sync
 from conformer.logs import log_path
 from conformer.tasks.common import RunContext, build_data, build_network, open_run, resolve_weights, task_tracker
+from conformer.train.checkpoint import read_checkpoint_meta
 from conformer.train.curves import plot_curves
 from conformer.train.step import apply_amp
 from conformer.train.trainer import Trainer
 
 log = logging.getLogger(__name__)
+OUTPUTS_DIR = "outputs"  # run dirs under the project root (conf/config.yaml: hydra.run.dir, hydra.sweep.dir)
 
 
 def train(ctx: RunContext) -> float:
@@ -23,22 +28,25 @@ def train(ctx: RunContext) -> float:
     data = build_data(cfg)
     network = build_network(cfg, data.num_classes)
     if cfg.model.pretrained:
-        weights.load_into(network, resolve_weights(ctx, cfg.model.pretrained))
+        pretrained = resolve_weights(ctx, cfg.model.pretrained)
+        weights.load_into(network, pretrained, fine_tune=not cfg.model.pretrained_strict)
     network = apply_amp(network, cfg.hardware.amp_level, workdir=ctx.run_dir)
-    resume = resolve_weights(ctx, cfg.trainer.resume, "last.ckpt") if cfg.trainer.resume else None
+    fingerprint = config_fingerprint(cfg)
+    resume = _resume_from(ctx, fingerprint)
     tracker = task_tracker(ctx)
     trainer: Trainer = instantiate(cfg.trainer)(
         network=network, loss_fn=instantiate(cfg.loss), eval_loss_fn=instantiate(cfg.loss, label_smoothing=0.0),
         optimizer=instantiate(cfg.optim.optimizer), schedule=instantiate(cfg.optim.schedule,
                                                                          warmup_epochs=_warmup_epochs(cfg)),
-        data=data, group=group, run_dir=ctx.run_dir, tracker=tracker, resume=resume)
+        data=data, group=group, run_dir=ctx.run_dir, tracker=tracker, resume=resume,
+        checkpoint_meta={"config_fingerprint": fingerprint})
 
     log.info("%s | %s | %d params | %d train / %d val images | %d steps/epoch | global batch %d | base lr %.3g",
              cfg.model.name, data, sum(p.size for p in network.trainable_params()), data.train_size,
              data.val_size, trainer.steps_per_epoch, trainer.global_batch, trainer.schedule.base_lr)
     monitor, checkpoints = cfg.trainer.monitor, trainer.checkpoints
     with tracker:
-        open_run(tracker, ctx)
+        open_run(tracker, ctx, resume_run_id=trainer.state.mlflow_run_id)
         try:
             state = trainer.fit()
             replicas_in_sync(network.trainable_params(), group)  # data-parallel ranks must agree (logged)
@@ -49,6 +57,31 @@ def train(ctx: RunContext) -> float:
         finally:
             _log_outputs(tracker, ctx, trainer, cfg.tracking.log_checkpoints)
     return float(best)
+
+
+def config_fingerprint(cfg: DictConfig) -> str:
+    """What makes two runs "the same config" for `trainer.resume=auto`: the resolved config but the resume key."""
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    plain["trainer"].pop("resume", None)
+    return hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _resume_from(ctx: RunContext, fingerprint: str) -> Path | None:
+    """The `last.ckpt` that `trainer.resume` names; for `auto`, the newest one under outputs/ of the same config."""
+    spec = ctx.cfg.trainer.resume
+    if not spec:
+        return None
+    if spec != "auto":
+        return resolve_weights(ctx, spec, "last.ckpt")
+    candidates = sorted(ctx.project_root.glob(f"{OUTPUTS_DIR}/**/checkpoints/last.ckpt"),
+                        key=lambda path: path.stat().st_mtime, reverse=True)
+    for path in candidates:
+        if read_checkpoint_meta(path).get("config_fingerprint") == fingerprint:
+            log.info("trainer.resume=auto: resuming the newest checkpoint of this config, %s", path)
+            return path
+    log.info("trainer.resume=auto: no checkpoint of this config under %s: starting afresh",
+             ctx.project_root / OUTPUTS_DIR)
+    return None
 
 
 def _warmup_epochs(cfg: DictConfig) -> float:

@@ -1,10 +1,13 @@
 """The MLflow store: where it is, its experiments, and the runs no process ends any more (killed, gone)."""
 from __future__ import annotations
 
+import http.client
 import logging
 import os
 import re
 import socket
+import urllib.error
+import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,34 @@ log = logging.getLogger(__name__)
 
 TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
 HOST_TAG, PID_TAG = "host", "pid"  # where a run's process lives: stale RUNNING runs are found by them
+PROBE_TIMEOUT_S = 5.0
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking store does not answer; the message is one line naming the store and the ways out."""
+
+    def __init__(self, uri: str, reason: str) -> None:
+        self.uri, self.reason = uri, reason
+        super().__init__(f"MLflow tracking store {uri} is unreachable ({reason}): start it, point tracking.uri "
+                         "(or MLFLOW_TRACKING_URI) at one that answers, set tracking.fallback_to_local=true to log "
+                         "to the local store, or run with tracking=disabled")
+
+
+def unreachable(uri: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
+    """Why the HTTP(S) store `uri` does not answer `GET <uri>/health` within `timeout` s; None when it answers
+    (any status below 500: a server that answers is up) or when `uri` is not HTTP(S)."""
+    if urlparse(uri).scheme not in ("http", "https"):
+        return None
+    url = f"{uri.rstrip('/')}/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout):
+            return None
+    except urllib.error.HTTPError as err:
+        return None if err.code < 500 else f"GET {url}: HTTP {err.code}"
+    except urllib.error.URLError as err:
+        return f"GET {url}: {err.reason}"
+    except (OSError, http.client.HTTPException) as err:  # timeouts, resets, garbage instead of HTTP
+        return f"GET {url}: {err or type(err).__name__}"
 
 
 def default_tracking_uri(project_root: Path) -> str:

@@ -1,5 +1,5 @@
-"""`Tracker`: one MLflow run, always ended (FINISHED, FAILED, KILLED); `NullTracker` for processes that must not
-log; the params and tags a run records."""
+"""`Tracker`: one MLflow run, always ended (FINISHED, FAILED, KILLED), that a store going down does not stop;
+`NullTracker` for processes that must not log; the params and tags a run records."""
 from __future__ import annotations
 
 import atexit
@@ -19,6 +19,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID, MLFLOW_SOURCE_NAME, MLFLOW_USER
+from mlflow.utils.time import get_current_time_millis
 from mlflow.utils.validation import (
     MAX_METRICS_PER_BATCH,
     MAX_PARAM_VAL_LENGTH,
@@ -28,19 +29,25 @@ from mlflow.utils.validation import (
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
+from conformer.signals import on_forced_exit
+from conformer.tracking.outbox import Batch, Call, Outbox, Terminate, Text, Upload, store_calls, transient
 from conformer.tracking.store import (
     HOST_TAG,
     PID_TAG,
     TERMINAL_STATUSES,
+    TrackingUnavailable,
     close_runs_of_dead_processes,
     default_artifact_root,
+    default_tracking_uri,
     experiment_id,
     resolve_tracking_uri,
     search_all_runs,
     terminate,
+    unreachable,
 )
 
 log = logging.getLogger(__name__)
+FALLBACK_TAG = "tracking.unavailable_store"  # the store a run fell back from (tracking.fallback_to_local)
 
 
 # ---------------------------------------------------------------------------------------------------- values
@@ -125,48 +132,67 @@ def default_run_name(task: str, model: str, run_dir: Path) -> str:
 
 # ---------------------------------------------------------------------------------------------------- tracker
 class Tracker:
-    """One MLflow run, on rank 0. Use `with tracker: tracker.start(params, tags); ...`."""
+    """One MLflow run, on rank 0. Use `with tracker: tracker.start(params, tags); ...`.
+
+    `start` checks an HTTP(S) store first: one that does not answer within 5 s is `TrackingUnavailable`, or, with
+    `fallback_uri`, the run goes there. After the start the logging calls return at once: a background thread
+    sends them and keeps them while the store is down (conformer.tracking.outbox). `end` waits for them while the
+    store answers, and gives a failing store `end_timeout` s before it leaves the run RUNNING there.
+    """
 
     enabled = True
 
     def __init__(self, uri: str, experiment_name: str, run_name: str | None = None,
-                 artifact_root: str | Path | None = None, parent_run_id: str | None = None) -> None:
+                 artifact_root: str | Path | None = None, parent_run_id: str | None = None, *,
+                 fallback_uri: str | None = None, end_timeout: float = 30.0, retry_interval: float = 5.0,
+                 max_buffered: int = 20_000) -> None:
         if not experiment_name:
             raise ValueError("tracking.experiment_name must be a non-empty string")
-        self.uri = uri
         self.experiment_name = experiment_name
         self.run_name = run_name
-        self.artifact_root = artifact_root if artifact_root is not None else default_artifact_root(uri)
+        self._artifact_root = artifact_root
         self.parent_run_id = parent_run_id
-        self._client = MlflowClient(tracking_uri=uri)
+        self.fallback_uri = fallback_uri
+        self.end_timeout, self.retry_interval, self.max_buffered = end_timeout, retry_interval, max_buffered
+        self._use_store(uri)
         self.run_id: str | None = None
         self.experiment_id: str | None = None
         self.artifact_uri: str | None = None
         self.active = False  # between start() and end()
         self._nonfinite: set[str] = set()
+        self._outbox: Outbox | None = None
 
     # -- lifecycle
-    def start(self, params: Mapping[str, Any] | None = None, tags: Mapping[str, Any] | None = None) -> str:
-        """Create the run, log `params` and `tags`, end it at exit if the program forgets; returns the run id."""
+    def start(self, params: Mapping[str, Any] | None = None, tags: Mapping[str, Any] | None = None,
+              resume_run_id: str | None = None) -> str:
+        """Create the run (or continue `resume_run_id`, a run of this experiment: RUNNING again, its params kept),
+        log `params` and `tags`, end it at exit if the program forgets; returns the run id."""
         if self.run_id is not None:
             raise RuntimeError(f"tracker already started run {self.run_id}; create a new Tracker per run")
-        self.experiment_id = experiment_id(self._client, self.experiment_name, self.artifact_root)
-        close_runs_of_dead_processes(self._client)
         run_tags_ = {MLFLOW_SOURCE_NAME: sys.argv[0] or "python", HOST_TAG: socket.gethostname(),
-                     PID_TAG: os.getpid(), **(tags or {})}
+                     PID_TAG: os.getpid(), **self._check_store(), **(tags or {})}
         user = _user()
         if user:
             run_tags_.setdefault(MLFLOW_USER, user)
-        if self.parent_run_id:
-            self._check_parent()
-            run_tags_[MLFLOW_PARENT_RUN_ID] = self.parent_run_id
-        run = self._client.create_run(
-            self.experiment_id, run_name=self.run_name,
-            tags={k: _truncate(str(v), MAX_TAG_VAL_LENGTH) for k, v in run_tags_.items()})
+        with store_calls(self.uri):
+            self.experiment_id = experiment_id(self._client, self.experiment_name, self.artifact_root)
+            close_runs_of_dead_processes(self._client)
+            if self.parent_run_id:
+                self._check_parent()
+                run_tags_[MLFLOW_PARENT_RUN_ID] = self.parent_run_id
+            tags_ = {k: _truncate(str(v), MAX_TAG_VAL_LENGTH) for k, v in run_tags_.items()}
+            run = self._continue(resume_run_id, tags_) if resume_run_id else None
+            if run is None:
+                run = self._client.create_run(self.experiment_id, run_name=self.run_name, tags=tags_)
+            else:
+                params = {k: v for k, v in (params or {}).items() if k not in run.data.params}
         self.run_id = run.info.run_id
         self.artifact_uri = run.info.artifact_uri
+        self._outbox = Outbox(self._client, self.run_id, self.uri, retry_interval=self.retry_interval,
+                              end_timeout=self.end_timeout, max_buffered=self.max_buffered)
         self.active = True
         atexit.register(self._end_at_exit)
+        self._forget_forced_exit = on_forced_exit(lambda: self.end("KILLED"))
         try:
             self.log_params(params or {})
         except BaseException as err:
@@ -175,15 +201,39 @@ class Tracker:
         log.info("MLflow run %s (%s) in %s", self.run_id, run.info.run_name, self.uri)
         return self.run_id
 
+    def _continue(self, run_id: str, tags: Mapping[str, str]) -> Any:
+        """The run `run_id`, RUNNING again with this process's tags; None when it cannot be continued here."""
+        try:
+            run = self._client.get_run(run_id)
+        except MlflowException:
+            log.warning("MLflow run %s is not in %s: the resumed training starts a new run", run_id, self.uri)
+            return None
+        if run.info.experiment_id != self.experiment_id:
+            log.warning("MLflow run %s is in another experiment: the resumed training starts a new run", run_id)
+            return None
+        self._client.update_run(run_id, status="RUNNING")
+        if "error" in run.data.tags:  # set when the killed process's run was closed as FAILED
+            self._client.delete_tag(run_id, "error")
+        self._client.log_batch(run_id, tags=[RunTag(k, v) for k, v in {**tags, "resumed": "true"}.items()])
+        log.info("continuing MLflow run %s (it was %s)", run_id, run.info.status)
+        return self._client.get_run(run_id)
+
     def end(self, status: str = "FINISHED") -> None:
-        """Terminate the run with FINISHED, FAILED or KILLED (idempotent)."""
+        """Terminate the run with FINISHED, FAILED or KILLED (idempotent), after the calls still queued. A store
+        that fails for `end_timeout` s leaves the run RUNNING there (one warning): the run ends here regardless."""
         if status not in TERMINAL_STATUSES:
             raise ValueError(f"status must be one of {TERMINAL_STATUSES}, got {status!r}")
         if not self.active:
             return
         self.active = False
         atexit.unregister(self._end_at_exit)
-        self._client.set_terminated(self.run_id, status)
+        self._forget_forced_exit()
+        self._outbox.put(Terminate(status, get_current_time_millis()))
+        unsent = self._outbox.close()
+        if unsent:
+            log.warning("MLflow store %s failed for %g s while run %s ended: the run stays RUNNING there, %d logging "
+                        "calls unsent (the next run started on %s marks it FAILED)", self.uri, self.end_timeout,
+                        self.run_id, unsent - 1, socket.gethostname())
 
     def __enter__(self) -> Tracker:
         return self
@@ -205,16 +255,16 @@ class Tracker:
         """Log parameters (values as strings, truncated), in batches within MLflow's per-request limits."""
         entries = [Param(str(k), _truncate(_to_str(v), MAX_PARAM_VAL_LENGTH)) for k, v in params.items()]
         for batch in _chunks(entries, MAX_PARAMS_TAGS_PER_BATCH):
-            self._client.log_batch(self._require_run(), params=list(batch))
+            self._send(Batch(params=list(batch)))
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         entries = [RunTag(str(k), _truncate(str(v), MAX_TAG_VAL_LENGTH)) for k, v in tags.items()]
         for batch in _chunks(entries, MAX_PARAMS_TAGS_PER_BATCH):
-            self._client.log_batch(self._require_run(), tags=list(batch))
+            self._send(Batch(tags=list(batch)))
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
         """Log scalar metrics at `step`; non-finite values are dropped with a warning (see module doc)."""
-        run_id = self._require_run()
+        self._require_run()
         timestamp = int(time.time() * 1000)
         entries, first_bad = [], {}
         for key, value in metrics.items():
@@ -227,23 +277,20 @@ class Tracker:
                 self._nonfinite.add(key)
                 first_bad[f"nonfinite.{key}"] = int(step)
         for batch in _chunks(entries, MAX_METRICS_PER_BATCH):
-            self._client.log_batch(run_id, metrics=list(batch))
+            self._send(Batch(metrics=list(batch)))
         if first_bad:
             self.set_tags(first_bad)
 
     def log_artifact(self, path: Path | str, artifact_path: str | None = None) -> None:
-        """Upload a file (or a directory's content) under `artifact_path`."""
+        """Upload a file (or a directory's content) under `artifact_path`, as it is when the upload happens."""
         local = Path(path)
         if not local.exists():
             raise FileNotFoundError(f"cannot log artifact {local}: no such file or directory")
-        if local.is_dir():
-            self._client.log_artifacts(self._require_run(), str(local), artifact_path)
-        else:
-            self._client.log_artifact(self._require_run(), str(local), artifact_path)
+        self._send(Upload(local, artifact_path))
 
     def log_text(self, text: str, artifact_file: str) -> None:
         """Store `text` as the artifact `artifact_file` (e.g. "config.yaml")."""
-        self._client.log_text(self._require_run(), text, artifact_file)
+        self._send(Text(text, artifact_file))
 
     def close_children(self) -> list[str]:
         """Statuses of this run's child runs; a child still RUNNING (its process is gone) is marked FAILED."""
@@ -255,6 +302,28 @@ class Tracker:
         return statuses
 
     # -- internals
+    def _use_store(self, uri: str) -> None:
+        self.uri = uri
+        self.artifact_root = self._artifact_root if self._artifact_root is not None else default_artifact_root(uri)
+        self._client = MlflowClient(tracking_uri=uri)
+
+    def _check_store(self) -> dict[str, str]:
+        """Fail fast on an HTTP(S) store that does not answer, or switch to `fallback_uri`: the tags saying so."""
+        reason = unreachable(self.uri)
+        if reason is None:
+            return {}
+        if self.fallback_uri is None:
+            raise TrackingUnavailable(self.uri, reason)
+        log.warning("MLflow store %s is unreachable (%s): this run goes to %s instead (tracking.fallback_to_local)",
+                    self.uri, reason, self.fallback_uri)
+        unavailable = self.uri
+        self._use_store(self.fallback_uri)
+        return {FALLBACK_TAG: unavailable}
+
+    def _send(self, call: Call) -> None:
+        self._require_run()
+        self._outbox.put(call)
+
     def _require_run(self) -> str:
         if not self.active:
             state = "has ended" if self.run_id else "has not started"
@@ -265,6 +334,8 @@ class Tracker:
         try:
             parent = self._client.get_run(self.parent_run_id)
         except MlflowException as err:
+            if transient(err):
+                raise
             raise ValueError(f"parent run {self.parent_run_id} not found in {self.uri}: the sweep callback "
                              "and its jobs must use the same tracking URI") from err
         if parent.info.experiment_id != self.experiment_id:
@@ -299,14 +370,16 @@ class NullTracker:
 
 def create_tracker(tracking_cfg: Mapping[str, Any], project_root: Path, *, is_main: bool = True,
                    default_run_name: str | None = None) -> Tracker | NullTracker:
-    """Tracker from the `tracking` config group (its run nested under `tracking.parent_run_id` when set); a
+    """Tracker from the `tracking` config group (its run nested under `tracking.parent_run_id` when set, falling
+    back to the project's SQLite store when `tracking.fallback_to_local` and the store does not answer); a
     NullTracker when tracking is disabled or this is not the main process."""
     if not is_main or not tracking_cfg.get("enabled", True):
         return NullTracker()
+    fallback = default_tracking_uri(project_root) if tracking_cfg.get("fallback_to_local", False) else None
     return Tracker(resolve_tracking_uri(tracking_cfg.get("uri"), project_root),
                    tracking_cfg.get("experiment_name", "conformer"),
                    run_name=tracking_cfg.get("run_name") or default_run_name,
-                   parent_run_id=tracking_cfg.get("parent_run_id"))
+                   parent_run_id=tracking_cfg.get("parent_run_id"), fallback_uri=fallback)
 
 
 def _status_for(exc_type: type[BaseException] | None, exc: BaseException | None) -> str:

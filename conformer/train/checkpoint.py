@@ -13,7 +13,7 @@ import math
 import os
 import shutil
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, Union
@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 OPTIMIZER_PREFIX = "optimizer."
 EMA_PREFIX = "ema."
+STEP_PREFIX = "train_step."  # the train step's own state: the loss scale and its counter
 META_PREFIX = "meta."
 META_JSON = META_PREFIX + "json"
 
@@ -133,6 +134,13 @@ def _copy_checkpoint(source: Path, path: Path) -> Path:
     return path
 
 
+def read_checkpoint_meta(path: Path | str) -> dict[str, Any]:
+    """The extra dict of a checkpoint, without reading its tensors."""
+    raw = ms.load_checkpoint(str(path), choice_func=lambda name: name == META_JSON)
+    meta = raw.get(META_JSON)
+    return json.loads(meta) if isinstance(meta, str) else {}
+
+
 def read_checkpoint(path: Path | str) -> tuple[dict[str, Parameter], dict[str, Any]]:
     """(tensors by name without `meta.*` entries, extra dict) of a checkpoint file."""
     path = Path(path)
@@ -196,26 +204,29 @@ def _strip_prefix(prefix: str, tensors: Mapping[str, Tensor]) -> dict[str, Tenso
 
 
 def _is_network_key(name: str) -> bool:
-    return not name.startswith((OPTIMIZER_PREFIX, EMA_PREFIX))
+    return not name.startswith((OPTIMIZER_PREFIX, EMA_PREFIX, STEP_PREFIX))
 
 
-def _load_network(tensors: Mapping[str, Tensor], network: nn.Cell, path: Path | str, strict: bool) -> None:
-    weights = {name: t for name, t in tensors.items() if _is_network_key(name)}
-    _assign(_network_params(network), weights, f"network weights from {path}", strict)
+def _load_network(tensors: Mapping[str, Tensor], network: nn.Cell, path: Path | str, strict: bool,
+                  skip: Sequence[str] = ()) -> None:
+    weights = {name: t for name, t in tensors.items() if _is_network_key(name) and name not in skip}
+    targets = {name: p for name, p in _network_params(network).items() if name not in skip}
+    _assign(targets, weights, f"network weights from {path}", strict)
 
 
-def load_weights(path: Path | str, network: nn.Cell, strict: bool = True,
-                 ema: bool = False) -> dict[str, Any]:
+def load_weights(path: Path | str, network: nn.Cell, strict: bool = True, ema: bool = False,
+                 skip: Sequence[str] = ()) -> dict[str, Any]:
     """Load only network weights (optimizer state ignored); returns the checkpoint's extra dict.
 
-    `ema=True` loads the EMA weights saved with the checkpoint into the network instead (for evaluation).
+    `ema=True` loads the EMA weights saved with the checkpoint into the network instead (for evaluation); the
+    parameters named in `skip` keep their values on both sides (e.g. classifier heads when fine-tuning).
     """
     tensors, extra = read_checkpoint(path)
     if ema:
         tensors = _strip_prefix(EMA_PREFIX, tensors)
         if not tensors:
             raise KeyError(f"{path} holds no EMA weights: train with EMA enabled or load without ema=True")
-    _load_network(tensors, network, path, strict)
+    _load_network(tensors, network, path, strict, skip)
     return extra
 
 
@@ -241,6 +252,7 @@ class TrainState:
     best_metric: float | None = None
     best_epoch: int | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    mlflow_run_id: str | None = None  # the run that wrote the checkpoint: a resume continues it
 
 
 class CheckpointManager:
@@ -271,8 +283,10 @@ class CheckpointManager:
         return value > self.best_metric if self.mode == "max" else value < self.best_metric
 
     def save(self, network: nn.Cell, optimizer: StateSource | None = None, ema: StateSource | None = None, *,
-             epoch: int, step: int, metrics: Mapping[str, float]) -> dict[str, Path]:
-        """Save after `epoch` (epochs done) and global `step`.
+             epoch: int, step: int, metrics: Mapping[str, float], step_state: StateSource | None = None,
+             meta: Mapping[str, Any] | None = None) -> dict[str, Path]:
+        """Save after `epoch` (epochs done) and global `step`; `step_state` is the train step's own state (loss
+        scale), `meta` more JSON values for the file (e.g. the MLflow run id, the config fingerprint).
 
         Returns {"last": path}, plus "best" when the monitored metric improved.
         """
@@ -289,8 +303,10 @@ class CheckpointManager:
             tensors.update(_with_prefix(OPTIMIZER_PREFIX, _state_params(optimizer, own)))
         if ema is not None:
             tensors.update(_with_prefix(EMA_PREFIX, _state_params(ema, own)))
-        extra = {"epoch": int(epoch), "step": int(step), "best_metric": best_metric, "best_epoch": best_epoch,
-                 "monitor": self.monitor, "mode": self.mode,
+        if step_state is not None:
+            tensors.update(_with_prefix(STEP_PREFIX, _state_params(step_state, own)))
+        extra = {**(meta or {}), "epoch": int(epoch), "step": int(step), "best_metric": best_metric,
+                 "best_epoch": best_epoch, "monitor": self.monitor, "mode": self.mode,
                  "metrics": {k: float(v) for k, v in metrics.items()}}
         if not improved:
             return {"last": save_checkpoint(tensors, self.last_path, extra)}
@@ -301,19 +317,22 @@ class CheckpointManager:
         return paths
 
     def load(self, path: Path | str, network: nn.Cell, optimizer: StateSource | None = None,
-             ema: StateSource | None = None, strict: bool = True) -> TrainState:
-        """Restore network (+ optimizer, EMA when given) and this manager's best metric; returns the state."""
+             ema: StateSource | None = None, strict: bool = True,
+             step_state: StateSource | None = None) -> TrainState:
+        """Restore network (+ optimizer, EMA, train step state when given) and this manager's best metric; returns
+        the state."""
         tensors, extra = read_checkpoint(path)
         _load_network(tensors, network, path, strict)
         own = {id(p) for p in _network_params(network).values()}
-        groups = ((optimizer, OPTIMIZER_PREFIX, "optimizer state"), (ema, EMA_PREFIX, "EMA weights"))
+        groups = ((optimizer, OPTIMIZER_PREFIX, "optimizer state"), (ema, EMA_PREFIX, "EMA weights"),
+                  (step_state, STEP_PREFIX, "train step state"))
         for source, prefix, what in groups:
             if source is not None:
                 values = _strip_prefix(prefix, tensors)
                 _assign(_state_params(source, own), values, f"{what} from {path}", strict)
         state = TrainState(epoch=int(extra.get("epoch", 0)), step=int(extra.get("step", 0)),
                            best_metric=extra.get("best_metric"), best_epoch=extra.get("best_epoch"),
-                           metrics=dict(extra.get("metrics", {})))
+                           metrics=dict(extra.get("metrics", {})), mlflow_run_id=extra.get("mlflow_run_id"))
         if extra.get("monitor", self.monitor) == self.monitor and extra.get("mode", self.mode) == self.mode:
             self.best_metric, self.best_epoch = state.best_metric, state.best_epoch
         else:

@@ -4,22 +4,24 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import shutil
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import mindspore as ms
+import mindspore.dataset as ds
 import numpy as np
 from mindspore import Tensor, nn, ops
 from mindspore.experimental import optim
 
 from conformer.hardware import ProcessGroup, all_reduce_sum
 from conformer.optim import set_lr
-from conformer.signals import check_interrupted
+from conformer.signals import check_interrupted, native_section
 from conformer.train.checkpoint import CheckpointManager, TrainState, read_checkpoint
 from conformer.train.ema import ModelEma
 from conformer.train.step import TrainStep
@@ -56,8 +58,9 @@ def evaluate_batches(evaluator: EvalStep, batches: Iterable, group: ProcessGroup
     """Metrics of `evaluator` over this rank's `batches`, summed over all ranks (every rank gets the same)."""
     evaluator.set_train(False)
     sums = np.zeros(8, dtype=np.float64)
-    for images, labels in batches:
-        sums += evaluator(images, labels).asnumpy().astype(np.float64)
+    for index, (images, labels) in enumerate(batches):
+        with native_section() if index == 0 else nullcontext():  # the first batch compiles the eval graph
+            sums += evaluator(images, labels).asnumpy().astype(np.float64)
     evaluator.set_train(True)
     sums = all_reduce_sum(sums, group)
     if sums[1] == 0:
@@ -108,7 +111,7 @@ class Trainer:
                  clip_grad_norm: float | None = None, loss_scale: str = "none", init_loss_scale: float = 65536,
                  scale_factor: int = 2, scale_window: int = 2000, ema_decay: float | None = None,
                  monitor: str = "val/top1_sum", monitor_mode: str = "max", log_every_n_steps: int = 10,
-                 resume: str | Path | None = None) -> None:
+                 resume: str | Path | None = None, checkpoint_meta: Mapping[str, Any] | None = None) -> None:
         self.data, self.group, self.tracker = data, group, tracker
         self.epochs, self.log_every_n_steps = int(epochs), int(log_every_n_steps)
         self.steps_per_epoch = data.steps_per_epoch(group.world_size)
@@ -123,17 +126,18 @@ class Trainer:
         self.optimizer = optimizer(network, lr=self.schedule(0))
         self.ema = ModelEma(network, decay=ema_decay) if ema_decay else None
         self.checkpoints = CheckpointManager(Path(run_dir) / "checkpoints", monitor=monitor, mode=monitor_mode)
-        self.monitor = monitor
-        self.state = self._resume(Path(resume), network) if resume else TrainState()
+        self.monitor, self.checkpoint_meta = monitor, dict(checkpoint_meta or {})
         self.step = TrainStep(network, loss_fn, self.optimizer, clip_grad_norm=clip_grad_norm, loss_scale=loss_scale,
                               init_loss_scale=init_loss_scale, scale_factor=scale_factor, scale_window=scale_window,
                               grad_accum_steps=grad_accum_steps, ema=self.ema)
+        self.state = self._resume(Path(resume), network) if resume else TrainState()
         self.evaluator = EvalStep(network, eval_loss_fn, data.num_classes)
         self.history: dict[str, list[tuple[int, float]]] = defaultdict(list)
+        self._compiled = False
 
     def _resume(self, path: Path, network: nn.Cell) -> TrainState:
         """Restore a `last.ckpt` (the compiled step would not see later assignments), and carry its run's best."""
-        state = self.checkpoints.load(path, network, self.optimizer, self.ema)
+        state = self.checkpoints.load(path, network, self.optimizer, self.ema, step_state=self.step)
         self._carry_best(path.parent / self.checkpoints.best_path.name)
         log.info("resumed from %s at epoch %d (best %s=%s)", path, state.epoch, self.monitor, state.best_metric)
         return state
@@ -167,15 +171,14 @@ class Trainer:
         if start >= epochs:
             log.info("checkpoint is at epoch %d of %d: nothing left to train", start, epochs)
             return state
-        train_iter = self.data.train_loader(self.group.rank, self.group.world_size, start_epoch=start) \
-            .create_tuple_iterator(num_epochs=epochs - start)
         val_loader = self.data.val_loader(self.group.rank, self.group.world_size)
         val_iter = val_loader.create_tuple_iterator(num_epochs=epochs - start)
         step = state.step
         for epoch in range(start, epochs):
             t0 = time.perf_counter()
-            step, train_loss = self._train_epoch(train_iter, epoch, step)
-            metrics = {"epoch": float(epoch + 1), "train/epoch_loss": train_loss, **self.evaluate(val_iter)}
+            step, train_loss = self._train_epoch(self._epoch_batches(epoch), epoch, step)
+            metrics = {"epoch": float(epoch + 1), "train/epoch_loss": train_loss, **self.evaluate(val_iter),
+                       **self._skipped_images()}
             metrics["epoch_time_s"] = time.perf_counter() - t0
             self._log(metrics, step=step)  # the global step, so val curves line up with the train curves
             saved = self._checkpoint(epoch + 1, step, metrics)
@@ -194,13 +197,17 @@ class Trainer:
             check_interrupted()
             lr = float(self.lr_values[min(step // self.step.grad_accum_steps, len(self.lr_values) - 1)])
             set_lr(self.step.optimizer, lr)
-            result = self.step(images, targets)
+            compiling = not self._compiled
+            result = self._first_step(images, targets, step) if compiling else self.step(images, targets)
             # A dynamic loss scale skips non-finite steps and shrinks; once it cannot shrink further, give up.
             if not math.isfinite(result.loss) and (not result.overflow or result.loss_scale <= 1.0):
                 raise FloatingPointError(f"loss is {result.loss} at epoch {epoch + 1}, step {step}: lower the "
                                          "learning rate or enable trainer.clip_grad_norm / trainer.loss_scale")
             step += 1
-            meter.add(self.images_per_step)
+            if compiling:
+                meter.reset()  # compile time stays out of img/s and the ETA
+            else:
+                meter.add(self.images_per_step)
             if not result.overflow:  # overflow steps were skipped: their loss and inf norm say nothing
                 window_loss += result.loss
                 window_n += 1
@@ -216,7 +223,7 @@ class Trainer:
                 self._log(metrics, step=step)
                 left_in_epoch = self.steps_per_epoch - i - 1
                 left_total = left_in_epoch + (self.epochs - epoch - 1) * self.steps_per_epoch
-                per_step = self.images_per_step / max(rate, 1e-9)
+                per_step = self.images_per_step / rate if rate > 0 else math.nan
                 log.info("epoch %d step %d/%d  loss %.4f  lr %.3e  %.0f img/s  eta epoch %s, train %s", epoch + 1,
                          i + 1, self.steps_per_epoch, metrics["train/loss"], lr, rate,
                          _clock(left_in_epoch * per_step), _clock(left_total * per_step))
@@ -228,6 +235,38 @@ class Trainer:
                                "step overflowed (see train/loss_scale)")
         return step, epoch_loss / n
 
+    def _epoch_batches(self, epoch: int) -> Iterator:
+        """Epoch `epoch`'s train batches from a pipeline seeded by (seed, epoch): the sample order, the augmentations
+        and Mixup of an epoch are the same whether the run got there in one go or resumed (with one data worker,
+        bit for bit)."""
+        seed = np.random.SeedSequence([int(self.data.seed), epoch]).generate_state(1)[0]
+        random.seed(int(seed))
+        np.random.seed(int(seed))
+        ds.config.set_seed(int(seed))
+        loader = self.data.train_loader(self.group.rank, self.group.world_size, start_epoch=epoch)
+        return loader.create_tuple_iterator(num_epochs=1)
+
+    def _skipped_images(self) -> dict[str, float]:
+        """Bad image files skipped so far, per split, over all ranks (`data.on_bad_image=skip`)."""
+        skipped = getattr(self.data, "skipped_images", None)
+        if skipped is None:
+            return {}
+        splits = sorted(skipped)
+        counts = all_reduce_sum(np.array([skipped[split] for split in splits], np.float64), self.group)
+        return {f"data/skipped_images_{split}": float(count) for split, count in zip(splits, counts)}
+
+    def _first_step(self, images: Tensor, targets: Tensor, step: int) -> Any:
+        """The first call compiles the step graph: its own log line and metric, out of the throughput."""
+        log.info("compiling the train step ...")
+        start = time.perf_counter()
+        with native_section():
+            result = self.step(images, targets)
+        seconds = time.perf_counter() - start
+        log.info("train step compiled and run once in %.1f s", seconds)
+        self.tracker.log_metrics({"time/compile_train_step_s": seconds}, step=step)
+        self._compiled = True
+        return result
+
     def evaluate(self, batches: Iterator) -> dict[str, float]:
         """Eval every head on this rank's shard, summed over ranks (every rank returns the same numbers)."""
         with self.ema.swapped() if self.ema is not None else nullcontext():
@@ -236,10 +275,13 @@ class Trainer:
     def _checkpoint(self, epoch: int, step: int, metrics: dict[str, float]) -> dict:
         if not self.group.is_main:
             return {}
+        meta = {**self.checkpoint_meta, "mlflow_run_id": self.tracker.run_id}
         return self.checkpoints.save(self.step.network, self.step.optimizer, self.ema, epoch=epoch, step=step,
-                                     metrics=metrics)
+                                     metrics=metrics, step_state=self.step, meta=meta)
 
 
 def _clock(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
