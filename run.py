@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -60,6 +61,14 @@ def sweep_parent(cfg: DictConfig, hydra_cfg: DictConfig) -> list[str]:
     return [f"tracking.parent_run_id={parent}"]
 
 
+def remove_unused_run_dir(run_dir: Path) -> None:
+    """A run stopped by a config check leaves no run dir behind (Hydra made it, with .hydra/, before the checks)."""
+    log_file = run_dir / "train.log"
+    unused = {path.name for path in run_dir.iterdir()} <= {".hydra", "train.log"} if run_dir.is_dir() else False
+    if unused and (not log_file.exists() or log_file.stat().st_size == 0):
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     from conformer.app import Relaunch, run
@@ -86,6 +95,7 @@ def main(cfg: DictConfig) -> float | None:
             return fail_trial(cfg, run_dir, err)
         if isinstance(err, ConfigError):
             print(f"config error: {err}", file=sys.stderr)
+            remove_unused_run_dir(run_dir)
             sys.exit(2)
         if isinstance(err, (LaunchError, TrackingUnavailable)):
             print(f"error: {err}", file=sys.stderr)

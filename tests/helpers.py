@@ -141,20 +141,43 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 90.0) -> Non
     raise TimeoutError(f"mlflow server at {url} not healthy after {timeout} s")
 
 
+class MlflowServer:
+    """A real `mlflow server` on 127.0.0.1, on one fixed port with its store and artifacts in `workdir`: killed and
+    started again, it serves the same runs at the same URL."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.store = sqlite_uri(workdir / "server.db")  # the server's own database, readable while it is down
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            return
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+             "--backend-store-uri", self.store,
+             "--default-artifact-root", str(self.workdir / "server-artifacts"), "--workers", "1"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=self.workdir, start_new_session=True,
+            # No background job runner: it costs a process and leaves a directory in /dev/shm.
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+        wait_healthy(self.url, self.proc)
+
+    def kill(self) -> None:
+        """SIGKILL the server and its workers (its own process group): no shutdown, connections refused."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        stop(self.proc, sig=signal.SIGKILL, group=True)
+        self.proc.stderr.close()
+
+
 @contextmanager
-def mlflow_server(workdir: Path) -> Iterator[str]:
-    """A real `mlflow server` on 127.0.0.1 with its store and artifacts in `workdir`; yields its URL."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", sqlite_uri(workdir / "server.db"),
-         "--default-artifact-root", str(workdir / "server-artifacts"), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=workdir, start_new_session=True,
-        # No background job runner: it costs a process and leaves a directory in /dev/shm.
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+def mlflow_server(workdir: Path) -> Iterator[MlflowServer]:
+    """A started `MlflowServer` in `workdir`, killed at the end."""
+    server = MlflowServer(workdir)
     try:
-        wait_healthy(url, proc)
-        yield url
+        server.start()
+        yield server
     finally:
-        stop(proc, group=True)
+        server.kill()

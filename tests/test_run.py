@@ -243,19 +243,26 @@ def test_ctrl_c_during_compilation_ends_the_run_killed_within_seconds(tmp_path: 
 
 
 def test_cli_trains_digits_into_one_run_dir_and_a_tracking_server(tmp_path: Path, tmp_path_factory) -> None:
-    """`python run.py` with the default data (digits), logging to a real `mlflow server` on 127.0.0.1."""
+    """`python run.py` with the default data (digits), logging to a real `mlflow server` on 127.0.0.1 that is killed
+    while the train step compiles and comes back later: the training goes on, and everything it logged arrives."""
     digits = tmp_path_factory.getbasetemp() / "digits"  # one materialised copy for the whole session
     (tmp_path / "server").mkdir()
-    with mlflow_server(tmp_path / "server") as url:
+    with mlflow_server(tmp_path / "server") as server:
+        url = server.url
         args = [f"data.source.root={digits}", "data.image_size=16", "+model.depth=3", "trainer.epochs=1",
                 f"tracking.uri={url}", "tracking.experiment_name=cli"]
         proc = run_py(args, tmp_path)
         try:
+            wait_until(lambda: any("compiling the train step" in log.read_text() for log in
+                                   tmp_path.glob("outputs/*/*/train.log")), proc, "the train step compiling")
+            server.kill()
+            server.start()  # same port, same store: the run is there again
             out, err = proc.communicate(timeout=300)
         except subprocess.TimeoutExpired:
             stop(proc)
             raise
         assert proc.returncode == 0, err[-3000:]
+        assert "Traceback" not in err
         client = MlflowClient(url)
         run_ = _only_run(client, "cli")
         run_id = run_.info.run_id
@@ -265,6 +272,7 @@ def test_cli_trains_digits_into_one_run_dir_and_a_tracking_server(tmp_path: Path
         artifacts = {a.path for a in client.list_artifacts(run_id)}
         assert {"config.yaml", "overrides.txt", "train.log", "curves.png", "checkpoints"} <= artifacts
         overrides = Path(client.download_artifacts(run_id, "overrides.txt", str(tmp_path))).read_text()
+        assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [10, 20, 22]  # none lost
     final = re.search(r"done: val/top1_sum (\d+\.\d+) \(best (\d+\.\d+) at epoch 1\)", out)
     assert final, out[-2000:]
     assert float(final.group(1)) == pytest.approx(top1.value, abs=0.005)

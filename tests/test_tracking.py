@@ -435,7 +435,8 @@ def test_tracking_config_group(tmp_path):
 
 @pytest.mark.slow
 def test_logging_to_a_real_tracking_server(tmp_path):
-    with mlflow_server(tmp_path) as url:
+    with mlflow_server(tmp_path) as server:
+        url = server.url
         with Tracker(url, "server-exp", run_name="http-run") as tracker:
             run_id = tracker.start({"lr": 0.001, "betas": [0.9, 0.999]}, run_tags(model="tiny"))
             for step in range(5):

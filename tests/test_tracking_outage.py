@@ -3,14 +3,9 @@
 from __future__ import annotations
 
 import logging
-import os
-import signal
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
@@ -18,46 +13,15 @@ from mlflow import MlflowClient
 from conformer.launch import free_port
 from conformer.tracking import Tracker, TrackingUnavailable, create_tracker, default_tracking_uri
 
-from .helpers import sqlite_uri, wait_healthy
+from .helpers import MlflowServer
 
 OUTAGE_LOGGER = "conformer.tracking"
 
 
-class Server:
-    """`mlflow server` on one fixed port with its store and artifacts in `workdir`: killed and started again, it
-    serves the same runs at the same URL (helpers.mlflow_server picks a new port every time)."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.store = sqlite_uri(workdir / "server.db")
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            return
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
-             "--backend-store-uri", self.store, "--default-artifact-root", str(self.workdir / "server-artifacts"),
-             "--workers", "1"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=self.workdir, start_new_session=True,
-            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
-        wait_healthy(self.url, self.proc)
-
-    def kill(self) -> None:
-        """SIGKILL the server and its workers (its own process group): no shutdown, connections refused."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=30)
-        self.proc.stderr.close()
-
-
 @pytest.fixture(scope="module")
-def server(tmp_path_factory) -> Iterator[Server]:
+def server(tmp_path_factory) -> Iterator[MlflowServer]:
     """One server for the module (it takes ~6 s to start); each test starts it if a previous one left it dead."""
-    server = Server(tmp_path_factory.mktemp("server"))
+    server = MlflowServer(tmp_path_factory.mktemp("server"))
     try:
         yield server
     finally:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import threading
 import time
 from collections import deque
@@ -21,48 +20,15 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
-from mlflow.environment_variables import (
-    MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR,
-    MLFLOW_HTTP_REQUEST_BACKOFF_JITTER,
-    MLFLOW_HTTP_REQUEST_MAX_RETRIES,
-    MLFLOW_HTTP_REQUEST_TIMEOUT,
-)
 from mlflow.exceptions import MlflowException
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH
 
-from conformer.tracking.store import TrackingUnavailable
+from conformer.tracking.store import REQUEST_TIMEOUT_S, TrackingUnavailable, short_requests
 
 log = logging.getLogger(__name__)
 LOCAL_FILE_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
 
-REQUEST_TIMEOUT_S = 10  # per HTTP request of a batch or a status change; uploads keep MLflow's (120 s by default)
 END_RETRY_INTERVAL_S = 1.0  # while the run ends, within its retry budget
-
-# MLflow reads its MLFLOW_HTTP_REQUEST_* variables at every request (mlflow/utils/rest_utils.py::http_request), so
-# setting them around a call sets them for that call. The environment is the process's: the lock only keeps our
-# own overrides from interleaving.
-_HTTP_ENV_LOCK = threading.RLock()
-
-
-@contextmanager
-def short_requests(timeout: int | None, retries: int = 0) -> Iterator[None]:
-    """MLflow HTTP calls inside get `retries` quick retries (MLflow's default, 7 with exponential backoff, keeps a
-    call to a dead server going for ~12 minutes) and `timeout` s per request (None: MLflow's setting)."""
-    values = {MLFLOW_HTTP_REQUEST_MAX_RETRIES.name: str(retries), MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR.name: "1",
-              MLFLOW_HTTP_REQUEST_BACKOFF_JITTER.name: "0"}
-    if timeout is not None:
-        values[MLFLOW_HTTP_REQUEST_TIMEOUT.name] = str(timeout)
-    with _HTTP_ENV_LOCK:
-        saved = {key: os.environ.get(key) for key in values}
-        os.environ.update(values)
-        try:
-            yield
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
 
 
 @contextmanager

@@ -6,19 +6,56 @@ import logging
 import os
 import re
 import socket
+import threading
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
 import psutil
 from mlflow import MlflowClient
+from mlflow.environment_variables import (
+    MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR,
+    MLFLOW_HTTP_REQUEST_BACKOFF_JITTER,
+    MLFLOW_HTTP_REQUEST_MAX_RETRIES,
+    MLFLOW_HTTP_REQUEST_TIMEOUT,
+)
 from mlflow.exceptions import MlflowException
 from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
 
 log = logging.getLogger(__name__)
+
+REQUEST_TIMEOUT_S = 10  # per HTTP request of a batch or a status change; uploads keep MLflow's (120 s by default)
+
+# MLflow reads its MLFLOW_HTTP_REQUEST_* variables at every request (mlflow/utils/rest_utils.py::http_request), so
+# setting them around a call sets them for that call. The environment is the process's: the lock only keeps our
+# own overrides from interleaving.
+_HTTP_ENV_LOCK = threading.RLock()
+
+
+@contextmanager
+def short_requests(timeout: int | None, retries: int = 0) -> Iterator[None]:
+    """MLflow HTTP calls inside get `retries` quick retries (MLflow's default, 7 with exponential backoff, keeps a
+    call to a dead server going for ~12 minutes) and `timeout` s per request (None: MLflow's setting)."""
+    values = {MLFLOW_HTTP_REQUEST_MAX_RETRIES.name: str(retries), MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR.name: "1",
+              MLFLOW_HTTP_REQUEST_BACKOFF_JITTER.name: "0"}
+    if timeout is not None:
+        values[MLFLOW_HTTP_REQUEST_TIMEOUT.name] = str(timeout)
+    with _HTTP_ENV_LOCK:
+        saved = {key: os.environ.get(key) for key in values}
+        os.environ.update(values)
+        try:
+            yield
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
 
 TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
 HOST_TAG, PID_TAG = "host", "pid"  # where a run's process lives: stale RUNNING runs are found by them
@@ -153,18 +190,20 @@ def _alive_since(pid: int, started: float) -> bool:
 
 
 def search_all_runs(client: MlflowClient, filter_string: str) -> list[Any]:
-    """Runs of every experiment of the store that match `filter_string`."""
-    experiment_ids = [e.experiment_id for e in client.search_experiments()]
-    return list(client.search_runs(experiment_ids, filter_string=filter_string, max_results=50000))
+    """Runs of every experiment of the store that match `filter_string` (a dead server fails in seconds)."""
+    with short_requests(REQUEST_TIMEOUT_S, retries=2):
+        experiment_ids = [e.experiment_id for e in client.search_experiments()]
+        return list(client.search_runs(experiment_ids, filter_string=filter_string, max_results=50000))
 
 
 def terminate(client: MlflowClient, run_id: str, status: str, reason: str | None) -> None:
     if status not in TERMINAL_STATUSES:
         raise ValueError(f"status must be one of {TERMINAL_STATUSES}, got {status!r}")
-    log.warning("MLflow run %s: marked %s (%s)", run_id, status, reason or "no reason given")
-    if reason:
-        client.set_tag(run_id, "error", reason[:MAX_TAG_VAL_LENGTH])
-    client.set_terminated(run_id, status)
+    with short_requests(REQUEST_TIMEOUT_S, retries=2):
+        log.warning("MLflow run %s: marked %s (%s)", run_id, status, reason or "no reason given")
+        if reason:
+            client.set_tag(run_id, "error", reason[:MAX_TAG_VAL_LENGTH])
+        client.set_terminated(run_id, status)
 
 
 def run_checkpoint(tracking_cfg: Mapping[str, Any], project_root: Path, run_id: str, name: str = "best.ckpt") -> Path:
@@ -172,7 +211,8 @@ def run_checkpoint(tracking_cfg: Mapping[str, Any], project_root: Path, run_id: 
     artifacts into `<project root>/.cache/mlflow/<run_id>/`. LookupError (saying what is missing) otherwise."""
     client = client_for(tracking_cfg, project_root)
     try:
-        run = client.get_run(run_id)
+        with short_requests(REQUEST_TIMEOUT_S, retries=2):
+            run = client.get_run(run_id)
     except MlflowException as err:
         raise LookupError(f"no MLflow run {run_id} in {client.tracking_uri}") from err
     local = Path(run.data.tags.get("run_dir", "")) / "checkpoints" / name
