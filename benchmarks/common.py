@@ -29,3 +29,20 @@ def write_result(name: str, result: dict) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps({**result, "machine": machine()}, indent=2) + "\n")
     return path
+
+
+def log_to_mlflow(uri: str, run_name: str, params: dict[str, object], metrics: dict[str, float]) -> str:
+    """One run in the experiment `benchmarks` of the store at `uri` (params, metrics, machine tags); its id."""
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    experiment = client.get_experiment_by_name("benchmarks")
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment("benchmarks")
+    run = client.create_run(experiment_id, run_name=run_name,
+                            tags={f"machine.{key}": str(value) for key, value in machine().items()})
+    for key, value in params.items():
+        client.log_param(run.info.run_id, key, value)
+    for key, value in metrics.items():
+        client.log_metric(run.info.run_id, key, float(value))
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id

@@ -19,7 +19,7 @@ import mindspore as ms  # noqa: E402
 import numpy as np  # noqa: E402
 
 import conformer  # noqa: E402,F401  (process defaults MindSpore needs: ONEDNN_MAX_CPU_ISA, GLOG_v)
-from benchmarks.common import write_result  # noqa: E402
+from benchmarks.common import log_to_mlflow, write_result  # noqa: E402
 from conformer.losses import DualHeadLoss  # noqa: E402
 from conformer.models import create_model  # noqa: E402
 from conformer.optim import build_optimizer  # noqa: E402
@@ -46,6 +46,7 @@ def main() -> dict:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--num-classes", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--mlflow-uri", default=None, help="also log the figures to this store (experiment benchmarks)")
     args = parser.parse_args()
 
     ms.set_context(mode=ms.GRAPH_MODE)
@@ -72,6 +73,10 @@ def main() -> dict:
     path = write_result(f"model_{args.model}_{args.image_size}", result)
     print(f"{args.model} @ {args.image_size}, batch {args.batch_size}: eval {result['eval_img_per_s']} img/s, "
           f"train {result['train_img_per_s']} img/s -> {path}")
+    if args.mlflow_uri:
+        figures = {key: value for key, value in result.items() if key.endswith(("_per_s", "_call_s"))}
+        log_to_mlflow(args.mlflow_uri, f"model {args.model} {args.image_size}px", {
+            "model": args.model, "image_size": args.image_size, "batch_size": args.batch_size}, figures)
     return result
 
 

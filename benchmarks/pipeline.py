@@ -2,15 +2,18 @@
 
 Writes N JPEGs (~500x375, smooth random content plus noise) to a temp dir, instantiates the imagenet data
 config on them (RandomResizedCrop bicubic, flip, RandAugment rand-m9-mstd0.5-inc1, random erasing,
-Mixup/CutMix) with num_workers = the core count, iterates the train loader and reports images/s after a
-warm-up. The machine is described in the JSON (CPU model, cores, load average: a shared machine skews it).
+Mixup/CutMix) with `--workers` data workers (default: the core count), iterates the train loader and reports
+images/s after a warm-up, per worker too, and the host cores one accelerator card needs to feed the seed recipe
+(8 cards x 128 images at 388.7 ms/step: 330 img/s per card). The machine is described in the JSON (CPU model,
+cores, load average: a shared machine skews it).
 
-    python benchmarks/pipeline.py [--images 256] [--batch-size 128] [--batches 12]
+    python benchmarks/pipeline.py [--workers 1] [--images 256] [--batch-size 128] [--batches 12]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import tempfile
@@ -29,6 +32,7 @@ from benchmarks.common import machine  # noqa: E402
 from conformer.data.sources import write_image_folder  # noqa: E402
 
 CLASSES = 8
+SEED_RECIPE_IMG_PER_S_PER_CARD = 128 / 0.3887  # ModelZoo Conformer-Ti: 128 images per card every 388.7 ms
 
 
 def parse_args() -> argparse.Namespace:
@@ -38,6 +42,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--warmup", type=int, default=2, help="batches before timing starts")
     parser.add_argument("--batches", type=int, default=12, help="timed batches")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="data workers (processes)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "pipeline.json")
     return parser.parse_args()
 
@@ -45,7 +50,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> dict:
     args = parse_args()
     ms.set_seed(0)
-    workers = os.cpu_count() or 1
+    workers = args.workers
     with tempfile.TemporaryDirectory(prefix="pipeline-bench-") as tmp:
         start = time.perf_counter()
         root = write_image_folder(Path(tmp) / "imagenet", num_classes=CLASSES,
@@ -87,6 +92,9 @@ def main() -> dict:
         "image_size": args.image_size,
         "batch_size": args.batch_size,
         "num_workers": module.num_workers,
+        "images_per_s_per_worker": round(seen / elapsed / module.num_workers, 1),
+        "seed_recipe_img_per_s_per_card": round(SEED_RECIPE_IMG_PER_S_PER_CARD, 1),
+        "workers_per_card_needed": math.ceil(SEED_RECIPE_IMG_PER_S_PER_CARD / (seen / elapsed / module.num_workers)),
         "train_jpegs": args.images,
         "jpeg_size": "500x375",
         "mean_jpeg_kib": round(jpeg_kib, 1),

@@ -10,6 +10,55 @@ from mindspore.experimental import optim
 
 OPTIMIZERS = ("adamw", "sgd")
 ParamsOrNetwork = Union[nn.Cell, Iterable[Parameter], Iterable[dict]]
+_fused_adamw = ops.MultitypeFuncGraph("fused_adamw")
+
+
+@_fused_adamw.register("Function", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor",
+                       "Tensor")
+def _fused_adamw_update(kernel: ops.Primitive, beta1: Tensor, beta2: Tensor, lr: Tensor, eps: Tensor,
+                        decay: Tensor, param: Parameter, exp_avg: Parameter, exp_avg_sq: Parameter,
+                        grad: Tensor) -> Tensor:
+    return ops.depend(True, kernel(param, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, decay, grad))
+
+
+class FusedAdamW(optim.Optimizer):
+    """torch.optim.AdamW (decoupled decay, bias-corrected) as one `AdamWeightDecay` kernel per parameter.
+
+    The kernel lacks Adam's bias correction; with c1 = 1 - beta1^t and c2 = sqrt(1 - beta2^t) it is folded into
+    its scalars: lr' = lr c2 / c1, eps' = eps c2, decay' = decay c1 / c2, which gives torch's update exactly
+    (p -= lr decay p + lr m_hat / (sqrt(v_hat) + eps)). `mindspore.experimental.optim.AdamW` issues ~13 ops per
+    parameter instead; state names (exp_avg, exp_avg_sq, state_step) are the same, so checkpoints carry over.
+    """
+
+    def __init__(self, params: Iterable[Parameter] | Iterable[dict], lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2) -> None:
+        if not 0.0 <= betas[0] < 1.0 or not 0.0 <= betas[1] < 1.0:
+            raise ValueError(f"AdamW betas must lie in [0, 1), got {betas}.")
+        if eps <= 0.0:
+            raise ValueError(f"AdamW eps must be > 0, got {eps}.")
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
+        self.exp_avg = self.parameters.clone(prefix="exp_avg", init="zeros")
+        self.exp_avg_sq = self.parameters.clone(prefix="exp_avg_sq", init="zeros")
+        self.state_step = Parameter(Tensor(0, ms.int32), "state_step")
+        self.kernel = ops.AdamWeightDecay()
+        self.update = ops.HyperMap()
+
+    def construct(self, gradients: tuple[Tensor, ...]) -> bool:
+        step = ops.assign_add(self.state_step, Tensor(1, ms.int32)).astype(ms.float32)
+        done = True
+        for group_id, group in enumerate(self.param_groups):
+            beta1, beta2 = group["betas"]
+            start, end = self.group_start_id[group_id], self.group_start_id[group_id + 1]
+            beta1, beta2 = Tensor(beta1, ms.float32), Tensor(beta2, ms.float32)
+            c1 = 1.0 - ops.pow(beta1, step)
+            c2 = ops.sqrt(1.0 - ops.pow(beta2, step))
+            lr = self.lrs[group_id] * c2 / c1
+            eps = group["eps"] * c2
+            decay = group["weight_decay"] * c1 / c2
+            done = ops.depend(done, self.update(
+                ops.partial(_fused_adamw, self.kernel, beta1, beta2, lr, eps, decay), self.parameters[start:end],
+                self.exp_avg[start:end], self.exp_avg_sq[start:end], gradients[start:end]))
+        return done
 
 
 def param_groups(network: nn.Cell, weight_decay: float,
@@ -58,7 +107,7 @@ def build_optimizer(params_or_network: ParamsOrNetwork, name: str = "adamw", lr:
         betas = tuple(float(beta) for beta in betas)  # Hydra passes a ListConfig; jit needs plain floats
         if len(betas) != 2:
             raise ValueError(f"AdamW needs two betas (beta1, beta2), got {betas}.")
-        return optim.AdamW(params, lr=lr, betas=betas, eps=float(eps), weight_decay=float(weight_decay))
+        return FusedAdamW(params, lr=lr, betas=betas, eps=float(eps), weight_decay=float(weight_decay))
     return optim.SGD(params, lr=lr, momentum=float(momentum), weight_decay=float(weight_decay),
                      nesterov=bool(nesterov))
 

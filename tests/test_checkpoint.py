@@ -9,6 +9,7 @@ import pytest
 from mindspore import Parameter, Tensor, nn
 from mindspore.experimental.optim import AdamW
 
+from conformer.optim import FusedAdamW
 from conformer.train.checkpoint import (
     CheckpointManager,
     TrainState,
@@ -246,3 +247,16 @@ def test_resume_keeps_best_metric(tmp_path):
     assert read_checkpoint(resumed.best_path)[1]["epoch"] == 2
     assert "best" in resumed.save(net, epoch=5, step=500, metrics={"val/top1_sum": 0.9})
     assert read_checkpoint(resumed.best_path)[1]["epoch"] == 5
+
+
+def test_a_checkpoint_of_the_experimental_adamw_resumes_into_the_fused_one(tmp_path):
+    """Checkpoints written before FusedAdamW carry the unused AMSGrad buffer: it is dropped, the moments load."""
+    net, opt, step = make_trainer(seed=0)
+    step(*batch(0))
+    path = CheckpointManager(tmp_path).save(net, opt, epoch=1, step=1, metrics={"val/top1_sum": 1.0})["last"]
+    assert "optimizer.max_exp_avg_sq.fc1.weight" in ms.load_checkpoint(str(path))
+    fused = FusedAdamW(net.trainable_params(), lr=1e-2, weight_decay=0.05)
+    CheckpointManager(tmp_path / "other").load(path, net, fused)  # strict
+    for name, value in optimizer_state(opt, net).items():
+        if not name.startswith("max_exp_avg_sq."):
+            np.testing.assert_array_equal(optimizer_state(fused, net)[name], value, err_msg=name)

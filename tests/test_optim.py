@@ -10,7 +10,7 @@ from mindspore import Parameter, Tensor, nn
 from mindspore.experimental import optim
 from omegaconf import OmegaConf
 
-from conformer.optim import build_optimizer, param_groups, set_lr
+from conformer.optim import FusedAdamW, build_optimizer, param_groups, set_lr
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -50,7 +50,7 @@ def test_param_groups_exclude_biases_norms_and_tokens() -> None:
 def test_build_optimizer_kinds_and_groups() -> None:
     net = Toy()
     adamw = build_optimizer(net, "AdamW", lr=0.01, weight_decay=0.05, betas=OmegaConf.create([0.8, 0.9]))
-    assert isinstance(adamw, optim.AdamW)
+    assert isinstance(adamw, FusedAdamW)
     assert [g["weight_decay"] for g in adamw.param_groups] == [0.05, 0.0]
     assert adamw.param_groups[0]["betas"] == (0.8, 0.9)
     unfiltered = build_optimizer(net.trainable_params(), "sgd", lr=0.1, weight_decay=1e-4)
@@ -130,7 +130,7 @@ def test_set_lr() -> None:
         set_lr(nn.SGD(Toy().trainable_params()), 0.1)
 
 
-@pytest.mark.parametrize(("name", "kind", "decay"), [("adamw", optim.AdamW, 0.05), ("sgd", optim.SGD, 1e-4)])
+@pytest.mark.parametrize(("name", "kind", "decay"), [("adamw", FusedAdamW, 0.05), ("sgd", optim.SGD, 1e-4)])
 def test_config_builds_the_optimizer(name: str, kind: type, decay: float) -> None:
     cfg = OmegaConf.load(CONF / "optim" / f"{name}.yaml")
     opt = instantiate(cfg.optimizer)(Toy(), lr=3e-4)

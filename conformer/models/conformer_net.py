@@ -67,6 +67,19 @@ class ZeroPadMaxPool(nn.Cell):
         return self.pool(self.pad(x))
 
 
+class StemMaxPool(nn.MaxPool2d):
+    """The stem's 3x3/2 max-pool with PyTorch's symmetric padding 1 (MindSpore's 'same' pads bottom/right only).
+
+    One padded kernel trains faster than pad + valid pool, but does not export to ONNX; the stem pool follows a
+    ReLU, so `ZeroPadMaxPool(**StemMaxPool.GEOMETRY)` computes the same and is what ONNX exports use.
+    """
+
+    GEOMETRY = {"kernel_size": 3, "stride": 2, "padding": 1}
+
+    def __init__(self) -> None:
+        super().__init__(pad_mode="pad", **self.GEOMETRY)
+
+
 class Mlp(nn.Cell):
     def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0) -> None:
         super().__init__()
@@ -264,13 +277,11 @@ class Conformer(nn.Cell):
 
         self.cls_token = Parameter(init.initializer(init.TruncatedNormal(0.02), (1, 1, embed_dim)), name="cls_token")
 
-        # Stem: 7x7/2 conv, BN, ReLU, 3x3/2 max-pool with symmetric padding 1 (PyTorch style; MindSpore's 'same'
-        # pads bottom/right only). The pool follows a ReLU, so zero padding equals PyTorch's -inf padding, and a
-        # plain pad + valid pool also exports to ONNX (MindSpore's padded MaxPool2d does not).
+        # Stem: 7x7/2 conv, BN, ReLU, 3x3/2 max-pool with symmetric padding 1 (PyTorch style).
         self.conv1 = conv2d(in_chans, 64, 7, stride=2, padding=3)
         self.bn1 = batch_norm(64, eps=OUTER_NORM_EPS)
         self.act1 = nn.ReLU()
-        self.maxpool = ZeroPadMaxPool(kernel_size=3, stride=2, padding=1)
+        self.maxpool = StemMaxPool()
         self.concat = ops.Concat(axis=1)
 
         stage_1_channel = int(base_channel * channel_ratio)

@@ -8,6 +8,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
 
+from conformer.models.conformer_net import StemMaxPool, ZeroPadMaxPool
 from conformer.tasks.common import RunContext, open_run, task_tracker, trained_network
 from conformer.validation import EXPORT_OUTPUTS, EXPORT_SUFFIXES
 
@@ -53,6 +54,8 @@ class PolyErfGELU(nn.Cell):
 def _onnx_replacement(cell: nn.Cell) -> nn.Cell | None:
     if isinstance(cell, nn.GELU) and cell.approximate == "none":
         return PolyErfGELU()
+    if isinstance(cell, StemMaxPool):
+        return ZeroPadMaxPool(**StemMaxPool.GEOMETRY)
     return None
 
 

@@ -25,6 +25,8 @@ from mindspore import Parameter, Tensor, nn, ops
 log = logging.getLogger(__name__)
 
 OPTIMIZER_PREFIX = "optimizer."
+# experimental AdamW's AMSGrad buffer, saved by checkpoints before FusedAdamW (always zero without amsgrad)
+OBSOLETE_OPTIMIZER_STATE = "max_exp_avg_sq."
 EMA_PREFIX = "ema."
 STEP_PREFIX = "train_step."  # the train step's own state: the loss scale and its counter
 META_PREFIX = "meta."
@@ -328,8 +330,11 @@ class CheckpointManager:
                   (step_state, STEP_PREFIX, "train step state"))
         for source, prefix, what in groups:
             if source is not None:
-                values = _strip_prefix(prefix, tensors)
-                _assign(_state_params(source, own), values, f"{what} from {path}", strict)
+                values, targets = _strip_prefix(prefix, tensors), _state_params(source, own)
+                if prefix == OPTIMIZER_PREFIX:
+                    values = {name: value for name, value in values.items()
+                              if name in targets or not name.startswith(OBSOLETE_OPTIMIZER_STATE)}
+                _assign(targets, values, f"{what} from {path}", strict)
         state = TrainState(epoch=int(extra.get("epoch", 0)), step=int(extra.get("step", 0)),
                            best_metric=extra.get("best_metric"), best_epoch=extra.get("best_epoch"),
                            metrics=dict(extra.get("metrics", {})), mlflow_run_id=extra.get("mlflow_run_id"))

@@ -131,6 +131,13 @@ class _StepCell(nn.Cell):
         # Differentiated output first (scaled, averaged over micro-steps); the plain loss rides along as aux.
         return loss * scale / self.grad_accum_steps, loss
 
+    def all_finite(self, grads: tuple[Tensor, ...], norm: Tensor) -> Tensor:
+        # Without loss scaling one isfinite on the global norm (inf/nan anywhere makes it non-finite) replaces a
+        # check per tensor; with scaling keep the per-tensor check, which Ascend fuses with its overflow status.
+        if self.use_scale:
+            return ms.amp.all_finite(grads)
+        return ops.isfinite(norm)
+
     def loss_scale(self) -> Tensor:
         if self.use_scale:
             return self.scaler.scale_value.value()
@@ -146,12 +153,13 @@ class _StepCell(nn.Cell):
             grads = self.hyper_map(_add, self.accum_grads, grads)
             if not apply:
                 self.hyper_map(_store, self.accum_grads, grads)
-                return loss, global_norm(grads), ms.amp.all_finite(grads), scale
+                norm = global_norm(grads)
+                return loss, norm, self.all_finite(grads, norm), scale
             self.hyper_map(_store, self.accum_grads, self.hyper_map(ops.zeros_like, grads))
         if self.reduce:
             grads = self.reducer(grads)
-        finite = ms.amp.all_finite(grads)
         norm = global_norm(grads)
+        finite = self.all_finite(grads, norm)
         if self.dynamic:
             self.scaler.adjust(finite)
         if finite:
