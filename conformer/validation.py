@@ -19,6 +19,7 @@ from conformer.models.registry import architecture_problem, model_arguments, nea
 
 TASKS = ("train", "eval", "export", "predict")
 AMP_LEVELS = ("O0", "O1", "O2", "O3")
+PROGRESS_BAR_SETTINGS = ("auto", True, False)
 LOSS_SCALES = ("none", "static", "dynamic")
 DEVICE_TARGETS = ("CPU", "GPU", "Ascend")
 MODES = ("graph", "pynative")
@@ -142,6 +143,12 @@ def _check_trainer(cfg: DictConfig) -> None:
         require_number(_get(cfg, "trainer.clip_grad_norm"), "trainer.clip_grad_norm", strict=True,
                        hint="or null for no clipping")
     require_choice(_get(cfg, "trainer.loss_scale"), "trainer.loss_scale", LOSS_SCALES)
+    for key in ("limit_train_batches", "limit_val_batches", "overfit_batches", "profile_steps"):
+        if OmegaConf.select(cfg, f"trainer.{key}") is not None:
+            require_int(_get(cfg, f"trainer.{key}"), f"trainer.{key}", hint="or null for off")
+    progress = OmegaConf.select(cfg, "trainer.progress_bar", default="auto")
+    if progress not in PROGRESS_BAR_SETTINGS:
+        raise ConfigError(f"trainer.progress_bar={progress!r} must be auto, true or false")
     require_choice(_get(cfg, "trainer.monitor"), "trainer.monitor", EPOCH_METRICS)
     require_choice(_get(cfg, "trainer.monitor_mode"), "trainer.monitor_mode", MONITOR_MODES)
     require_choice(_get(cfg, "hardware.amp_level"), "hardware.amp_level", AMP_LEVELS)

@@ -2,6 +2,7 @@
 both heads, EMA, checkpoints and resuming."""
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import random
@@ -24,6 +25,8 @@ from conformer.optim import set_lr
 from conformer.signals import check_interrupted, native_section
 from conformer.train.checkpoint import CheckpointManager, TrainState, read_checkpoint
 from conformer.train.ema import ModelEma
+from conformer.train.profiling import StepProfiler
+from conformer.train.progress import ProgressBar, bar_wanted
 from conformer.train.step import TrainStep
 from conformer.validation import HEADS
 
@@ -103,6 +106,9 @@ class Trainer:
     (`conf/optim/`): the trainer computes, once, the steps per epoch and the global batch (images per optimizer
     update: batch_size x world size x grad_accum_steps) they need. `resume` (a `last.ckpt`) restores weights,
     optimizer, EMA, epoch, step and best metric before the step is compiled.
+
+    Debugging (conf/debug/): `limit_train_batches` / `limit_val_batches` cut every epoch short, `overfit_batches`
+    trains on the first k batches over and over (the loss must fall), `profile_steps` profiles that many steps.
     """
 
     def __init__(self, *, network: nn.Cell, loss_fn: nn.Cell, eval_loss_fn: nn.Cell,
@@ -111,10 +117,21 @@ class Trainer:
                  clip_grad_norm: float | None = None, loss_scale: str = "none", init_loss_scale: float = 65536,
                  scale_factor: int = 2, scale_window: int = 2000, ema_decay: float | None = None,
                  monitor: str = "val/top1_sum", monitor_mode: str = "max", log_every_n_steps: int = 10,
-                 resume: str | Path | None = None, checkpoint_meta: Mapping[str, Any] | None = None) -> None:
+                 resume: str | Path | None = None, checkpoint_meta: Mapping[str, Any] | None = None,
+                 limit_train_batches: int | None = None, limit_val_batches: int | None = None,
+                 overfit_batches: int | None = None, profile_steps: int | None = None,
+                 progress_bar: str | bool = "auto") -> None:
         self.data, self.group, self.tracker = data, group, tracker
         self.epochs, self.log_every_n_steps = int(epochs), int(log_every_n_steps)
         self.steps_per_epoch = data.steps_per_epoch(group.world_size)
+        if overfit_batches and limit_train_batches:  # the same batches repeat: any epoch length works
+            self.steps_per_epoch = int(limit_train_batches)
+        elif limit_train_batches:
+            self.steps_per_epoch = min(self.steps_per_epoch, int(limit_train_batches))
+        self.limit_val_batches, self.overfit_batches = limit_val_batches, overfit_batches
+        self._overfit_cache: list[tuple[Tensor, Tensor]] = []
+        self.profiler = StepProfiler(profile_steps, run_dir, tracker)
+        self.bar = ProgressBar(bar_wanted(progress_bar, group.is_main))
         if self.steps_per_epoch < grad_accum_steps:
             raise ValueError(f"trainer.grad_accum_steps={grad_accum_steps} exceeds the {self.steps_per_epoch} steps "
                              "of an epoch")
@@ -204,8 +221,11 @@ class Trainer:
                 raise FloatingPointError(f"loss is {result.loss} at epoch {epoch + 1}, step {step}: lower the "
                                          "learning rate or enable trainer.clip_grad_norm / trainer.loss_scale")
             step += 1
+            self.profiler.after_step()
             if compiling:
                 meter.reset()  # compile time stays out of img/s and the ETA
+                self.bar.start(f"epoch {epoch + 1}/{self.epochs}", self.steps_per_epoch)
+                self.bar.advance(i + 1)
             else:
                 meter.add(self.images_per_step)
             if not result.overflow:  # overflow steps were skipped: their loss and inf norm say nothing
@@ -226,10 +246,15 @@ class Trainer:
                 per_step = self.images_per_step / rate if rate > 0 else math.nan
                 log.info("epoch %d step %d/%d  loss %.4f  lr %.3e  %.0f img/s  eta epoch %s, train %s", epoch + 1,
                          i + 1, self.steps_per_epoch, metrics["train/loss"], lr, rate,
-                         _clock(left_in_epoch * per_step), _clock(left_total * per_step))
+                         _clock(left_in_epoch * per_step), _clock(left_total * per_step), extra={"progress": True})
+                self.bar.advance(0, loss=f"{metrics['train/loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}",
+                                 eta=_clock(left_total * per_step))
+            if not compiling:
+                self.bar.advance()
                 meter.reset()
                 window_loss = window_norm = 0.0
                 window_n = norm_n = 0
+        self.bar.stop()
         if n == 0:
             raise RuntimeError(f"no update was applied in epoch {epoch + 1}: the loader gave no batches or every "
                                "step overflowed (see train/loss_scale)")
@@ -239,12 +264,18 @@ class Trainer:
         """Epoch `epoch`'s train batches from a pipeline seeded by (seed, epoch): the sample order, the augmentations
         and Mixup of an epoch are the same whether the run got there in one go or resumed (with one data worker,
         bit for bit)."""
+        if self.overfit_batches and self._overfit_cache:
+            return itertools.islice(itertools.cycle(self._overfit_cache), self.steps_per_epoch)
         seed = np.random.SeedSequence([int(self.data.seed), epoch]).generate_state(1)[0]
         random.seed(int(seed))
         np.random.seed(int(seed))
         ds.config.set_seed(int(seed))
         loader = self.data.train_loader(self.group.rank, self.group.world_size, start_epoch=epoch)
-        return loader.create_tuple_iterator(num_epochs=1)
+        batches = itertools.islice(loader.create_tuple_iterator(num_epochs=1), self.steps_per_epoch)
+        if self.overfit_batches:
+            self._overfit_cache = list(itertools.islice(batches, int(self.overfit_batches)))
+            return self._epoch_batches(epoch)
+        return batches
 
     def _skipped_images(self) -> dict[str, float]:
         """Bad image files skipped so far, per split, over all ranks (`data.on_bad_image=skip`)."""
@@ -269,8 +300,19 @@ class Trainer:
 
     def evaluate(self, batches: Iterator) -> dict[str, float]:
         """Eval every head on this rank's shard, summed over ranks (every rank returns the same numbers)."""
-        with self.ema.swapped() if self.ema is not None else nullcontext():
-            return evaluate_batches(self.evaluator, batches, self.group)
+        if self.limit_val_batches:
+            batches = itertools.islice(batches, int(self.limit_val_batches))
+        self.bar.start("eval", total=self.limit_val_batches or None)
+        try:
+            with self.ema.swapped() if self.ema is not None else nullcontext():
+                return evaluate_batches(self.evaluator, self._counted(batches), self.group)
+        finally:
+            self.bar.stop()
+
+    def _counted(self, batches: Iterable) -> Iterator:
+        for batch in batches:
+            yield batch
+            self.bar.advance()
 
     def _checkpoint(self, epoch: int, step: int, metrics: dict[str, float]) -> dict:
         if not self.group.is_main:

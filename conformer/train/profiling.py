@@ -1,0 +1,54 @@
+"""`trainer.profile_steps` (debug=profile): MindSpore's profiler over a few train steps after the compile.
+
+The op-type summary is written to `<run dir>/profile/op_types.csv` (its top lines are logged) and the profiler's
+output folder is logged to MLflow as the artifact `profile/`.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import mindspore as ms
+from mindspore.profiler import ProfilerActivity, tensorboard_trace_handler
+
+log = logging.getLogger(__name__)
+OP_TYPE_TABLE = "cpu_op_type_info_0.csv"
+
+
+class StepProfiler:
+    """Profiles the `steps` train steps after the first (compiled) one, then reports and logs the result."""
+
+    def __init__(self, steps: int | None, run_dir: Path, tracker: Any) -> None:
+        self.steps_left = int(steps or 0)
+        self.directory = Path(run_dir) / "profile"
+        self.tracker = tracker
+        self._profiler: Any = None
+
+    def after_step(self) -> None:
+        """Call after every train step: starts after the first one, stops and reports after `steps` more."""
+        if self.steps_left <= 0:
+            return
+        if self._profiler is None:
+            self._profiler = ms.profiler.profile(activities=[ProfilerActivity.CPU],
+                                                 on_trace_ready=tensorboard_trace_handler(str(self.directory)))
+            self._profiler.start()
+            return
+        self._profiler.step()
+        self.steps_left -= 1
+        if self.steps_left == 0:
+            self._finish()
+
+    def _finish(self) -> None:
+        self._profiler.stop()
+        self._profiler = None
+        tables = sorted(self.directory.rglob(OP_TYPE_TABLE))
+        if tables:
+            summary = self.directory / "op_types.csv"
+            shutil.copyfile(tables[-1], summary)
+            lines = summary.read_text().splitlines()
+            log.info("profile of the train step, top op types (%s):\n%s", summary, "\n".join(lines[:11]))
+        else:
+            log.warning("the profiler wrote no op-type table under %s", self.directory)
+        self.tracker.log_artifact(self.directory, "profile")
