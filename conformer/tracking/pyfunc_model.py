@@ -2,8 +2,9 @@
 
 Artifacts: the MINDIR file and `conformer.json` (class names, the eval transform, the export's fixed batch size).
 Code: this package (`code_paths`), so serving needs only MindSpore and the package's own dependencies.
-Input: a column `image` whose cells are base64-encoded image files (PNG, JPEG, ...) or pixel arrays (H x W x 3 RGB
-or H x W grey; integers 0-255 or floats 0-1), or a batch array N x H x W x 3. Output: one column of probabilities
+Input: a column `image` whose cells are base64-encoded image files (PNG, JPEG, ...; raw bytes in process) or pixel
+arrays (H x W x 3 RGB or H x W grey; integers 0-255 or floats 0-1); a JSON request's `inputs` may also be a plain
+list of such images. Output: one column of probabilities
 per class name and `label`, the most probable class. Decoding, preprocessing and softmax(conv + trans) are
 task=predict's (conformer.inference), so a served model answers as task=predict does.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
 import threading
 from collections.abc import Mapping, Sequence
 from importlib.metadata import PackageNotFoundError, version
@@ -34,6 +36,7 @@ from mlflow.types.schema import AnyType, ColSpec, Schema
 from conformer.inference import decode_image, predict_probabilities
 from conformer.paths import PACKAGE_DIR
 
+log = logging.getLogger(__name__)
 IMAGE_COLUMN = "image"
 LABEL_COLUMN = "label"
 MODEL_NAME = "model"  # the logged model's name in its run
@@ -128,7 +131,10 @@ class ConformerModel(PythonModel):
         from mindspore import nn
 
         meta = json.loads(Path(context.artifacts["meta"]).read_text())
-        ms.set_context(device_target="CPU")
+        try:
+            ms.set_device("CPU")
+        except RuntimeError as err:  # this process already runs MindSpore on another device: the model runs there
+            log.warning("the served model runs on this process's device, not the CPU: %s", str(err).splitlines()[0])
         self.network = nn.GraphCell(ms.load(context.artifacts["mindir"]))
         self.transform = instantiate(meta["eval_transform"])
         self.class_names: list[str] = meta["class_names"]
