@@ -14,6 +14,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import mindspore as ms
 import mlflow
 import numpy as np
 import pandas as pd
@@ -140,6 +141,9 @@ def test_the_registered_model_loads_in_process(root: Path, exported: Path, image
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", default_tracking_uri(root))
     model = mlflow.pyfunc.load_model(f"models:/{NAME}/1")
+    assert model.metadata.flavors["python_function"]["code"] == "code"  # this package travels with the model
+    requirements = Path(mlflow.pyfunc.get_model_dependencies(f"models:/{NAME}/1")).read_text().split()
+    assert f"mindspore=={ms.__version__}" in requirements and "pillow" in " ".join(requirements)
     arrays = [pixels(p) for p in images]  # uint8 pixels, and the same as floats in [0, 1]
     for column in (arrays, [a / 255.0 for a in arrays], [p.read_bytes() for p in images]):
         frame = model.predict(pd.DataFrame({"image": column}))
