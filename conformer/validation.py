@@ -223,6 +223,38 @@ def _check_export(cfg: DictConfig) -> None:
     if _get(cfg, "task.output") not in EXPORT_OUTPUTS:
         raise ConfigError(f"task.output={_get(cfg, 'task.output')!r}; choose sum (the prediction) or both "
                           "(the two heads)")
+    _check_logged_model(cfg, fmt)
+
+
+def registered_model_name_problem(name: Any) -> str | None:
+    """Why `name` cannot name a model in the MLflow Model Registry (MLflow's own rules), or None."""
+    if not isinstance(name, str) or not name.strip():
+        return "must be a non-empty name, e.g. conformer-digits"
+    if "/" in name or ":" in name:
+        return "must not contain '/' or ':' (they separate the parts of models:/<name>/<version>)"
+    if name in (".", ".."):
+        return "must not be '.' or '..'"
+    return None
+
+
+def _check_logged_model(cfg: DictConfig, fmt: str) -> None:
+    """task.log_model / task.register: a MINDIR export (the served model runs it) logged to a tracked run."""
+    log_model, register = cfg.task.get("log_model", False), cfg.task.get("register")
+    if not isinstance(log_model, bool):
+        raise ConfigError(f"task.log_model={log_model!r} must be true or false")
+    if register is not None:
+        problem = registered_model_name_problem(register)
+        if problem:
+            raise ConfigError(f"task.register={register!r} {problem}")
+    if not (log_model or register):
+        return
+    key = f"task.register={register}" if register is not None else "task.log_model=true"
+    if fmt != "MINDIR":
+        raise ConfigError(f"{key} logs a model that runs the MINDIR export with MindSpore, not {fmt}: set "
+                          "task.format=MINDIR (export other formats in a run of their own)")
+    if not _get(cfg, "tracking.enabled"):
+        raise ConfigError(f"{key} logs the model to the export's MLflow run, and tracking is disabled: drop "
+                          "tracking=disabled / tracking.enabled=false")
 
 
 # ---------------------------------------------------------------------------------------------------- predict

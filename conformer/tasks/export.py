@@ -7,9 +7,12 @@ from pathlib import Path
 import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
+from omegaconf import DictConfig, OmegaConf
 
 from conformer.models.conformer_net import StemMaxPool, ZeroPadMaxPool
 from conformer.tasks.common import RunContext, open_run, task_tracker, trained_network
+from conformer.tasks.predict import class_labels
+from conformer.tracking import Tracker
 from conformer.validation import EXPORT_OUTPUTS, EXPORT_SUFFIXES
 
 log = logging.getLogger(__name__)
@@ -90,6 +93,9 @@ def export(ctx: RunContext) -> None:
         log.info("ONNX: swapped %d cells for exportable equivalents", make_onnx_compatible(network))
     path = export_path(cfg.task.file, ctx.run_dir, cfg.model.name, fmt)
     path.parent.mkdir(parents=True, exist_ok=True)
+    register = cfg.task.get("register")
+    serve = bool(cfg.task.get("log_model") or register)
+    labels = class_labels(cfg, network.num_classes) if serve else None  # fails before the export's compile
 
     tracker = task_tracker(ctx)
     with tracker:
@@ -99,7 +105,25 @@ def export(ctx: RunContext) -> None:
                   file_format=fmt)
         if not path.is_file():
             raise RuntimeError(f"MindSpore reported no error but wrote no {path}")
-        tracker.log_artifact(path, "export")
+        if serve:  # the model's artifacts hold the MINDIR: not stored twice
+            log_served_model(tracker, cfg, path, labels, register)
+        else:
+            tracker.log_artifact(path, "export")
     print(f"exported {cfg.model.name} ({output} logits, input {list(shape)}) to {path}")
     log.info("exported %s with %s to %s (%.1f MB)", cfg.model.name, weights, path, path.stat().st_size / 2**20)
     return None
+
+
+def log_served_model(tracker: Tracker, cfg: DictConfig, path: Path, labels: list[str], register: str | None) -> None:
+    """The MINDIR as the run's MLflow pyfunc model (registered as `register`); prints how to serve it."""
+    from conformer.tracking.pyfunc_model import log_pyfunc_model  # pandas, the pyfunc flavor: only when asked
+
+    eval_transform = OmegaConf.to_container(cfg.data.eval_transform, resolve=True)
+    info = log_pyfunc_model(tracker.uri, tracker.run_id, path, labels, eval_transform, cfg.task.batch_size,
+                            registered_name=register)
+    uri = info.model_uri
+    if register:
+        uri = f"models:/{register}/{info.registered_model_version}"
+        tracker.set_tags({"registered_model": register, "registered_model_version": info.registered_model_version})
+    tracker.set_tags({"model_uri": info.model_uri})
+    print(f"logged the MLflow model {uri}; serve it with: mlflow models serve -m {uri} --env-manager local")

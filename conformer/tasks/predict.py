@@ -7,18 +7,17 @@ from __future__ import annotations
 
 import csv
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from mindspore import Tensor
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from conformer.data.sources import file_problem
-from conformer.data.transforms import EvalTransform
+from conformer.inference import load_image, predict_probabilities
 from conformer.tasks.common import RunContext, open_run, task_tracker, trained_network
 from conformer.validation import check_class_count, class_names_file, image_inputs
 
@@ -37,17 +36,6 @@ def bad_images(paths: Sequence[Path]) -> dict[Path, str]:
     return problems
 
 
-def load_image(path: Path) -> np.ndarray:
-    """RGB uint8 HWC pixels of an image file (grey and palette images are converted)."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
-    except Exception as err:
-        raise ValueError(f"cannot read image {path}: {type(err).__name__}: {err}") from err
-
-
 def class_names(cfg: DictConfig) -> list[str] | None:
     """`task.classes` (a file, one name per line), else the data source's classes, else None (indices)."""
     if cfg.task.get("classes"):
@@ -61,28 +49,13 @@ def class_names(cfg: DictConfig) -> list[str] | None:
         return None
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
-    exp = np.exp(shifted)
-    return exp / exp.sum(axis=1, keepdims=True)
-
-
-def predict_probabilities(network, transform: EvalTransform, paths: Sequence[Path],
-                          batch_size: int) -> Iterator[np.ndarray]:
-    """softmax(conv + trans) per image, batch by batch; short batches are padded so one graph serves all."""
-    ops = transform.operations(decode=False)
-    for start in range(0, len(paths), batch_size):
-        images = []
-        for path in paths[start:start + batch_size]:
-            image = load_image(path)
-            for op in ops:
-                image = op(image)
-            images.append(image)
-        count = len(images)
-        batch = np.zeros((batch_size, *images[0].shape), np.float32)
-        batch[:count] = np.stack(images)
-        conv, trans = network(Tensor(batch))
-        yield _softmax(conv.asnumpy()[:count] + trans.asnumpy()[:count])
+def class_labels(cfg: DictConfig, num_classes: int) -> list[str]:
+    """The names of the weights' `num_classes` classes (`class_names`, checked against the weights), else their
+    indices."""
+    names = class_names(cfg)
+    if names is not None:
+        check_class_count(len(names), num_classes, cfg.task.get("classes") or f"data={cfg.data.name}")
+    return names or [str(i) for i in range(num_classes)]
 
 
 def write_predictions(handle, paths: Sequence[Path], problems: dict[Path, str],
@@ -117,12 +90,10 @@ def predict(ctx: RunContext) -> None:
     readable = [p for p in paths if p not in problems]
     network, weights = trained_network(ctx)  # the class count comes from the weights
     num_classes = network.num_classes
-    names = class_names(cfg)
-    if names is not None:
-        check_class_count(len(names), num_classes, cfg.task.classes or f"data={cfg.data.name}")
-    labels = names or [str(i) for i in range(num_classes)]
+    labels = class_labels(cfg, num_classes)
     transform = instantiate(cfg.data.eval_transform)
-    batches = predict_probabilities(network, transform, readable, min(cfg.task.batch_size, len(readable)))
+    batches = predict_probabilities(network, transform, map(load_image, readable),
+                                    min(cfg.task.batch_size, len(readable)))
 
     path = ctx.run_dir / PREDICTIONS_FILE
     tracker = task_tracker(ctx)

@@ -1,0 +1,191 @@
+"""The MINDIR export as an MLflow pyfunc model that `mlflow models serve` runs: images in, class probabilities out.
+
+Artifacts: the MINDIR file and `conformer.json` (class names, the eval transform, the export's fixed batch size).
+Code: this package (`code_paths`), so serving needs only MindSpore and the package's own dependencies.
+Input: a column `image` whose cells are base64-encoded image files (PNG, JPEG, ...; raw bytes in process) or pixel
+arrays (H x W x 3 RGB or H x W grey; integers 0-255 or floats 0-1); a JSON request's `inputs` may also be a plain
+list of such images. Output: one column of probabilities
+per class name and `label`, the most probable class. Decoding, preprocessing and softmax(conv + trans) are
+task=predict's (conformer.inference), so a served model answers as task=predict does.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import threading
+from collections.abc import Mapping, Sequence
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from tempfile import TemporaryDirectory
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from mlflow.models import Model, ModelSignature
+from mlflow.models.model import ModelInfo
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.pyfunc import PythonModel, PythonModelContext
+from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+from mlflow.types.schema import AnyType, ColSpec, Schema
+
+from conformer.inference import decode_image, predict_probabilities
+from conformer.paths import PACKAGE_DIR
+
+log = logging.getLogger(__name__)
+IMAGE_COLUMN = "image"
+LABEL_COLUMN = "label"
+MODEL_NAME = "model"  # the logged model's name in its run
+META_FILE = "conformer.json"
+# What the served model imports besides mlflow (conformer.inference, conformer.data.transforms, the package root).
+REQUIREMENTS = ("mindspore", "numpy", "pandas", "pillow", "hydra-core", "omegaconf", "psutil")
+
+
+class BadInput(MlflowException):
+    """A request the model cannot answer; the scoring server returns it as HTTP 400 with this message."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+# ---------------------------------------------------------------------------------------------------- input
+def _pixels(array: np.ndarray, index: int) -> np.ndarray:
+    """RGB uint8 H x W x 3 from a grey or RGB pixel array (integers 0-255 or floats 0-1)."""
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if array.ndim == 2:
+        array = np.stack([array] * 3, axis=-1)  # as PIL converts grey to RGB
+    if array.ndim != 3 or array.shape[2] != 3 or min(array.shape[:2]) < 1:
+        raise BadInput(f"image {index}: a pixel array of shape {list(array.shape)}; send H x W x 3 (RGB) or H x W "
+                       "(grey) pixels, or a base64-encoded image file")
+    if np.issubdtype(array.dtype, np.integer):
+        if array.min() < 0 or array.max() > 255:
+            raise BadInput(f"image {index}: integer pixels must be in [0, 255], got [{array.min()}, {array.max()}]")
+        return array.astype(np.uint8)
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all() or array.min() < 0.0 or array.max() > 1.0:
+            raise BadInput(f"image {index}: float pixels must be finite and in [0, 1] (or send integers 0-255)")
+        return np.rint(array * 255.0).astype(np.uint8)
+    raise BadInput(f"image {index}: pixels of type {array.dtype}; send integers 0-255 or floats 0-1")
+
+
+def _encoded(data: str | bytes, index: int | str) -> np.ndarray:
+    if isinstance(data, str):
+        try:
+            data = base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError) as err:
+            raise BadInput(f"image {index}: a string that is not base64 ({err})") from err
+    try:
+        return decode_image(bytes(data), f"image {index}")
+    except ValueError as err:
+        raise BadInput(f"{err}: send a PNG, JPEG, BMP or WebP file, base64-encoded") from err
+
+
+def _cell_images(cell: Any, index: int) -> list[np.ndarray]:
+    """The images of one input cell: an encoded file, a pixel array, or a list of encoded files (the request
+    `{"inputs": {"image": [...]}}` arrives as one such cell)."""
+    if isinstance(cell, (str, bytes, bytearray)):
+        return [_encoded(cell, index)]
+    if isinstance(cell, (list, tuple, np.ndarray)):
+        if len(cell) and all(isinstance(item, (str, bytes, bytearray)) for item in cell):
+            return [_encoded(item, f"{index}.{i}") for i, item in enumerate(cell)]
+        try:
+            array = np.asarray(cell)
+        except ValueError as err:
+            raise BadInput(f"image {index}: rows of different lengths are not a pixel array ({err})") from err
+        return [_pixels(array, index)]
+    raise BadInput(f"image {index}: a {type(cell).__name__}; send a base64-encoded image file or a pixel array")
+
+
+def input_images(model_input: Any) -> list[np.ndarray]:
+    """RGB uint8 images of a request: a DataFrame (or mapping) with a column `image`, a batch array N x H x W x C,
+    or a list of cells."""
+    if isinstance(model_input, pd.DataFrame):
+        if IMAGE_COLUMN not in model_input.columns:
+            raise BadInput(f"expected a column {IMAGE_COLUMN!r} (base64-encoded image files or pixel arrays), got "
+                           f"columns {[str(c) for c in model_input.columns]}")
+        cells = model_input[IMAGE_COLUMN].tolist()
+    elif isinstance(model_input, Mapping) and IMAGE_COLUMN in model_input:
+        cells = list(model_input[IMAGE_COLUMN])
+    elif isinstance(model_input, (np.ndarray, list, tuple)):
+        cells = list(model_input)
+    else:
+        raise BadInput(f"cannot read images from a {type(model_input).__name__}: send a column {IMAGE_COLUMN!r}")
+    images = [image for index, cell in enumerate(cells) for image in _cell_images(cell, index)]
+    if not images:
+        raise BadInput("the request holds no images")
+    return images
+
+
+# ---------------------------------------------------------------------------------------------------- model
+class ConformerModel(PythonModel):
+    """The exported Conformer, run with MindSpore on the CPU (`ms.load` + `nn.GraphCell`)."""
+
+    def load_context(self, context: PythonModelContext) -> None:
+        import mindspore as ms
+        from hydra.utils import instantiate
+        from mindspore import nn
+
+        meta = json.loads(Path(context.artifacts["meta"]).read_text())
+        try:
+            ms.set_device("CPU")
+        except RuntimeError as err:  # this process already runs MindSpore on another device: the model runs there
+            log.warning("the served model runs on this process's device, not the CPU: %s", str(err).splitlines()[0])
+        self.network = nn.GraphCell(ms.load(context.artifacts["mindir"]))
+        self.transform = instantiate(meta["eval_transform"])
+        self.class_names: list[str] = meta["class_names"]
+        self.batch_size: int = meta["batch_size"]
+        self._lock = threading.Lock()  # the server may call predict from several threads; one graph runs at a time
+
+    def predict(self, context: PythonModelContext, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+                ) -> pd.DataFrame:
+        images = input_images(model_input)
+        with self._lock:
+            rows = np.concatenate(list(predict_probabilities(self.network, self.transform, images, self.batch_size)))
+        frame = pd.DataFrame(rows, columns=self.class_names)
+        frame[LABEL_COLUMN] = [self.class_names[i] for i in rows.argmax(axis=1)]
+        return frame
+
+
+def signature(class_names: Sequence[str]) -> ModelSignature:
+    """Input: the column `image` (base64 strings or pixel arrays, so of any type); output: a probability per
+    class and the label."""
+    outputs = [ColSpec("double", name) for name in class_names] + [ColSpec("string", LABEL_COLUMN)]
+    return ModelSignature(inputs=Schema([ColSpec(AnyType(), IMAGE_COLUMN)]), outputs=Schema(outputs))
+
+
+def requirements() -> list[str]:
+    """The serving environment's packages, pinned to the versions that exported the model."""
+    pinned = []
+    for package in REQUIREMENTS:
+        try:
+            pinned.append(f"{package}=={version(package)}")
+        except PackageNotFoundError:
+            pinned.append(package)
+    return pinned
+
+
+def log_pyfunc_model(tracking_uri: str, run_id: str, mindir: Path, class_names: Sequence[str],
+                     eval_transform: Mapping[str, Any], batch_size: int,
+                     registered_name: str | None = None) -> ModelInfo:
+    """Log `mindir` as the pyfunc model `model` of run `run_id` (and register it as `registered_name`)."""
+    if LABEL_COLUMN in class_names or len(set(class_names)) != len(class_names):
+        raise ValueError(f"class names must be unique and not {LABEL_COLUMN!r} (an output column): {class_names}")
+    client = MlflowClient(tracking_uri)
+    run = client.get_run(run_id)
+    # Created here, in the run's experiment: MLflow would otherwise file it under the default experiment.
+    logged = client.create_logged_model(run.info.experiment_id, name=MODEL_NAME, source_run_id=run_id)
+    with TemporaryDirectory() as tmp:
+        meta = Path(tmp) / META_FILE
+        meta.write_text(json.dumps({"class_names": list(class_names), "eval_transform": dict(eval_transform),
+                                    "batch_size": batch_size}, indent=2))
+        with _use_tracking_uri(tracking_uri):  # Model.log and the registry resolve the store globally
+            return Model.log(artifact_path=None, name=MODEL_NAME, flavor=mlflow.pyfunc, run_id=run_id,
+                             model_id=logged.model_id, registered_model_name=registered_name,
+                             python_model=ConformerModel(), artifacts={"mindir": str(mindir), "meta": str(meta)},
+                             code_paths=[str(PACKAGE_DIR)], signature=signature(class_names),
+                             pip_requirements=requirements())

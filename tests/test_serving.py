@@ -1,0 +1,150 @@
+"""task=export task.register: a registered MLflow pyfunc model that a real `mlflow models serve` on 127.0.0.1
+answers with task=predict's probabilities (the untrained nano checkpoint of test_tasks: no training here)."""
+# ruff: noqa: F811  (the module fixtures of test_tasks, imported, are parameters here)
+from __future__ import annotations
+
+import base64
+import csv
+import json
+import os
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import mindspore as ms
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from conformer.launch import free_port
+from conformer.tracking import default_tracking_uri
+
+from .helpers import stop, wait_until
+from .test_tasks import checkpoint, images, mlflow_run, root, run_task  # noqa: F401  (module fixtures)
+
+NAME = "conformer-digits"
+CLASSES = [str(d) for d in range(10)]
+
+
+@pytest.fixture(scope="module")
+def exported(root: Path, checkpoint: Path) -> Path:
+    """The export run that logged and registered the model (batch 4: six images need a padded batch)."""
+    _, run_dir = run_task(root, "export", f"task.checkpoint={checkpoint}", f"task.register={NAME}",
+                          "task.batch_size=4")
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def predicted(root: Path, checkpoint: Path, images: list[Path]) -> dict[Path, np.ndarray]:
+    """task=predict's probabilities of every class, per image, read from its predictions.csv."""
+    _, run_dir = run_task(root, "predict", f"task.checkpoint={checkpoint}", f"task.inputs={images[0].parents[1]}",
+                          "task.topk=10", "task.batch_size=4")
+    with (run_dir / "predictions.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == len(images)
+    return {Path(row["path"]): np.array([float(row[f"prob_{i}"]) for i in range(1, 11)])[
+        np.argsort([int(row[f"label_{i}"]) for i in range(1, 11)])] for row in rows}
+
+
+@pytest.fixture(scope="module")
+def server(root: Path, exported: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`mlflow models serve -m models:/<NAME>/1 --env-manager local` on 127.0.0.1, from the test's SQLite store."""
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": default_tracking_uri(root),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # uvicorn
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{NAME}/1",
+                             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+                            cwd=tmp_path_factory.mktemp("serve"), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: _answers(f"{url}/ping"), proc, "an answer to /ping", timeout=240)
+        yield url
+    finally:
+        stop(proc, group=True)
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def invoke(url: str, body: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(f"{url}/invocations", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def encoded(path: Path) -> str:
+    return base64.b64encode(path.read_bytes()).decode()
+
+
+def pixels(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def check_answers(rows: list[dict], paths: list[Path], predicted: dict[Path, np.ndarray]) -> None:
+    assert len(rows) == len(paths)
+    for row, path in zip(rows, paths):
+        assert set(row) == {*CLASSES, "label"}
+        np.testing.assert_allclose([row[c] for c in CLASSES], predicted[path], rtol=0, atol=1e-5)
+        assert row["label"] == CLASSES[int(np.argmax(predicted[path]))]
+
+
+def test_export_registers_a_model_whose_server_answers_like_predict(root: Path, exported: Path, server: str,
+                                                                    images: list[Path],
+                                                                    predicted: dict[Path, np.ndarray]) -> None:
+    client, run = mlflow_run(root, exported)
+    version = client.get_model_version(NAME, "1")
+    assert version.run_id == run.info.run_id and version.status == "READY"
+    assert (run.data.tags["registered_model"], run.data.tags["registered_model_version"]) == (NAME, "1")
+    model = client.get_logged_model(run.data.tags["model_uri"].removeprefix("models:/"))
+    assert model.source_run_id == run.info.run_id and model.experiment_id == run.info.experiment_id
+
+    # five digits PNGs (grey 8x8) and an RGB JPEG (24x40), as files and as pixel arrays
+    status, answer = invoke(server, {"dataframe_split": {"columns": ["image"],
+                                                         "data": [[encoded(p)] for p in images]}})
+    assert status == 200, answer
+    check_answers(answer["predictions"], images, predicted)
+    status, answer = invoke(server, {"inputs": [pixels(p).tolist() for p in images]})
+    assert status == 200, answer
+    check_answers(answer["predictions"], images, predicted)
+    status, answer = invoke(server, {"inputs": {"image": [encoded(p) for p in images[-2:]]}})
+    assert status == 200, answer
+    check_answers(answer["predictions"], images[-2:], predicted)
+
+    for body, message in [({"dataframe_split": {"columns": ["image"], "data": [["not base64!"]]}}, "not base64"),
+                          ({"dataframe_split": {"columns": ["image"], "data": [[encoded(root / "mlflow.db")]]}},
+                           "cannot read image 0"),
+                          ({"dataframe_split": {"columns": ["photo"], "data": [["x"]]}},
+                           "missing inputs ['image']"),  # MLflow's signature check
+                          ({"inputs": [[[300, 0, 0]]]}, "integer pixels must be in [0, 255]"),
+                          ({"inputs": [[[[1, 2]]]]}, "shape [1, 1, 2]")]:
+        status, answer = invoke(server, body)
+        assert status == 400 and message in answer["message"], answer
+
+
+def test_the_registered_model_loads_in_process(root: Path, exported: Path, images: list[Path],
+                                               predicted: dict[Path, np.ndarray],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", default_tracking_uri(root))
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}/1")
+    assert model.metadata.flavors["python_function"]["code"] == "code"  # this package travels with the model
+    requirements = Path(mlflow.pyfunc.get_model_dependencies(f"models:/{NAME}/1")).read_text().split()
+    assert f"mindspore=={ms.__version__}" in requirements and "pillow" in " ".join(requirements)
+    arrays = [pixels(p) for p in images]  # uint8 pixels, and the same as floats in [0, 1]
+    for column in (arrays, [a / 255.0 for a in arrays], [p.read_bytes() for p in images]):
+        frame = model.predict(pd.DataFrame({"image": column}))
+        check_answers(frame.to_dict("records"), images, predicted)
