@@ -20,15 +20,15 @@ from conformer.tracking.store import (
     resolve_tracking_uri,
     run_checkpoint,
 )
+from conformer.tracking.summary import comparable_params, default_run_name, image_dataset, user_tags
 from conformer.tracking.tracker import (
     NullTracker,
     Tracker,
     create_tracker,
-    default_run_name,
     flatten_config,
     run_tags,
 )
 
-__all__ = ["NullTracker", "Tracker", "TrackingUnavailable", "close_runs_of_dead_processes", "create_tracker",
-           "default_artifact_root", "default_run_name", "default_tracking_uri", "end_unfinished_runs", "flatten_config",
-           "resolve_tracking_uri", "run_checkpoint", "run_tags"]
+__all__ = ["NullTracker", "Tracker", "TrackingUnavailable", "close_runs_of_dead_processes", "comparable_params",
+           "create_tracker", "default_artifact_root", "default_run_name", "default_tracking_uri", "end_unfinished_runs",
+           "flatten_config", "image_dataset", "resolve_tracking_uri", "run_checkpoint", "run_tags", "user_tags"]
