@@ -136,14 +136,14 @@ def experiment_id(client: MlflowClient, name: str, artifact_root: str | Path | N
             experiment = client.get_experiment_by_name(name)
             if experiment is None:
                 raise
-    if EXPERIMENT_KIND_TAG not in experiment.tags:
-        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
     if experiment.lifecycle_stage != "active":
         raise ValueError(
             f"MLflow experiment {name!r} is deleted in {client.tracking_uri}: restore it "
             f"(`mlflow experiments restore --experiment-id {experiment.experiment_id}`) or set "
             "tracking.experiment_name to another name."
         )
+    if EXPERIMENT_KIND_TAG not in experiment.tags:
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
     return experiment.experiment_id
 
 

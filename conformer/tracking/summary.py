@@ -42,7 +42,7 @@ def default_run_name(cfg: DictConfig, run_dir: Path | str) -> str:
 
 def swept_overrides(run_dir: Path) -> list[str]:
     """`<last key component>=<value>` of the overrides a multirun trial in `run_dir` got from its sweep (the keys
-    of `hydra.sweeper.params` and of the command line's sweep overrides), in the trial's order; empty for a
+    of `hydra.sweeper.params` and of the command line's sweep overrides), sorted; empty for a
     single run. Read from the files Hydra writes (`.hydra/`, the sweep dir's `multirun.yaml`), so msrun workers
     name the run like their parent."""
     hydra_file = run_dir / ".hydra" / "hydra.yaml"
@@ -62,8 +62,8 @@ def swept_overrides(run_dir: Path) -> list[str]:
                 space[override.key_or_group] = override.get_value_string()
     trial = [o for o in parser.parse_overrides(hydra["overrides"]["task"]) if o.key_or_group in space]
     names = _short_keys([o.key_or_group for o in trial])
-    return [f"{names[o.key_or_group]}={_as_given(o.get_value_element_as_str(), space[o.key_or_group])}"
-            for o in trial]
+    return sorted(f"{names[o.key_or_group]}={_as_given(o.get_value_element_as_str(), space[o.key_or_group])}"
+                  for o in trial)
 
 
 def _unresolved(node: Any) -> Any:
