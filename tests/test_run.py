@@ -295,7 +295,7 @@ def test_cli_trains_digits_into_one_run_dir_and_a_tracking_server(tmp_path: Path
     with mlflow_server(tmp_path / "server") as server:
         url = server.url
         args = [f"data.source.root={digits}", "data.image_size=16", "+model.depth=3", "trainer.epochs=1",
-                f"tracking.uri={url}", "tracking.experiment_name=cli"]
+                f"tracking.uri={url}", "tracking.experiment_name=cli", "tags={owner:ci,ticket:8}"]
         proc = run_py(args, tmp_path)
         try:
             wait_until(lambda: any("compiling the train step" in log.read_text() for log in
@@ -315,7 +315,9 @@ def test_cli_trains_digits_into_one_run_dir_and_a_tracking_server(tmp_path: Path
         [top1] = client.get_metric_history(run_id, "val/top1_sum")
         assert top1.step == 1437 // 64  # digits: 1,437 train images, batches of 64
         artifacts = {a.path for a in client.list_artifacts(run_id)}
-        assert {"config.yaml", "overrides.txt", "train.log", "curves.png", "checkpoints"} <= artifacts
+        assert artifacts == {"config.yaml", "overrides.txt", "train.log", "curves.png"}
+        assert (run_.info.run_name, run_.data.tags["owner"], run_.data.tags["ticket"]) == (
+            "train-conformer_nano-digits", "ci", "8")  # tags= from the command line
         overrides = Path(client.download_artifacts(run_id, "overrides.txt", str(tmp_path))).read_text()
         assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [10, 20, 22]  # none lost
     final = re.search(r"done: val/top1_sum (\d+\.\d+) \(best (\d+\.\d+) at epoch 1\)", out)
