@@ -60,6 +60,8 @@ def swept_overrides(run_dir: Path) -> list[str]:
         for override in parser.parse_overrides(_unresolved(OmegaConf.load(multirun))["hydra"]["overrides"]["task"]):
             if override.is_sweep_override():
                 space[override.key_or_group] = override.get_value_string()
+            else:  # the command line fixed a key the sweeper's params sweep
+                space.pop(override.key_or_group, None)
     trial = [o for o in parser.parse_overrides(hydra["overrides"]["task"]) if o.key_or_group in space]
     names = _short_keys([o.key_or_group for o in trial])
     return sorted(f"{names[o.key_or_group]}={_as_given(o.get_value_element_as_str(), space[o.key_or_group])}"
