@@ -45,6 +45,7 @@ from conformer.tracking.store import (
     terminate,
     unreachable,
 )
+from conformer.tracking.system_metrics import start_system_metrics
 
 log = logging.getLogger(__name__)
 FALLBACK_TAG = "tracking.unavailable_store"  # the store a run fell back from (tracking.fallback_to_local)
@@ -402,38 +403,6 @@ def _interval(system_metrics: Any) -> float | None:
     if system_metrics is True:
         return SYSTEM_METRICS_INTERVAL_S
     return float(system_metrics) if system_metrics else None
-
-
-class _OutboxMetrics:
-    """Stands in for the monitor's own metric logger: its samples take the run's outbox like every metric."""
-
-    def __init__(self, tracker: Tracker) -> None:
-        self.tracker = tracker
-
-    def record_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        if self.tracker.active:
-            self.tracker.log_metrics(metrics, step=step)
-
-    def flush(self) -> None:
-        return None
-
-
-def start_system_metrics(tracker: Tracker, interval: float) -> Any:
-    """MLflow's system metrics (`system/cpu_utilization_percentage`, memory, disk, network; GPU memory where
-    pynvml finds one) sampled every `interval` s while the run lasts, logged through the run's outbox: a store
-    that goes down neither stops the sampling nor delays the end of the run."""
-    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-    class Monitor(SystemMetricsMonitor):
-        def monitor(self) -> None:  # MLflow's loop asks the store for the run's status at every sample
-            while not self._shutdown_event.wait(self.sampling_interval):
-                self.collect_metrics()
-                self.publish_metrics(self.aggregate_metrics())
-
-    monitor = Monitor(tracker.run_id, sampling_interval=interval, tracking_uri=tracker.uri)
-    monitor.mlflow_logger = _OutboxMetrics(tracker)
-    monitor.start()
-    return monitor
 
 
 def _status_for(exc_type: type[BaseException] | None, exc: BaseException | None) -> str:
