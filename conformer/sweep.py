@@ -22,6 +22,7 @@ from conformer.tracking import (
     flatten_config,
     resolve_tracking_uri,
     run_tags,
+    user_tags,
 )
 from conformer.tracking.store import client_for, search_all_runs
 
@@ -39,10 +40,10 @@ def fail_trial(cfg: DictConfig, run_dir: Path, error: BaseException) -> float:
     if tracking.enabled:
         runs = search_all_runs(client_for(tracking, root), "attributes.status != 'RUNNING'")
         if not any(run.data.tags.get("run_dir") == str(run_dir) for run in runs):
-            name = default_run_name(cfg.task.name, cfg.model.name, run_dir)
+            name = default_run_name(cfg, run_dir)
             tracker = create_tracker(tracking, root, default_run_name=name)
             tracker.start(tags=run_tags(model=cfg.model.name, data=cfg.data.name, task=cfg.task.name,
-                                        run_dir=run_dir, extra={"error": message}))
+                                        run_dir=run_dir, extra={"error": message, **user_tags(cfg.get("tags"))}))
             tracker.end("FAILED")
     return float("-inf") if cfg.trainer.monitor_mode == "max" else float("inf")
 

@@ -37,6 +37,7 @@ HEADS = ("conv", "trans", "sum")  # the two classifier heads and their sum (the 
 EPOCH_METRICS = ("val/loss", *(f"val/top{k}_{head}" for k in (1, 5) for head in HEADS), "train/epoch_loss", "epoch",
                  "epoch_time_s")
 MONITOR_MODES = ("max", "min")
+TAG_NAME = r"[\w./ -]+"  # what MLflow accepts as a tag key
 # Keys of a model config that are not constructor arguments of the network.
 MODEL_CONFIG_KEYS = ("_target_", "name", "pretrained", "pretrained_strict")
 
@@ -91,6 +92,7 @@ def validate_config(cfg: DictConfig) -> None:
     _check_model_and_data(cfg)
     _check_optim(cfg)
     _check_trainer(cfg)
+    _check_tracking(cfg)
     check_hardware(cfg.hardware)
     if task == "train":
         check_weights(cfg, "model.pretrained")
@@ -151,11 +153,34 @@ def _check_trainer(cfg: DictConfig) -> None:
         raise ConfigError(f"trainer.progress_bar={progress!r} must be auto, true or false")
     require_choice(_get(cfg, "trainer.monitor"), "trainer.monitor", EPOCH_METRICS)
     require_choice(_get(cfg, "trainer.monitor_mode"), "trainer.monitor_mode", MONITOR_MODES)
+    require_int(OmegaConf.select(cfg, "trainer.keep_top_k", default=1), "trainer.keep_top_k",
+                hint="1 keeps best.ckpt only")
     require_choice(_get(cfg, "hardware.amp_level"), "hardware.amp_level", AMP_LEVELS)
     warmup = _get(cfg, "optim.schedule.warmup_epochs")
     if warmup >= epochs > 1:
         raise ConfigError(f"optim.schedule.warmup_epochs={warmup} must be below trainer.epochs={epochs}: set "
                           f"optim.schedule.warmup_epochs={max(0, epochs - 1) if epochs <= 5 else 5} or train longer")
+
+
+def _check_tracking(cfg: DictConfig) -> None:
+    """`tags` (a list of names or a mapping) and `tracking.system_metrics` (a bool or seconds)."""
+    tags = OmegaConf.to_container(cfg.tags, resolve=True) if isinstance(cfg.get("tags"), (ListConfig, DictConfig)) \
+        else cfg.get("tags")
+    if tags and not isinstance(tags, (list, dict, str)):
+        raise ConfigError(f"tags={tags!r} must be a list (tags=[baseline,ablation]) or a mapping (tags={{owner:ana}})")
+    names = list(tags) if isinstance(tags, (list, dict)) else [tags] if tags else []
+    values = list(tags.values()) if isinstance(tags, dict) else []
+    for name in names:
+        if not isinstance(name, (str, int, float)) or not re.fullmatch(TAG_NAME, str(name)) or \
+                str(name).startswith("mlflow."):
+            raise ConfigError(f"tags: {name!r} is not a tag name: letters, digits, '_', '-', '.', '/' and spaces, "
+                              "not starting with 'mlflow.'")
+    if any(isinstance(value, (list, dict)) for value in values):
+        raise ConfigError(f"tags={tags!r}: tag values must be single values, not lists or mappings")
+    system_metrics = OmegaConf.select(cfg, "tracking.system_metrics", default=False)
+    if not isinstance(system_metrics, bool):
+        require_number(system_metrics, "tracking.system_metrics", strict=True,
+                       hint="true, false or a sampling interval in seconds")
 
 
 # ---------------------------------------------------------------------------------------------------- weights

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import mindspore as ms
 import numpy as np
@@ -142,6 +143,33 @@ def test_best_only_on_improvement(tmp_path, mode, values, best_epochs):
         assert best["epoch"] == best_epoch == manager.best_epoch
         assert best["best_metric"] == values[best_epoch - 1] == manager.best_metric
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.ckpt", "last.ckpt"]
+
+
+@pytest.mark.parametrize(("mode", "values", "kept"), [
+    ("max", [0.5, 0.4, 0.7, 0.7, float("nan"), 0.9, 0.6, 0.8], {6: 0.9, 8: 0.8}),
+    ("min", [2.0, 2.5, 1.0, 1.0, float("nan"), 0.5, 1.5, 0.8], {6: 0.5, 8: 0.8}),
+])
+def test_keep_top_k_keeps_the_k_best_epochs(tmp_path, mode, values, kept):
+    """timm's CheckpointSaver: the 2 best epochs as ranked files, the best a hard link of best.ckpt; a manager
+    continuing in the same dir picks them up."""
+    net = TinyNet()
+    manager = CheckpointManager(tmp_path, monitor="val/loss", mode=mode, keep_top_k=2)
+    for epoch, value in enumerate(values[:7], start=1):
+        manager.save(net, epoch=epoch, step=epoch, metrics={"val/loss": value})
+    assert [(epoch, value) for value, epoch, _ in manager.ranked] == [(6, values[5]), (3, values[2])]
+    assert os.path.samefile(manager.ranked[0][2], tmp_path / "best.ckpt")  # stored once on disk
+
+    resumed = CheckpointManager(tmp_path, monitor="val/loss", mode=mode, keep_top_k=2)
+    assert resumed.ranked == manager.ranked
+    resumed.load(resumed.last_path, TinyNet())
+    paths = resumed.save(net, epoch=8, step=8, metrics={"val/loss": values[7]})
+    assert "best" not in paths and paths["ranked"] == resumed.ranked_path(8, values[7])
+    ranked = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("epoch"))
+    assert ranked == [f"epoch{epoch:03d}-val_loss-{value:.4f}.ckpt" for epoch, value in sorted(kept.items())]
+    for name in ranked:
+        _, meta = read_checkpoint(tmp_path / name)
+        assert meta["metrics"]["val/loss"] == kept[meta["epoch"]]
+    assert len(list(tmp_path.iterdir())) == 4  # + best.ckpt, last.ckpt; no temp files
 
 
 def test_missing_monitor_is_a_clear_error(tmp_path):

@@ -76,7 +76,7 @@ def test_a_run_killed_with_sigkill_resumes_to_bit_identical_weights(tmp_path: Pa
     client = MlflowClient(store_uri(killed))
     (run,) = client.search_runs([client.get_experiment_by_name("conformer").experiment_id])
     assert run.info.status == "FINISHED" and run.data.tags["resumed"] == "true"
-    assert run.data.params["trainer.resume"] == "None" and run.data.tags["run_dir"] == str(second)
+    assert "trainer.resume" not in run.data.params and run.data.tags["run_dir"] == str(second)
     epochs = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "epoch")]
     assert epochs[-1] == (3 * STEPS_PER_EPOCH, 3.0) and [s for s, _ in epochs] == sorted({s for s, _ in epochs})
     # per-epoch lr (warmup 1 epoch, base 1e-3, warmup 1e-6, min 1e-5): epochs 1 and 2 train at the warmup start,
@@ -84,5 +84,4 @@ def test_a_run_killed_with_sigkill_resumes_to_bit_identical_weights(tmp_path: Pa
     lrs = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train/lr")}
     assert sorted(lrs) == list(range(1, 3 * STEPS_PER_EPOCH + 1))
     assert [lrs[step] for step in sorted(lrs)] == pytest.approx([1e-6] * 12 + [1e-5 + 0.99e-3 * 0.75] * 6)
-    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
-    assert artifacts == {"checkpoints/best.ckpt", "checkpoints/last.ckpt"}
+    assert client.list_artifacts(run.info.run_id, "checkpoints") == []  # stored once: in the run dirs

@@ -1,7 +1,9 @@
 """Real trainings end to end: `conformer.app.run` and `python run.py`, recorded in real MLflow stores."""
 from __future__ import annotations
 
+import json
 import math
+import os
 import re
 import shutil
 import signal
@@ -19,8 +21,9 @@ from omegaconf import DictConfig, OmegaConf
 from conformer import weights
 from conformer.models import create_model
 from conformer.signals import check_interrupted, interruptible
-from conformer.tracking import flatten_config
-from conformer.train.checkpoint import load_weights, read_checkpoint, save_checkpoint
+from conformer.tracking import comparable_params
+from conformer.tracking.store import EXPERIMENT_KIND_TAG
+from conformer.train.checkpoint import load_weights, read_checkpoint, read_checkpoint_meta, save_checkpoint
 from conformer.validation import ConfigError, validate_config
 
 from .helpers import (
@@ -61,28 +64,49 @@ def _only_run(client: MlflowClient, experiment: str = "conformer") -> Run:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Trained:
     root = tmp_path_factory.mktemp("trained")
-    cfg, run_dir, objective = train_in_process(root, tiny_folder(tmp_path_factory.getbasetemp()), "trainer.epochs=2")
+    cfg, run_dir, objective = train_in_process(root, tiny_folder(tmp_path_factory.getbasetemp()), "trainer.epochs=2",
+                                               "trainer.keep_top_k=2", "tags=[smoke,nano]",
+                                               "tracking.system_metrics=0.5")
     client = MlflowClient(store_uri(root))
     return Trained(cfg, run_dir, objective, client, _only_run(client))
 
 
-def test_run_is_finished_with_the_config_as_params_and_tags(trained: Trained) -> None:
+def test_run_is_finished_with_the_comparable_config_as_params_and_tags(trained: Trained) -> None:
     run_ = trained.run
     assert run_.info.status == "FINISHED"
-    # the composed config, plus the whole architecture of the variant (its defaults are not in the config)
-    assert flatten_config(trained.cfg).items() <= run_.data.params.items()
-    architecture = {k: v for k, v in run_.data.params.items() if k not in flatten_config(trained.cfg)}
+    assert run_.info.run_name == "train-conformer_nano-folder"
+    params = run_.data.params
+    # what runs are compared by, plus the whole architecture of the variant (its defaults are not in the config)
+    assert comparable_params(trained.cfg, 1).items() <= params.items()
+    architecture = {k: v for k, v in params.items() if k not in comparable_params(trained.cfg, 1)}
     assert architecture == {"model.patch_size": "16", "model.in_chans": "3", "model.base_channel": "64",
                             "model.channel_ratio": "1", "model.num_med_block": "0", "model.embed_dim": "96",
                             "model.num_heads": "4", "model.mlp_ratio": "4.0", "model.qkv_bias": "True",
                             "model.qk_scale": "None", "model.drop_rate": "0.0", "model.attn_drop_rate": "0.0"}
-    assert run_.data.params["optim.optimizer.weight_decay"] == "0.05"
-    assert (run_.data.params["model.embed_dim"], run_.data.params["model.depth"]) == ("96", "3")
-    assert run_.data.params["data.source.root"] == str(trained.cfg.data.source.root)
+    assert params["optim.optimizer.weight_decay"] == "0.05" and params["trainer.keep_top_k"] == "2"
+    assert (params["model.embed_dim"], params["model.depth"]) == ("96", "3")
+    assert (params["hardware.name"], params["hardware.world_size"], params["seed"]) == ("cpu", "1", "42")
+    # no plumbing: no _target_/_partial_, paths, msrun, tracking or other hardware keys
+    assert not [k for k in params if "_target_" in k or "_partial_" in k or k.startswith(("paths.", "tracking.",
+                                                                                          "hardware.msrun"))]
+    assert {k for k in params if k.startswith("hardware.")} == {"hardware.name", "hardware.world_size"}
+    assert str(trained.cfg.data.source.root) not in params.values() and len(params) < 107 - 25
     tags = run_.data.tags
-    assert {k: tags[k] for k in ("model", "data", "hardware", "task", "run_dir", "world_size")} == {
+    assert {k: tags[k] for k in ("model", "data", "hardware", "task", "run_dir", "world_size", "smoke", "nano")} == {
         "model": "conformer_nano", "data": "folder", "hardware": "cpu", "task": "train",
-        "run_dir": str(trained.run_dir), "world_size": "1"}
+        "run_dir": str(trained.run_dir), "world_size": "1", "smoke": "true", "nano": "true"}
+    # a model-training experiment: MLflow 3's UI files its runs in the runs table, not under GenAI evaluations
+    experiment = trained.client.get_experiment(run_.info.experiment_id)
+    assert experiment.tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
+    # the data as dataset inputs (the runs table's Dataset column): one per split, with its image count
+    inputs = {i.tags[0].value: i.dataset for i in run_.inputs.dataset_inputs}
+    assert set(inputs) == {"train", "validation"}
+    for context, images in (("train", 96), ("validation", 24)):
+        dataset = inputs[context]
+        assert (dataset.name, json.loads(dataset.source)) == ("folder", {"uri": str(trained.cfg.data.source.root)})
+        assert json.loads(dataset.profile) == {"split": context, "num_images": images, "num_classes": 3,
+                                               "image_size": 16}
+        assert "mlflow_tensorspec" in json.loads(dataset.schema)
 
 
 def test_metric_histories_follow_the_global_step(trained: Trained) -> None:
@@ -97,22 +121,27 @@ def test_metric_histories_follow_the_global_step(trained: Trained) -> None:
     for head in ("conv", "trans"):
         assert len(trained.history(f"val/top1_{head}")) == 2
     assert trained.objective == max(v for _, v in top1)
+    # the best value so far and its epoch, logged whenever a new best comes
+    best = trained.history("best/val/top1_sum")
+    assert best[-1][1] == trained.objective and [v for _, v in best] == sorted(v for _, v in best)
+    best_epoch = trained.history("best/epoch")[-1][1]
+    assert dict(top1)[best_epoch * STEPS_PER_EPOCH] == trained.objective
+    # MLflow's system metrics, sampled every 0.5 s (tracking.system_metrics) through the run's outbox
+    logged = trained.client.get_run(trained.run.info.run_id).data.metrics
+    assert 0 < logged["system/cpu_utilization_percentage"] <= 100 * os.cpu_count()
+    assert logged["system/system_memory_usage_megabytes"] > 0
 
 
-def test_artifacts_are_the_config_log_curves_and_checkpoints(trained: Trained, tmp_path: Path) -> None:
+def test_artifacts_are_the_config_log_and_curves_not_the_checkpoints(trained: Trained, tmp_path: Path) -> None:
     client, run_id = trained.client, trained.run.info.run_id
-    listed = {a.path for a in client.list_artifacts(run_id)} | {
-        a.path for a in client.list_artifacts(run_id, "checkpoints")}
-    assert listed >= {"config.yaml", "overrides.txt", "train.log", "curves.png", "checkpoints",
-                      "checkpoints/best.ckpt", "checkpoints/last.ckpt"}
+    listed = {a.path for a in client.list_artifacts(run_id)}
+    assert listed == {"config.yaml", "overrides.txt", "train.log", "curves.png"}  # checkpoints: in the run dir
     local = Path(client.download_artifacts(run_id, "", str(tmp_path)))
     assert OmegaConf.load(local / "config.yaml") == OmegaConf.to_container(trained.cfg, resolve=True)
     assert (local / "overrides.txt").read_text() == "\n"  # composed in-process: no command line
     log_text = (local / "train.log").read_text()
     assert f"MLflow run {run_id}" in log_text and "epoch 2/2" in log_text and "done: val/top1_sum" in log_text
     assert (local / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    for name in ("best.ckpt", "last.ckpt"):
-        assert (local / "checkpoints" / name).read_bytes() == (trained.run_dir / "checkpoints" / name).read_bytes()
 
 
 def test_checkpoints_hold_the_training_state(trained: Trained) -> None:
@@ -130,6 +159,15 @@ def test_checkpoints_hold_the_training_state(trained: Trained) -> None:
     _, best = read_checkpoint(trained.run_dir / "checkpoints" / "best.ckpt")
     assert best["epoch"] == extra["best_epoch"]
     assert best["metrics"]["val/top1_sum"] == trained.objective
+    assert best["params"] == trained.run.data.params  # what eval/export runs of these weights record
+    # trainer.keep_top_k=2: the two best epochs (of two), each named after and holding its own metric
+    ranked = sorted(p for p in (trained.run_dir / "checkpoints").iterdir() if p.name.startswith("epoch"))
+    assert [p.name[:8] for p in ranked] == ["epoch001", "epoch002"]
+    for path in ranked:
+        meta = read_checkpoint_meta(path)
+        value = top1[meta["epoch"] * STEPS_PER_EPOCH]
+        assert meta["metrics"]["val/top1_sum"] == pytest.approx(value)
+        assert path.name == f"epoch{meta['epoch']:03d}-val_top1_sum-{value:.4f}.ckpt"
 
 
 def test_an_mlflow_run_id_names_its_checkpoints(trained: Trained, tmp_path_factory) -> None:
@@ -137,12 +175,12 @@ def test_an_mlflow_run_id_names_its_checkpoints(trained: Trained, tmp_path_facto
     checkpoints = trained.run_dir / "checkpoints"
     assert weights.resolve(f"mlflow:{run_id}", tracking, root) == checkpoints / "best.ckpt"
     assert weights.resolve(f"mlflow:{run_id}", tracking, root, "last.ckpt") == checkpoints / "last.ckpt"
-    hidden = checkpoints.with_name("moved-away")  # a run dir that is gone: the artifacts serve
+    hidden = checkpoints.with_name("moved-away")  # a run dir that is gone, checkpoints not uploaded: a clear error
     checkpoints.rename(hidden)
     try:
-        downloaded = weights.resolve(f"mlflow:{run_id}", tracking, root)
-        assert downloaded.read_bytes() == (hidden / "best.ckpt").read_bytes()
-        assert downloaded.is_relative_to(root / ".cache" / "mlflow" / run_id)
+        with pytest.raises(LookupError, match=f"no checkpoints/best.ckpt: not in its run dir {checkpoints} .* nor "
+                                              r"among its artifacts \(logged only with tracking.log_checkpoints"):
+            weights.resolve(f"mlflow:{run_id}", tracking, root)
     finally:
         hidden.rename(checkpoints)
 
@@ -154,6 +192,13 @@ def test_an_mlflow_run_id_names_its_checkpoints(trained: Trained, tmp_path_facto
     eval_run = next(r for r in trained.client.search_runs([trained.run.info.experiment_id])
                     if r.data.tags.get("task") == "eval")
     assert eval_run.data.tags["weights"] == str(checkpoints / "best.ckpt") and eval_run.info.status == "FINISHED"
+    # linked to its training run, with the config the weights were trained with (not this eval's defaults)
+    assert eval_run.data.tags["trained_by_run_id"] == run_id
+    assert eval_run.info.run_name == "eval-conformer_nano-folder"
+    assert eval_run.data.params == {**trained.run.data.params, "task.checkpoint": f"mlflow:{run_id}",
+                                    "task.ema": "False"}
+    [dataset] = eval_run.inputs.dataset_inputs
+    assert (dataset.tags[0].value, json.loads(dataset.dataset.profile)["num_images"]) == ("validation", 24)
     for spec, message in ((f"mlflow:{'0' * 32}", f"no MLflow run {'0' * 32}"), ("mlflow:", "give the run id")):
         with pytest.raises(ConfigError, match=message):
             validate_config(compose_config(tiny_overrides(root, data_root, f"tracking.uri={store_uri(root)}",
@@ -250,7 +295,7 @@ def test_cli_trains_digits_into_one_run_dir_and_a_tracking_server(tmp_path: Path
     with mlflow_server(tmp_path / "server") as server:
         url = server.url
         args = [f"data.source.root={digits}", "data.image_size=16", "+model.depth=3", "trainer.epochs=1",
-                f"tracking.uri={url}", "tracking.experiment_name=cli"]
+                f"tracking.uri={url}", "tracking.experiment_name=cli", "tags={owner:ci,ticket:8}"]
         proc = run_py(args, tmp_path)
         try:
             wait_until(lambda: any("compiling the train step" in log.read_text() for log in
@@ -270,7 +315,9 @@ def test_cli_trains_digits_into_one_run_dir_and_a_tracking_server(tmp_path: Path
         [top1] = client.get_metric_history(run_id, "val/top1_sum")
         assert top1.step == 1437 // 64  # digits: 1,437 train images, batches of 64
         artifacts = {a.path for a in client.list_artifacts(run_id)}
-        assert {"config.yaml", "overrides.txt", "train.log", "curves.png", "checkpoints"} <= artifacts
+        assert artifacts == {"config.yaml", "overrides.txt", "train.log", "curves.png"}
+        assert (run_.info.run_name, run_.data.tags["owner"], run_.data.tags["ticket"]) == (
+            "train-conformer_nano-digits", "ci", "8")  # tags= from the command line
         overrides = Path(client.download_artifacts(run_id, "overrides.txt", str(tmp_path))).read_text()
         assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [10, 20, 22]  # none lost
     final = re.search(r"done: val/top1_sum (\d+\.\d+) \(best (\d+\.\d+) at epoch 1\)", out)

@@ -28,13 +28,14 @@ def test_grid_sweep_nests_trials_under_one_parent_run_and_survives_a_failed_tria
     assert len(parents) == 1 and parents[0].info.status == "FAILED"  # one trial failed
     assert (parents[0].data.tags["sweep.trials"], parents[0].data.tags["sweep.failed"]) == ("3", "1")
     children = {r.info.run_name: r for r in runs if r.data.tags.get(MLFLOW_PARENT_RUN_ID) == parents[0].info.run_id}
-    assert sorted(children) == ["train-conformer_nano-0", "train-conformer_nano-1", "train-conformer_nano-2"]
-    trained = [children["train-conformer_nano-0"], children["train-conformer_nano-1"]]
+    # named after the swept overrides as given (weight_decay: fixed by the command line, not swept)
+    assert sorted(children) == ["base_lr=-1.0", "base_lr=1e-3", "base_lr=2e-3"]
+    trained = [children["base_lr=1e-3"], children["base_lr=2e-3"]]
     assert all(r.info.status == "FINISHED" for r in trained)
     assert sorted(float(r.data.params["optim.schedule.base_lr"]) for r in trained) == [1e-3, 2e-3]
     assert {r.data.params["optim.optimizer.weight_decay"] for r in trained} == {"0.05"}
     assert all("val/top1_sum" in r.data.metrics for r in trained)
-    failed = children["train-conformer_nano-2"]
+    failed = children["base_lr=-1.0"]
     assert failed.info.status == "FAILED" and failed.data.tags["error"] == f"ConfigError: {BAD_LR}"
     # One run dir per trial under a single sweep dir, each training with its own checkpoints.
     trial_dirs = sorted((tmp_path / "outputs" / "multirun").glob("*/*/[0-9]"))

@@ -27,14 +27,16 @@ from conformer.tracking import (
     Tracker,
     create_tracker,
     default_artifact_root,
+    default_run_name,
     default_tracking_uri,
     flatten_config,
     resolve_tracking_uri,
     run_tags,
 )
+from conformer.tracking.store import EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND
 from conformer.train.curves import plot_curves
 
-from .helpers import mlflow_server
+from .helpers import compose_config, mlflow_server, run_py_to_end
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -428,8 +430,8 @@ def test_tracking_config_group(tmp_path):
         on = compose(config_name="config").tracking
         off = compose(config_name="config", overrides=["tracking=disabled"]).tracking
     assert OmegaConf.to_container(on) == {"enabled": True, "uri": None, "experiment_name": "conformer",
-                                          "run_name": None, "parent_run_id": None, "log_checkpoints": True,
-                                          "fallback_to_local": False}
+                                          "run_name": None, "parent_run_id": None, "log_checkpoints": False,
+                                          "system_metrics": False, "fallback_to_local": False}
     assert OmegaConf.to_container(off) == {**OmegaConf.to_container(on), "enabled": False}
 
 
@@ -451,3 +453,37 @@ def test_logging_to_a_real_tracking_server(tmp_path):
         assert [a.path for a in client.list_artifacts(run_id)] == ["summary.json"]
         downloaded = Path(client.download_artifacts(run_id, "summary.json", str(tmp_path)))
         assert json.loads(downloaded.read_text()) == {"top1": 0.5}
+
+
+def test_sweep_trials_are_named_after_their_swept_overrides(tmp_path):
+    """A real `python run.py -m` (dry runs: no training): each trial's run name is its swept overrides as the sweep
+    spelt them (sweeper params and command-line sweeps), not the fixed ones; a single run is task-model-data."""
+    (tmp_path / "conf" / "grid").mkdir(parents=True)
+    (tmp_path / "conf" / "grid" / "wd.yaml").write_text(
+        "# @package _global_\nhydra:\n  sweeper:\n    params:\n      optim.optimizer.weight_decay: 5e-2,0.1\n")
+    sweep_dir = tmp_path / "sweep"
+    result = run_py_to_end(["-m", f"--config-dir={tmp_path / 'conf'}", "+grid=wd", "hardware.dry_run=true",
+                            "tracking=disabled", "optim.schedule.base_lr=2e-3,5e-4", "model.drop_path_rate=0.1",
+                            f"hydra.sweep.dir={sweep_dir}"], tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    cfg = compose_config()
+    names = [default_run_name(cfg, sweep_dir / str(job)) for job in range(4)]
+    assert sorted(names) == ["base_lr=2e-3,weight_decay=0.1", "base_lr=2e-3,weight_decay=5e-2",
+                             "base_lr=5e-4,weight_decay=0.1", "base_lr=5e-4,weight_decay=5e-2"]
+    assert default_run_name(cfg, tmp_path) == "train-conformer_nano-digits"
+    assert default_run_name(compose_config(["task=eval", "data=imagenet"]), tmp_path) == "eval-conformer_nano-imagenet"
+    assert default_run_name(compose_config(["tracking.run_name=mine"]), sweep_dir / "0") == "mine"
+
+
+def test_an_existing_experiment_becomes_a_model_training_experiment(store):
+    """MLflow 3's UI opens a GenAI experiment on traces: ours are marked model training, also one made elsewhere."""
+    root, uri = store
+    client = MlflowClient(uri)
+    made_elsewhere = client.create_experiment("made-elsewhere")
+    with Tracker(uri, "made-elsewhere") as tracker:
+        tracker.start()
+    assert client.get_experiment(made_elsewhere).tags[EXPERIMENT_KIND_TAG] == MODEL_TRAINING_KIND
+    client.set_experiment_tag(made_elsewhere, EXPERIMENT_KIND_TAG, "genai_development")  # a choice made in the UI
+    with Tracker(uri, "made-elsewhere") as tracker:
+        tracker.start()
+    assert client.get_experiment(made_elsewhere).tags[EXPERIMENT_KIND_TAG] == "genai_development"

@@ -17,8 +17,19 @@ from omegaconf import DictConfig, OmegaConf
 from conformer import weights
 from conformer.hardware import ProcessGroup
 from conformer.paths import git_commit
-from conformer.tracking import NullTracker, Tracker, create_tracker, default_run_name, flatten_config, run_tags
-from conformer.validation import model_config_arguments
+from conformer.tracking import (
+    NullTracker,
+    Tracker,
+    comparable_params,
+    create_tracker,
+    default_run_name,
+    flatten_config,
+    image_dataset,
+    run_tags,
+    user_tags,
+)
+from conformer.train.checkpoint import read_checkpoint_meta
+from conformer.validation import CHECKPOINT_SUFFIXES, MLFLOW_PREFIX, model_config_arguments
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +80,9 @@ def trained_network(ctx: RunContext, num_classes: int | None = None) -> tuple[nn
 
 
 def task_tracker(ctx: RunContext) -> Tracker | NullTracker:
-    """The task's MLflow tracker (a no-op off rank 0), its run named by `default_run_name` unless
-    `tracking.run_name` says otherwise."""
-    name = default_run_name(ctx.cfg.task.name, ctx.cfg.model.name, ctx.run_dir)
+    """The task's MLflow tracker (a no-op off rank 0), its run named by `default_run_name` (`tracking.run_name`,
+    a sweep trial's overrides, or task-model-data)."""
+    name = default_run_name(ctx.cfg, ctx.run_dir)
     return create_tracker(ctx.cfg.tracking, ctx.project_root, is_main=ctx.group.is_main, default_run_name=name)
 
 
@@ -85,21 +96,54 @@ def run_overrides(run_dir: Path) -> list[str]:
     return list(OmegaConf.load(path)) if path.is_file() else []
 
 
-def run_params(cfg: DictConfig) -> dict[str, str]:
-    """The flattened config plus every constructor argument of the network (the variant's defaults included)."""
+def run_params(cfg: DictConfig, world_size: int = 1) -> dict[str, str]:
+    """What runs are compared by (`comparable_params`) plus every constructor argument of the network (the
+    variant's defaults included)."""
     architecture = {f"model.{key}": value for key, value in model_config_arguments(cfg.model).items()}
-    return {**flatten_config(architecture), **flatten_config(cfg)}
+    return {**flatten_config(architecture), **comparable_params(cfg, world_size)}
+
+
+TRAINED_BY_TAG = "trained_by_run_id"  # on eval/export/predict runs: the training run of their weights
+
+
+def weights_origin(spec: str, path: Path) -> tuple[str | None, dict[str, str] | None]:
+    """(the training run that wrote the weights, the params it logged) from the checkpoint's meta (or an
+    `mlflow:<run_id>` spec); None for what they do not say (official weights, checkpoints of older versions)."""
+    meta = read_checkpoint_meta(path) if path.suffix in CHECKPOINT_SUFFIXES else {}
+    run_id = meta.get("mlflow_run_id")
+    if not run_id and str(spec).startswith(MLFLOW_PREFIX):
+        run_id = str(spec)[len(MLFLOW_PREFIX):]
+    return run_id or None, meta.get("params")
 
 
 def open_run(tracker: Tracker | NullTracker, ctx: RunContext, extra_tags: Mapping[str, Any] | None = None,
-             resume_run_id: str | None = None) -> None:
-    """Start the task's MLflow run (or continue `resume_run_id`): config and architecture as params, the standard
-    tags, the config as artifacts."""
+             resume_run_id: str | None = None, weights: Path | None = None) -> None:
+    """Start the task's MLflow run (or continue `resume_run_id`): the comparable config and architecture as
+    params, the standard and the user's tags (`tags=`), the config as artifacts.
+
+    A run on trained `weights` (`task.checkpoint`) is tagged with them and with the training run that wrote them
+    (`trained_by_run_id`), and records that training's params (this config's when the checkpoint has none).
+    """
     cfg = ctx.cfg
     overrides = run_overrides(ctx.run_dir)
-    tracker.start(resume_run_id=resume_run_id, params=run_params(cfg), tags=run_tags(
+    params, tags = run_params(cfg, ctx.group.world_size), dict(extra_tags or {})
+    if weights is not None:
+        trained_by, trained_params = weights_origin(cfg.task.checkpoint, weights)
+        tags.update({"weights": weights, **({TRAINED_BY_TAG: trained_by} if trained_by else {})})
+        if trained_params:
+            task = {key: value for key, value in flatten_config({"task": cfg.task}).items() if key != "task.name"}
+            params = {**trained_params, **task}
+    tracker.start(resume_run_id=resume_run_id, params=params, tags=run_tags(
         model=cfg.model.name, data=cfg.data.name, hardware=cfg.hardware.name, task=cfg.task.name,
         overrides=overrides, git_commit=git_commit(ctx.project_root), run_dir=ctx.run_dir,
-        world_size=ctx.group.world_size, extra=extra_tags))
+        world_size=ctx.group.world_size, extra={**user_tags(cfg.get("tags")), **tags}))
     tracker.log_text(resolved_yaml(cfg), "config.yaml")
     tracker.log_text("\n".join(overrides) + "\n", "overrides.txt")
+
+
+def log_datasets(tracker: Tracker | NullTracker, cfg: DictConfig, data: Any, splits: Mapping[str, int]) -> None:
+    """Record the data as the run's dataset inputs, one per split (context -> number of images)."""
+    root = OmegaConf.select(cfg, "data.source.root", default=None) or f"{cfg.data.name} (generated)"
+    for context, images in splits.items():
+        tracker.log_inputs([image_dataset(cfg.data.name, root, context, images, data.num_classes, data.image_size)],
+                           context)

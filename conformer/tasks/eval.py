@@ -8,7 +8,7 @@ from pathlib import Path
 
 from hydra.utils import instantiate
 
-from conformer.tasks.common import RunContext, build_data, open_run, task_tracker, trained_network
+from conformer.tasks.common import RunContext, build_data, log_datasets, open_run, task_tracker, trained_network
 from conformer.train.trainer import EvalStep, evaluate_batches
 from conformer.validation import HEADS
 
@@ -34,7 +34,8 @@ def evaluate(ctx: RunContext) -> float:
 
     tracker = task_tracker(ctx)
     with tracker:
-        open_run(tracker, ctx, extra_tags={"weights": weights, "ema": ema})
+        open_run(tracker, ctx, weights=weights, extra_tags={"ema": ema})
+        log_datasets(tracker, cfg, data, {"validation": data.val_size})
         start = time.perf_counter()
         batches = data.val_loader(group.rank, group.world_size).create_tuple_iterator(num_epochs=1)
         metrics = evaluate_batches(evaluator, batches, group)

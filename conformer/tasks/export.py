@@ -99,7 +99,7 @@ def export(ctx: RunContext) -> None:
 
     tracker = task_tracker(ctx)
     with tracker:
-        open_run(tracker, ctx, extra_tags={"weights": weights, "format": fmt, "output": output})
+        open_run(tracker, ctx, weights=weights, extra_tags={"format": fmt, "output": output})
         # file_name keeps its suffix: MindSpore adds one only when it is missing
         ms.export(ExportNetwork(network, output), Tensor(np.zeros(shape, np.float32)), file_name=str(path),
                   file_format=fmt)

@@ -98,8 +98,7 @@ def predict(ctx: RunContext) -> None:
     path = ctx.run_dir / PREDICTIONS_FILE
     tracker = task_tracker(ctx)
     with tracker:
-        open_run(tracker, ctx, extra_tags={"weights": weights, "images": len(readable),
-                                           "skipped_images": len(problems)})
+        open_run(tracker, ctx, weights=weights, extra_tags={"images": len(readable), "skipped_images": len(problems)})
         with path.open("w", newline="") as handle:
             write_predictions(handle, paths, problems, (row for batch in batches for row in batch), labels,
                               min(cfg.task.topk, num_classes))

@@ -12,7 +12,16 @@ from omegaconf import DictConfig, OmegaConf
 from conformer import weights
 from conformer.hardware import replicas_in_sync
 from conformer.logs import log_path
-from conformer.tasks.common import RunContext, build_data, build_network, open_run, resolve_weights, task_tracker
+from conformer.tasks.common import (
+    RunContext,
+    build_data,
+    build_network,
+    log_datasets,
+    open_run,
+    resolve_weights,
+    run_params,
+    task_tracker,
+)
 from conformer.train.checkpoint import read_checkpoint_meta
 from conformer.train.curves import plot_curves
 from conformer.train.step import apply_amp
@@ -39,7 +48,7 @@ def train(ctx: RunContext) -> float:
         optimizer=instantiate(cfg.optim.optimizer), schedule=instantiate(cfg.optim.schedule,
                                                                          warmup_epochs=_warmup_epochs(cfg)),
         data=data, group=group, run_dir=ctx.run_dir, tracker=tracker, resume=resume,
-        checkpoint_meta={"config_fingerprint": fingerprint})
+        checkpoint_meta={"config_fingerprint": fingerprint, "params": run_params(cfg, group.world_size)})
 
     log.info("%s | %s | %d params | %d train / %d val images | %d steps/epoch | global batch %d | base lr %.3g",
              cfg.model.name, data, sum(p.size for p in network.trainable_params()), data.train_size,
@@ -47,6 +56,7 @@ def train(ctx: RunContext) -> float:
     monitor, checkpoints = cfg.trainer.monitor, trainer.checkpoints
     with tracker:
         open_run(tracker, ctx, resume_run_id=trainer.state.mlflow_run_id)
+        log_datasets(tracker, cfg, data, {"train": data.train_size, "validation": data.val_size})
         try:
             state = trainer.fit()
             replicas_in_sync(network.trainable_params(), group)  # data-parallel ranks must agree (logged)

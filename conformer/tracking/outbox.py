@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH
 
 from conformer.tracking.store import REQUEST_TIMEOUT_S, TrackingUnavailable, short_requests
@@ -106,7 +107,20 @@ class Terminate:
         client.set_terminated(run_id, self.status, end_time=self.end_time)
 
 
-Call = Batch | Upload | Text | Terminate
+@dataclass(frozen=True)
+class Inputs:
+    """Datasets (`mlflow.entities.Dataset`) the run used, in one context ("train", "validation")."""
+
+    datasets: tuple
+    context: str
+    timeout = REQUEST_TIMEOUT_S
+
+    def send(self, client: MlflowClient, run_id: str) -> None:
+        tags = [InputTag(MLFLOW_DATASET_CONTEXT, self.context)]
+        client.log_inputs(run_id, [DatasetInput(dataset, tags) for dataset in self.datasets])
+
+
+Call = Batch | Upload | Text | Inputs | Terminate
 
 
 def _metrics_only(call: Call) -> bool:

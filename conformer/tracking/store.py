@@ -58,6 +58,9 @@ def short_requests(timeout: int | None, retries: int = 0) -> Iterator[None]:
 
 
 TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
+# What the MLflow 3 UI reads to file an experiment's runs (set by its "experiment type" selector): a model-training
+# experiment opens on its runs table, not under "Evaluation runs" of the GenAI view.
+EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
 HOST_TAG, PID_TAG = "host", "pid"  # where a run's process lives: stale RUNNING runs are found by them
 PROBE_TIMEOUT_S = 5.0
 
@@ -121,12 +124,14 @@ def _experiment_location(artifact_root: str | Path, experiment_name: str) -> str
 
 
 def experiment_id(client: MlflowClient, name: str, artifact_root: str | Path | None) -> str:
-    """Id of the active experiment `name`, created (artifacts under `artifact_root`) if it does not exist."""
+    """Id of the active experiment `name`, created (artifacts under `artifact_root`) if it does not exist, and
+    marked as a model-training experiment (`EXPERIMENT_KIND_TAG`) unless it says what it is."""
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         location = _experiment_location(artifact_root, name) if artifact_root else None
         try:
-            return client.create_experiment(name, artifact_location=location)
+            return client.create_experiment(name, artifact_location=location,
+                                            tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND})
         except MlflowException:  # another process created it in the meantime
             experiment = client.get_experiment_by_name(name)
             if experiment is None:
@@ -137,6 +142,8 @@ def experiment_id(client: MlflowClient, name: str, artifact_root: str | Path | N
             f"(`mlflow experiments restore --experiment-id {experiment.experiment_id}`) or set "
             "tracking.experiment_name to another name."
         )
+    if EXPERIMENT_KIND_TAG not in experiment.tags:
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
     return experiment.experiment_id
 
 
@@ -222,5 +229,6 @@ def run_checkpoint(tracking_cfg: Mapping[str, Any], project_root: Path, run_id: 
     try:
         return Path(client.download_artifacts(run_id, f"checkpoints/{name}", str(target)))
     except (MlflowException, OSError) as err:
-        raise LookupError(f"MLflow run {run_id} has no checkpoints/{name}: not in its run dir {local.parent} nor "
-                          "among its artifacts") from err
+        raise LookupError(f"MLflow run {run_id} has no checkpoints/{name}: not in its run dir {local.parent} (moved "
+                          "or deleted?) nor among its artifacts (logged only with tracking.log_checkpoints=true); "
+                          "give the checkpoint's path instead") from err

@@ -30,7 +30,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
 from conformer.signals import on_forced_exit
-from conformer.tracking.outbox import Batch, Call, Outbox, Terminate, Text, Upload, store_calls, transient
+from conformer.tracking.outbox import Batch, Call, Inputs, Outbox, Terminate, Text, Upload, store_calls, transient
 from conformer.tracking.store import (
     HOST_TAG,
     PID_TAG,
@@ -45,9 +45,11 @@ from conformer.tracking.store import (
     terminate,
     unreachable,
 )
+from conformer.tracking.system_metrics import start_system_metrics
 
 log = logging.getLogger(__name__)
 FALLBACK_TAG = "tracking.unavailable_store"  # the store a run fell back from (tracking.fallback_to_local)
+SYSTEM_METRICS_INTERVAL_S = 10.0
 
 
 # ---------------------------------------------------------------------------------------------------- values
@@ -125,11 +127,6 @@ def run_tags(*, model: str | None = None, data: str | None = None, hardware: str
     return {key: str(value) for key, value in tags.items() if value is not None}
 
 
-def default_run_name(task: str, model: str, run_dir: Path) -> str:
-    """`<task>-<model>-<run dir name>`: sweep trials differ too (their run dirs are the job numbers)."""
-    return f"{task}-{model}-{Path(run_dir).name}"
-
-
 # ---------------------------------------------------------------------------------------------------- tracker
 class Tracker:
     """One MLflow run, on rank 0. Use `with tracker: tracker.start(params, tags); ...`.
@@ -145,7 +142,7 @@ class Tracker:
     def __init__(self, uri: str, experiment_name: str, run_name: str | None = None,
                  artifact_root: str | Path | None = None, parent_run_id: str | None = None, *,
                  fallback_uri: str | None = None, end_timeout: float = 30.0, retry_interval: float = 5.0,
-                 max_buffered: int = 20_000) -> None:
+                 max_buffered: int = 20_000, system_metrics: float | None = None) -> None:
         if not experiment_name:
             raise ValueError("tracking.experiment_name must be a non-empty string")
         self.experiment_name = experiment_name
@@ -161,6 +158,8 @@ class Tracker:
         self.active = False  # between start() and end()
         self._nonfinite: set[str] = set()
         self._outbox: Outbox | None = None
+        self.system_metrics = system_metrics  # sampling interval (s) of MLflow's system metrics; None: off
+        self._monitor: Any = None
 
     # -- lifecycle
     def start(self, params: Mapping[str, Any] | None = None, tags: Mapping[str, Any] | None = None,
@@ -198,8 +197,17 @@ class Tracker:
         except BaseException as err:
             self.end(_status_for(type(err), err))  # KILLED for Ctrl-C / SIGTERM, FAILED otherwise
             raise
-        log.info("MLflow run %s (%s) in %s", self.run_id, run.info.run_name, self.uri)
+        if self.system_metrics:
+            self._monitor = start_system_metrics(self, self.system_metrics)
+        log.info("MLflow run %s (%s) in %s%s", self.run_id, run.info.run_name, self.uri, self._ui_link())
         return self.run_id
+
+    def _ui_link(self) -> str:
+        """For a server store: the run's experiment in the UI, on its runs table (MLflow 3 opens its GenAI view
+        unless told `workflowType=machine_learning`)."""
+        if not self.uri.startswith(("http://", "https://")):
+            return ""
+        return f" | {self.uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs?workflowType=machine_learning"
 
     def _continue(self, run_id: str, tags: Mapping[str, str]) -> Any:
         """The run `run_id`, RUNNING again with this process's tags; None when it cannot be continued here."""
@@ -225,6 +233,9 @@ class Tracker:
             raise ValueError(f"status must be one of {TERMINAL_STATUSES}, got {status!r}")
         if not self.active:
             return
+        if self._monitor is not None:
+            self._monitor.finish()  # before the run ends: a sample in flight still has its run
+            self._monitor = None
         self.active = False
         atexit.unregister(self._end_at_exit)
         self._forget_forced_exit()
@@ -291,6 +302,10 @@ class Tracker:
     def log_text(self, text: str, artifact_file: str) -> None:
         """Store `text` as the artifact `artifact_file` (e.g. "config.yaml")."""
         self._send(Text(text, artifact_file))
+
+    def log_inputs(self, datasets: Sequence[Any], context: str) -> None:
+        """Record `mlflow.entities.Dataset`s as the run's inputs, tagged with `context` ("train", "validation")."""
+        self._send(Inputs(tuple(datasets), context))
 
     def close_children(self) -> list[str]:
         """Statuses of this run's child runs; a child still RUNNING (its process is gone) is marked FAILED."""
@@ -359,7 +374,7 @@ class NullTracker:
     def _ignore(self, *args: Any, **kwargs: Any) -> None:
         return None
 
-    start = end = log_params = set_tags = log_metrics = log_artifact = log_text = _ignore
+    start = end = log_params = set_tags = log_metrics = log_artifact = log_text = log_inputs = _ignore
 
     def __enter__(self) -> NullTracker:
         return self
@@ -379,7 +394,15 @@ def create_tracker(tracking_cfg: Mapping[str, Any], project_root: Path, *, is_ma
     return Tracker(resolve_tracking_uri(tracking_cfg.get("uri"), project_root),
                    tracking_cfg.get("experiment_name", "conformer"),
                    run_name=tracking_cfg.get("run_name") or default_run_name,
-                   parent_run_id=tracking_cfg.get("parent_run_id"), fallback_uri=fallback)
+                   parent_run_id=tracking_cfg.get("parent_run_id"), fallback_uri=fallback,
+                   system_metrics=_interval(tracking_cfg.get("system_metrics", False)))
+
+
+def _interval(system_metrics: Any) -> float | None:
+    """`tracking.system_metrics`: false (off), true (every 10 s) or a sampling interval in seconds."""
+    if system_metrics is True:
+        return SYSTEM_METRICS_INTERVAL_S
+    return float(system_metrics) if system_metrics else None
 
 
 def _status_for(exc_type: type[BaseException] | None, exc: BaseException | None) -> str:

@@ -1,4 +1,5 @@
-"""Atomic MindSpore checkpoints with training state: `last.ckpt` always, `best.ckpt` on improvement.
+"""Atomic MindSpore checkpoints with training state: `last.ckpt` always, `best.ckpt` on improvement, and with
+`keep_top_k` > 1 the k best epochs as `epoch<N>-<monitor>-<value>.ckpt` (the best of them a hard link to `best.ckpt`).
 
 One file holds the network weights under their own names (loadable by plain `ms.load_checkpoint`), optimizer
 state under "optimizer." and EMA weights under "ema.", and the run state in `meta.*` entries. MindSpore stores
@@ -136,6 +137,22 @@ def _copy_checkpoint(source: Path, path: Path) -> Path:
     return path
 
 
+def _link_checkpoint(source: Path, path: Path) -> Path:
+    """Atomic hard link (a copy where the file system has none): the files share their bytes on disk. Safe because
+    checkpoints are only ever replaced (a new file renamed over), never written in place."""
+    _remove_stale_partials(path)
+    tmp = _temp_name(path)
+    try:
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+        _publish(tmp, path)
+    finally:
+        _remove(tmp)
+    return path
+
+
 def read_checkpoint_meta(path: Path | str) -> dict[str, Any]:
     """The extra dict of a checkpoint, without reading its tensors."""
     raw = ms.load_checkpoint(str(path), choice_func=lambda name: name == META_JSON)
@@ -258,16 +275,61 @@ class TrainState:
 
 
 class CheckpointManager:
-    """Writes `last.ckpt` each save and `best.ckpt` when `monitor` improves (`mode` "max" or "min")."""
+    """Writes `last.ckpt` each save and `best.ckpt` when `monitor` improves (`mode` "max" or "min"); with
+    `keep_top_k` > 1 also keeps the k best epochs (timm's CheckpointSaver): `epoch<N>-<monitor>-<value>.ckpt`,
+    the worst removed when a better one comes."""
 
-    def __init__(self, directory: Path | str, monitor: str = "val/top1_sum", mode: str = "max") -> None:
+    def __init__(self, directory: Path | str, monitor: str = "val/top1_sum", mode: str = "max",
+                 keep_top_k: int = 1) -> None:
         if mode not in ("max", "min"):
             raise ValueError(f"checkpoint mode must be 'max' or 'min', got {mode!r}")
+        if int(keep_top_k) < 1:
+            raise ValueError(f"keep_top_k must be at least 1 (best.ckpt), got {keep_top_k}")
         self.directory = Path(directory)
         self.monitor = monitor
         self.mode = mode
+        self.keep_top_k = int(keep_top_k)
         self.best_metric: float | None = None
         self.best_epoch: int | None = None
+        self.ranked: list[tuple[float, int, Path]] = self._ranked_on_disk()  # best first
+
+    def ranked_path(self, epoch: int, value: float) -> Path:
+        return self.directory / f"epoch{int(epoch):03d}-{self.monitor.replace('/', '_')}-{value:.4f}.ckpt"
+
+    def _ranked_on_disk(self) -> list[tuple[float, int, Path]]:
+        """The ranked files a run dir already holds (a training continued in the same dir)."""
+        if self.keep_top_k == 1 or not self.directory.is_dir():
+            return []
+        found = []
+        for path in self.directory.glob(f"epoch*-{self.monitor.replace('/', '_')}-*.ckpt"):
+            meta = read_checkpoint_meta(path)
+            if meta.get("monitor") == self.monitor and self.monitor in meta.get("metrics", {}):
+                found.append((float(meta["metrics"][self.monitor]), int(meta["epoch"]), path))
+        return self._sorted(found)
+
+    def _sorted(self, ranked: list[tuple[float, int, Path]]) -> list[tuple[float, int, Path]]:
+        return sorted(ranked, key=lambda item: (-item[0] if self.mode == "max" else item[0], item[1]))
+
+    def _keep_ranked(self, value: float, epoch: int, best: Path | None, tensors: Mapping[str, Tensor],
+                     extra: Mapping[str, Any]) -> Path | None:
+        """Add this epoch to the k best when it belongs there (a link to `best`, written now, else a new file);
+        remove the one it pushes out. Returns its path, None when it is not among the k best."""
+        if self.keep_top_k == 1 or not math.isfinite(value):
+            return None
+        if len(self.ranked) >= self.keep_top_k:
+            worst = self.ranked[-1][0]
+            if not (value > worst if self.mode == "max" else value < worst):
+                return None
+        path = self.ranked_path(epoch, value)
+        if best is not None:
+            _link_checkpoint(best, path)
+        else:
+            save_checkpoint(tensors, path, extra)
+        self.ranked = self._sorted([*(r for r in self.ranked if r[2] != path), (value, int(epoch), path)])
+        for _, _, dropped in self.ranked[self.keep_top_k:]:
+            _remove(dropped)
+        del self.ranked[self.keep_top_k:]
+        return path
 
     @property
     def last_path(self) -> Path:
@@ -290,7 +352,8 @@ class CheckpointManager:
         """Save after `epoch` (epochs done) and global `step`; `step_state` is the train step's own state (loss
         scale), `meta` more JSON values for the file (e.g. the MLflow run id, the config fingerprint).
 
-        Returns {"last": path}, plus "best" when the monitored metric improved.
+        Returns {"last": path}, plus "best" when the monitored metric improved and "ranked" when the epoch is
+        among the `keep_top_k` best.
         """
         if self.monitor not in metrics:
             raise KeyError(f"monitored metric {self.monitor!r} is not among the metrics {sorted(metrics)}: "
@@ -311,12 +374,14 @@ class CheckpointManager:
                  "best_epoch": best_epoch, "monitor": self.monitor, "mode": self.mode,
                  "metrics": {k: float(v) for k, v in metrics.items()}}
         if not improved:
-            return {"last": save_checkpoint(tensors, self.last_path, extra)}
-        # best first: a crash in between leaves a `last` whose best metric is not ahead of best.ckpt
-        paths = {"best": save_checkpoint(tensors, self.best_path, extra)}
-        paths["last"] = _copy_checkpoint(self.best_path, self.last_path)
-        self.best_metric, self.best_epoch = best_metric, best_epoch
-        return paths
+            paths = {"last": save_checkpoint(tensors, self.last_path, extra)}
+        else:
+            # best first: a crash in between leaves a `last` whose best metric is not ahead of best.ckpt
+            paths = {"best": save_checkpoint(tensors, self.best_path, extra)}
+            paths["last"] = _copy_checkpoint(self.best_path, self.last_path)
+            self.best_metric, self.best_epoch = best_metric, best_epoch
+        ranked = self._keep_ranked(value, epoch, paths.get("best"), tensors, extra)
+        return {**paths, "ranked": ranked} if ranked is not None else paths
 
     def load(self, path: Path | str, network: nn.Cell, optimizer: StateSource | None = None,
              ema: StateSource | None = None, strict: bool = True,

@@ -118,9 +118,9 @@ class Trainer:
                  scale_factor: int = 2, scale_window: int = 2000, ema_decay: float | None = None,
                  monitor: str = "val/top1_sum", monitor_mode: str = "max", log_every_n_steps: int = 10,
                  resume: str | Path | None = None, checkpoint_meta: Mapping[str, Any] | None = None,
-                 limit_train_batches: int | None = None, limit_val_batches: int | None = None,
-                 overfit_batches: int | None = None, profile_steps: int | None = None,
-                 progress_bar: str | bool = "auto") -> None:
+                 keep_top_k: int = 1, limit_train_batches: int | None = None,
+                 limit_val_batches: int | None = None, overfit_batches: int | None = None,
+                 profile_steps: int | None = None, progress_bar: str | bool = "auto") -> None:
         self.data, self.group, self.tracker = data, group, tracker
         self.epochs, self.log_every_n_steps = int(epochs), int(log_every_n_steps)
         self.steps_per_epoch = data.steps_per_epoch(group.world_size)
@@ -142,7 +142,8 @@ class Trainer:
         self.lr_values = self.schedule.values()
         self.optimizer = optimizer(network, lr=self.schedule(0))
         self.ema = ModelEma(network, decay=ema_decay) if ema_decay else None
-        self.checkpoints = CheckpointManager(Path(run_dir) / "checkpoints", monitor=monitor, mode=monitor_mode)
+        self.checkpoints = CheckpointManager(Path(run_dir) / "checkpoints", monitor=monitor, mode=monitor_mode,
+                                             keep_top_k=keep_top_k)
         self.monitor, self.checkpoint_meta = monitor, dict(checkpoint_meta or {})
         self.step = TrainStep(network, loss_fn, self.optimizer, clip_grad_norm=clip_grad_norm, loss_scale=loss_scale,
                               init_loss_scale=init_loss_scale, scale_factor=scale_factor, scale_window=scale_window,
@@ -199,6 +200,9 @@ class Trainer:
             metrics["epoch_time_s"] = time.perf_counter() - t0
             self._log(metrics, step=step)  # the global step, so val curves line up with the train curves
             saved = self._checkpoint(epoch + 1, step, metrics)
+            if "best" in saved:  # the runs table's column of the best value, and when it came
+                self.tracker.log_metrics({f"best/{self.monitor}": self.checkpoints.best_metric,
+                                          "best/epoch": float(self.checkpoints.best_epoch)}, step=step)
             state = self.state = TrainState(epoch=epoch + 1, step=step, best_metric=self.checkpoints.best_metric,
                                             best_epoch=self.checkpoints.best_epoch, metrics=metrics)
             log.info("epoch %d/%d  train loss %.4f  val loss %.4f  top-1 sum %.2f%%  conv %.2f%%  trans %.2f%%  "
