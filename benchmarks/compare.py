@@ -28,14 +28,22 @@ FIGURES = ("train_img_per_s", "eval_img_per_s", "train_first_call_s", "eval_firs
 
 
 def run_side(checkout: Path, env: dict[str, str], model_args: list[str]) -> dict:
-    """One fresh `benchmarks/model.py` process in `checkout`; returns the JSON result it wrote."""
+    """One fresh `benchmarks/model.py` process in `checkout`; returns the JSON result it wrote (the checkout's own
+    results files are put back as they were: a comparison is not a single-run result)."""
+    results = checkout / "benchmarks" / "results"
+    kept = {path: path.read_bytes() for path in results.glob("*.json")}
     environment = {**os.environ, "PYTHONPATH": str(checkout), **env}
     done = subprocess.run([sys.executable, str(checkout / "benchmarks" / "model.py"), *model_args], cwd=checkout,
                           env=environment, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(f"benchmark in {checkout} failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    result_path = done.stdout.strip().splitlines()[-1].rsplit("-> ", 1)[-1]
-    return json.loads(Path(result_path).read_text())
+    result_path = Path(done.stdout.strip().splitlines()[-1].rsplit("-> ", 1)[-1])
+    result = json.loads(result_path.read_text())
+    if result_path in kept:
+        result_path.write_bytes(kept[result_path])
+    else:
+        result_path.unlink()
+    return result
 
 
 def ratio(figure: str, a: float, b: float) -> float:
