@@ -169,16 +169,30 @@ def test_mlflow_ui_shows_the_sweep_with_its_objective(grid_sweep: Sweep, tmp_pat
             for name in [parent.info.run_name, *(run.info.run_name for run in children.values())]:
                 sync_api.expect(page.get_by_text(name, exact=True).first).to_be_visible(timeout=60_000)
             sync_api.expect(page.get_by_text(f"best/{MONITOR}", exact=True).first).to_be_visible()
-            # The parent's row shows its best objective (the UI rounds to at most 3 decimals).
-            row = page.locator("[role=row]", has_text=parent.info.run_name).first
-            numbers = [float(x) for x in re.findall(r"\d+\.\d+|\d+", row.inner_text())]
-            assert any(abs(x - best) < 1e-3 for x in numbers), row.inner_text()
+            # The objective column: the parent's best (the UI rounds to 3 decimals), each trained child's value.
+            def cell(run_id: str, metric: str) -> str:
+                return page.locator(f"[role=row][row-id='{run_id}'] [col-id='metrics.`{metric}`']").first.inner_text()
+
+            assert float(cell(parent.info.run_id, f"best/{MONITOR}")) == pytest.approx(best, abs=1e-3)
+            for number in (0, 1, 2):
+                run = children[number]
+                assert float(cell(run.info.run_id, MONITOR)) == pytest.approx(run.data.metrics[MONITOR], abs=1e-3)
+            assert cell(children[3].info.run_id, MONITOR) == "-"
             shot = page.screenshot(path=str(tmp_path / "mlflow-ui-sweep.png"))
         finally:
             browser.close()
     SCREENSHOT_DIR.mkdir(parents=True, exist_ok=True)
     (SCREENSHOT_DIR / "mlflow-ui-sweep.png").write_bytes(shot)
     print(f"screenshot: {SCREENSHOT_DIR / 'mlflow-ui-sweep.png'}")
+
+
+@pytest.mark.parametrize("group", ["sweep=lr_grid", "+sweep=optuna_lr"])
+def test_a_named_sweep_turns_on_multirun_by_itself(group: str, tmp_path: Path) -> None:
+    proc = run_py_to_end([group, "--cfg", "hydra"], tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"^  mode: MULTIRUN$", proc.stdout, re.M)
+    if "optuna" in group:  # the study: stored next to the MLflow store, named after the sweep
+        assert "storage: sqlite:///${paths.root}/optuna.db" in proc.stdout and "study_name: optuna_lr" in proc.stdout
 
 
 def study_trials(root: Path) -> list[tuple[int, str]]:
@@ -189,7 +203,9 @@ def study_trials(root: Path) -> list[tuple[int, str]]:
 
 
 def test_optuna_study_killed_and_continued_by_the_same_command(tmp_path: Path) -> None:
-    optuna = pytest.importorskip("optuna", reason="the [sweep] extra (optuna) is not installed")
+    pytest.importorskip("optuna", reason="the [sweep] extra (optuna) is not installed")
+    from conformer.sweep_optuna import load_study
+
     args = sweep_overrides(tmp_path, "trainer.epochs=1", "optim.schedule.warmup_epochs=0", "hydra.sweeper.n_trials=2")
     sweep = Sweep(tmp_path, 0, "", "")
 
@@ -210,7 +226,7 @@ def test_optuna_study_killed_and_continued_by_the_same_command(tmp_path: Path) -
     assert again.returncode == 0, again.stderr[-3000:]  # the trial that failed was an earlier run's
     # The study continued: the killed trial failed, the next number ran, n_trials counts the whole study.
     assert study_trials(tmp_path) == [(0, "COMPLETE"), (1, "FAIL"), (2, "COMPLETE")]
-    study = optuna.load_study(study_name="optuna_lr", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    study = load_study(f"sqlite:///{tmp_path / 'optuna.db'}", "optuna_lr")
     # The same parent, continued and finished, holds all three trials.
     [same] = sweep.parents()
     assert same.info.run_id == parent.info.run_id == study.user_attrs["mlflow_parent_run_id"]
