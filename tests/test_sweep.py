@@ -19,6 +19,7 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
+from conformer.sweep import PARENT_FILE
 from conformer.sweep_report import parse_overrides
 
 from .helpers import (
@@ -212,8 +213,10 @@ def test_optuna_study_killed_and_continued_by_the_same_command(tmp_path: Path) -
     # `+sweep=` runs the sweep too (no -m). Kill it hard once its second trial's run exists.
     proc = run_py(["+sweep=optuna_lr", *args], tmp_path)
     try:
-        wait_until(lambda: (tmp_path / "mlflow.db").is_file() and any(
-            r.data.tags.get("run_dir", "").endswith("/1") for r in sweep.runs()), proc, "trial 1's run", 600)
+        # The parent id file first: the store is not touched from here while the sweep creates it.
+        wait_until(lambda: any((tmp_path / "outputs" / "multirun").glob(f"*/*/{PARENT_FILE}")), proc, "the parent")
+        wait_until(lambda: any(r.data.tags.get("run_dir", "").endswith("/1") for r in sweep.runs()), proc,
+                   "trial 1's run", 600)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
