@@ -83,8 +83,16 @@ def short_labels(keys: Sequence[str]) -> dict[str, str]:
     return {key: leaf if unique else key for key, leaf in zip(keys, leaves)}
 
 
+def _short(value: str) -> str:
+    """Long floats (Optuna's draws) to 4 significant digits; other values as they are."""
+    try:
+        return f"{float(value):.4g}" if len(value) > 8 else value
+    except ValueError:
+        return value
+
+
 def overrides_text(trial: Trial, labels: dict[str, str]) -> str:
-    return " ".join(f"{labels.get(key, key)}={value}" for key, value in trial.values.items())
+    return " ".join(f"{labels.get(key, key)}={_short(value)}" for key, value in trial.values.items())
 
 
 def _objective_text(value: float | None) -> str:

@@ -20,7 +20,7 @@ from mlflow import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from conformer.sweep import PARENT_FILE
-from conformer.sweep_report import parse_overrides
+from conformer.sweep_report import Trial, best_trial, format_table, parse_overrides, short_labels, sort_trials
 
 from .helpers import (
     REPO,
@@ -44,6 +44,25 @@ def sweep_overrides(root: Path, *extra: str) -> list[str]:
     drop = ("paths.root=", "optim.schedule.warmup_epochs=")
     overrides = tiny_overrides(root, tiny_folder(root), "tracking.log_checkpoints=false")
     return [o for o in overrides if not o.startswith(drop)] + list(extra)
+
+
+def test_trials_table_orders_by_the_objective_and_counts_outcomes() -> None:
+    keys = ["optim.schedule.base_lr", "model.drop_path_rate"]
+    trials = [Trial(0, "a", "FINISHED", 0.5, 10.0, {keys[0]: "0.0006466422717414558", keys[1]: "0.1"}),
+              Trial(1, "b", "FAILED", None, 0.2, {keys[0]: "1e-3", keys[1]: "0.0"}),
+              Trial(2, "c", "FINISHED", 0.7, 12.5, {keys[0]: "2e-3", keys[1]: "0.0"}),
+              Trial(3, "d", "KILLED", 0.9, 3.0, {keys[0]: "3e-3", keys[1]: "0.0"}),  # never ranked: not finished
+              Trial(4, "e", "FINISHED", 0.5, 9.0, {keys[0]: "4e-3", keys[1]: "0.1"})]
+    ranked = sort_trials(trials, "max")
+    assert [t.number for t in ranked] == [2, 0, 4, 1, 3] and best_trial(ranked).run_id == "c"
+    assert [t.number for t in sort_trials(trials, "min")][:3] == [0, 4, 2]
+    lines = format_table(ranked, "val/top1_sum", short_labels(keys)).splitlines()
+    assert lines[0].split() == ["trial", "overrides", "val/top1_sum", "status", "wall", "time"]
+    assert lines[3].split() == ["0", "base_lr=0.0006466", "drop_path_rate=0.1", "0.5000", "FINISHED", "10.0s"]
+    assert lines[5].split() == ["1", "base_lr=1e-3", "drop_path_rate=0.0", "-", "FAILED", "0.2s"]
+    assert len({len(line) for line in lines[2:7]}) == 1  # aligned: the wall time column ends every row
+    assert lines[-1] == "5 trials: 3 finished, 1 failed, 1 killed"
+    assert best_trial(sort_trials([trials[1], trials[3]], "max")) is None
 
 
 @dataclass(frozen=True)
