@@ -110,10 +110,10 @@ def sweep_name(config: DictConfig, keys: Sequence[str]) -> str:
 class SweepParentCallback(Callback):
     """Hydra callback: one MLflow parent run per multirun, summarising the trials when the sweep ends.
 
-    on_multirun_end ends the parent FAILED if any trial failed (Hydra job status or child run status), KILLED if a
-    trial was killed, else FINISHED. When a failed trial aborts the sweep before on_multirun_end, an exit hook
-    ends (and summarises) the parent instead. `project_root` is the root the jobs use for the default store
-    (conf/config.yaml passes paths.root).
+    on_multirun_end ends the parent FAILED if any trial of this run failed (Hydra job status or child run status),
+    else FINISHED. When a failed trial aborts the sweep before on_multirun_end, or Ctrl-C stops it, an exit hook
+    ends (and summarises) the parent instead: FAILED, or KILLED when a trial was killed. `project_root` is the root
+    the jobs use for the default store (conf/config.yaml passes paths.root).
     """
 
     def __init__(self, project_root: str, run_name: str | None = None) -> None:
@@ -150,10 +150,10 @@ class SweepParentCallback(Callback):
             tags=run_tags(overrides=list(overrides or []), run_dir=self._sweep_dir.resolve(), extra={
                 "sweep": "parent", "sweep.name": name, "sweeper": kind, "sweep.keys": ",".join(self._keys)}),
             resume_run_id=self._stored_parent(config, kind))
-        self._view = share_runs_view(self._tracker.uri, self._tracker.experiment_id,
-                                     [f"best/{self._monitor}", self._monitor, "sweep/failed"])
         self._sweep_dir.mkdir(parents=True, exist_ok=True)
         (self._sweep_dir / PARENT_FILE).write_text(run_id + "\n")
+        self._view = share_runs_view(self._tracker.uri, self._tracker.experiment_id,
+                                     [f"best/{self._monitor}", self._monitor, "sweep/failed"])
         # Registered after the tracker's own hook, so it runs first (atexit is LIFO) with the sweep's status.
         atexit.register(self._finish, aborted=True)
 
@@ -205,7 +205,8 @@ class SweepParentCallback(Callback):
         print(f"\n{tracker.run_name or 'sweep'}: trials by {self._monitor} ({self._mode}), parent run "
               f"{tracker.run_id}\n{format_table(trials, self._monitor, short_labels(self._keys))}"
               + (f"\n{runless} more failed before opening a run" if runless else "")
-              + f"\ncompare them in the MLflow UI: {ui_hint(tracker.uri, self._view)}", flush=True)
+              + (f"\ncompare them in the MLflow UI: {ui_hint(tracker.uri, self._view)}" if self._view else ""),
+              flush=True)
         tracker.log_metrics({"sweep/trials": len(trials) + runless, "sweep/finished": sum(t.finished for t in trials),
                              "sweep/failed": failed}, 0)
         best = best_trial(trials)

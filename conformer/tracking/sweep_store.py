@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from conformer.tracking.store import REQUEST_TIMEOUT_S, search_all_runs, short_requests
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -44,11 +48,16 @@ VIEW_TAG = "mlflow.sharedViewState."  # the experiment tag the UI reads a shared
 
 def share_runs_view(uri: str, experiment_id: str, metrics: list[str]) -> str:
     """Store a runs-table view of the experiment that shows `metrics` as columns, sorted by the first (best
-    first); returns its URL path. The UI keeps column choices per browser: this view is the way to share them."""
+    first); returns its URL path ("" when the store refused it: a convenience, the sweep goes on). The UI keeps
+    column choices per browser: this view is the way to share them."""
     view = {"orderByKey": f"metrics.`{metrics[0]}`", "orderByAsc": False,
             "selectedColumns": ["attributes.`Dataset`", *(f"metrics.`{key}`" for key in metrics)]}
-    with short_requests(REQUEST_TIMEOUT_S, retries=2):
-        MlflowClient(tracking_uri=uri).set_experiment_tag(experiment_id, VIEW_TAG + VIEW_KEY, json.dumps(view))
+    try:
+        with short_requests(REQUEST_TIMEOUT_S, retries=2):
+            MlflowClient(tracking_uri=uri).set_experiment_tag(experiment_id, VIEW_TAG + VIEW_KEY, json.dumps(view))
+    except MlflowException as err:
+        log.warning("could not store the sweep's runs-table view in experiment %s: %s", experiment_id, err)
+        return ""
     return f"#/experiments/{experiment_id}/runs?viewStateShareKey={VIEW_KEY}"
 
 
