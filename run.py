@@ -72,9 +72,9 @@ def remove_unused_run_dir(run_dir: Path) -> None:
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     from conformer.app import Relaunch, run
+    from conformer.errors import TrackingUnavailable
     from conformer.launch import LaunchError
     from conformer.signals import Interrupted
-    from conformer.tracking.store import TrackingUnavailable
     from conformer.validation import ConfigError
 
     hydra_cfg = HydraConfig.get()
@@ -92,7 +92,7 @@ def main(cfg: DictConfig) -> float | None:
             from conformer.sweep import fail_trial
 
             print(f"trial {hydra_cfg.job.num} failed: {err}".splitlines()[0], file=sys.stderr)
-            return fail_trial(cfg, run_dir, err)
+            return fail_trial(cfg, run_dir, err, overrides=list(hydra_cfg.overrides.task))
         if isinstance(err, ConfigError):
             print(f"config error: {err}", file=sys.stderr)
             remove_unused_run_dir(run_dir)
@@ -102,5 +102,17 @@ def main(cfg: DictConfig) -> float | None:
             sys.exit(getattr(err, "exit_code", 1))
         raise
 
+
+def sweep_group_argument(args: list[str]) -> list[str]:
+    """`+sweep=<name>` means `sweep=<name>` (config.yaml already lists the group, so Hydra would refuse the +)."""
+    return [arg[1:] if arg.startswith("+sweep=") else arg for arg in args]
+
+
 if __name__ == "__main__":
+    sys.argv[1:] = sweep_group_argument(sys.argv[1:])
     main()
+    from conformer.sweep import failed_trials
+
+    if failed_trials():  # a sweep ran all its trials, and some failed
+        print(f"{failed_trials()} trial(s) failed", file=sys.stderr)
+        sys.exit(1)

@@ -142,14 +142,14 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 90.0) -> Non
 
 
 class MlflowServer:
-    """A real `mlflow server` on 127.0.0.1, on one fixed port with its store and artifacts in `workdir`: killed and
-    started again, it serves the same runs at the same URL."""
+    """A real `mlflow server` on 127.0.0.1, on one fixed port with its store and artifacts in `workdir` (or serving
+    the existing `store`): killed and started again, it serves the same runs at the same URL."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, store: str | None = None) -> None:
         self.workdir = workdir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.store = sqlite_uri(workdir / "server.db")  # the server's own database, readable while it is down
+        self.store = store or sqlite_uri(workdir / "server.db")  # readable while the server is down
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
@@ -173,9 +173,9 @@ class MlflowServer:
 
 
 @contextmanager
-def mlflow_server(workdir: Path) -> Iterator[MlflowServer]:
-    """A started `MlflowServer` in `workdir`, killed at the end."""
-    server = MlflowServer(workdir)
+def mlflow_server(workdir: Path, store: str | None = None) -> Iterator[MlflowServer]:
+    """A started `MlflowServer` in `workdir` (serving `store` if given), killed at the end."""
+    server = MlflowServer(workdir, store)
     try:
         server.start()
         yield server

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -254,9 +255,11 @@ def test_sweep_parent_callback(store, experiment, tmp_path, child_statuses):
     client = MlflowClient(uri)
     parent = client.get_run(parent_id)
     assert parent.info.status == ("FAILED" if "FAILED" in child_statuses else "FINISHED")
-    assert parent.info.run_name == "train-12-00-00"
+    assert re.fullmatch(r"sweep lr \d{4}-\d\d-\d\d \d\d:\d\d", parent.info.run_name)
     assert parent.data.params == {"sweep.optim.lr": "0.1,0.01"}
-    assert parent.data.tags["sweep.trials"] == "2"
+    assert (parent.data.tags["sweeper"], parent.data.tags["sweep.keys"]) == ("basic", "optim.lr")
+    assert parent.data.metrics["sweep/trials"] == 2
+    assert parent.data.metrics["sweep/failed"] == child_statuses.count("FAILED")
     assert parent.data.tags["overrides"] == "optim.lr=0.1,0.01"
     for run_id in children:
         assert client.get_run(run_id).data.tags["mlflow.parentRunId"] == parent_id
@@ -270,7 +273,7 @@ def test_sweep_parent_fails_when_a_job_failed_before_opening_its_run(store, expe
     callback.on_multirun_end(None)
     parent = MlflowClient(uri).get_run(callback.run_id)
     assert (parent.info.status, parent.info.run_name) == ("FAILED", "lr-sweep")
-    assert parent.data.tags["sweep.failed"] == "1"
+    assert parent.data.metrics["sweep/failed"] == 1
 
     disabled = SweepParentCallback(project_root=str(root))
     disabled.on_multirun_start(OmegaConf.create({"tracking": {"enabled": False},
@@ -383,7 +386,7 @@ def test_real_hydra_multirun_aborted_by_a_failing_trial(store, experiment, tmp_p
     client = MlflowClient(uri)
     parent_id = (tmp_path / "multirun" / PARENT_FILE).read_text().strip()
     parent = client.get_run(parent_id)
-    assert parent.info.status == "FAILED" and parent.data.tags["sweep.trials"] == "2"
+    assert parent.info.status == "FAILED" and parent.data.metrics["sweep/trials"] == 2
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
     assert sorted((r.data.params["fail"], r.info.status) for r in children) == [

@@ -26,6 +26,8 @@ from mlflow.environment_variables import (
 from mlflow.exceptions import MlflowException
 from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
 
+from conformer.errors import TrackingUnavailable  # noqa: F401  (raised here, caught by run.py)
+
 log = logging.getLogger(__name__)
 
 REQUEST_TIMEOUT_S = 10  # per HTTP request of a batch or a status change; uploads keep MLflow's (120 s by default)
@@ -63,16 +65,6 @@ TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
 EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
 HOST_TAG, PID_TAG = "host", "pid"  # where a run's process lives: stale RUNNING runs are found by them
 PROBE_TIMEOUT_S = 5.0
-
-
-class TrackingUnavailable(RuntimeError):
-    """The tracking store does not answer; the message is one line naming the store and the ways out."""
-
-    def __init__(self, uri: str, reason: str) -> None:
-        self.uri, self.reason = uri, reason
-        super().__init__(f"MLflow tracking store {uri} is unreachable ({reason}): start it, point tracking.uri "
-                         "(or MLFLOW_TRACKING_URI) at one that answers, set tracking.fallback_to_local=true to log "
-                         "to the local store, or run with tracking=disabled")
 
 
 def unreachable(uri: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:

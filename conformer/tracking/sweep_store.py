@@ -1,0 +1,68 @@
+"""What a sweep's summary reads from the store (its parent's child runs) and the runs-table view it shares."""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from urllib.parse import urlparse
+
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+from conformer.tracking.store import REQUEST_TIMEOUT_S, search_all_runs, short_requests
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ChildRun:
+    """One trial's run: `best` is the best value of the monitored metric over its history (None: never logged)."""
+
+    run_id: str
+    name: str
+    status: str
+    start_ms: int
+    end_ms: int | None
+    tags: dict[str, str] = field(default_factory=dict)
+    best: float | None = None
+
+
+def child_runs(uri: str, parent_run_id: str, monitor: str, mode: str) -> list[ChildRun]:
+    """The runs nested under `parent_run_id` in the store `uri`, with the best `monitor` value each reached
+    (`mode` "max" or "min")."""
+    client = MlflowClient(tracking_uri=uri)
+    pick = max if mode == "max" else min
+    children = []
+    for run in search_all_runs(client, f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}'"):
+        with short_requests(REQUEST_TIMEOUT_S, retries=2):
+            values = [m.value for m in client.get_metric_history(run.info.run_id, monitor)]
+        children.append(ChildRun(run.info.run_id, run.info.run_name, run.info.status, run.info.start_time,
+                                 run.info.end_time, dict(run.data.tags), pick(values) if values else None))
+    return children
+
+
+VIEW_KEY = "sweeps"  # MLflow UI: <ui>/#/experiments/<id>/runs?viewStateShareKey=sweeps
+VIEW_TAG = "mlflow.sharedViewState."  # the experiment tag the UI reads a shared runs-table view from
+
+
+def share_runs_view(uri: str, experiment_id: str, metrics: list[str]) -> str:
+    """Store a runs-table view of the experiment that shows `metrics` as columns, sorted by the first (best
+    first); returns its URL path ("" when the store refused it: a convenience, the sweep goes on). The UI keeps
+    column choices per browser: this view is the way to share them."""
+    view = {"orderByKey": f"metrics.`{metrics[0]}`", "orderByAsc": False,
+            "selectedColumns": ["attributes.`Dataset`", *(f"metrics.`{key}`" for key in metrics)]}
+    try:
+        with short_requests(REQUEST_TIMEOUT_S, retries=2):
+            MlflowClient(tracking_uri=uri).set_experiment_tag(experiment_id, VIEW_TAG + VIEW_KEY, json.dumps(view))
+    except MlflowException as err:
+        log.warning("could not store the sweep's runs-table view in experiment %s: %s", experiment_id, err)
+        return ""
+    return f"#/experiments/{experiment_id}/runs?viewStateShareKey={VIEW_KEY}"
+
+
+def ui_hint(uri: str, path: str) -> str:
+    """Where to open `path` of the MLflow UI for the store `uri`."""
+    if urlparse(uri).scheme in ("http", "https"):
+        return f"{uri.rstrip('/')}/{path}"
+    return f"http://127.0.0.1:5000/{path} (after: mlflow ui --backend-store-uri {uri})"
