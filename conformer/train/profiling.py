@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +22,12 @@ OP_TYPE_TABLE = "cpu_op_type_info_0.csv"
 class StepProfiler:
     """Profiles the `steps` train steps after the first (compiled) one, then reports and logs the result."""
 
-    def __init__(self, steps: int | None, run_dir: Path, tracker: Any) -> None:
+    def __init__(self, steps: int | None, run_dir: Path, tracker: Any,
+                 quiet: Callable[[], AbstractContextManager] = nullcontext) -> None:
         self.steps_left = int(steps or 0)
+        # The profiler parses its data in forked processes: no other thread may hold a lock they need (a live
+        # progress bar's console lock), so the analysis runs inside `quiet()`.
+        self.quiet = quiet
         self.directory = Path(run_dir) / "profile"
         self.tracker = tracker
         self._profiler: Any = None
@@ -41,7 +47,8 @@ class StepProfiler:
             self._finish()
 
     def _finish(self) -> None:
-        self._profiler.stop()
+        with self.quiet():
+            self._profiler.stop()
         self._profiler = None
         tables = sorted(self.directory.rglob(OP_TYPE_TABLE))
         if tables:

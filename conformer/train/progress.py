@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console
@@ -60,6 +62,19 @@ class ProgressBar:
         if self._progress is not None:
             status = "  ".join(f"{key} {value}" for key, value in fields.items())
             self._progress.update(self._task, advance=steps, **({"status": status} if fields else {}))
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """The live display (and its refresh thread, its stdout redirection) off for a while, the bar kept."""
+        progress = self._progress
+        if progress is None:
+            yield
+            return
+        progress.stop()
+        try:
+            yield
+        finally:
+            progress.start()
 
     def stop(self) -> None:
         if self._progress is None:

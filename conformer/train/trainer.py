@@ -130,8 +130,8 @@ class Trainer:
             self.steps_per_epoch = min(self.steps_per_epoch, int(limit_train_batches))
         self.limit_val_batches, self.overfit_batches = limit_val_batches, overfit_batches
         self._overfit_cache: list[tuple[Tensor, Tensor]] = []
-        self.profiler = StepProfiler(profile_steps, run_dir, tracker)
         self.bar = ProgressBar(bar_wanted(progress_bar, group.is_main))
+        self.profiler = StepProfiler(profile_steps, run_dir, tracker, quiet=self.bar.paused)
         if self.steps_per_epoch < grad_accum_steps:
             raise ValueError(f"trainer.grad_accum_steps={grad_accum_steps} exceeds the {self.steps_per_epoch} steps "
                              "of an epoch")
