@@ -265,21 +265,22 @@ class Trainer:
         return step, epoch_loss / n
 
     def _epoch_batches(self, epoch: int) -> Iterator:
-        """Epoch `epoch`'s train batches from a pipeline seeded by (seed, epoch): the sample order, the augmentations
-        and Mixup of an epoch are the same whether the run got there in one go or resumed (with one data worker,
-        bit for bit)."""
-        if self.overfit_batches and self._overfit_cache:
+        """Epoch `epoch`'s train batches (with `overfit_batches`: the first k batches of epoch 0, cycled)."""
+        if self.overfit_batches:
+            if not self._overfit_cache:
+                self._overfit_cache = list(itertools.islice(self._seeded_batches(0), int(self.overfit_batches)))
             return itertools.islice(itertools.cycle(self._overfit_cache), self.steps_per_epoch)
+        return itertools.islice(self._seeded_batches(epoch), self.steps_per_epoch)
+
+    def _seeded_batches(self, epoch: int) -> Iterator:
+        """Batches from a pipeline seeded by (seed, epoch): the sample order, the augmentations and Mixup of an epoch
+        are the same whether the run got there in one go or resumed (with one data worker, bit for bit)."""
         seed = np.random.SeedSequence([int(self.data.seed), epoch]).generate_state(1)[0]
         random.seed(int(seed))
         np.random.seed(int(seed))
         ds.config.set_seed(int(seed))
         loader = self.data.train_loader(self.group.rank, self.group.world_size, start_epoch=epoch)
-        batches = itertools.islice(loader.create_tuple_iterator(num_epochs=1), self.steps_per_epoch)
-        if self.overfit_batches:
-            self._overfit_cache = list(itertools.islice(batches, int(self.overfit_batches)))
-            return self._epoch_batches(epoch)
-        return batches
+        return loader.create_tuple_iterator(num_epochs=1)
 
     def _skipped_images(self) -> dict[str, float]:
         """Bad image files skipped so far, per split, over all ranks (`data.on_bad_image=skip`)."""
