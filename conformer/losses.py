@@ -4,6 +4,8 @@ from __future__ import annotations
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
+from conformer.arguments import check_label_smoothing
+
 
 def soft_target_cross_entropy(logits: Tensor, soft_target: Tensor) -> Tensor:
     """mean_b(sum_c(-t * log_softmax(logits))) for float targets [B, C] (mixup/cutmix, smoothed labels)."""
@@ -38,9 +40,7 @@ class DualHeadLoss(nn.Cell):
 
     def __init__(self, label_smoothing: float = 0.0) -> None:
         super().__init__()
-        if not 0.0 <= float(label_smoothing) < 1.0:
-            raise ValueError(f"DualHeadLoss: label_smoothing must be in [0, 1), got {label_smoothing}.")
-        self.label_smoothing = float(label_smoothing)
+        self.label_smoothing = check_label_smoothing(label_smoothing)
 
     def head_losses(self, logits: tuple[Tensor, Tensor], target: Tensor) -> tuple[Tensor, Tensor]:
         """Per-head losses (conv, trans), e.g. for logging."""

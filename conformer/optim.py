@@ -8,7 +8,8 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.experimental import optim
 
-OPTIMIZERS = ("adamw", "sgd")
+from conformer.arguments import check_adamw, check_optimizer
+
 ParamsOrNetwork = Union[nn.Cell, Iterable[Parameter], Iterable[dict]]
 _fused_adamw = ops.MultitypeFuncGraph("fused_adamw")
 
@@ -32,11 +33,8 @@ class FusedAdamW(optim.Optimizer):
 
     def __init__(self, params: Iterable[Parameter] | Iterable[dict], lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2) -> None:
-        if not 0.0 <= betas[0] < 1.0 or not 0.0 <= betas[1] < 1.0:
-            raise ValueError(f"AdamW betas must lie in [0, 1), got {betas}.")
-        if eps <= 0.0:
-            raise ValueError(f"AdamW eps must be > 0, got {eps}.")
-        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
+        betas = check_adamw(betas, eps)
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": float(eps), "weight_decay": float(weight_decay)})
         self.exp_avg = self.parameters.clone(prefix="exp_avg", init="zeros")
         self.exp_avg_sq = self.parameters.clone(prefix="exp_avg_sq", init="zeros")
         self.state_step = Parameter(Tensor(0, ms.int32), "state_step")
@@ -89,11 +87,7 @@ def build_optimizer(params_or_network: ParamsOrNetwork, name: str = "adamw", lr:
     A network is turned into `param_groups` when `filter_bias_and_bn` and weight_decay > 0, else its trainable
     params; explicit params or group dicts are passed through. The lr is meant to be driven by `set_lr`.
     """
-    name = str(name).lower()
-    if name not in OPTIMIZERS:
-        raise ValueError(f"optimizer {name!r} is unknown; choose one of {OPTIMIZERS}.")
-    if lr < 0 or weight_decay < 0:
-        raise ValueError(f"lr and weight_decay must be >= 0, got lr={lr}, weight_decay={weight_decay}.")
+    name = check_optimizer(name, lr, weight_decay, betas, eps, momentum)
     if isinstance(params_or_network, nn.Cell):
         if filter_bias_and_bn and weight_decay > 0:
             params = param_groups(params_or_network, weight_decay)
@@ -104,10 +98,7 @@ def build_optimizer(params_or_network: ParamsOrNetwork, name: str = "adamw", lr:
     if not params:
         raise ValueError("build_optimizer: there are no trainable parameters to optimize.")
     if name == "adamw":
-        betas = tuple(float(beta) for beta in betas)  # Hydra passes a ListConfig; jit needs plain floats
-        if len(betas) != 2:
-            raise ValueError(f"AdamW needs two betas (beta1, beta2), got {betas}.")
-        return FusedAdamW(params, lr=lr, betas=betas, eps=float(eps), weight_decay=float(weight_decay))
+        return FusedAdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     return optim.SGD(params, lr=lr, momentum=float(momentum), weight_decay=float(weight_decay),
                      nesterov=bool(nesterov))
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
@@ -25,6 +26,31 @@ def scale_lr(base_lr: float, global_batch: int | None, reference_batch: int, mod
     if mode == "linear":
         return base_lr * global_batch / reference_batch
     return base_lr
+
+
+def check_schedule(base_lr: float, warmup_lr: float, min_lr: float, warmup_epochs: float, epochs: int | None = None,
+                   steps_per_epoch: int | None = None, global_batch: int | None = None, lr_scaling: str = "none",
+                   reference_batch_size: int = 1024, interval: str = "step", **_: Any) -> float:
+    """WarmupCosineSchedule's arguments (`epochs` and `steps_per_epoch`, which the trainer supplies, are checked
+    when given); returns the base lr scaled to the global batch."""
+    for name, value in (("base_lr", base_lr), ("warmup_lr", warmup_lr), ("min_lr", min_lr),
+                        ("warmup_epochs", warmup_epochs)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"WarmupCosineSchedule: {name} must be a finite number >= 0, got {value}.")
+    if interval not in INTERVALS:
+        raise ValueError(f"WarmupCosineSchedule: interval {interval!r} is unknown; choose one of {INTERVALS}.")
+    known = [n for n in (epochs, steps_per_epoch) if n is not None]
+    if not all(int(n) == n and n >= 1 for n in known):
+        raise ValueError(f"WarmupCosineSchedule: epochs and steps_per_epoch must be integers >= 1, got "
+                         f"epochs={epochs}, steps_per_epoch={steps_per_epoch}.")
+    if epochs is not None and warmup_epochs >= epochs:
+        raise ValueError(f"WarmupCosineSchedule: warmup_epochs ({warmup_epochs}) must be smaller than "
+                         f"epochs ({epochs}); lower warmup_epochs or train longer.")
+    scaled = float(scale_lr(base_lr, global_batch, reference_batch_size, lr_scaling))
+    if min_lr > scaled:
+        how = "" if scaled == base_lr else f", scaled from {base_lr} by {lr_scaling}"
+        raise ValueError(f"WarmupCosineSchedule: min_lr ({min_lr}) must not exceed base_lr ({scaled}{how}).")
+    return scaled
 
 
 class WarmupCosineSchedule:
@@ -53,24 +79,9 @@ class WarmupCosineSchedule:
     def __init__(self, base_lr: float, warmup_lr: float, min_lr: float, warmup_epochs: float, epochs: int,
                  steps_per_epoch: int, global_batch: int | None = None, lr_scaling: str = "none",
                  reference_batch_size: int = 1024, interval: str = "step") -> None:
-        for name, value in (("base_lr", base_lr), ("warmup_lr", warmup_lr), ("min_lr", min_lr),
-                            ("warmup_epochs", warmup_epochs)):
-            if not math.isfinite(value) or value < 0:
-                raise ValueError(f"WarmupCosineSchedule: {name} must be a finite number >= 0, got {value}.")
-        if interval not in INTERVALS:
-            raise ValueError(f"WarmupCosineSchedule: interval {interval!r} is unknown; choose one of {INTERVALS}.")
-        if not all(int(n) == n and n >= 1 for n in (epochs, steps_per_epoch)):
-            raise ValueError(f"WarmupCosineSchedule: epochs and steps_per_epoch must be integers >= 1, got "
-                             f"epochs={epochs}, steps_per_epoch={steps_per_epoch}.")
-        if warmup_epochs >= epochs:
-            raise ValueError(f"WarmupCosineSchedule: warmup_epochs ({warmup_epochs}) must be smaller than "
-                             f"epochs ({epochs}); lower warmup_epochs or train longer.")
         self.configured_base_lr = float(base_lr)
-        self.base_lr = float(scale_lr(base_lr, global_batch, reference_batch_size, lr_scaling))
-        if min_lr > self.base_lr:
-            scaled = "" if self.base_lr == self.configured_base_lr else f", scaled from {base_lr} by {lr_scaling}"
-            raise ValueError(f"WarmupCosineSchedule: min_lr ({min_lr}) must not exceed base_lr "
-                             f"({self.base_lr}{scaled}).")
+        self.base_lr = check_schedule(base_lr, warmup_lr, min_lr, warmup_epochs, epochs, steps_per_epoch,
+                                      global_batch, lr_scaling, reference_batch_size, interval)
         self.warmup_lr, self.min_lr = float(warmup_lr), float(min_lr)
         self.global_batch, self.lr_scaling, self.reference_batch_size = global_batch, lr_scaling, reference_batch_size
         self.interval, self.warmup_epochs = interval, float(warmup_epochs)

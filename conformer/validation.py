@@ -94,6 +94,7 @@ def validate_config(cfg: DictConfig) -> None:
     _check_trainer(cfg)
     _check_tracking(cfg)
     check_hardware(cfg.hardware)
+    _check_components(cfg)
     if task == "train":
         check_weights(cfg, "model.pretrained")
         if _get(cfg, "trainer.resume") != "auto":
@@ -145,6 +146,7 @@ def _check_trainer(cfg: DictConfig) -> None:
         require_number(_get(cfg, "trainer.clip_grad_norm"), "trainer.clip_grad_norm", strict=True,
                        hint="or null for no clipping")
     require_choice(_get(cfg, "trainer.loss_scale"), "trainer.loss_scale", LOSS_SCALES)
+    require_number(_get(cfg, "trainer.init_loss_scale"), "trainer.init_loss_scale", minimum=1)
     for key in ("limit_train_batches", "limit_val_batches", "overfit_batches", "profile_steps"):
         if OmegaConf.select(cfg, f"trainer.{key}") is not None:
             require_int(_get(cfg, f"trainer.{key}"), f"trainer.{key}", hint="or null for off")
@@ -160,6 +162,42 @@ def _check_trainer(cfg: DictConfig) -> None:
     if warmup >= epochs > 1:
         raise ConfigError(f"optim.schedule.warmup_epochs={warmup} must be below trainer.epochs={epochs}: set "
                           f"optim.schedule.warmup_epochs={max(0, epochs - 1) if epochs <= 5 else 5} or train longer")
+
+
+COMPONENT_GROUPS = ("model", "data", "optim", "loss", "trainer")  # the config groups that build components
+
+
+def _component_nodes(node: Any, key: str) -> list[tuple[str, dict]]:
+    """`(key, node)` of every mapping with a `_target_` in a resolved config tree, outermost first."""
+    found = []
+    if isinstance(node, dict):
+        if "_target_" in node:
+            found.append((key, node))
+        for name, child in node.items():
+            found += _component_nodes(child, f"{key}.{name}")
+    return found
+
+
+def _check_components(cfg: DictConfig) -> None:
+    """Each component's own argument check (`conformer.arguments.CHECKS`) on its config node, before any build."""
+    from conformer.arguments import CHECKS  # imports the data modules, which import this one
+
+    global_batch = _get(cfg, "data.batch_size") * (cfg.hardware.get("workers", 1) * cfg.hardware.get("nodes", 1)) * \
+        _get(cfg, "trainer.grad_accum_steps")
+    supplied = {"optim.schedule": {"global_batch": global_batch}}  # what the trainer passes the partial schedule
+    for group in COMPONENT_GROUPS:
+        if group not in cfg:
+            continue
+        tree = OmegaConf.to_container(cfg[group], resolve=True)
+        for key, node in _component_nodes(tree, group):
+            check = CHECKS.get(node["_target_"])
+            if check is None:
+                continue
+            arguments = {name: value for name, value in node.items() if not name.startswith("_")}
+            try:
+                check(**arguments, **supplied.get(key, {}))
+            except (ValueError, TypeError, OSError) as err:
+                raise ConfigError(f"{key}: {err}") from err
 
 
 def _check_tracking(cfg: DictConfig) -> None:

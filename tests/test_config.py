@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -45,6 +47,10 @@ def test_every_group_option_composes_resolves_and_validates(group: str, option: 
     needs = []  # what the option itself requires: the weights of an inference task, predict's images
     if group == "task" and option != "train":
         needs.append(f"task.checkpoint={REFERENCE / 'tiny_state.npz'}")
+    if (group, option) in (("data", "folder"), ("data", "imagenet"), ("experiment", "conformer_ti_imagenet")):
+        for split in ("train", "val"):
+            (tmp_path / "images" / split).mkdir(parents=True)
+        needs.append(f"data.source.root={tmp_path / 'images'}")
     if (group, option) == ("task", "predict"):
         Image.new("RGB", (8, 8)).save(tmp_path / "cat.png")
         needs.append(f"task.inputs={tmp_path / 'cat.png'}")
@@ -84,6 +90,89 @@ def test_bad_values_are_one_line_config_errors(override: str, message: str) -> N
     with pytest.raises(ConfigError) as info:
         validate_config(compose_config([override]))
     assert str(info.value) == message
+
+
+@pytest.fixture(scope="module")
+def image_folder_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The split folders an ImageFolderSource config needs to pass its own check."""
+    root = tmp_path_factory.mktemp("imagenet")
+    for split in ("train", "val"):
+        (root / split).mkdir()
+    return root
+
+
+# One bad value per component check, with the line the user sees (after "config error: ").
+COMPONENT_ERRORS = [
+    (["loss.label_smoothing=2"], "loss: DualHeadLoss: label_smoothing must be in [0, 1), got 2."),
+    (["optim.optimizer.name=lamb"], "optim.optimizer: optimizer 'lamb' is unknown; choose one of ('adamw', 'sgd')."),
+    (["optim.optimizer.betas=[0.9,1.5]"], "optim.optimizer: AdamW betas must lie in [0, 1), got (0.9, 1.5)."),
+    (["optim.optimizer.eps=0"], "optim.optimizer: AdamW eps must be > 0, got 0."),
+    (["optim=sgd", "optim.optimizer.momentum=-1"], "optim.optimizer: SGD momentum must be >= 0, got -1."),
+    (["optim.schedule.interval=epochs"], "optim.schedule: WarmupCosineSchedule: interval 'epochs' is unknown; "
+                                         "choose one of ('step', 'epoch')."),
+    (["optim.schedule.lr_scaling=linear", "optim.schedule.min_lr=1e-4"],
+     "optim.schedule: WarmupCosineSchedule: min_lr (0.0001) must not exceed base_lr (6.25e-05, scaled from 0.001 "
+     "by linear)."),
+    (["data.train_transform.hflip=2"], "data.train_transform: hflip=2 is a probability: use a value in [0, 1]"),
+    (["data.train_transform.auto_augment=rand-m9-p2"],
+     "data.train_transform: RandAugment spec 'rand-m9-p2': p must be in [0, 1], got 2.0"),
+    (["data.train_transform.re_prob=0.25", "+data.train_transform.re_mode=blur"],
+     "data.train_transform: random erasing mode='blur' is unknown: use one of ['const', 'rand', 'pixel']"),
+    (["data.eval_transform.interpolation=lanczos"],
+     "data.eval_transform: interpolation='lanczos' is not supported: use one of ['bicubic', 'bilinear', 'nearest']"),
+    (["data.eval_transform.std=[0.5,0,0.5]"], "data.eval_transform: std=(0.5, 0.0, 0.5) must be positive"),
+    (["data.eval_transform.image_size=48"],
+     "data: data.eval_transform.image_size=48 differs from data.image_size=32: set it to ${data.image_size}"),
+    (["data=synthetic", "data.source.num_val=0"], "data.source: SyntheticSource num_val=0 must be a positive integer"),
+    (["data.source.val_fraction=1.5"], "data.source: val_fraction=1.5 must be in (0, 1), e.g. 0.2"),
+    (["data=folder", "data.source.root=/nonexistent"],
+     "data.source: dataset root /nonexistent does not exist or is not a folder: set data.source.root to a folder "
+     "holding train/<class>/<images> and val/<class>/<images>"),
+    (["data=imagenet", "data.source.root={root}", "data.mixup.switch_prob=1.5"],
+     "data.mixup: mixup switch_prob=1.5 must be in [0, 1]"),
+    (["data=imagenet", "data.source.root={root}", "data.batch_size=7"],
+     "data: Mixup/CutMix in batch mode needs full even batches: got batch_size=7, drop_last=True; use an even batch "
+     "size and drop_last=true, or data.mixup=null"),
+    (["trainer.ema_decay=1.5"], "trainer: ModelEma: decay must be in [0, 1], got 1.5."),
+]
+
+
+@pytest.mark.parametrize(("overrides", "message"), COMPONENT_ERRORS, ids=[" ".join(o) for o, _ in COMPONENT_ERRORS])
+def test_a_value_a_component_would_refuse_is_a_config_error_before_it_is_built(
+        overrides: list[str], message: str, image_folder_root: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        validate_config(compose_config([o.format(root=image_folder_root) for o in overrides]))
+    assert str(info.value) == message
+
+
+def test_every_component_the_configs_build_has_an_up_front_check() -> None:
+    from conformer.arguments import CHECKS
+
+    checked_elsewhere = {"conformer.models.create_model"}  # validate_config checks the architecture itself
+    groups = ("model", "data", "optim", "loss", "trainer")
+    targets = {t for group in groups for path in (CONF_DIR / group).glob("*.yaml")
+               for t in _targets(OmegaConf.load(path))}
+    assert targets - checked_elsewhere <= set(CHECKS), f"no up-front check: {targets - set(CHECKS)}"
+
+
+def test_the_component_checks_run_without_importing_mindspore(image_folder_root: Path) -> None:
+    """What makes them fast: every check of COMPONENT_ERRORS answers in a process that never imports MindSpore."""
+    script = (
+        "import json, sys\n"
+        "from tests.helpers import compose_config\n"
+        "from conformer.validation import ConfigError, validate_config\n"
+        "answers = []\n"
+        f"for overrides in {[o for o, _ in COMPONENT_ERRORS]!r}:\n"
+        "    try:\n"
+        f"        validate_config(compose_config([o.format(root={str(image_folder_root)!r}) for o in overrides]))\n"
+        "    except ConfigError as err:\n"
+        "        answers.append(str(err))\n"
+        "print(json.dumps({'answers': answers, 'mindspore': sorted(m for m in sys.modules if 'mindspore' in m)}))\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=CONF_DIR.parent, capture_output=True, text=True,
+                          timeout=120, check=True)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["answers"] == [message for _, message in COMPONENT_ERRORS]
+    assert result["mindspore"] == []
 
 
 @pytest.mark.slow
@@ -149,6 +238,7 @@ def test_a_value_a_component_refuses_is_one_line_naming_the_config_node(tmp_path
     assert result.stderr.strip().splitlines()[-1] == (
         "config error: loss: DualHeadLoss: label_smoothing must be in [0, 1), got 2.")
     assert "Traceback" not in result.stderr and "composed config" not in result.stdout
+    assert not list((tmp_path / "outputs").glob("*/*")), "the run dir of a refused config is left behind"
 
 
 @pytest.mark.slow

@@ -20,24 +20,33 @@ ERASE_MODES = ("const", "rand", "pixel")
 _ATTEMPTS = 10
 
 
+def check_erasing(probability: float = 0.5, min_area: float = 0.02, max_area: float = 1 / 3,
+                  min_aspect: float = 0.3, max_aspect: float | None = None, mode: str = "pixel",
+                  min_count: int = 1, max_count: int | None = None) -> tuple[float, int]:
+    """RandomErasing's arguments; returns the effective (max_aspect, max_count)."""
+    max_aspect = max_aspect or 1.0 / min_aspect
+    max_count = max_count or min_count
+    if not 0.0 <= probability <= 1.0:
+        raise ValueError(f"random erasing probability={probability} must be in [0, 1]")
+    if not 0.0 < min_area <= max_area <= 1.0:
+        raise ValueError(f"random erasing areas ({min_area}, {max_area}) need 0 < min <= max <= 1")
+    if not 0.0 < min_aspect <= max_aspect:
+        raise ValueError(f"random erasing aspect ratios ({min_aspect}, {max_aspect}) need 0 < min <= max")
+    if mode not in ERASE_MODES:
+        raise ValueError(f"random erasing mode={mode!r} is unknown: use one of {list(ERASE_MODES)}")
+    if not 1 <= min_count <= max_count:
+        raise ValueError(f"random erasing counts ({min_count}, {max_count}) need 1 <= min <= max")
+    return max_aspect, max_count
+
+
 class RandomErasing:
     """Erase random boxes of a CHW float image (after normalisation), as timm's ``RandomErasing``."""
 
     def __init__(self, probability: float = 0.5, min_area: float = 0.02, max_area: float = 1 / 3,
                  min_aspect: float = 0.3, max_aspect: float | None = None, mode: str = "pixel",
                  min_count: int = 1, max_count: int | None = None) -> None:
-        max_aspect = max_aspect or 1.0 / min_aspect
-        max_count = max_count or min_count
-        if not 0.0 <= probability <= 1.0:
-            raise ValueError(f"random erasing probability={probability} must be in [0, 1]")
-        if not 0.0 < min_area <= max_area <= 1.0:
-            raise ValueError(f"random erasing areas ({min_area}, {max_area}) need 0 < min <= max <= 1")
-        if not 0.0 < min_aspect <= max_aspect:
-            raise ValueError(f"random erasing aspect ratios ({min_aspect}, {max_aspect}) need 0 < min <= max")
-        if mode not in ERASE_MODES:
-            raise ValueError(f"random erasing mode={mode!r} is unknown: use one of {list(ERASE_MODES)}")
-        if not 1 <= min_count <= max_count:
-            raise ValueError(f"random erasing counts ({min_count}, {max_count}) need 1 <= min <= max")
+        max_aspect, max_count = check_erasing(probability, min_area, max_area, min_aspect, max_aspect, mode,
+                                              min_count, max_count)
         self.probability, self.min_area, self.max_area = float(probability), float(min_area), float(max_area)
         self.log_aspect = (math.log(min_aspect), math.log(max_aspect))
         self.mode, self.min_count, self.max_count = mode, int(min_count), int(max_count)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -49,6 +50,21 @@ def cutmix_box(height: int, width: int, lam: float, rng: np.random.Generator,
     return (top, bottom, left, right), float(lam)
 
 
+def check_mixup(mixup_alpha: float = 0.8, cutmix_alpha: float = 1.0, prob: float = 1.0, switch_prob: float = 0.5,
+                mode: str = "batch", label_smoothing: float = 0.1, num_classes: int | None = None, **_: Any) -> None:
+    """Mixup's arguments."""
+    if mode != "batch":
+        raise ValueError(f"mixup mode={mode!r} is not supported: only 'batch' is implemented")
+    if mixup_alpha < 0 or cutmix_alpha < 0:
+        raise ValueError(f"mixup_alpha={mixup_alpha} and cutmix_alpha={cutmix_alpha} must be >= 0")
+    probabilities = {"prob": prob, "switch_prob": switch_prob, "label_smoothing": label_smoothing}
+    for name, value in probabilities.items():
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"mixup {name}={value} must be in [0, 1]")
+    if num_classes is not None and int(num_classes) < 2:
+        raise ValueError(f"mixup num_classes={num_classes} must be >= 2")
+
+
 class Mixup:
     """Batch-mode Mixup/CutMix with label smoothing; call on ``(images [B,C,H,W], labels [B])``.
 
@@ -59,16 +75,7 @@ class Mixup:
                  switch_prob: float = 0.5, mode: str = "batch", label_smoothing: float = 0.1,
                  correct_lam: bool = True, num_classes: int | None = None,
                  seed: int | Sequence[int] | None = None) -> None:
-        if mode != "batch":
-            raise ValueError(f"mixup mode={mode!r} is not supported: only 'batch' is implemented")
-        if mixup_alpha < 0 or cutmix_alpha < 0:
-            raise ValueError(f"mixup_alpha={mixup_alpha} and cutmix_alpha={cutmix_alpha} must be >= 0")
-        probabilities = {"prob": prob, "switch_prob": switch_prob, "label_smoothing": label_smoothing}
-        for name, value in probabilities.items():
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"mixup {name}={value} must be in [0, 1]")
-        if num_classes is not None and int(num_classes) < 2:
-            raise ValueError(f"mixup num_classes={num_classes} must be >= 2")
+        check_mixup(mixup_alpha, cutmix_alpha, prob, switch_prob, mode, label_smoothing, num_classes)
         self.mixup_alpha, self.cutmix_alpha = float(mixup_alpha), float(cutmix_alpha)
         self.prob, self.switch_prob = float(prob), float(switch_prob)
         self.mode, self.label_smoothing, self.correct_lam = mode, float(label_smoothing), bool(correct_lam)

@@ -15,6 +15,7 @@ from typing import Any, Union
 
 import mindspore.dataset as ds
 
+from conformer.arguments import check_mixup_batches, check_transform_size
 from conformer.data.mixup import Mixup
 from conformer.data.sampler import ShardSampler, train_shard_length
 from conformer.data.sources import SPLITS, CheckedReader, Source
@@ -45,9 +46,7 @@ class DataModule:
         self.name, self.source = name, source
         self.image_size = require_int(image_size, "data.image_size")
         for kind, transform in (("train_transform", train_transform), ("eval_transform", eval_transform)):
-            if transform.image_size != image_size:
-                raise ValueError(f"data.{kind}.image_size={transform.image_size} differs from "
-                                 f"data.image_size={image_size}: set it to ${{data.image_size}}")
+            check_transform_size(kind, transform.image_size, image_size)
         self.train_transform, self.eval_transform = train_transform, eval_transform
         self.batch_size = require_int(batch_size, "data.batch_size")
         self.eval_batch_size = require_int(eval_batch_size or batch_size, "data.eval_batch_size")
@@ -66,10 +65,7 @@ class DataModule:
             return None
         if not isinstance(mixup, Mixup):
             mixup = mixup()  # a factory, e.g. Hydra's ``_partial_: true``
-        if self.batch_size % 2 or not self.drop_last:
-            raise ValueError(f"Mixup/CutMix in batch mode needs full even batches: got batch_size="
-                             f"{self.batch_size}, drop_last={self.drop_last}; use an even batch size and "
-                             "drop_last=true, or data.mixup=null")
+        check_mixup_batches(self.batch_size, self.drop_last)
         return mixup.bind(self.num_classes)
 
     @property

@@ -253,6 +253,21 @@ class Source:
         return f"{type(self).__name__}(classes={self.num_classes}, {sizes})"
 
 
+def check_image_folder(root: str | os.PathLike, train_dir: str = "train", val_dir: str = "val",
+                       **_: Any) -> dict[str, Path]:
+    """ImageFolderSource's folders exist (their contents are scanned when it is built); the split folders."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"dataset root {root} does not exist or is not a folder: set data.source.root to "
+                                f"a folder holding {train_dir}/<class>/<images> and {val_dir}/<class>/<images>")
+    dirs = {"train": root / train_dir, "val": root / val_dir}
+    for split, path in dirs.items():
+        if not path.is_dir():
+            raise FileNotFoundError(f"{split} split folder {path} is missing: create it with one subfolder per "
+                                    f"class, or set {split}_dir to the right subfolder of {root}")
+    return dirs
+
+
 class ImageFolderSource(Source):
     """ImageNet layout: ``root/<train_dir>/<class>/*.JPEG`` and ``root/<val_dir>/<class>/*.JPEG``.
 
@@ -261,16 +276,7 @@ class ImageFolderSource(Source):
 
     def __init__(self, root: str | os.PathLike, train_dir: str = "train", val_dir: str = "val") -> None:
         self.root = Path(root).expanduser()
-        if not self.root.is_dir():
-            raise FileNotFoundError(f"dataset root {self.root} does not exist or is not a folder: set "
-                                    f"data.source.root to a folder holding {train_dir}/<class>/<images> and "
-                                    f"{val_dir}/<class>/<images>")
-        dirs = {"train": self.root / train_dir, "val": self.root / val_dir}
-        for split, path in dirs.items():
-            if not path.is_dir():
-                raise FileNotFoundError(f"{split} split folder {path} is missing: create it with one "
-                                        f"subfolder per class, or set {split}_dir to the right subfolder "
-                                        f"of {self.root}")
+        dirs = check_image_folder(root, train_dir, val_dir)
         self.classes, self.train_samples = scan_split(dirs["train"])
         _, self.val_samples = scan_split(dirs["val"], self.classes)
 
@@ -279,6 +285,12 @@ class ImageFolderSource(Source):
 
 
 DIGITS_MANIFEST = "digits.json"
+
+
+def check_digits(val_fraction: float = 0.2, **_: Any) -> None:
+    """DigitsSource's arguments."""
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction={val_fraction} must be in (0, 1), e.g. 0.2")
 
 
 class DigitsSource(ImageFolderSource):
@@ -290,8 +302,7 @@ class DigitsSource(ImageFolderSource):
     """
 
     def __init__(self, root: str | os.PathLike, val_fraction: float = 0.2, seed: int = 0) -> None:
-        if not 0.0 < val_fraction < 1.0:
-            raise ValueError(f"val_fraction={val_fraction} must be in (0, 1), e.g. 0.2")
+        check_digits(val_fraction)
         self.val_fraction, self.seed = float(val_fraction), int(seed)
         root = Path(root).expanduser()
         self._materialise(root)
@@ -360,6 +371,16 @@ class SyntheticReader:
         return image, np.array(self.labels[index], dtype=np.int32)
 
 
+def check_synthetic(num_train: int = 256, num_val: int = 64, num_classes: int = 10, height: int = 256,
+                    width: int = 256, **_: Any) -> None:
+    """SyntheticSource's sizes."""
+    sizes = {"num_train": num_train, "num_val": num_val, "num_classes": num_classes, "height": height,
+             "width": width}
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"SyntheticSource {name}={value} must be a positive integer")
+
+
 class SyntheticSource(Source):
     """Random images and labels for benchmarks; they go through the same transforms, minus decoding."""
 
@@ -367,11 +388,7 @@ class SyntheticSource(Source):
 
     def __init__(self, num_train: int = 256, num_val: int = 64, num_classes: int = 10, seed: int = 0,
                  height: int = 256, width: int = 256) -> None:
-        sizes = {"num_train": num_train, "num_val": num_val, "num_classes": num_classes, "height": height,
-                 "width": width}
-        for name, value in sizes.items():
-            if int(value) <= 0:
-                raise ValueError(f"SyntheticSource {name}={value} must be a positive integer")
+        check_synthetic(num_train, num_val, num_classes, height, width)
         self.seed, self.height, self.width = int(seed), int(height), int(width)
         self.classes = [f"class_{i:04d}" for i in range(int(num_classes))]
         rng = np.random.default_rng(self.seed)

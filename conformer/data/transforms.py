@@ -19,35 +19,26 @@ import mindspore.dataset.vision as vision
 import numpy as np
 from mindspore.dataset.vision import Inter
 
+from conformer.arguments import (
+    INTERPOLATION_NAMES,
+    check_eval_transform,
+    check_interpolation,
+    check_normalisation,
+    check_pair,
+    check_train_transform,
+)
 from conformer.data.erasing import RandomErasing
-from conformer.validation import require_int
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "INTERPOLATIONS", "EvalTransform", "ResizeCenterCrop", "Stage",
            "TrainTransform"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-INTERPOLATIONS = {"bicubic": Inter.PILCUBIC, "bilinear": Inter.BILINEAR, "nearest": Inter.NEAREST}
+INTERPOLATIONS = dict(zip(INTERPOLATION_NAMES, (Inter.PILCUBIC, Inter.BILINEAR, Inter.NEAREST)))
 
 
 def _interpolation(name: str) -> Inter:
-    if name not in INTERPOLATIONS:
-        raise ValueError(f"interpolation={name!r} is not supported: use one of {sorted(INTERPOLATIONS)}")
-    return INTERPOLATIONS[name]
-
-
-def _triple(values: Sequence[float], name: str) -> tuple[float, float, float]:
-    values = tuple(float(v) for v in values)
-    if len(values) != 3:
-        raise ValueError(f"{name}={values} must hold 3 per-channel values (RGB)")
-    return values  # type: ignore[return-value]
-
-
-def _pair(values: Sequence[float], name: str) -> tuple[float, float]:
-    values = tuple(float(v) for v in values)
-    if len(values) != 2 or not 0 < values[0] <= values[1]:
-        raise ValueError(f"{name}={values} must be a (min, max) pair with 0 < min <= max")
-    return values  # type: ignore[return-value]
+    return INTERPOLATIONS[check_interpolation(name)]
 
 
 def shorter_side_size(height: int, width: int, size: int) -> tuple[int, int]:
@@ -97,9 +88,7 @@ class _Normalised:
     """Shared normalisation (uint8 HWC -> (x - 255 mean) / (255 std) as float32 CHW) and the flat op list."""
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
-        self.mean, self.std = _triple(mean, "mean"), _triple(std, "std")
-        if min(self.std) <= 0:
-            raise ValueError(f"std={self.std} must be positive")
+        self.mean, self.std = check_normalisation(mean, std)
 
     def _normalise_ops(self) -> list:
         # transposing the uint8 image first moves 4x fewer bytes
@@ -123,26 +112,18 @@ class TrainTransform(_Normalised):
                  auto_augment: str | None = None, re_prob: float = 0.0, re_mode: str = "pixel",
                  re_count: int = 1, mean: Sequence[float] = IMAGENET_MEAN,
                  std: Sequence[float] = IMAGENET_STD) -> None:
+        check_train_transform(image_size, scale, ratio, interpolation, hflip, auto_augment, re_prob, re_mode, re_count,
+                              mean, std)
         super().__init__(mean, std)
-        self.image_size = require_int(image_size, "image_size", hint="e.g. 224")
-        self.scale, self.ratio = _pair(scale, "scale"), _pair(ratio, "ratio")
-        if self.scale[1] > 1.0:
-            raise ValueError(f"scale={self.scale} is a fraction of the image area: max must be <= 1")
+        self.image_size = image_size
+        self.scale, self.ratio = check_pair(scale, "scale"), check_pair(ratio, "ratio")
         self.interpolation = interpolation
-        _interpolation(interpolation)
-        if not 0.0 <= hflip <= 1.0:
-            raise ValueError(f"hflip={hflip} is a probability: use a value in [0, 1]")
         self.hflip = float(hflip)
         self.auto_augment = auto_augment or None
-        if not 0.0 <= re_prob <= 1.0:
-            raise ValueError(f"re_prob={re_prob} is a probability: use a value in [0, 1] (0: no erasing)")
         self.erasing = RandomErasing(re_prob, mode=re_mode, max_count=re_count) if re_prob > 0 else None
         self._rand_augment = self._build_rand_augment() if self.auto_augment else None
 
     def _build_rand_augment(self) -> Any:
-        if not self.auto_augment.startswith("rand"):
-            raise ValueError(f"auto_augment={self.auto_augment!r}: only RandAugment specs are supported "
-                             "(e.g. 'rand-m9-mstd0.5-inc1'); use null to disable")
         from conformer.data.randaugment import rand_augment_transform  # only needed when augmenting
 
         hparams = {"translate_const": int(self.image_size * 0.45),
@@ -173,13 +154,11 @@ class EvalTransform(_Normalised):
 
     def __init__(self, image_size: int, crop_pct: float = 0.875, interpolation: str = "bicubic",
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> None:
+        check_eval_transform(image_size, crop_pct, interpolation, mean, std)
         super().__init__(mean, std)
-        self.image_size = require_int(image_size, "image_size", hint="e.g. 224")
-        if not 0.0 < crop_pct <= 1.0:
-            raise ValueError(f"crop_pct={crop_pct} must be in (0, 1] (0.875 is the ImageNet convention)")
+        self.image_size = image_size
         self.crop_pct = float(crop_pct)
         self.interpolation = interpolation
-        _interpolation(interpolation)
 
     @property
     def resize_size(self) -> int:

@@ -7,6 +7,7 @@ from contextlib import contextmanager
 import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
+from conformer.arguments import check_ema_decay
 from conformer.train.checkpoint import assign_in_place
 
 _lerp = ops.MultitypeFuncGraph("ema_lerp")
@@ -57,8 +58,7 @@ class ModelEma:
     """
 
     def __init__(self, network: nn.Cell, decay: float = 0.9998) -> None:
-        if not 0.0 <= decay <= 1.0:
-            raise ValueError(f"ModelEma: decay must be in [0, 1], got {decay}.")
+        decay = check_ema_decay(decay)
         live = list(network.get_parameters())
         not_float = [param.name for param in live if param.dtype not in ms.dtype.float_type]
         if not_float:
