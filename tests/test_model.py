@@ -9,6 +9,7 @@ import pytest
 from mindspore import ops
 
 from conformer.models import Conformer, create_model, model_names
+from conformer.models.conformer_net import DropPath, drop_path_masks
 
 from .parity import REFERENCE, max_rel_error, reference_model
 
@@ -94,3 +95,32 @@ def test_input_of_wrong_size_is_refused_before_compiling() -> None:
     model = create_model("conformer_nano", num_classes=10, img_size=64)
     with pytest.raises(ValueError, match="multiple of the patch size"):
         model.check_input_shape((2, 3, 40, 40))
+
+
+def test_drop_path_masks_come_from_their_key_alone_with_timm_scaling() -> None:
+    rates = create_model("conformer_nano", num_classes=10, drop_path_rate=0.3).drop_path_rates
+    depth = len(rates) // 2  # two masks per transformer block
+    assert rates == tuple(r for r in np.linspace(0, 0.3, depth) for _ in range(2))
+    assert create_model("conformer_nano", num_classes=10).drop_path_rates == ()  # no masks to draw, none fed
+
+    masks = drop_path_masks(rates, 4096, (7, 0, 11))
+    np.testing.assert_array_equal(masks, drop_path_masks(rates, 4096, (7, 0, 11)))  # a resumed step draws the same
+    assert not np.array_equal(masks, drop_path_masks(rates, 4096, (7, 0, 12)))
+    assert not np.array_equal(masks, drop_path_masks(rates, 4096, (7, 1, 11)))  # each rank its own
+    for row, rate in zip(masks, rates):
+        keep = 1.0 - rate
+        assert set(np.unique(row)) <= {0.0, np.float32(1.0 / keep)}
+        assert abs((row > 0).mean() - keep) < 0.03, (rate, (row > 0).mean())
+    np.testing.assert_array_equal(masks[:2], 1.0)  # the first block's rate is 0
+
+
+def test_drop_path_applies_a_given_mask_per_sample_in_training_only() -> None:
+    cell = DropPath(0.5)
+    x = ms.Tensor(np.ones((3, 4, 5), np.float32))
+    mask = ms.Tensor(np.array([2.0, 0.0, 2.0], np.float32))
+    cell.set_train(True)
+    out = cell(x, mask).asnumpy()
+    np.testing.assert_array_equal(out[0], 2.0)
+    np.testing.assert_array_equal(out[1], 0.0)
+    cell.set_train(False)
+    np.testing.assert_array_equal(cell(x, mask).asnumpy(), 1.0)

@@ -1,6 +1,6 @@
 """Resuming after kill -9: `trainer.resume=auto` finds the checkpoint, the training ends bit-identical to one that
-was never interrupted, and the epoch, global step, optimizer state, per-epoch lr, best checkpoint and MLflow run
-carry on."""
+was never interrupted (drop path included), and the epoch, global step, optimizer state, per-epoch lr, best
+checkpoint and MLflow run carry on."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -29,7 +29,9 @@ def _state_step(path: Path) -> int:
 
 def test_a_run_killed_with_sigkill_resumes_to_bit_identical_weights(tmp_path: Path, tmp_path_factory) -> None:
     data_root = tiny_folder(tmp_path_factory.getbasetemp())
-    common = ("trainer.epochs=3", "data.num_workers=1", "trainer.log_every_n_steps=1", *MONITOR, PER_EPOCH_LR)
+    # drop path on: its masks come from (seed, rank, step), so the resumed epochs draw the masks they would have
+    common = ("trainer.epochs=3", "data.num_workers=1", "trainer.log_every_n_steps=1", "model.drop_path_rate=0.2",
+              *MONITOR, PER_EPOCH_LR)
 
     def overrides(root: Path, *extra: str) -> list[str]:
         return tiny_overrides(root, data_root, f"tracking.uri={store_uri(root)}", *common, *extra)

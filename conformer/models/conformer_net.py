@@ -10,6 +10,7 @@ released weights load one to one (see `conformer.convert`).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -39,20 +40,34 @@ def conv2d(in_ch: int, out_ch: int, kernel: int, stride: int = 1, padding: int =
 
 
 class DropPath(nn.Cell):
-    """Stochastic depth per sample: zero a sample's residual branch with probability `drop_prob`."""
+    """Stochastic depth per sample: zero a sample's residual branch with probability `drop_prob`.
+
+    `mask` ([batch], 0 or 1 / keep_prob per sample) comes from the host when given (`drop_path_masks`: drawn from
+    a seed and the step, so a resumed run draws the same masks); without it the dropout kernel draws one, from a
+    random state that no checkpoint can hold.
+    """
 
     def __init__(self, drop_prob: float = 0.0) -> None:
         super().__init__()
         self.drop_prob = float(drop_prob)
         self.dropout = nn.Dropout(p=self.drop_prob)
 
-    def construct(self, x: Tensor) -> Tensor:
+    def construct(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         if not self.training or self.drop_prob == 0.0:
             return x
         mask_shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-        # Dropout on a ones tensor yields the per-sample keep mask already scaled by 1 / keep_prob.
-        mask = self.dropout(x.new_ones(mask_shape))
-        return x * mask
+        if mask is None:
+            # Dropout on a ones tensor yields the per-sample keep mask already scaled by 1 / keep_prob.
+            mask = self.dropout(x.new_ones(mask_shape))
+        return x * mask.reshape(mask_shape).astype(x.dtype)
+
+
+def drop_path_masks(rates: Sequence[float], batch: int, key: Sequence[int]) -> np.ndarray:
+    """Per-sample drop-path masks [len(rates), batch] for one forward pass, drawn from `key` (e.g. seed, rank,
+    step) alone: 0 for a dropped sample, 1 / keep_prob for a kept one (timm's scaling)."""
+    keep = 1.0 - np.asarray(rates, np.float64)[:, None]
+    draws = np.random.default_rng([int(k) for k in key]).random((len(rates), batch))
+    return np.where(draws < keep, 1.0 / keep, 0.0).astype(np.float32)
 
 
 class ZeroPadMaxPool(nn.Cell):
@@ -131,9 +146,13 @@ class Block(nn.Cell):
         self.norm2 = layer_norm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
 
-    def construct(self, x: Tensor) -> Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x)))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+    def construct(self, x: Tensor, masks: Tensor | None = None) -> Tensor:
+        """`masks`: [2, batch] drop-path masks for the attention and the MLP branch (None: drawn in the graph)."""
+        if masks is None:
+            x = x + self.drop_path(self.attn(self.norm1(x)))
+            return x + self.drop_path(self.mlp(self.norm2(x)))
+        x = x + self.drop_path(self.attn(self.norm1(x)), masks[0])
+        return x + self.drop_path(self.mlp(self.norm2(x)), masks[1])
 
 
 class ConvBlock(nn.Cell):
@@ -240,12 +259,12 @@ class ConvTransBlock(nn.Cell):
                                  drop_path_rate)
         self.dw_stride = dw_stride
 
-    def construct(self, x: Tensor, x_t: Tensor) -> tuple[Tensor, Tensor]:
+    def construct(self, x: Tensor, x_t: Tensor, masks: Tensor | None = None) -> tuple[Tensor, Tensor]:
         x, x2 = self.cnn_block(x)
         h, w = x2.shape[2], x2.shape[3]
         x_st = self.squeeze_block(x2, x_t)
         # The class token enters twice (x_st carries it and so does x_t): this is what the official weights expect.
-        x_t = self.trans_block(x_st + x_t)
+        x_t = self.trans_block(x_st + x_t, masks)
         if self.num_med_block > 0:
             for med_block in self.med_block:
                 x, _ = med_block(x)
@@ -274,6 +293,8 @@ class Conformer(nn.Cell):
         self.img_size = img_size
         self.in_chans = in_chans
         dpr = np.linspace(0, drop_path_rate, depth).tolist()
+        # The drop probability of each drop-path mask a forward pass uses: attention and MLP of every block.
+        self.drop_path_rates = tuple(rate for rate in dpr for _ in range(2)) if drop_path_rate > 0 else ()
 
         self.cls_token = Parameter(init.initializer(init.TruncatedNormal(0.02), (1, 1, embed_dim)), name="cls_token")
 
@@ -344,7 +365,7 @@ class Conformer(nn.Cell):
             raise ValueError(f"image size {shape[2]} is not a positive multiple of the patch size {self.patch_size}: "
                              f"use e.g. {nearest_image_size(shape[2], self.patch_size)}")
 
-    def forward_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward_features(self, x: Tensor, drop_path_masks: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Return the final CNN feature map and the normalised token sequence."""
         b = x.shape[0]
         x_base = self.maxpool(self.act1(self.bn1(self.conv1(x))))
@@ -352,13 +373,21 @@ class Conformer(nn.Cell):
         x_t = self.trans_patch_conv(x_base)
         x_t = x_t.reshape(b, self.embed_dim, -1).transpose(0, 2, 1)
         cls_tokens = self.cls_token.broadcast_to((b, 1, self.embed_dim)).astype(x_t.dtype)
-        x_t = self.trans_1(self.concat((cls_tokens, x_t)))
-        for block in self.conv_trans:
-            x, x_t = block(x, x_t)
+        if drop_path_masks is None:
+            x_t = self.trans_1(self.concat((cls_tokens, x_t)))
+            for block in self.conv_trans:
+                x, x_t = block(x, x_t)
+        else:  # two rows per transformer block, in order (`drop_path_rates`)
+            x_t = self.trans_1(self.concat((cls_tokens, x_t)), drop_path_masks[0:2])
+            row = 2
+            for block in self.conv_trans:
+                x, x_t = block(x, x_t, drop_path_masks[row:row + 2])
+                row += 2
         return x, self.trans_norm(x_t)
 
-    def construct(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        x, x_t = self.forward_features(x)
+    def construct(self, x: Tensor, drop_path_masks: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """`drop_path_masks` ([len(drop_path_rates), batch], see `drop_path_masks`) only matter in training."""
+        x, x_t = self.forward_features(x, drop_path_masks)
         conv_logits = self.conv_cls_head(x.mean(axis=(2, 3)))
         trans_logits = self.trans_cls_head(x_t[:, 0])
         return conv_logits, trans_logits

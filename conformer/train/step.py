@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -11,6 +11,7 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.experimental import optim
 
+from conformer.models.conformer_net import drop_path_masks
 from conformer.train.checkpoint import assign_in_place
 from conformer.validation import AMP_LEVELS, LOSS_SCALES
 
@@ -126,8 +127,9 @@ class _StepCell(nn.Cell):
         self.reducer = data_parallel_reducer(self.weights)
         self.reduce = self.reducer is not None
 
-    def forward(self, images: Tensor, targets: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
-        loss = self.loss_fn(self.network(images), targets)
+    def forward(self, images: Tensor, targets: Tensor, masks: Tensor | None, scale: Tensor) -> tuple[Tensor, Tensor]:
+        logits = self.network(images) if masks is None else self.network(images, masks)
+        loss = self.loss_fn(logits, targets)
         # Differentiated output first (scaled, averaged over micro-steps); the plain loss rides along as aux.
         return loss * scale / self.grad_accum_steps, loss
 
@@ -144,9 +146,9 @@ class _StepCell(nn.Cell):
         return Tensor(1.0, ms.float32)
 
     @ms.jit
-    def construct(self, images: Tensor, targets: Tensor, apply: bool) -> tuple[Tensor, ...]:
+    def construct(self, images: Tensor, targets: Tensor, masks: Tensor | None, apply: bool) -> tuple[Tensor, ...]:
         scale = self.loss_scale()
-        (_, loss), grads = self.grad_fn(images, targets, scale)
+        (_, loss), grads = self.grad_fn(images, targets, masks, scale)
         if self.use_scale:
             grads = self.hyper_map(ops.partial(_div_by, scale), grads)
         if self.accumulate:
@@ -206,11 +208,15 @@ class TrainStep:
                                self.grad_accum_steps)
         self._cell.set_train(True)
 
-    def __call__(self, images: Tensor, targets: Tensor) -> StepResult:
+    def __call__(self, images: Tensor, targets: Tensor, mask_key: Sequence[int] | None = None) -> StepResult:
+        """One micro-step. `mask_key` (e.g. seed, rank, global step) draws the network's drop-path masks on the host,
+        so that they are the same after a resume; without it they are drawn in the graph."""
         if not self.network.training:  # the trainer's eval switched it off; BN must use batch stats again
             self.network.set_train(True)
         apply = self._micro_step + 1 == self.grad_accum_steps
-        loss, norm, finite, scale = self._cell(images, targets, apply)
+        rates = getattr(self.network, "drop_path_rates", ())
+        masks = Tensor(drop_path_masks(rates, images.shape[0], mask_key)) if rates and mask_key is not None else None
+        loss, norm, finite, scale = self._cell(images, targets, masks, apply)
         self._micro_step = 0 if apply else self._micro_step + 1
         overflow = not bool(finite.asnumpy())
         applied = apply and not overflow

@@ -219,7 +219,8 @@ class Trainer:
             lr = float(self.lr_values[min(step // self.step.grad_accum_steps, len(self.lr_values) - 1)])
             set_lr(self.step.optimizer, lr)
             compiling = not self._compiled
-            result = self._first_step(images, targets, step) if compiling else self.step(images, targets)
+            result = self._first_step(images, targets, step) if compiling else \
+                self.step(images, targets, self._mask_key(step))
             # A dynamic loss scale skips non-finite steps and shrinks; once it cannot shrink further, give up.
             if not math.isfinite(result.loss) and (not result.overflow or result.loss_scale <= 1.0):
                 raise FloatingPointError(f"loss is {result.loss} at epoch {epoch + 1}, step {step}: lower the "
@@ -282,6 +283,10 @@ class Trainer:
         loader = self.data.train_loader(self.group.rank, self.group.world_size, start_epoch=epoch)
         return loader.create_tuple_iterator(num_epochs=1)
 
+    def _mask_key(self, step: int) -> tuple[int, int, int]:
+        """What a micro-step's drop-path masks are drawn from: a resumed run draws the same ones."""
+        return int(self.data.seed), self.group.rank, step
+
     def _skipped_images(self) -> dict[str, float]:
         """Bad image files skipped so far, per split, over all ranks (`data.on_bad_image=skip`)."""
         skipped = getattr(self.data, "skipped_images", None)
@@ -296,7 +301,7 @@ class Trainer:
         log.info("compiling the train step ...")
         start = time.perf_counter()
         with native_section():
-            result = self.step(images, targets)
+            result = self.step(images, targets, self._mask_key(step))
         seconds = time.perf_counter() - start
         log.info("train step compiled and run once in %.1f s", seconds)
         self.tracker.log_metrics({"time/compile_train_step_s": seconds}, step=step)
