@@ -147,7 +147,7 @@ def _check_trainer(cfg: DictConfig) -> None:
                        hint="or null for no clipping")
     require_choice(_get(cfg, "trainer.loss_scale"), "trainer.loss_scale", LOSS_SCALES)
     require_number(_get(cfg, "trainer.init_loss_scale"), "trainer.init_loss_scale", minimum=1)
-    for key in ("limit_train_batches", "limit_val_batches", "overfit_batches", "profile_steps"):
+    for key in ("limit_train_batches", "limit_val_batches", "overfit_batches", "profile_steps", "save_every_n_steps"):
         if OmegaConf.select(cfg, f"trainer.{key}") is not None:
             require_int(_get(cfg, f"trainer.{key}"), f"trainer.{key}", hint="or null for off")
     progress = OmegaConf.select(cfg, "trainer.progress_bar", default="auto")

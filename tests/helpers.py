@@ -115,15 +115,16 @@ def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, group: bool = False)
         proc.wait(timeout=10)
 
 
-def wait_until(ready: Callable[[], bool], proc: subprocess.Popen, what: str, timeout: float = 120.0) -> None:
-    """Poll `ready()` while `proc` runs; fail early with its stderr when it exits first."""
+def wait_until(ready: Callable[[], bool], proc: subprocess.Popen, what: str, timeout: float = 120.0,
+               poll: float = 0.2) -> None:
+    """Poll `ready()` every `poll` seconds while `proc` runs; fail early with its stderr when it exits first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"process exited ({proc.returncode}) before {what}: {proc.stderr.read()}")
         if ready():
             return
-        time.sleep(0.2)
+        time.sleep(poll)
     raise TimeoutError(f"no {what} after {timeout} s")
 
 

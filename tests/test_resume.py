@@ -3,6 +3,7 @@ was never interrupted (drop path included), and the epoch, global step, optimize
 checkpoint and MLflow run carry on."""
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -27,20 +28,42 @@ def _state_step(path: Path) -> int:
     return int(tensors["optimizer.state_step"].asnumpy().reshape(-1)[0])
 
 
-def test_a_run_killed_with_sigkill_resumes_to_bit_identical_weights(tmp_path: Path, tmp_path_factory) -> None:
+# drop path on: its masks come from (seed, rank, step), so the resumed epochs draw the masks they would have
+COMMON = ("trainer.epochs=3", "data.num_workers=1", "trainer.log_every_n_steps=1", "model.drop_path_rate=0.2",
+          *MONITOR, PER_EPOCH_LR)
+
+
+def _overrides(root: Path, data_root: Path, *extra: str) -> list[str]:
+    return tiny_overrides(root, data_root, f"tracking.uri={store_uri(root)}", *COMMON, *extra)
+
+
+def _final_checkpoint(root: Path) -> Path:
+    return sorted(root.glob("outputs/*/*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)[-1]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The final weights of the 3-epoch training that nothing interrupts."""
+    root = tmp_path_factory.mktemp("reference")
+    result = run_py_to_end(_overrides(root, tiny_folder(tmp_path_factory.getbasetemp())), root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return read_checkpoint(_final_checkpoint(root))[0]
+
+
+def _assert_same_weights(resumed: dict, expected: dict) -> None:
+    assert expected.keys() == resumed.keys()
+    for name in expected:
+        np.testing.assert_array_equal(resumed[name].asnumpy(), expected[name].asnumpy(), err_msg=name)
+
+
+def test_a_run_killed_with_sigkill_resumes_to_bit_identical_weights(tmp_path: Path, tmp_path_factory,
+                                                                   uninterrupted: dict) -> None:
     data_root = tiny_folder(tmp_path_factory.getbasetemp())
-    # drop path on: its masks come from (seed, rank, step), so the resumed epochs draw the masks they would have
-    common = ("trainer.epochs=3", "data.num_workers=1", "trainer.log_every_n_steps=1", "model.drop_path_rate=0.2",
-              *MONITOR, PER_EPOCH_LR)
+    killed = tmp_path / "killed"
+    killed.mkdir()
 
     def overrides(root: Path, *extra: str) -> list[str]:
-        return tiny_overrides(root, data_root, f"tracking.uri={store_uri(root)}", *common, *extra)
-
-    reference, killed = tmp_path / "reference", tmp_path / "killed"
-    for root in (reference, killed):
-        root.mkdir()
-    result = run_py_to_end(overrides(reference), reference)
-    assert result.returncode == 0, result.stderr[-3000:]
+        return _overrides(root, data_root, *extra)
 
     proc = run_py(overrides(killed), killed)
     try:
@@ -57,17 +80,11 @@ def test_a_run_killed_with_sigkill_resumes_to_bit_identical_weights(tmp_path: Pa
     assert f"resuming the newest checkpoint of this config, {first_dir}" in result.stdout
     assert "done: epoch 3.00 (best 1.00 at epoch 1)" in result.stdout  # the best of the first process, not epoch 3's
 
-    def final_checkpoint(root: Path) -> Path:
-        return sorted(root.glob("outputs/*/*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)[-1]
-
-    expected, resumed = (read_checkpoint(final_checkpoint(root))[0] for root in (reference, killed))
-    assert expected.keys() == resumed.keys()
-    for name in expected:
-        np.testing.assert_array_equal(resumed[name].asnumpy(), expected[name].asnumpy(), err_msg=name)
+    _assert_same_weights(read_checkpoint(_final_checkpoint(killed))[0], uninterrupted)
 
     # the resumed process wrote a new run dir: its last.ckpt is at epoch 3 with AdamW's step count going on, its
     # best.ckpt the first process's (epoch 1), not overwritten by the worse epochs
-    second = final_checkpoint(killed).parents[1]
+    second = _final_checkpoint(killed).parents[1]
     assert second != first_dir and "resumed from" in (second / "train.log").read_text()
     _, extra = read_checkpoint(second / "checkpoints" / "last.ckpt")
     assert (extra["epoch"], extra["step"], extra["best_metric"], extra["best_epoch"]) == (3, 18, 1.0, 1)
@@ -87,3 +104,33 @@ def test_a_run_killed_with_sigkill_resumes_to_bit_identical_weights(tmp_path: Pa
     assert sorted(lrs) == list(range(1, 3 * STEPS_PER_EPOCH + 1))
     assert [lrs[step] for step in sorted(lrs)] == pytest.approx([1e-6] * 12 + [1e-5 + 0.99e-3 * 0.75] * 6)
     assert client.list_artifacts(run.info.run_id, "checkpoints") == []  # stored once: in the run dirs
+
+
+def test_a_kill_after_a_step_checkpoint_resumes_mid_epoch_to_bit_identical_weights(
+        tmp_path: Path, tmp_path_factory, uninterrupted: dict) -> None:
+    data_root = tiny_folder(tmp_path_factory.getbasetemp())
+    # step 7 is epoch 2's first; the next write of last.ckpt is epoch 2's own, 5 steps (~150 ms) later: the log is
+    # polled every 5 ms and the process stopped (SIGSTOP) the moment the line shows, then killed
+    every = ("trainer.save_every_n_steps=7",)
+    proc = run_py(_overrides(tmp_path, data_root, *every), tmp_path)
+    try:
+        wait_until(lambda: any("step checkpoint: epoch 2 step 1/6 -> last.ckpt" in log.read_text()
+                               for log in tmp_path.glob("outputs/*/*/train.log")), proc, "the step-7 checkpoint",
+                   poll=0.005)
+        proc.send_signal(signal.SIGSTOP)
+    finally:
+        proc.kill()
+        proc.communicate(timeout=30)
+    (last,) = tmp_path.glob("outputs/*/*/checkpoints/last.ckpt")
+    _, extra = read_checkpoint(last)
+    assert (extra["epoch"], extra["epoch_step"], extra["step"]) == (1, 1, 7)
+    assert extra["best_epoch"] == 1  # the epoch-1 checkpoint's best rides along
+
+    result = run_py_to_end(_overrides(tmp_path, data_root, "trainer.resume=auto"), tmp_path)  # config matches
+    assert result.returncode == 0, result.stderr[-3000:]
+    second = _final_checkpoint(tmp_path).parents[1]
+    log = (second / "train.log").read_text()
+    assert "resumed from" in log and "epoch 2 step 2/6" in log and "epoch 2 step 1/6" not in log
+    _, extra = read_checkpoint(second / "checkpoints" / "last.ckpt")
+    assert (extra["epoch"], extra["step"], extra.get("epoch_step", 0)) == (3, 18, 0)
+    _assert_same_weights(read_checkpoint(second / "checkpoints" / "last.ckpt")[0], uninterrupted)

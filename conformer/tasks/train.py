@@ -70,9 +70,11 @@ def train(ctx: RunContext) -> float:
 
 
 def config_fingerprint(cfg: DictConfig) -> str:
-    """What makes two runs "the same config" for `trainer.resume=auto`: the resolved config but the resume key."""
+    """What makes two runs "the same config" for `trainer.resume=auto`: the resolved config but the keys that say how
+    to resume and how often to checkpoint (a run may resume with step checkpoints switched on)."""
     plain = OmegaConf.to_container(cfg, resolve=True)
-    plain["trainer"].pop("resume", None)
+    for key in ("resume", "save_every_n_steps"):
+        plain["trainer"].pop(key, None)
     return hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

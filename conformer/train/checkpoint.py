@@ -262,12 +262,25 @@ def assign_in_place(param: Parameter, value: Tensor | np.ndarray) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- manager
+def _training_tensors(network: nn.Cell, optimizer: StateSource | None, ema: StateSource | None,
+                      step_state: StateSource | None) -> dict[str, Tensor]:
+    """Everything a checkpoint holds: the network's parameters, then the optimizer, EMA and train step state."""
+    net_params = _network_params(network)
+    own = {id(p) for p in net_params.values()}
+    tensors: dict[str, Tensor] = dict(net_params)
+    for source, prefix in ((optimizer, OPTIMIZER_PREFIX), (ema, EMA_PREFIX), (step_state, STEP_PREFIX)):
+        if source is not None:
+            tensors.update(_with_prefix(prefix, _state_params(source, own)))
+    return tensors
+
+
 @dataclass
 class TrainState:
     """Where training stands, as stored in a checkpoint."""
 
     epoch: int = 0
     step: int = 0
+    epoch_step: int = 0  # batches of epoch `epoch` already trained: non-zero in a mid-epoch checkpoint
     best_metric: float | None = None
     best_epoch: int | None = None
     metrics: dict[str, float] = field(default_factory=dict)
@@ -361,15 +374,7 @@ class CheckpointManager:
         value = float(metrics[self.monitor])
         improved = self.is_improvement(value)
         best_metric, best_epoch = (value, int(epoch)) if improved else (self.best_metric, self.best_epoch)
-        net_params = _network_params(network)
-        own = {id(p) for p in net_params.values()}
-        tensors: dict[str, Tensor] = dict(net_params)
-        if optimizer is not None:
-            tensors.update(_with_prefix(OPTIMIZER_PREFIX, _state_params(optimizer, own)))
-        if ema is not None:
-            tensors.update(_with_prefix(EMA_PREFIX, _state_params(ema, own)))
-        if step_state is not None:
-            tensors.update(_with_prefix(STEP_PREFIX, _state_params(step_state, own)))
+        tensors = _training_tensors(network, optimizer, ema, step_state)
         extra = {**(meta or {}), "epoch": int(epoch), "step": int(step), "best_metric": best_metric,
                  "best_epoch": best_epoch, "monitor": self.monitor, "mode": self.mode,
                  "metrics": {k: float(v) for k, v in metrics.items()}}
@@ -382,6 +387,16 @@ class CheckpointManager:
             self.best_metric, self.best_epoch = best_metric, best_epoch
         ranked = self._keep_ranked(value, epoch, paths.get("best"), tensors, extra)
         return {**paths, "ranked": ranked} if ranked is not None else paths
+
+    def save_last(self, network: nn.Cell, optimizer: StateSource | None = None, ema: StateSource | None = None, *,
+                  epoch: int, epoch_step: int, step: int, step_state: StateSource | None = None,
+                  meta: Mapping[str, Any] | None = None) -> Path:
+        """A mid-epoch `last.ckpt`: `epoch_step` batches into epoch `epoch` (0-based epochs done), global `step`;
+        the best metric so far rides along, nothing is ranked."""
+        extra = {**(meta or {}), "epoch": int(epoch), "epoch_step": int(epoch_step), "step": int(step),
+                 "best_metric": self.best_metric, "best_epoch": self.best_epoch, "monitor": self.monitor,
+                 "mode": self.mode, "metrics": {}}
+        return save_checkpoint(_training_tensors(network, optimizer, ema, step_state), self.last_path, extra)
 
     def load(self, path: Path | str, network: nn.Cell, optimizer: StateSource | None = None,
              ema: StateSource | None = None, strict: bool = True,
@@ -401,6 +416,7 @@ class CheckpointManager:
                               if name in targets or not name.startswith(OBSOLETE_OPTIMIZER_STATE)}
                 _assign(targets, values, f"{what} from {path}", strict)
         state = TrainState(epoch=int(extra.get("epoch", 0)), step=int(extra.get("step", 0)),
+                           epoch_step=int(extra.get("epoch_step", 0)),
                            best_metric=extra.get("best_metric"), best_epoch=extra.get("best_epoch"),
                            metrics=dict(extra.get("metrics", {})), mlflow_run_id=extra.get("mlflow_run_id"))
         if extra.get("monitor", self.monitor) == self.monitor and extra.get("mode", self.mode) == self.mode:

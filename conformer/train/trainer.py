@@ -105,7 +105,9 @@ class Trainer:
     `optimizer(network, lr=...)` and `schedule(epochs=..., steps_per_epoch=..., global_batch=...)` are factories
     (`conf/optim/`): the trainer computes, once, the steps per epoch and the global batch (images per optimizer
     update: batch_size x world size x grad_accum_steps) they need. `resume` (a `last.ckpt`) restores weights,
-    optimizer, EMA, epoch, step and best metric before the step is compiled.
+    optimizer, EMA, epoch, step and best metric before the step is compiled. `save_every_n_steps` also writes
+    `last.ckpt` inside epochs; a resume from one skips the batches its epoch already trained (drawn again from the
+    epoch's seeded pipeline, so the rest of the epoch is the same).
 
     Debugging (conf/debug/): `limit_train_batches` / `limit_val_batches` cut every epoch short, `overfit_batches`
     trains on the first k batches over and over (the loss must fall), `profile_steps` profiles that many steps.
@@ -120,7 +122,8 @@ class Trainer:
                  resume: str | Path | None = None, checkpoint_meta: Mapping[str, Any] | None = None,
                  keep_top_k: int = 1, limit_train_batches: int | None = None,
                  limit_val_batches: int | None = None, overfit_batches: int | None = None,
-                 profile_steps: int | None = None, progress_bar: str | bool = "auto") -> None:
+                 profile_steps: int | None = None, progress_bar: str | bool = "auto",
+                 save_every_n_steps: int | None = None) -> None:
         self.data, self.group, self.tracker = data, group, tracker
         self.epochs, self.log_every_n_steps = int(epochs), int(log_every_n_steps)
         self.steps_per_epoch = data.steps_per_epoch(group.world_size)
@@ -145,6 +148,7 @@ class Trainer:
         self.checkpoints = CheckpointManager(Path(run_dir) / "checkpoints", monitor=monitor, mode=monitor_mode,
                                              keep_top_k=keep_top_k)
         self.monitor, self.checkpoint_meta = monitor, dict(checkpoint_meta or {})
+        self.save_every_n_steps = save_every_n_steps
         self.step = TrainStep(network, loss_fn, self.optimizer, clip_grad_norm=clip_grad_norm, loss_scale=loss_scale,
                               init_loss_scale=init_loss_scale, scale_factor=scale_factor, scale_window=scale_window,
                               grad_accum_steps=grad_accum_steps, ema=self.ema)
@@ -194,7 +198,8 @@ class Trainer:
         step = state.step
         for epoch in range(start, epochs):
             t0 = time.perf_counter()
-            step, train_loss = self._train_epoch(self._epoch_batches(epoch), epoch, step)
+            done = state.epoch_step if epoch == start else 0  # a mid-epoch checkpoint's batches
+            step, train_loss = self._train_epoch(self._epoch_batches(epoch, done), epoch, step, done)
             metrics = {"epoch": float(epoch + 1), "train/epoch_loss": train_loss, **self.evaluate(val_iter),
                        **self._skipped_images()}
             metrics["epoch_time_s"] = time.perf_counter() - t0
@@ -211,10 +216,12 @@ class Trainer:
                      "  * best" if "best" in saved else "")
         return state
 
-    def _train_epoch(self, batches: Iterator, epoch: int, step: int) -> tuple[int, float]:
+    def _train_epoch(self, batches: Iterator, epoch: int, step: int, done: int = 0) -> tuple[int, float]:
+        """Train the epoch's batches after the first `done` (those a mid-epoch checkpoint holds); returns the global
+        step and the mean loss of the batches trained here."""
         every = self.log_every_n_steps
         meter, window_loss, window_norm, window_n, norm_n, epoch_loss, n = Throughput(), 0.0, 0.0, 0, 0, 0.0, 0
-        for i, (images, targets) in enumerate(batches):
+        for i, (images, targets) in enumerate(batches, start=done):
             check_interrupted()
             lr = float(self.lr_values[min(step // self.step.grad_accum_steps, len(self.lr_values) - 1)])
             set_lr(self.step.optimizer, lr)
@@ -227,6 +234,8 @@ class Trainer:
                                          "learning rate or enable trainer.clip_grad_norm / trainer.loss_scale")
             step += 1
             self.profiler.after_step()
+            if self._step_checkpoint_due(step, i):
+                self._save_step_checkpoint(epoch, i + 1, step)
             if compiling:
                 meter.reset()  # compile time stays out of img/s and the ETA
                 self.bar.start(f"epoch {epoch + 1}/{self.epochs}", self.steps_per_epoch)
@@ -245,6 +254,8 @@ class Trainer:
                 rate = meter.rate()
                 metrics = {"train/loss": window_loss / window_n, "train/lr": lr, "train/img_per_s": rate,
                            "train/grad_norm": window_norm / max(norm_n, 1), "train/loss_scale": result.loss_scale}
+                if compiling:  # a window of the compile step alone has no throughput to report
+                    del metrics["train/img_per_s"]
                 self._log(metrics, step=step)
                 left_in_epoch = self.steps_per_epoch - i - 1
                 left_total = left_in_epoch + (self.epochs - epoch - 1) * self.steps_per_epoch
@@ -265,13 +276,14 @@ class Trainer:
                                "step overflowed (see train/loss_scale)")
         return step, epoch_loss / n
 
-    def _epoch_batches(self, epoch: int) -> Iterator:
-        """Epoch `epoch`'s train batches (with `overfit_batches`: the first k batches of epoch 0, cycled)."""
+    def _epoch_batches(self, epoch: int, done: int = 0) -> Iterator:
+        """Epoch `epoch`'s train batches after the first `done` (with `overfit_batches`: the first k batches of
+        epoch 0, cycled)."""
         if self.overfit_batches:
             if not self._overfit_cache:
                 self._overfit_cache = list(itertools.islice(self._seeded_batches(0), int(self.overfit_batches)))
-            return itertools.islice(itertools.cycle(self._overfit_cache), self.steps_per_epoch)
-        return itertools.islice(self._seeded_batches(epoch), self.steps_per_epoch)
+            return itertools.islice(itertools.cycle(self._overfit_cache), done, self.steps_per_epoch)
+        return itertools.islice(self._seeded_batches(epoch), done, self.steps_per_epoch)
 
     def _seeded_batches(self, epoch: int) -> Iterator:
         """Batches from a pipeline seeded by (seed, epoch): the sample order, the augmentations and Mixup of an epoch
@@ -323,6 +335,19 @@ class Trainer:
         for batch in batches:
             yield batch
             self.bar.advance()
+
+    def _step_checkpoint_due(self, step: int, index: int) -> bool:
+        """Every `save_every_n_steps` global steps, on an update (no accumulation pending), not at an epoch's end
+        (the epoch's own checkpoint follows)."""
+        n = self.save_every_n_steps
+        return bool(n) and self.group.is_main and step % n == 0 and self.step.micro_step == 0 and \
+            index + 1 < self.steps_per_epoch
+
+    def _save_step_checkpoint(self, epoch: int, done: int, step: int) -> None:
+        meta = {**self.checkpoint_meta, "mlflow_run_id": self.tracker.run_id}
+        path = self.checkpoints.save_last(self.step.network, self.step.optimizer, self.ema, epoch=epoch,
+                                          epoch_step=done, step=step, step_state=self.step, meta=meta)
+        log.info("step checkpoint: epoch %d step %d/%d -> %s", epoch + 1, done, self.steps_per_epoch, path.name)
 
     def _checkpoint(self, epoch: int, step: int, metrics: dict[str, float]) -> dict:
         if not self.group.is_main:
