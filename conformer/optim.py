@@ -5,7 +5,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any, Union
 
 import mindspore as ms
-from mindspore import Parameter, Tensor, nn, ops
+from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 from mindspore.experimental import optim
 
 from conformer.arguments import check_adamw, check_optimizer
@@ -98,9 +98,14 @@ def build_optimizer(params_or_network: ParamsOrNetwork, name: str = "adamw", lr:
     if not params:
         raise ValueError("build_optimizer: there are no trainable parameters to optimize.")
     if name == "adamw":
-        return FusedAdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-    return optim.SGD(params, lr=lr, momentum=float(momentum), weight_decay=float(weight_decay),
-                     nesterov=bool(nesterov))
+        optimizer = FusedAdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    else:
+        optimizer = optim.SGD(params, lr=lr, momentum=float(momentum), weight_decay=float(weight_decay),
+                              nesterov=bool(nesterov))
+    # The base class keeps the lr Parameters in a plain list, which MindSpore's compile cache does not bind again
+    # when it loads a graph (the step then reads garbage lrs); as a ParameterTuple they are the cell's parameters.
+    optimizer.lrs = ParameterTuple(optimizer.lrs)
+    return optimizer
 
 
 def _check_optimizer(optimizer: Any) -> None:
