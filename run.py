@@ -81,7 +81,7 @@ def main(cfg: DictConfig) -> float | None:
     run_dir = Path(hydra_cfg.runtime.output_dir)
     relaunch = Relaunch(Path(__file__).resolve(), worker_args(hydra_cfg, run_dir) + sweep_parent(cfg, hydra_cfg))
     try:
-        return run(cfg, run_dir, relaunch)
+        return run(cfg, run_dir, relaunch, only_task=hydra_cfg.mode == RunMode.RUN)
     except Interrupted as err:
         last = run_dir / "checkpoints" / "last.ckpt"
         hint = f"continue with trainer.resume={last}" if last.is_file() else f"run dir {run_dir}"

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig
 
+from conformer import compile_cache
 from conformer.hardware import configure_device, in_launcher, world_size
 from conformer.logs import file_logging
 from conformer.signals import interruptible
@@ -48,11 +49,12 @@ def task_registry() -> dict[str, Callable[[RunContext], float | None]]:
     return {"train": train, "eval": evaluate, "export": export, "predict": predict}
 
 
-def run(cfg: DictConfig, run_dir: Path, relaunch: Relaunch | None = None) -> float | None:
+def run(cfg: DictConfig, run_dir: Path, relaunch: Relaunch | None = None, only_task: bool = False) -> float | None:
     """Run `cfg.task` in `run_dir`; returns the task's objective (the monitored metric for training).
 
     With a multi-worker `hardware` in a plain process, start the workers under msrun instead (`relaunch` says
-    how) and return rank 0's objective; `hardware.dry_run=true` only prints the msrun command line.
+    how) and return rank 0's objective; `hardware.dry_run=true` only prints the msrun command line. `only_task`: this
+    process runs this one task and nothing else, so a training may load its graphs from the compile cache.
     """
     validate_config(cfg)
     check_run_dir(run_dir)
@@ -62,6 +64,8 @@ def run(cfg: DictConfig, run_dir: Path, relaunch: Relaunch | None = None) -> flo
         with interruptible():
             return launch_workers(cfg, run_dir, relaunch)
     group = configure_device(cfg.hardware)
+    if only_task and cfg.task.name == "train" and not group.distributed:
+        compile_cache.allow()
     from conformer.tasks.common import RunContext, resolved_yaml, seed_everything
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -76,6 +80,7 @@ def run(cfg: DictConfig, run_dir: Path, relaunch: Relaunch | None = None) -> flo
             objective = task_registry()[cfg.task.name](ctx)
         except InstantiationException as err:
             raise component_error(err) from err
+        compile_cache.finish()  # a finished task's graphs are complete: the next run of this config loads them
     if group.distributed and group.is_main:
         from conformer.launch import write_result
 

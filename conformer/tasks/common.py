@@ -15,6 +15,7 @@ from mindspore import nn
 from omegaconf import DictConfig, OmegaConf
 
 from conformer import weights
+from conformer.compile_cache import use_compile_cache
 from conformer.hardware import ProcessGroup
 from conformer.paths import git_commit
 from conformer.tracking import (
@@ -56,11 +57,14 @@ def build_data(cfg: DictConfig) -> Any:
 
 
 def build_network(cfg: DictConfig, num_classes: int) -> nn.Cell:
-    """The configured network with `num_classes` outputs (the data's, or the weights'); no weights loaded."""
+    """The configured network with `num_classes` outputs (the data's, or the weights'); no weights loaded. Its graphs
+    come from the compile cache when this config ran before (`conformer.compile_cache`)."""
     model = OmegaConf.to_container(cfg.model, resolve=True)
     for key in ("pretrained", "pretrained_strict"):  # weights are the task's business (conformer.weights)
         model.pop(key, None)
-    return instantiate(model, num_classes=num_classes)
+    network = instantiate(model, num_classes=num_classes)
+    use_compile_cache(cfg, network)  # its key includes the network's shapes, known now
+    return network
 
 
 def resolve_weights(ctx: RunContext, spec: str, checkpoint: str = "best.ckpt") -> Path:
