@@ -2,7 +2,7 @@
 
     git worktree add /tmp/base main~1
     python benchmarks/compare.py --a /tmp/base --b . -- --model conformer_nano --image-size 64 --batch-size 32
-    python benchmarks/compare.py --a-env MS_WORKER_NUM=1 --b-env MS_WORKER_NUM=2 -- --model conformer_nano
+    python benchmarks/compare.py --b-arg=--runtime=affinity -- --model conformer_nano --image-size 64
 
 Each round runs A's then B's own `benchmarks/model.py` in a fresh process (its compile included), so slow drift of
 the machine hits both sides alike. Reports, per figure, the medians, the ratio B/A (> 1: B is faster; for seconds
@@ -81,6 +81,8 @@ def main() -> dict:
     parser.add_argument("--b", type=Path, default=HERE, help="checkout B (default: this one)")
     parser.add_argument("--a-env", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--b-env", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--a-arg", action="append", default=[], help="one more benchmarks/model.py argument for A")
+    parser.add_argument("--b-arg", action="append", default=[], help="one more benchmarks/model.py argument for B")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--name", default=None, help="result name (default: from the model arguments)")
     parser.add_argument("--mlflow-uri", default=None, help="also log the comparison to this tracking store")
@@ -92,7 +94,8 @@ def main() -> dict:
     sides: dict[str, list[dict]] = {"a": [], "b": []}
     for round_index in range(args.rounds):
         for side in ("a", "b"):
-            sides[side].append(run_side(checkouts[side], envs[side], model_args))
+            extra = args.a_arg if side == "a" else args.b_arg
+            sides[side].append(run_side(checkouts[side], envs[side], model_args + extra))
             print(f"round {round_index + 1}/{args.rounds} {side.upper()}: " + ", ".join(
                 f"{figure} {sides[side][-1][figure]}" for figure in FIGURES if figure in sides[side][-1]))
     summary = summarise(sides)
@@ -100,8 +103,8 @@ def main() -> dict:
         print(f"{figure:>20}: A {row['a_median']:8.2f}  B {row['b_median']:8.2f}  B vs A x{row['ratio']:.3f} "
               f"(rounds x{row['ratio_min']:.3f}..x{row['ratio_max']:.3f})")
     name = args.name or "_".join(arg.lstrip("-").replace("_", "-") for arg in model_args) or "default"
-    result = {"benchmark": "compare", "a": {"checkout": str(checkouts["a"]), "env": envs["a"]},
-              "b": {"checkout": str(checkouts["b"]), "env": envs["b"]}, "model_args": model_args,
+    result = {"benchmark": "compare", "a": {"checkout": str(checkouts["a"]), "env": envs["a"], "args": args.a_arg},
+              "b": {"checkout": str(checkouts["b"]), "env": envs["b"], "args": args.b_arg}, "model_args": model_args,
               "rounds": args.rounds, "summary": summary, "runs": sides}
     path = write_result(f"compare_{name}", result)
     print(f"-> {path}")

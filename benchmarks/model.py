@@ -2,6 +2,7 @@
 
     python benchmarks/model.py --model conformer_ti --image-size 224 --batch-size 8
     python benchmarks/model.py --model conformer_nano --image-size 64 --batch-size 32
+    python benchmarks/model.py --model conformer_nano --image-size 64 --batch-size 32 --runtime affinity
 
 The training step is the product's own (`conformer.train.step.TrainStep`: both heads, backward, AdamW). Results go to
 benchmarks/results/model_<model>_<size>.json; compare them with benchmarks/results/pipeline.json (input pipeline).
@@ -25,6 +26,16 @@ from conformer.models import create_model  # noqa: E402
 from conformer.optim import build_optimizer  # noqa: E402
 from conformer.train.step import TrainStep  # noqa: E402
 
+# MindSpore CPU runtime settings to compare with the default (`--runtime`; benchmarks/compare.py --b-arg=...).
+RUNTIME_SETTINGS = {
+    "default": lambda: None,
+    "affinity": lambda: ms.runtime.set_cpu_affinity(True),
+    "launch_group": lambda: ms.runtime.set_kernel_launch_group(thread_num=2, kernel_group_num=8),
+    "dispatch1": lambda: ms.runtime.dispatch_threads_num(1),
+    "threads1": lambda: ms.set_context(runtime_num_threads=1),
+    "interop2": lambda: ms.set_context(inter_op_parallel_num=2),
+}
+
 
 def timed(fn, warmup: int, repeats: int) -> tuple[float, float]:
     """(first-call seconds incl. compile, mean seconds of the timed calls)."""
@@ -46,11 +57,14 @@ def main() -> dict:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--num-classes", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--runtime", choices=sorted(RUNTIME_SETTINGS), default="default",
+                        help="a MindSpore CPU runtime setting to apply first")
     parser.add_argument("--mlflow-uri", default=None, help="also log the figures to this store (experiment benchmarks)")
     args = parser.parse_args()
 
     ms.set_context(mode=ms.GRAPH_MODE)
     ms.set_device("CPU")
+    RUNTIME_SETTINGS[args.runtime]()
     ms.set_seed(0)
     rng = np.random.default_rng(0)
     images = ms.Tensor(rng.standard_normal((args.batch_size, 3, args.image_size, args.image_size), np.float32))
@@ -68,7 +82,7 @@ def main() -> dict:
         "eval_img_per_s": round(args.batch_size / eval_s, 2),
         "train_img_per_s": round(args.batch_size / train_s, 2),
         "eval_first_call_s": round(eval_first, 2), "train_first_call_s": round(train_first, 2),
-        "threads": "MindSpore default (all cores)",
+        "runtime": args.runtime,
     }
     path = write_result(f"model_{args.model}_{args.image_size}", result)
     print(f"{args.model} @ {args.image_size}, batch {args.batch_size}: eval {result['eval_img_per_s']} img/s, "

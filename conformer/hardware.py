@@ -47,6 +47,10 @@ def configure_device(hardware: Mapping[str, Any]) -> ProcessGroup:
     jit_level = hardware.get("jit_level")
     if jit_level:
         ms.set_context(jit_config={"jit_level": jit_level})
+    if hardware.get("runtime_num_threads"):
+        ms.set_context(runtime_num_threads=int(hardware["runtime_num_threads"]))
+    if hardware.get("cpu_affinity"):
+        ms.runtime.set_cpu_affinity(True)
     if in_msrun_scheduler():
         join_process_group(hardware)  # serves the cluster until the workers are done
         raise SystemExit(0)

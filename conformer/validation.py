@@ -376,6 +376,10 @@ def check_hardware(hardware: Mapping[str, Any]) -> None:
     """Raise ConfigError for a hardware config that cannot launch, before any process is started."""
     target = require_choice(hardware.get("device_target", "CPU"), "hardware.device_target", DEVICE_TARGETS)
     require_choice(hardware.get("mode", "graph"), "hardware.mode", MODES)
+    if hardware.get("runtime_num_threads") is not None:
+        require_int(hardware.get("runtime_num_threads"), "hardware.runtime_num_threads", hint="or null: the default")
+    if not isinstance(hardware.get("cpu_affinity", False), bool):
+        raise ConfigError(f"hardware.cpu_affinity={hardware.get('cpu_affinity')!r} must be true or false")
     workers = require_int(hardware.get("workers"), "hardware.workers", hint="processes per node, one per device")
     nodes = require_int(hardware.get("nodes", 1), "hardware.nodes", hint="machines in the job")
     if workers * nodes == 1:

@@ -82,6 +82,8 @@ def test_conformer_ti_config_builds_the_official_parameter_count() -> None:
                                  "epoch_time_s"),
     ("trainer.epochs=3", "optim.schedule.warmup_epochs=5 must be below trainer.epochs=3: set "
                          "optim.schedule.warmup_epochs=2 or train longer"),
+    ("hardware.runtime_num_threads=0", "hardware.runtime_num_threads=0 must be an integer >= 1 (or null: the default)"),
+    ("hardware.cpu_affinity=maybe", "hardware.cpu_affinity='maybe' must be true or false"),
     ("+model.width=7", "model.width is not a Conformer argument; choose from patch_size, in_chans, num_classes, "
                        "base_channel, channel_ratio, num_med_block, embed_dim, depth, num_heads, mlp_ratio, qkv_bias, "
                        "qk_scale, drop_rate, attn_drop_rate, drop_path_rate, img_size (model.name='conformer_nano')"),
@@ -90,6 +92,15 @@ def test_bad_values_are_one_line_config_errors(override: str, message: str) -> N
     with pytest.raises(ConfigError) as info:
         validate_config(compose_config([override]))
     assert str(info.value) == message
+
+
+def test_the_cpu_runtime_settings_reach_mindspore() -> None:
+    script = ("import mindspore as ms\n"
+              "from conformer.hardware import configure_device\n"
+              "configure_device({'device_target': 'CPU', 'runtime_num_threads': 1, 'workers': 1})\n"
+              "print(ms.get_context('runtime_num_threads'))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.split()[-1] == "1"
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,147 @@
+"""Single ops at Conformer-Ti shapes (224 px, batch 8), forward + backward: MindSpore on the CPU against PyTorch.
+
+    python benchmarks/ops.py                                  # MindSpore only
+    python benchmarks/ops.py --torch-python /path/to/python   # and PyTorch (a Python with torch), interleaved
+
+Names the kernels where MindSpore itself is slower than PyTorch at the model's own shapes. Each framework runs in its
+own process (PyTorch's spinning OpenMP threads would slow MindSpore down in a shared one), A B A B over `--rounds`;
+the figure is the median time of one forward + backward (the gradient of the output's sum with respect to the
+input). Results: benchmarks/results/ops.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# name: (input shape, what it is in Conformer-Ti)
+OPS = {
+    "gelu": ((8, 197, 1536), "exact GELU of an MLP hidden layer (23 per forward)"),
+    "layer_norm": ((8, 197, 384), "LayerNorm of the tokens (38 per forward)"),
+    "dense": ((8, 197, 384), "the MLP's first Linear 384 -> 1536"),
+    "softmax": ((8, 6, 197, 197), "attention softmax"),
+    "batch_norm": ((8, 64, 56, 56), "BatchNorm (training) of a stage-1 conv"),
+    "conv3x3": ((8, 64, 56, 56), "a stage-1 3x3 convolution 64 -> 64"),
+    "stem_max_pool": ((8, 64, 112, 112), "the stem's 3x3/2 max-pool, padding 1"),
+}
+
+
+def mindspore_ops() -> dict:
+    import mindspore as ms
+    from mindspore import nn
+
+    import conformer  # noqa: F401  (ONEDNN_MAX_CPU_ISA and the other process defaults)
+    from conformer.models.conformer_net import StemMaxPool
+
+    ms.set_context(mode=ms.GRAPH_MODE)
+    ms.set_device("CPU")
+    return {"gelu": nn.GELU(approximate=False), "layer_norm": nn.LayerNorm((384,), epsilon=1e-6),
+            "dense": nn.Dense(384, 1536), "softmax": nn.Softmax(axis=-1),
+            "batch_norm": nn.BatchNorm2d(64, eps=1e-6, momentum=0.9),
+            "conv3x3": nn.Conv2d(64, 64, 3, pad_mode="pad", padding=1, has_bias=False),
+            "stem_max_pool": StemMaxPool()}
+
+
+def time_mindspore(repeats: int) -> dict[str, float]:
+    import mindspore as ms
+    import numpy as np
+    from mindspore import nn
+
+    class SumOf(nn.Cell):
+        def __init__(self, op: nn.Cell) -> None:
+            super().__init__()
+            self.op = op
+
+        def construct(self, x: ms.Tensor) -> ms.Tensor:
+            return self.op(x).sum()
+
+    seconds = {}
+    for name, op in mindspore_ops().items():
+        op.set_train(True)
+        step = ms.jit(ms.value_and_grad(SumOf(op)))
+        x = ms.Tensor(np.random.default_rng(0).standard_normal(OPS[name][0]).astype(np.float32))
+        seconds[name] = _median_seconds(lambda step=step, x=x: step(x)[1].asnumpy(), repeats)
+    return seconds
+
+
+def time_torch(repeats: int) -> dict[str, float]:
+    import torch
+    from torch import nn
+
+    modules = {"gelu": nn.GELU(), "layer_norm": nn.LayerNorm(384, eps=1e-6), "dense": nn.Linear(384, 1536),
+               "softmax": nn.Softmax(dim=-1), "batch_norm": nn.BatchNorm2d(64, eps=1e-6),
+               "conv3x3": nn.Conv2d(64, 64, 3, padding=1, bias=False),
+               "stem_max_pool": nn.MaxPool2d(3, stride=2, padding=1)}
+    seconds = {}
+    for name, module in modules.items():
+        x = torch.randn(*OPS[name][0], requires_grad=True)
+
+        def step(module: nn.Module = module, x: torch.Tensor = x) -> None:
+            x.grad = None
+            module(x).sum().backward()
+
+        seconds[name] = _median_seconds(step, repeats)
+    return seconds
+
+
+def _median_seconds(fn, repeats: int) -> float:
+    for _ in range(3):  # compile, warm up
+        fn()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def main() -> dict | None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--framework", choices=("mindspore", "torch"), default=None,
+                        help="time one framework in this process and print JSON (what the driver runs)")
+    parser.add_argument("--torch-python", default=None, help="a Python with torch: also time PyTorch")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args()
+    if args.framework:
+        timer = time_mindspore if args.framework == "mindspore" else time_torch
+        print(json.dumps(timer(args.repeats)))
+        return None
+
+    from benchmarks.common import write_result
+
+    sides = {"mindspore": sys.executable, **({"torch": args.torch_python} if args.torch_python else {})}
+    runs: dict[str, list[dict[str, float]]] = {side: [] for side in sides}
+    for _ in range(args.rounds):
+        for side, python in sides.items():
+            done = subprocess.run([python, __file__, "--framework", side, "--repeats", str(args.repeats)],
+                                  capture_output=True, text=True, check=True)
+            runs[side].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    table = {}
+    for name, (shape, what) in OPS.items():
+        row = {"shape": list(shape), "what": what}
+        for side in sides:
+            row[f"{side}_ms"] = round(1e3 * statistics.median(run[name] for run in runs[side]), 3)
+        if "torch" in sides:
+            row["mindspore_over_torch"] = round(row["mindspore_ms"] / row["torch_ms"], 2)
+        table[name] = row
+        print(f"{name:>14} {str(shape):>20}: " + "  ".join(f"{side} {row[f'{side}_ms']:8.2f} ms" for side in sides)
+              + (f"  x{row['mindspore_over_torch']}" if "torch" in sides else ""))
+    torch_version = None
+    if args.torch_python:
+        torch_version = subprocess.run([args.torch_python, "-c", "import torch; print(torch.__version__)"],
+                                       capture_output=True, text=True, check=True).stdout.strip()
+    result = {"benchmark": "ops", "rounds": args.rounds, "repeats": args.repeats, "torch": torch_version,
+              "ops": table, "runs": runs}
+    print(f"-> {write_result('ops', result)}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
