@@ -59,11 +59,23 @@ def fail_trial(cfg: DictConfig, run_dir: Path, error: BaseException, overrides: 
         if not any(run.data.tags.get("run_dir") == str(run_dir) for run in runs):
             name = default_run_name(cfg, run_dir)
             tracker = create_tracker(tracking, root, default_run_name=name)
-            tracker.start(tags=run_tags(model=cfg.model.name, data=cfg.data.name, task=cfg.task.name,
-                                        overrides=overrides, run_dir=run_dir,
-                                        extra={"error": message, **user_tags(cfg.get("tags"))}))
+            tracker.start(params=_trial_params(cfg), tags=run_tags(
+                model=cfg.model.name, data=cfg.data.name, task=cfg.task.name, overrides=overrides,
+                run_dir=run_dir, extra={"error": message, **user_tags(cfg.get("tags"))}))
             tracker.end("FAILED")
     return float("-inf") if cfg.trainer.monitor_mode == "max" else float("inf")
+
+
+def _trial_params(cfg: DictConfig) -> dict[str, str]:
+    """The params a finished trial logs, so that a failed one sits in the same columns; none when the config
+    cannot even be read (the error tag says why)."""
+    from conformer.hardware import world_size
+    from conformer.tracking.summary import comparable_params
+
+    try:
+        return comparable_params(cfg, world_size(cfg.hardware))
+    except Exception:  # noqa: BLE001 (an interpolation or a missing value: what made the trial fail)
+        return {}
 
 
 def sweep_parent_run_id(sweep_dir: Path | str) -> str | None:

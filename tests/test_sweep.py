@@ -125,6 +125,11 @@ def test_grid_sweep_with_a_failing_trial_summarised_on_its_parent(grid_sweep: Sw
         ("1", "0"), ("1", "2"), ("2", "0"), ("2", "2")]
     assert [children[n].info.status for n in range(4)] == ["FINISHED", "FINISHED", "FINISHED", "FAILED"]
     assert children[3].data.tags["error"].startswith(f"ConfigError: {BAD}")
+    # the failed trial has the params of the others, so it sits in the same columns of the runs table
+    assert {"trainer.epochs", "optim.schedule.base_lr", "hardware.world_size"} <= set(children[3].data.params) <= \
+        set(children[2].data.params)
+    assert (children[3].data.params["trainer.epochs"], children[3].data.params["optim.schedule.warmup_epochs"]) == (
+        "2", "2")
 
     # The parent: best trial, its value, its swept values, the counts.
     best_values = {n: sweep.best(r.info.run_id) for n, r in children.items()}
