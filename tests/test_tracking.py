@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -145,6 +146,18 @@ def test_run_records_params_metrics_artifacts_and_tags(store, experiment, tmp_pa
     assert not any(elsewhere.iterdir())
     with pytest.raises(RuntimeError, match="has ended"):
         tracker.log_metrics({"x": 1.0}, step=0)
+
+
+def test_system_metrics_of_a_continued_run_go_on_from_its_last_step(store, experiment):
+    root, uri = store
+    with Tracker(uri, experiment, system_metrics=0.2) as first:
+        run_id = first.start()
+        time.sleep(1.0)
+    with Tracker(uri, experiment, system_metrics=0.2) as second:
+        assert second.start(resume_run_id=run_id) == run_id
+        time.sleep(1.0)
+    steps = [m.step for m in MlflowClient(uri).get_metric_history(run_id, "system/cpu_utilization_percentage")]
+    assert len(steps) >= 4 and steps == sorted(set(steps)), steps  # no step logged twice
 
 
 def test_exceptions_end_the_run_failed_or_killed(store, experiment):

@@ -20,10 +20,11 @@ class _OutboxMetrics:
         return None
 
 
-def start_system_metrics(tracker: Any, interval: float) -> Any:
+def start_system_metrics(tracker: Any, interval: float, resumed: bool = False) -> Any:
     """MLflow's system metrics (`system/cpu_utilization_percentage`, memory, disk, network; GPU memory where
     pynvml finds one) sampled every `interval` s while the run lasts, logged through the run's outbox: a store
-    that goes down neither stops the sampling nor delays the end of the run."""
+    that goes down neither stops the sampling nor delays the end of the run. In a `resumed` run the samples'
+    steps go on from the last one logged."""
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
     class Monitor(SystemMetricsMonitor):
@@ -32,7 +33,7 @@ def start_system_metrics(tracker: Any, interval: float) -> Any:
                 self.collect_metrics()
                 self.publish_metrics(self.aggregate_metrics())
 
-    monitor = Monitor(tracker.run_id, sampling_interval=interval, tracking_uri=tracker.uri)
+    monitor = Monitor(tracker.run_id, sampling_interval=interval, tracking_uri=tracker.uri, resume_logging=resumed)
     monitor.mlflow_logger = _OutboxMetrics(tracker)
     monitor.start()
     return monitor

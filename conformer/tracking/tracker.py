@@ -198,7 +198,7 @@ class Tracker:
             self.end(_status_for(type(err), err))  # KILLED for Ctrl-C / SIGTERM, FAILED otherwise
             raise
         if self.system_metrics:
-            self._monitor = start_system_metrics(self, self.system_metrics)
+            self._monitor = start_system_metrics(self, self.system_metrics, resumed=resume_run_id == self.run_id)
         log.info("MLflow run %s (%s) in %s%s", self.run_id, run.info.run_name, self.uri, self._ui_link())
         return self.run_id
 
