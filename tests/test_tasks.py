@@ -330,6 +330,10 @@ def test_predict_skips_bad_files_and_lists_them_with_the_reason(root: Path, chec
     _, mlrun = mlflow_run(root, run_dir)
     assert mlrun.info.status == "FINISHED"
     assert (mlrun.data.tags["images"], mlrun.data.tags["skipped_images"]) == ("2", "3")
+    [dataset] = mlrun.inputs.dataset_inputs  # the Dataset column of the runs table: what was predicted
+    assert (dataset.tags[0].value, dataset.dataset.name, json.loads(dataset.dataset.source)["uri"]) == (
+        "inference", "predict inputs", str(tmp_path))
+    assert json.loads(dataset.dataset.profile)["num_images"] == 2
 
 
 # ---------------------------------------------------------------------------------------------------- errors

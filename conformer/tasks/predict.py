@@ -19,6 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 from conformer.data.sources import file_problem
 from conformer.inference import load_image, predict_probabilities
 from conformer.tasks.common import RunContext, open_run, task_tracker, trained_network
+from conformer.tracking.summary import image_dataset
 from conformer.validation import check_class_count, class_names_file, image_inputs
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,9 @@ def predict(ctx: RunContext) -> None:
     tracker = task_tracker(ctx)
     with tracker:
         open_run(tracker, ctx, weights=weights, extra_tags={"images": len(readable), "skipped_images": len(problems)})
+        inputs = cfg.task.inputs if isinstance(cfg.task.inputs, str) else ", ".join(map(str, cfg.task.inputs))
+        tracker.log_inputs([image_dataset("predict inputs", inputs, "inference", len(readable), num_classes,
+                                          transform.image_size)], "inference")
         with path.open("w", newline="") as handle:
             write_predictions(handle, paths, problems, (row for batch in batches for row in batch), labels,
                               min(cfg.task.topk, num_classes))
