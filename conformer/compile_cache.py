@@ -1,8 +1,9 @@
 """MindSpore's compile cache, keyed so that a graph loaded from it is the graph this run would compile.
 
 MindSpore itself only notices changes to the files the entry script imports at its top level. Here the cache folder
-is keyed by a hash of the package's sources, the MindSpore version, the config (less the keys that never reach a
-graph) and the network's parameter shapes. A run writes into a folder of its own and moves it into place only when
+is keyed by a hash of the package's sources and those of every other module a `_target_` names (a user's own
+component), the MindSpore version, the config (less the keys that never reach a graph) and the network's parameter
+shapes. A run writes into a folder of its own and moves it into place only when
 its task finished, so a killed run never leaves a half-written cache for the next one to load.
 
 MindSpore reads the cache folder once per process and numbers the graphs in the order they compile, so the cache
@@ -12,6 +13,7 @@ serves only a process that runs one training from start to end: `python run.py` 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -60,10 +62,34 @@ def cache_key(cfg: DictConfig, shapes: Mapping[str, tuple[int, ...]]) -> str:
         for key in keys if isinstance(node, dict) else ():
             node.pop(key, None)
     digest = hashlib.sha256(mindspore.__version__.encode())
-    for path in sorted(PACKAGE.rglob("*.py")):
-        digest.update(path.relative_to(PACKAGE).as_posix().encode() + path.read_bytes())
+    sources = set(PACKAGE.rglob("*.py")) | {path for target in _targets(plain) if (path := _source_of(target))}
+    for path in sorted(sources):
+        digest.update(str(path).encode() + path.read_bytes())
     digest.update(json.dumps([plain, sorted(shapes.items())], sort_keys=True, default=str).encode())
     return digest.hexdigest()[:16]
+
+
+def _targets(node: Any) -> list[str]:
+    """Every `_target_` in a plain config tree."""
+    if isinstance(node, dict):
+        own = [node["_target_"]] if isinstance(node.get("_target_"), str) else []
+        return own + [t for value in node.values() for t in _targets(value)]
+    if isinstance(node, list):
+        return [t for value in node for t in _targets(value)]
+    return []
+
+
+def _source_of(target: str) -> Path | None:
+    """The file of the module that defines `target` (a user's own component counts like the package's)."""
+    parts = target.split(".")
+    for end in range(len(parts) - 1, 0, -1):  # a.b.Class or a.b.Class.method: the longest importable module
+        try:
+            spec = importlib.util.find_spec(".".join(parts[:end]))
+        except (ImportError, ValueError):
+            continue
+        if spec is not None and spec.origin and spec.origin.endswith(".py"):
+            return Path(spec.origin).resolve()
+    return None
 
 
 def use_compile_cache(cfg: DictConfig, network: Any) -> Path | None:

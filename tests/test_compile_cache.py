@@ -59,3 +59,13 @@ def test_the_key_follows_what_reaches_a_graph_and_nothing_else() -> None:
                   ["model.drop_path_rate=0.1"], ["seed=1"]):
         assert cache_key(compose_config(other), SHAPES) != base, other
     assert cache_key(compose_config([]), {"head.weight": (3, 64)}) != base  # another class count
+
+
+def test_the_key_follows_the_source_of_a_users_own_component(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    module = tmp_path / "my_losses.py"
+    module.write_text("from conformer.losses import DualHeadLoss as MyLoss\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = compose_config(["loss._target_=my_losses.MyLoss"])
+    before = cache_key(cfg, SHAPES)
+    module.write_text("from conformer.losses import DualHeadLoss as MyLoss  # edited: another graph, maybe\n")
+    assert cache_key(cfg, SHAPES) != before
