@@ -17,6 +17,7 @@ import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common import initializer as init
 
+from conformer.models.layer_norm import CpuLayerNorm
 from conformer.models.registry import check_architecture, model_arguments, nearest_image_size, valid_image_size
 
 # BatchNorm and LayerNorm inside the blocks use eps 1e-6; the stem BN and the final LayerNorm use 1e-5.
@@ -31,7 +32,7 @@ def batch_norm(channels: int, eps: float = BLOCK_NORM_EPS) -> nn.BatchNorm2d:
 
 
 def layer_norm(dim: int, eps: float = BLOCK_NORM_EPS) -> nn.LayerNorm:
-    return nn.LayerNorm((dim,), epsilon=eps)
+    return CpuLayerNorm(dim, epsilon=eps)
 
 
 def conv2d(in_ch: int, out_ch: int, kernel: int, stride: int = 1, padding: int = 0, bias: bool = False) -> nn.Conv2d:

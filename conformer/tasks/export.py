@@ -10,6 +10,7 @@ from mindspore import Tensor, nn, ops
 from omegaconf import DictConfig, OmegaConf
 
 from conformer.models.conformer_net import StemMaxPool, ZeroPadMaxPool
+from conformer.models.layer_norm import use_builtin_kernels
 from conformer.tasks.common import RunContext, open_run, task_tracker, trained_network
 from conformer.tasks.predict import class_labels
 from conformer.tracking import Tracker
@@ -89,6 +90,7 @@ def export(ctx: RunContext) -> None:
         return None
     network, weights = trained_network(ctx)  # the class count comes from the weights, not the data
     shape = (cfg.task.batch_size, network.in_chans, cfg.data.image_size, cfg.data.image_size)
+    use_builtin_kernels(network)  # the file must run where our compiled CPU kernels do not exist
     if fmt == "ONNX":
         log.info("ONNX: swapped %d cells for exportable equivalents", make_onnx_compatible(network))
     path = export_path(cfg.task.file, ctx.run_dir, cfg.model.name, fmt)

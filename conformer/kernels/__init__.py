@@ -1,0 +1,66 @@
+"""The project's own CPU kernels: C++ sources compiled once per machine into shared libraries for `ops.Custom`.
+
+A kernel is built on first use with the system's C++ compiler (`CXX`, else g++) for this CPU
+(`-O3 -march=native`), into `$XDG_CACHE_HOME/conformer/kernels` (default `~/.cache/...`), named by a hash of its
+source, the compiler and the CPU, and moved into place atomically: concurrent processes build it at most once each
+and never load half a file. Without a compiler, or when the build fails, `library` says why once and returns None,
+and the callers use MindSpore's own kernels.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SOURCES = Path(__file__).resolve().parent
+FLAGS = ("-O3", "-march=native", "-shared", "-fPIC")
+
+
+def cache_dir() -> Path:
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "conformer" / "kernels"
+
+
+@functools.cache
+def library(name: str) -> Path | None:
+    """The compiled `<name>.cc` of this package, built if needed; None when it cannot be built here."""
+    compiler = shutil.which(os.environ.get("CXX", "g++"))
+    if compiler is None:
+        log.warning("no C++ compiler (g++ or $CXX): %s runs on MindSpore's slower kernel", name)
+        return None
+    source = SOURCES / f"{name}.cc"
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
+    key = hashlib.sha256(source.read_bytes() + version.encode() + _cpu().encode() + " ".join(FLAGS).encode())
+    target = cache_dir() / f"{name}-{key.hexdigest()[:16]}.so"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        built = Path(scratch) / target.name
+        done = subprocess.run([compiler, *FLAGS, "-o", str(built), str(source)], capture_output=True, text=True,
+                              check=False)
+        if done.returncode != 0:
+            log.warning("building the %s kernel failed (%s): MindSpore's slower kernel is used\n%s", name, compiler,
+                        done.stderr[-2000:])
+            return None
+        os.replace(built, target)
+    log.info("built the %s CPU kernel: %s", name, target)
+    return target
+
+
+def _cpu() -> str:
+    """What `-march=native` compiles for: the machine and its CPU's model and flags."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        lines = [line for line in info.splitlines() if line.startswith(("model name", "flags"))][:2]
+    except OSError:
+        lines = []
+    return platform.machine() + "\n".join(lines)
