@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # name: (input shape, what it is in Conformer-Ti)
 OPS = {
     "gelu": ((8, 197, 1536), "exact GELU of an MLP hidden layer (23 per forward)"),
-    "layer_norm": ((8, 197, 384), "LayerNorm of the tokens (38 per forward)"),
+    "layer_norm": ((8, 197, 384), "LayerNorm of the tokens (38 per forward), MindSpore's kernel"),
+    "layer_norm_ours": ((8, 197, 384), "the same on the project's C++ kernel (conformer.models.layer_norm)"),
     "dense": ((8, 197, 384), "the MLP's first Linear 384 -> 1536"),
     "softmax": ((8, 6, 197, 197), "attention softmax"),
     "batch_norm": ((8, 64, 56, 56), "BatchNorm (training) of a stage-1 conv"),
@@ -38,10 +39,12 @@ def mindspore_ops() -> dict:
 
     import conformer  # noqa: F401  (ONEDNN_MAX_CPU_ISA and the other process defaults)
     from conformer.models.conformer_net import StemMaxPool
+    from conformer.models.layer_norm import CpuLayerNorm
 
     ms.set_context(mode=ms.GRAPH_MODE)
     ms.set_device("CPU")
     return {"gelu": nn.GELU(approximate=False), "layer_norm": nn.LayerNorm((384,), epsilon=1e-6),
+            "layer_norm_ours": CpuLayerNorm(384, epsilon=1e-6),
             "dense": nn.Dense(384, 1536), "softmax": nn.Softmax(axis=-1),
             "batch_norm": nn.BatchNorm2d(64, eps=1e-6, momentum=0.9),
             "conv3x3": nn.Conv2d(64, 64, 3, pad_mode="pad", padding=1, has_bias=False),
@@ -74,7 +77,8 @@ def time_torch(repeats: int) -> dict[str, float]:
     import torch
     from torch import nn
 
-    modules = {"gelu": nn.GELU(), "layer_norm": nn.LayerNorm(384, eps=1e-6), "dense": nn.Linear(384, 1536),
+    modules = {"gelu": nn.GELU(), "layer_norm": nn.LayerNorm(384, eps=1e-6),
+               "layer_norm_ours": nn.LayerNorm(384, eps=1e-6), "dense": nn.Linear(384, 1536),
                "softmax": nn.Softmax(dim=-1), "batch_norm": nn.BatchNorm2d(64, eps=1e-6),
                "conv3x3": nn.Conv2d(64, 64, 3, padding=1, bias=False),
                "stem_max_pool": nn.MaxPool2d(3, stride=2, padding=1)}

@@ -3,6 +3,8 @@ falls back to MindSpore's kernel where it cannot be built or must not be used.""
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 
 import mindspore as ms
 import numpy as np
@@ -30,6 +32,11 @@ def _value_and_grads(norm: nn.Cell, x: Tensor, weights: Tensor) -> list[np.ndarr
     return [value.asnumpy(), norm(x).asnumpy(), dx.asnumpy(), *(g.asnumpy() for g in params)]
 
 
+NEEDS_COMPILER = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None,
+                                    reason="no C++ compiler (g++ or $CXX) to build the kernel: apt install g++")
+
+
+@NEEDS_COMPILER
 @pytest.mark.parametrize(("shape", "eps"), [((4, 197, 384), 1e-6), ((3, 17, 96), 1e-5)])
 def test_layer_norm_kernel_equals_mindspores_forward_and_backward(shape: tuple[int, ...], eps: float) -> None:
     rng = np.random.default_rng(0)
@@ -65,6 +72,7 @@ def test_without_a_compiler_the_builtin_kernel_is_used(monkeypatch: pytest.Monke
         kernels.library.cache_clear()
 
 
+@NEEDS_COMPILER
 def test_the_library_is_built_once_into_the_cache(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     kernels.library.cache_clear()
