@@ -85,3 +85,18 @@ def test_the_library_is_built_once_into_the_cache(tmp_path, monkeypatch: pytest.
         assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary left behind
     finally:
         kernels.library.cache_clear()
+
+
+@NEEDS_COMPILER
+def test_an_unwritable_cache_falls_back_to_the_builtin_kernel(tmp_path, monkeypatch: pytest.MonkeyPatch,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the cache folder would go")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocked))
+    kernels.library.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING):
+            assert kernels.library("layer_norm") is None
+        assert "cannot build the layer_norm kernel" in caplog.text and "XDG_CACHE_HOME" in caplog.text
+    finally:
+        kernels.library.cache_clear()

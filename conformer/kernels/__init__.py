@@ -42,17 +42,27 @@ def library(name: str) -> Path | None:
     target = cache_dir() / f"{name}-{key.hexdigest()[:16]}.so"
     if target.is_file():
         return target
+    try:
+        return _build(compiler, source, target)
+    except OSError as err:  # the cache folder cannot be written
+        log.warning("cannot build the %s kernel in %s (%s): MindSpore's slower kernel is used; set XDG_CACHE_HOME "
+                    "to a writable folder", name, target.parent, err)
+        return None
+
+
+def _build(compiler: str, source: Path, target: Path) -> Path | None:
+    """Compile `source` into `target` through a temporary file, so no process ever loads half a library."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         built = Path(scratch) / target.name
         done = subprocess.run([compiler, *FLAGS, "-o", str(built), str(source)], capture_output=True, text=True,
                               check=False)
         if done.returncode != 0:
-            log.warning("building the %s kernel failed (%s): MindSpore's slower kernel is used\n%s", name, compiler,
-                        done.stderr[-2000:])
+            log.warning("building the %s kernel failed (%s): MindSpore's slower kernel is used\n%s", source.stem,
+                        compiler, done.stderr[-2000:])
             return None
         os.replace(built, target)
-    log.info("built the %s CPU kernel: %s", name, target)
+    log.info("built the %s CPU kernel: %s", source.stem, target)
     return target
 
 
