@@ -1,5 +1,5 @@
-"""The project's compiled CPU kernels: LayerNorm equals MindSpore's to float32 rounding, forward and backward, and
-falls back to MindSpore's kernel where it cannot be built or must not be used."""
+"""The project's compiled CPU kernels: LayerNorm, BatchNorm, GELU and softmax equal MindSpore's to float32 rounding,
+forward and backward, and fall back to MindSpore's kernel where it cannot be built or must not be used."""
 from __future__ import annotations
 
 import logging
@@ -12,50 +12,69 @@ import pytest
 from mindspore import Tensor, nn
 
 from conformer import kernels
-from conformer.models.layer_norm import CpuLayerNorm, use_builtin_kernels
+from conformer.models.cpu_kernels import CpuBatchNorm2d, CpuGELU, CpuLayerNorm, CpuSoftmax, use_builtin_kernels
 
 
 class _Loss(nn.Cell):
-    """A weighted sum of the norm's output: every element gets its own upstream gradient."""
+    """A weighted sum of the cell's output: every element gets its own upstream gradient."""
 
-    def __init__(self, norm: nn.Cell, weights: Tensor) -> None:
+    def __init__(self, cell: nn.Cell, weights: Tensor) -> None:
         super().__init__()
-        self.norm, self.weights = norm, weights
+        self.cell, self.weights = cell, weights
 
     def construct(self, x: Tensor) -> Tensor:
-        return (self.norm(x) * self.weights).sum()
+        return (self.cell(x) * self.weights).sum()
 
 
-def _value_and_grads(norm: nn.Cell, x: Tensor, weights: Tensor) -> list[np.ndarray]:
-    loss = _Loss(norm, weights)
+def _value_and_grads(cell: nn.Cell, x: Tensor, weights: Tensor) -> list[np.ndarray]:
+    loss = _Loss(cell, weights)
     value, (dx, params) = ms.jit(ms.value_and_grad(loss, grad_position=0, weights=loss.trainable_params()))(x)
-    return [value.asnumpy(), norm(x).asnumpy(), dx.asnumpy(), *(g.asnumpy() for g in params)]
+    return [value.asnumpy(), cell(x).asnumpy(), dx.asnumpy(), *(g.asnumpy() for g in params)]
 
 
 NEEDS_COMPILER = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None,
                                     reason="no C++ compiler (g++ or $CXX) to build the kernel: apt install g++")
 
+# (ours, MindSpore's, what the gradients are): shapes with more elements than one thread's share, and odd ones
+CASES = {
+    "layer_norm": (lambda: CpuLayerNorm(384, 1e-6), lambda: nn.LayerNorm((384,), epsilon=1e-6), (4, 197, 384)),
+    "layer_norm_odd": (lambda: CpuLayerNorm(96, 1e-5), lambda: nn.LayerNorm((96,), epsilon=1e-5), (3, 17, 96)),
+    "gelu": (CpuGELU, lambda: nn.GELU(approximate=False), (4, 197, 1536)),
+    "gelu_odd": (CpuGELU, lambda: nn.GELU(approximate=False), (3, 7, 13)),
+    "softmax": (CpuSoftmax, lambda: nn.Softmax(axis=-1), (4, 6, 197, 197)),
+    "softmax_odd": (CpuSoftmax, lambda: nn.Softmax(axis=-1), (2, 3, 5)),
+    "batch_norm": (lambda: CpuBatchNorm2d(64, 1e-6, 0.9), lambda: nn.BatchNorm2d(64, 1e-6, 0.9), (4, 64, 28, 28)),
+    "batch_norm_odd": (lambda: CpuBatchNorm2d(3, 1e-5, 0.8), lambda: nn.BatchNorm2d(3, 1e-5, 0.8), (2, 3, 5, 7)),
+}
+
 
 @NEEDS_COMPILER
-@pytest.mark.parametrize(("shape", "eps"), [((4, 197, 384), 1e-6), ((3, 17, 96), 1e-5)])
-def test_layer_norm_kernel_equals_mindspores_forward_and_backward(shape: tuple[int, ...], eps: float) -> None:
+@pytest.mark.parametrize("case", CASES)
+def test_kernel_equals_mindspores_forward_and_backward(case: str) -> None:
+    make_ours, make_builtin, shape = CASES[case]
     rng = np.random.default_rng(0)
     x = Tensor((rng.standard_normal(shape) * 3 + 1).astype(np.float32))
     weights = Tensor(rng.standard_normal(shape).astype(np.float32))
-    ours, builtin = CpuLayerNorm(shape[-1], eps), nn.LayerNorm((shape[-1],), epsilon=eps)
+    ours, builtin = make_ours().set_train(), make_builtin().set_train()  # BatchNorm: batch statistics
     assert ours.kernel is not None, "the kernel was not built (is g++ installed?)"
-    for param in ("gamma", "beta"):
-        value = rng.standard_normal(shape[-1]).astype(np.float32)
+    for param in ("gamma", "beta") if isinstance(ours, (CpuLayerNorm, CpuBatchNorm2d)) else ():
+        value = rng.standard_normal(getattr(ours, param).shape).astype(np.float32)
         getattr(ours, param).set_data(Tensor(value))
         getattr(builtin, param).set_data(Tensor(value))
     expected = _value_and_grads(builtin, x, weights)
-    for name, got, want in zip(("loss", "y", "dx", "dgamma", "dbeta"), _value_and_grads(ours, x, weights), expected):
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-5 * np.abs(want).max(), err_msg=name)
+    got = _value_and_grads(ours, x, weights)
+    assert len(got) == len(expected)
+    for name, mine, want in zip(("loss", "y", "dx", "dgamma", "dbeta"), got, expected):
+        np.testing.assert_allclose(mine, want, rtol=1e-5, atol=2e-5 * np.abs(want).max(), err_msg=name)
+    for moving in ("moving_mean", "moving_variance") if isinstance(ours, CpuBatchNorm2d) else ():  # two updates each
+        want = getattr(builtin, moving).asnumpy()
+        assert not np.allclose(want, 0.0 if moving == "moving_mean" else 1.0)
+        np.testing.assert_allclose(getattr(ours, moving).asnumpy(), want, rtol=1e-5, atol=1e-6, err_msg=moving)
     assert [p.name for p in ours.get_parameters()] == [p.name for p in builtin.get_parameters()]  # checkpoints
 
-    portable = CpuLayerNorm(shape[-1], eps)  # what an export does, before anything is compiled
+    portable = make_ours().set_train()  # what an export does, before anything is compiled
     assert use_builtin_kernels(portable) == 1 and portable.kernel is None
-    np.testing.assert_array_equal(portable(x).asnumpy(), nn.LayerNorm((shape[-1],), epsilon=eps)(x).asnumpy())
+    np.testing.assert_array_equal(portable(x).asnumpy(), make_builtin().set_train()(x).asnumpy())
 
 
 def test_without_a_compiler_the_builtin_kernel_is_used(monkeypatch: pytest.MonkeyPatch,

@@ -1,8 +1,9 @@
 """The project's own CPU kernels: C++ sources compiled once per machine into shared libraries for `ops.Custom`.
 
-A kernel is built on first use with the system's C++ compiler (`CXX`, else g++) for this CPU
-(`-O3 -march=native`), into `$XDG_CACHE_HOME/conformer/kernels` (default `~/.cache/...`), named by a hash of its
-source, the compiler and the CPU, and moved into place atomically: concurrent processes build it at most once each
+A kernel is built on first use with the system's C++ compiler (`CXX`, else g++) for this CPU (`-O3 -march=native`;
+glibc's vector math library, libmvec, where the kernel includes `vector_math.h`), into
+`$XDG_CACHE_HOME/conformer/kernels` (default `~/.cache/...`), named by a hash of its sources (its own and the shared
+headers), the compiler and the CPU, and moved into place atomically: concurrent processes build it at most once each
 and never load half a file. Without a compiler, or when the build fails, `library` says why once and returns None,
 and the callers use MindSpore's own kernels.
 """
@@ -21,7 +22,8 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 SOURCES = Path(__file__).resolve().parent
-FLAGS = ("-O3", "-march=native", "-shared", "-fPIC")
+FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-pthread", "-shared", "-fPIC")
+VECTOR_MATH = ("-lmvec", "-lm")
 
 
 def cache_dir() -> Path:
@@ -38,7 +40,9 @@ def library(name: str) -> Path | None:
         return None
     source = SOURCES / f"{name}.cc"
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
-    key = hashlib.sha256(source.read_bytes() + version.encode() + _cpu().encode() + " ".join(FLAGS).encode())
+    headers = b"".join(header.read_bytes() for header in sorted(SOURCES.glob("*.h")))
+    key = hashlib.sha256(source.read_bytes() + headers + version.encode() + _cpu().encode()
+                         + " ".join(_flags(source)).encode())
     target = cache_dir() / f"{name}-{key.hexdigest()[:16]}.so"
     if target.is_file():
         return target
@@ -55,8 +59,8 @@ def _build(compiler: str, source: Path, target: Path) -> Path | None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         built = Path(scratch) / target.name
-        done = subprocess.run([compiler, *FLAGS, "-o", str(built), str(source)], capture_output=True, text=True,
-                              check=False)
+        done = subprocess.run([compiler, "-o", str(built), str(source), *_flags(source)], capture_output=True,
+                              text=True, check=False)
         if done.returncode != 0:
             log.warning("building the %s kernel failed (%s): MindSpore's slower kernel is used\n%s", source.stem,
                         compiler, done.stderr[-2000:])
@@ -64,6 +68,11 @@ def _build(compiler: str, source: Path, target: Path) -> Path | None:
         os.replace(built, target)
     log.info("built the %s CPU kernel: %s", source.stem, target)
     return target
+
+
+def _flags(source: Path) -> tuple[str, ...]:
+    """The compiler's flags for `source`; libraries come after the source, as the linker needs them."""
+    return FLAGS + (VECTOR_MATH if '"vector_math.h"' in source.read_text() else ())
 
 
 def _cpu() -> str:

@@ -17,7 +17,7 @@ import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common import initializer as init
 
-from conformer.models.layer_norm import CpuLayerNorm
+from conformer.models.cpu_kernels import CpuBatchNorm2d, CpuGELU, CpuLayerNorm, CpuSoftmax
 from conformer.models.registry import check_architecture, model_arguments, nearest_image_size, valid_image_size
 
 # BatchNorm and LayerNorm inside the blocks use eps 1e-6; the stem BN and the final LayerNorm use 1e-5.
@@ -28,7 +28,7 @@ BN_MOMENTUM = 0.9
 
 
 def batch_norm(channels: int, eps: float = BLOCK_NORM_EPS) -> nn.BatchNorm2d:
-    return nn.BatchNorm2d(channels, eps=eps, momentum=BN_MOMENTUM)
+    return CpuBatchNorm2d(channels, eps=eps, momentum=BN_MOMENTUM)
 
 
 def layer_norm(dim: int, eps: float = BLOCK_NORM_EPS) -> nn.LayerNorm:
@@ -100,7 +100,7 @@ class Mlp(nn.Cell):
     def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0) -> None:
         super().__init__()
         self.fc1 = nn.Dense(dim, hidden_dim)
-        self.act = nn.GELU(approximate=False)
+        self.act = CpuGELU()
         self.fc2 = nn.Dense(hidden_dim, dim)
         self.drop = nn.Dropout(p=drop)
 
@@ -120,7 +120,7 @@ class Attention(nn.Cell):
         self.attn_drop = nn.Dropout(p=attn_drop)
         self.proj = nn.Dense(dim, dim)
         self.proj_drop = nn.Dropout(p=proj_drop)
-        self.softmax = nn.Softmax(axis=-1)
+        self.softmax = CpuSoftmax()
         self.qk_matmul = ops.BatchMatMul(transpose_b=True)
         self.av_matmul = ops.BatchMatMul()
 
@@ -200,7 +200,7 @@ class FCUDown(nn.Cell):
         self.dw_stride = dw_stride
         self.sample_pooling = nn.AvgPool2d(kernel_size=dw_stride, stride=dw_stride)
         self.ln = layer_norm(outplanes)
-        self.act = nn.GELU(approximate=False)
+        self.act = CpuGELU()
         self.concat = ops.Concat(axis=1)
 
     def construct(self, x: Tensor, x_t: Tensor) -> Tensor:

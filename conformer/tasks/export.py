@@ -10,7 +10,7 @@ from mindspore import Tensor, nn, ops
 from omegaconf import DictConfig, OmegaConf
 
 from conformer.models.conformer_net import StemMaxPool, ZeroPadMaxPool
-from conformer.models.layer_norm import use_builtin_kernels
+from conformer.models.cpu_kernels import use_builtin_kernels
 from conformer.tasks.common import RunContext, open_run, task_tracker, trained_network
 from conformer.tasks.predict import class_labels
 from conformer.tracking import Tracker

@@ -1,0 +1,110 @@
+// BatchNorm of NCHW float32 in training mode (batch statistics) for MindSpore's CPU (ops.Custom, func_type="aot"):
+// forward and backward, sums in double, vectorised and split over the cores by channels. The same math as
+// nn.BatchNorm2d in training; the cell updates the moving statistics from the batch mean and variance returned here.
+#include <cmath>
+#include <cstdint>
+
+#include "parallel.h"
+
+namespace {
+struct Layout {
+  int64_t batch, channels, plane;
+};
+
+Layout layout(int ndim, const int64_t *shape) {
+  int64_t plane = 1;
+  for (int i = 2; i < ndim; ++i) plane *= shape[i];
+  return {shape[0], shape[1], plane};
+}
+}  // namespace
+
+// inputs x [N, C, ...], gamma [C], beta [C], eps [1];
+// outputs y [N, C, ...], mean [C], rstd [C] (1 / sqrt(biased variance + eps)), variance [C] (unbiased)
+extern "C" int BatchNormForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                void *stream, void *extra) {
+  const float *x = static_cast<const float *>(params[0]);
+  const float *gamma = static_cast<const float *>(params[1]);
+  const float *beta = static_cast<const float *>(params[2]);
+  const float eps = static_cast<const float *>(params[3])[0];
+  float *y = static_cast<float *>(params[4]);
+  float *mean = static_cast<float *>(params[5]);
+  float *rstd = static_cast<float *>(params[6]);
+  float *variance = static_cast<float *>(params[7]);
+  const Layout s = layout(ndims[0], shapes[0]);
+  const int64_t count = s.batch * s.plane;
+  conformer::parallel_for(s.channels, 1, [=](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      double sum = 0.0;
+      for (int64_t n = 0; n < s.batch; ++n) {
+        const float *__restrict xp = x + (n * s.channels + c) * s.plane;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t i = 0; i < s.plane; ++i) sum += xp[i];
+      }
+      const float m = static_cast<float>(sum / count);
+      double squares = 0.0;
+      for (int64_t n = 0; n < s.batch; ++n) {
+        const float *__restrict xp = x + (n * s.channels + c) * s.plane;
+#pragma omp simd reduction(+ : squares)
+        for (int64_t i = 0; i < s.plane; ++i) {
+          const float centred = xp[i] - m;
+          squares += static_cast<double>(centred) * centred;
+        }
+      }
+      const float rs = 1.0f / std::sqrt(static_cast<float>(squares / count) + eps);
+      const float scale = rs * gamma[c], shift = beta[c] - m * scale;
+      for (int64_t n = 0; n < s.batch; ++n) {
+        const float *__restrict xp = x + (n * s.channels + c) * s.plane;
+        float *__restrict yp = y + (n * s.channels + c) * s.plane;
+#pragma omp simd
+        for (int64_t i = 0; i < s.plane; ++i) yp[i] = xp[i] * scale + shift;
+      }
+      mean[c] = m;
+      rstd[c] = rs;
+      variance[c] = static_cast<float>(squares / (count > 1 ? count - 1 : 1));
+    }
+  });
+  return 0;
+}
+
+// inputs x [N, C, ...], gamma [C], mean [C], rstd [C], dy [N, C, ...]; outputs dx [N, C, ...], dgamma [C], dbeta [C]
+extern "C" int BatchNormBackward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                 void *stream, void *extra) {
+  const float *x = static_cast<const float *>(params[0]);
+  const float *gamma = static_cast<const float *>(params[1]);
+  const float *mean = static_cast<const float *>(params[2]);
+  const float *rstd = static_cast<const float *>(params[3]);
+  const float *dy = static_cast<const float *>(params[4]);
+  float *dx = static_cast<float *>(params[5]);
+  float *dgamma = static_cast<float *>(params[6]);
+  float *dbeta = static_cast<float *>(params[7]);
+  const Layout s = layout(ndims[0], shapes[0]);
+  const int64_t count = s.batch * s.plane;
+  conformer::parallel_for(s.channels, 1, [=](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      const float m = mean[c], rs = rstd[c];
+      double sum_dy = 0.0, sum_dy_xhat = 0.0;
+      for (int64_t n = 0; n < s.batch; ++n) {
+        const float *__restrict xp = x + (n * s.channels + c) * s.plane;
+        const float *__restrict dyp = dy + (n * s.channels + c) * s.plane;
+#pragma omp simd reduction(+ : sum_dy, sum_dy_xhat)
+        for (int64_t i = 0; i < s.plane; ++i) {
+          sum_dy += dyp[i];
+          sum_dy_xhat += static_cast<double>(dyp[i]) * ((xp[i] - m) * rs);
+        }
+      }
+      const float mean_dy = static_cast<float>(sum_dy / count);
+      const float mean_dy_xhat = static_cast<float>(sum_dy_xhat / count);
+      const float scale = gamma[c] * rs;
+      for (int64_t n = 0; n < s.batch; ++n) {
+        const float *__restrict xp = x + (n * s.channels + c) * s.plane;
+        const float *__restrict dyp = dy + (n * s.channels + c) * s.plane;
+        float *__restrict dxp = dx + (n * s.channels + c) * s.plane;
+#pragma omp simd
+        for (int64_t i = 0; i < s.plane; ++i) dxp[i] = scale * (dyp[i] - mean_dy - (xp[i] - m) * rs * mean_dy_xhat);
+      }
+      dgamma[c] = static_cast<float>(sum_dy_xhat);
+      dbeta[c] = static_cast<float>(sum_dy);
+    }
+  });
+  return 0;
+}

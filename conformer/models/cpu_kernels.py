@@ -1,0 +1,156 @@
+"""Network cells on the project's compiled CPU kernels (`conformer/kernels/*.cc`, run through `ops.Custom`).
+
+MindSpore 2.10's CPU kernels for LayerNorm, exact GELU, softmax and BatchNorm take 3x to 20x PyTorch's time at
+Conformer-Ti's shapes (README "Benchmarks"). Each cell here is the MindSpore cell it subclasses (same parameters, names
+and checkpoints) with a forward and backward on the project's vectorised, multi-core kernel, which computes the same
+to float32 rounding. A cell falls back to MindSpore's kernel off the CPU, for other dtypes than float32, without a C++
+compiler, and where a model must run anywhere (`use_builtin_kernels`, for exports).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import mindspore as ms
+from mindspore import Tensor, nn, ops
+
+from conformer.kernels import library
+
+
+def _float32s(*inputs: object) -> object:
+    return ms.float32
+
+
+def _custom(name: str, function: str, out_shape: Callable, outputs: int = 1,
+            bprop: Callable | None = None) -> ops.Custom:
+    """`function` of the compiled `<name>.cc` as an op whose outputs are all float32."""
+    dtypes = (lambda *_: (ms.float32,) * outputs) if outputs > 1 else _float32s
+    return ops.Custom(f"{library(name)}:{function}", out_shape=out_shape, out_dtype=dtypes, func_type="aot",
+                      bprop=bprop)
+
+
+def _on_cpu(name: str) -> bool:
+    """Whether the `<name>` kernel serves here: the CPU is the device and the kernel could be built."""
+    return ms.get_context("device_target") == "CPU" and library(name) is not None
+
+
+def _same_shape(x: list[int], *_: list[int]) -> list[int]:
+    return x
+
+
+def layer_norm_kernel() -> ops.Custom:
+    """(x, gamma, beta, eps[1]) -> (y, mean, rstd), differentiable."""
+    backward = _custom("layer_norm", "LayerNormBackward", lambda x, gamma, *_: (x, gamma, gamma), outputs=3)
+
+    def bprop(x: Tensor, gamma: Tensor, beta: Tensor, eps: Tensor, out: tuple, dout: tuple) -> tuple:
+        dx, dgamma, dbeta = backward(x, gamma, out[1], out[2], dout[0])
+        return dx, dgamma, dbeta, ops.zeros_like(eps)
+
+    return _custom("layer_norm", "LayerNormForward", lambda x, *_: (x, x[:-1], x[:-1]), outputs=3, bprop=bprop)
+
+
+def batch_norm_kernel() -> ops.Custom:
+    """(x [N, C, ...], gamma, beta, eps[1]) -> (y, batch mean, rstd, unbiased batch variance), differentiable."""
+    backward = _custom("batch_norm", "BatchNormBackward", lambda x, gamma, *_: (x, gamma, gamma), outputs=3)
+
+    def bprop(x: Tensor, gamma: Tensor, beta: Tensor, eps: Tensor, out: tuple, dout: tuple) -> tuple:
+        dx, dgamma, dbeta = backward(x, gamma, out[1], out[2], dout[0])
+        return dx, dgamma, dbeta, ops.zeros_like(eps)
+
+    return _custom("batch_norm", "BatchNormForward", lambda x, gamma, *_: (x, gamma, gamma, gamma), outputs=4,
+                   bprop=bprop)
+
+
+def gelu_kernel() -> ops.Custom:
+    """x -> x * Phi(x) (the exact GELU), differentiable."""
+    backward = _custom("gelu", "GeluBackward", _same_shape)
+
+    def bprop(x: Tensor, out: Tensor, dout: Tensor) -> tuple:
+        return (backward(x, dout),)
+
+    return _custom("gelu", "GeluForward", _same_shape, bprop=bprop)
+
+
+def softmax_kernel() -> ops.Custom:
+    """x -> softmax over the last axis, differentiable."""
+    backward = _custom("softmax", "SoftmaxBackward", _same_shape)
+
+    def bprop(x: Tensor, out: Tensor, dout: Tensor) -> tuple:
+        return (backward(out, dout),)
+
+    return _custom("softmax", "SoftmaxForward", _same_shape, bprop=bprop)
+
+
+class CpuLayerNorm(nn.LayerNorm):
+    """`nn.LayerNorm((dim,), epsilon)` on the project's CPU kernel where it can run (see the module)."""
+
+    def __init__(self, dim: int, epsilon: float) -> None:
+        super().__init__((dim,), epsilon=epsilon)
+        self.kernel = layer_norm_kernel() if _on_cpu("layer_norm") else None
+        self.eps = Tensor([epsilon], ms.float32)
+
+    def construct(self, x: Tensor) -> Tensor:
+        if self.kernel is None or x.dtype != ms.float32:
+            return super().construct(x)
+        return self.kernel(x, self.gamma, self.beta, self.eps)[0]
+
+
+class CpuBatchNorm2d(nn.BatchNorm2d):
+    """`nn.BatchNorm2d(channels, eps, momentum)` whose training forward (batch statistics, moving-statistics update)
+    runs on the project's CPU kernel where it can run (see the module); inference uses MindSpore's kernel."""
+
+    def __init__(self, channels: int, eps: float, momentum: float) -> None:
+        super().__init__(channels, eps=eps, momentum=momentum)
+        self.kernel = batch_norm_kernel() if _on_cpu("batch_norm") else None
+        self.eps_tensor = Tensor([eps], ms.float32)
+        self.keep = Tensor(momentum, ms.float32)  # weight of the moving value; nn.BatchNorm2d stores 1 - momentum
+
+    def construct(self, x: Tensor) -> Tensor:
+        batch_statistics = self.training if self.use_batch_statistics is None else self.use_batch_statistics
+        if self.kernel is None or x.dtype != ms.float32 or not batch_statistics:
+            return super().construct(x)
+        y, mean, _, variance = self.kernel(x, self.gamma, self.beta, self.eps_tensor)
+        mean = ops.stop_gradient(mean)
+        variance = ops.stop_gradient(variance)
+        y = ops.depend(y, ops.assign(self.moving_mean, self.moving_mean * self.keep + mean * (1 - self.keep)))
+        return ops.depend(y, ops.assign(self.moving_variance,
+                                        self.moving_variance * self.keep + variance * (1 - self.keep)))
+
+
+class CpuGELU(nn.GELU):
+    """`nn.GELU(approximate=False)` on the project's CPU kernel where it can run (see the module)."""
+
+    def __init__(self) -> None:
+        super().__init__(approximate=False)
+        self.kernel = gelu_kernel() if _on_cpu("gelu") else None
+
+    def construct(self, x: Tensor) -> Tensor:
+        if self.kernel is None or x.dtype != ms.float32:
+            return super().construct(x)
+        return self.kernel(x)
+
+
+class CpuSoftmax(nn.Softmax):
+    """`nn.Softmax(axis=-1)` on the project's CPU kernel where it can run (see the module)."""
+
+    def __init__(self) -> None:
+        super().__init__(axis=-1)
+        self.kernel = softmax_kernel() if _on_cpu("softmax") else None
+
+    def construct(self, x: Tensor) -> Tensor:
+        if self.kernel is None or x.dtype != ms.float32:
+            return super().construct(x)
+        return self.kernel(x)
+
+
+KERNEL_CELLS = (CpuLayerNorm, CpuBatchNorm2d, CpuGELU, CpuSoftmax)
+
+
+def use_builtin_kernels(network: nn.Cell) -> int:
+    """Switch the network's CPU-kernel cells to MindSpore's own kernels (an export must run without our library);
+    returns how many it switched. Call it before the network first runs: a graph compiled earlier keeps its kernel."""
+    switched = 0
+    for _, cell in network.cells_and_names():
+        if isinstance(cell, KERNEL_CELLS) and cell.kernel is not None:
+            cell.kernel = None
+            switched += 1
+    return switched
