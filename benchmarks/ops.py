@@ -26,7 +26,8 @@ OPS = {
     "gelu_ours": ((8, 197, 1536), "the same on the project's C++ kernel (conformer.models.cpu_kernels)"),
     "layer_norm": ((8, 197, 384), "LayerNorm of the tokens (38 per forward), MindSpore's kernel"),
     "layer_norm_ours": ((8, 197, 384), "the same on the project's C++ kernel"),
-    "dense": ((8, 197, 384), "the MLP's first Linear 384 -> 1536"),
+    "dense": ((8, 197, 384), "the MLP's first Linear 384 -> 1536, MindSpore's kernel"),
+    "dense_ours": ((8, 197, 384), "the same on the project's C++ kernel (OpenBLAS sgemm)"),
     "softmax": ((8, 6, 197, 197), "attention softmax (12 per forward), MindSpore's kernel"),
     "softmax_ours": ((8, 6, 197, 197), "the same on the project's C++ kernel"),
     "batch_norm": ((8, 64, 56, 56), "BatchNorm (training) of a stage-1 conv"),
@@ -41,13 +42,14 @@ def mindspore_ops() -> dict:
 
     import conformer  # noqa: F401  (ONEDNN_MAX_CPU_ISA and the other process defaults)
     from conformer.models.conformer_net import StemMaxPool
-    from conformer.models.cpu_kernels import CpuGELU, CpuLayerNorm, CpuSoftmax
+    from conformer.models.cpu_kernels import CpuDense, CpuGELU, CpuLayerNorm, CpuSoftmax
 
     ms.set_context(mode=ms.GRAPH_MODE)
     ms.set_device("CPU")
     return {"gelu": nn.GELU(approximate=False), "gelu_ours": CpuGELU(),
             "layer_norm": nn.LayerNorm((384,), epsilon=1e-6), "layer_norm_ours": CpuLayerNorm(384, epsilon=1e-6),
-            "dense": nn.Dense(384, 1536), "softmax": nn.Softmax(axis=-1), "softmax_ours": CpuSoftmax(),
+            "dense": nn.Dense(384, 1536), "dense_ours": CpuDense(384, 1536),
+            "softmax": nn.Softmax(axis=-1), "softmax_ours": CpuSoftmax(),
             "batch_norm": nn.BatchNorm2d(64, eps=1e-6, momentum=0.9),
             "conv3x3": nn.Conv2d(64, 64, 3, pad_mode="pad", padding=1, has_bias=False),
             "stem_max_pool": StemMaxPool()}

@@ -12,7 +12,14 @@ import pytest
 from mindspore import Tensor, nn
 
 from conformer import kernels
-from conformer.models.cpu_kernels import CpuBatchNorm2d, CpuGELU, CpuLayerNorm, CpuSoftmax, use_builtin_kernels
+from conformer.models.cpu_kernels import (
+    CpuBatchNorm2d,
+    CpuDense,
+    CpuGELU,
+    CpuLayerNorm,
+    CpuSoftmax,
+    use_builtin_kernels,
+)
 
 
 class _Loss(nn.Cell):
@@ -43,6 +50,8 @@ CASES = {
     "gelu_odd": (CpuGELU, lambda: nn.GELU(approximate=False), (3, 7, 13)),
     "softmax": (CpuSoftmax, lambda: nn.Softmax(axis=-1), (4, 6, 197, 197)),
     "softmax_odd": (CpuSoftmax, lambda: nn.Softmax(axis=-1), (2, 3, 5)),
+    "dense": (lambda: CpuDense(384, 1536), lambda: nn.Dense(384, 1536), (4, 197, 384)),
+    "dense_odd": (lambda: CpuDense(13, 5, has_bias=False), lambda: nn.Dense(13, 5, has_bias=False), (3, 7, 13)),
     "batch_norm": (lambda: CpuBatchNorm2d(64, 1e-6, 0.9), lambda: nn.BatchNorm2d(64, 1e-6, 0.9), (4, 64, 28, 28)),
     "batch_norm_odd": (lambda: CpuBatchNorm2d(3, 1e-5, 0.8), lambda: nn.BatchNorm2d(3, 1e-5, 0.8), (2, 3, 5, 7)),
 }
@@ -54,17 +63,14 @@ def test_kernel_equals_mindspores_forward_and_backward(case: str) -> None:
     make_ours, make_builtin, shape = CASES[case]
     rng = np.random.default_rng(0)
     x = Tensor((rng.standard_normal(shape) * 3 + 1).astype(np.float32))
-    weights = Tensor(rng.standard_normal(shape).astype(np.float32))
+    weights = Tensor(rng.standard_normal(make_builtin()(x).shape).astype(np.float32))
     ours, builtin = make_ours().set_train(), make_builtin().set_train()  # BatchNorm: batch statistics
     assert ours.kernel is not None, "the kernel was not built (is g++ installed?)"
-    for param in ("gamma", "beta") if isinstance(ours, (CpuLayerNorm, CpuBatchNorm2d)) else ():
-        value = rng.standard_normal(getattr(ours, param).shape).astype(np.float32)
-        getattr(ours, param).set_data(Tensor(value))
-        getattr(builtin, param).set_data(Tensor(value))
+    _same_random_parameters(ours, builtin, rng)
     expected = _value_and_grads(builtin, x, weights)
     got = _value_and_grads(ours, x, weights)
     assert len(got) == len(expected)
-    for name, mine, want in zip(("loss", "y", "dx", "dgamma", "dbeta"), got, expected):
+    for name, mine, want in zip(("loss", "y", "dx", "dparam0", "dparam1"), got, expected):
         np.testing.assert_allclose(mine, want, rtol=1e-5, atol=2e-5 * np.abs(want).max(), err_msg=name)
     for moving in ("moving_mean", "moving_variance") if isinstance(ours, CpuBatchNorm2d) else ():  # two updates each
         want = getattr(builtin, moving).asnumpy()
@@ -72,9 +78,18 @@ def test_kernel_equals_mindspores_forward_and_backward(case: str) -> None:
         np.testing.assert_allclose(getattr(ours, moving).asnumpy(), want, rtol=1e-5, atol=1e-6, err_msg=moving)
     assert [p.name for p in ours.get_parameters()] == [p.name for p in builtin.get_parameters()]  # checkpoints
 
-    portable = make_ours().set_train()  # what an export does, before anything is compiled
+    portable, builtin = make_ours().set_train(), make_builtin().set_train()  # what an export does, before compiling
     assert use_builtin_kernels(portable) == 1 and portable.kernel is None
-    np.testing.assert_array_equal(portable(x).asnumpy(), make_builtin().set_train()(x).asnumpy())
+    _same_random_parameters(portable, builtin, rng)
+    np.testing.assert_array_equal(portable(x).asnumpy(), builtin(x).asnumpy())
+
+
+def _same_random_parameters(ours: nn.Cell, builtin: nn.Cell, rng: np.random.Generator) -> None:
+    for name, param in ours.parameters_and_names():
+        if "moving" not in name:
+            value = Tensor(rng.standard_normal(param.shape).astype(np.float32))
+            param.set_data(value)
+            getattr(builtin, name).set_data(value)
 
 
 def test_without_a_compiler_the_builtin_kernel_is_used(monkeypatch: pytest.MonkeyPatch,

@@ -1,7 +1,8 @@
 """The project's own CPU kernels: C++ sources compiled once per machine into shared libraries for `ops.Custom`.
 
 A kernel is built on first use with the system's C++ compiler (`CXX`, else g++) for this CPU (`-O3 -march=native`;
-glibc's vector math library, libmvec, where the kernel includes `vector_math.h`), into
+glibc's vector math library, libmvec, where the kernel includes `vector_math.h`; OpenBLAS from the scipy-openblas32
+wheel where it includes `<cblas.h>`), into
 `$XDG_CACHE_HOME/conformer/kernels` (default `~/.cache/...`), named by a hash of its sources (its own and the shared
 headers), the compiler and the CPU, and moved into place atomically: concurrent processes build it at most once each
 and never load half a file. Without a compiler, or when the build fails, `library` says why once and returns None,
@@ -41,25 +42,29 @@ def library(name: str) -> Path | None:
     source = SOURCES / f"{name}.cc"
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
     headers = b"".join(header.read_bytes() for header in sorted(SOURCES.glob("*.h")))
-    key = hashlib.sha256(source.read_bytes() + headers + version.encode() + _cpu().encode()
-                         + " ".join(_flags(source)).encode())
+    try:
+        flags = _flags(source)
+    except ImportError as err:
+        log.warning("the %s kernel needs %s (pip install -e .): MindSpore's slower kernel is used", name, err.name)
+        return None
+    key = hashlib.sha256(source.read_bytes() + headers + version.encode() + _cpu().encode() + " ".join(flags).encode())
     target = cache_dir() / f"{name}-{key.hexdigest()[:16]}.so"
     if target.is_file():
         return target
     try:
-        return _build(compiler, source, target)
+        return _build(compiler, source, flags, target)
     except OSError as err:  # the cache folder cannot be written
         log.warning("cannot build the %s kernel in %s (%s): MindSpore's slower kernel is used; set XDG_CACHE_HOME "
                     "to a writable folder", name, target.parent, err)
         return None
 
 
-def _build(compiler: str, source: Path, target: Path) -> Path | None:
+def _build(compiler: str, source: Path, flags: tuple[str, ...], target: Path) -> Path | None:
     """Compile `source` into `target` through a temporary file, so no process ever loads half a library."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         built = Path(scratch) / target.name
-        done = subprocess.run([compiler, "-o", str(built), str(source), *_flags(source)], capture_output=True,
+        done = subprocess.run([compiler, "-o", str(built), str(source), *flags], capture_output=True,
                               text=True, check=False)
         if done.returncode != 0:
             log.warning("building the %s kernel failed (%s): MindSpore's slower kernel is used\n%s", source.stem,
@@ -72,7 +77,18 @@ def _build(compiler: str, source: Path, target: Path) -> Path | None:
 
 def _flags(source: Path) -> tuple[str, ...]:
     """The compiler's flags for `source`; libraries come after the source, as the linker needs them."""
-    return FLAGS + (VECTOR_MATH if '"vector_math.h"' in source.read_text() else ())
+    text = source.read_text()
+    flags = FLAGS + (VECTOR_MATH if '"vector_math.h"' in text else ())
+    return flags + (_openblas() if "<cblas.h>" in text else ())
+
+
+def _openblas() -> tuple[str, ...]:
+    """Compile and link flags for the OpenBLAS of the scipy-openblas32 wheel (a dependency of the project)."""
+    import scipy_openblas32
+
+    lib_dir = scipy_openblas32.get_lib_dir()
+    return (f"-I{scipy_openblas32.get_include_dir()}", f"{lib_dir}/lib{scipy_openblas32.get_library()}.so",
+            f"-Wl,-rpath,{lib_dir}")
 
 
 def _cpu() -> str:

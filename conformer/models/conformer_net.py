@@ -17,7 +17,7 @@ import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common import initializer as init
 
-from conformer.models.cpu_kernels import CpuBatchNorm2d, CpuGELU, CpuLayerNorm, CpuSoftmax
+from conformer.models.cpu_kernels import CpuBatchNorm2d, CpuDense, CpuGELU, CpuLayerNorm, CpuSoftmax
 from conformer.models.registry import check_architecture, model_arguments, nearest_image_size, valid_image_size
 
 # BatchNorm and LayerNorm inside the blocks use eps 1e-6; the stem BN and the final LayerNorm use 1e-5.
@@ -99,9 +99,9 @@ class StemMaxPool(nn.MaxPool2d):
 class Mlp(nn.Cell):
     def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0) -> None:
         super().__init__()
-        self.fc1 = nn.Dense(dim, hidden_dim)
+        self.fc1 = CpuDense(dim, hidden_dim)
         self.act = CpuGELU()
-        self.fc2 = nn.Dense(hidden_dim, dim)
+        self.fc2 = CpuDense(hidden_dim, dim)
         self.drop = nn.Dropout(p=drop)
 
     def construct(self, x: Tensor) -> Tensor:
@@ -116,9 +116,9 @@ class Attention(nn.Cell):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = qk_scale or self.head_dim ** -0.5
-        self.qkv = nn.Dense(dim, dim * 3, has_bias=qkv_bias)
+        self.qkv = CpuDense(dim, dim * 3, has_bias=qkv_bias)
         self.attn_drop = nn.Dropout(p=attn_drop)
-        self.proj = nn.Dense(dim, dim)
+        self.proj = CpuDense(dim, dim)
         self.proj_drop = nn.Dropout(p=proj_drop)
         self.softmax = CpuSoftmax()
         self.qk_matmul = ops.BatchMatMul(transpose_b=True)

@@ -60,6 +60,22 @@ def batch_norm_kernel() -> ops.Custom:
                    bprop=bprop)
 
 
+def dense_kernel(bias: bool) -> ops.Custom:
+    """(x [..., k], w [n, k], b [n]) -> x w^T + b, or (x, w) -> x w^T without a bias; differentiable."""
+    if bias:
+        backward = _custom("dense", "DenseBackward", lambda x, w, dy: (x, w, w[:1]), outputs=3)
+
+        def bprop(x: Tensor, w: Tensor, b: Tensor, out: Tensor, dout: Tensor) -> tuple:
+            return backward(x, w, dout)
+    else:
+        backward = _custom("dense", "DenseBackward", lambda x, w, dy: (x, w), outputs=2)
+
+        def bprop(x: Tensor, w: Tensor, out: Tensor, dout: Tensor) -> tuple:
+            return backward(x, w, dout)
+
+    return _custom("dense", "DenseForward", lambda x, w, *_: x[:-1] + w[:1], bprop=bprop)
+
+
 def gelu_kernel() -> ops.Custom:
     """x -> x * Phi(x) (the exact GELU), differentiable."""
     backward = _custom("gelu", "GeluBackward", _same_shape)
@@ -116,6 +132,22 @@ class CpuBatchNorm2d(nn.BatchNorm2d):
                                         self.moving_variance * self.keep + variance * (1 - self.keep)))
 
 
+class CpuDense(nn.Dense):
+    """`nn.Dense(in_channels, out_channels, has_bias)` on the project's CPU kernel (OpenBLAS sgemm) where it can run
+    (see the module)."""
+
+    def __init__(self, in_channels: int, out_channels: int, has_bias: bool = True) -> None:
+        super().__init__(in_channels, out_channels, has_bias=has_bias)
+        self.kernel = dense_kernel(has_bias) if _on_cpu("dense") else None
+
+    def construct(self, x: Tensor) -> Tensor:
+        if self.kernel is None or x.dtype != ms.float32:
+            return super().construct(x)
+        if self.has_bias:
+            return self.kernel(x, self.weight, self.bias)
+        return self.kernel(x, self.weight)
+
+
 class CpuGELU(nn.GELU):
     """`nn.GELU(approximate=False)` on the project's CPU kernel where it can run (see the module)."""
 
@@ -142,7 +174,7 @@ class CpuSoftmax(nn.Softmax):
         return self.kernel(x)
 
 
-KERNEL_CELLS = (CpuLayerNorm, CpuBatchNorm2d, CpuGELU, CpuSoftmax)
+KERNEL_CELLS = (CpuLayerNorm, CpuBatchNorm2d, CpuDense, CpuGELU, CpuSoftmax)
 
 
 def use_builtin_kernels(network: nn.Cell) -> int:
