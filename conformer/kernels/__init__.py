@@ -15,6 +15,7 @@ import hashlib
 import logging
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -23,7 +24,8 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 SOURCES = Path(__file__).resolve().parent
-FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-pthread", "-shared", "-fPIC")
+# -z defs: a symbol no library provides fails the build (and the caller falls back), not the first call
+FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-pthread", "-shared", "-fPIC", "-Wl,-z,defs")
 VECTOR_MATH = ("-lmvec", "-lm")
 
 
@@ -77,9 +79,23 @@ def _build(compiler: str, source: Path, flags: tuple[str, ...], target: Path) ->
 
 def _flags(source: Path) -> tuple[str, ...]:
     """The compiler's flags for `source`; libraries come after the source, as the linker needs them."""
-    text = source.read_text()
+    text = _with_headers(source)
     flags = FLAGS + (VECTOR_MATH if '"vector_math.h"' in text else ())
     return flags + (_openblas() if "<cblas.h>" in text else ())
+
+
+def _with_headers(source: Path) -> str:
+    """The text of `source` and of the package's headers it includes, directly or through another header."""
+    text, seen, pending = "", set(), [source]
+    while pending:
+        path = pending.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        content = path.read_text()
+        text += content
+        pending += [SOURCES / name for name in re.findall(r'#include "([^"]+)"', content)]
+    return text
 
 
 def _openblas() -> tuple[str, ...]:

@@ -1,32 +1,23 @@
 // Dense (y = x W^T + b over the last axis of x) for MindSpore's CPU (ops.Custom, func_type="aot"): forward and
 // backward as OpenBLAS sgemm calls (the scipy-openblas32 wheel), split over the cores by parallel.h. The same math as
 // nn.Dense, in another summation order. Without a bias the ops take one input (and return one gradient) fewer.
-#include <cblas.h>
-
 #include <algorithm>
 #include <cstdint>
 #include <vector>
 
+#include "gemm.h"
 #include "parallel.h"
 
 namespace {
 constexpr int64_t kRowBlock = 64;
 
-// sgemm of row-major matrices: C[m, n] = A[m, k] (transposed: stored [k, m]) x B^T (B stored [n, k]) + beta C,
-// the rows of C split over the pool's threads, each an OpenBLAS call on the calling thread: OpenBLAS's own threads
-// spin after each call and would take the cores from the kernels that come next.
+// c[m, n] = op(a) op(b) + beta * c with the rows of c split over the pool's threads (see gemm.h for the arguments)
 void gemm_rows(bool a_transposed, bool b_transposed, int64_t m, int64_t n, int64_t k, const float *a, int64_t lda,
                const float *b, int64_t ldb, float beta, float *c) {
-  static const bool single_threaded = [] {
-    scipy_openblas_set_num_threads(1);
-    return true;
-  }();
-  (void)single_threaded;
   const int64_t grain = std::max<int64_t>(16, 65536 / std::max<int64_t>(n * k / 64, 1));
   conformer::parallel_for(m, grain, [=](int64_t begin, int64_t end) {
     const float *a_rows = a_transposed ? a + begin : a + begin * lda;
-    scipy_cblas_sgemm(CblasRowMajor, a_transposed ? CblasTrans : CblasNoTrans, b_transposed ? CblasTrans : CblasNoTrans,
-                      end - begin, n, k, 1.0f, a_rows, lda, b, ldb, beta, c + begin * n, n);
+    conformer::sgemm(a_transposed, b_transposed, end - begin, n, k, 1.0f, a_rows, lda, b, ldb, beta, c + begin * n, n);
   });
 }
 

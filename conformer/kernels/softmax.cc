@@ -3,7 +3,7 @@
 #include <cstdint>
 
 #include "parallel.h"
-#include "vector_math.h"
+#include "rows.h"
 
 namespace {
 constexpr int64_t kGrainElements = 16384;
@@ -27,22 +27,7 @@ extern "C" int SoftmaxForward(int nparam, void **params, int *ndims, int64_t **s
   const Rows shape = rows(ndims[0], shapes[0]);
   const int64_t d = shape.length;
   conformer::parallel_for(shape.count, kGrainElements / d + 1, [=](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const float *__restrict xr = x + r * d;
-      float *__restrict yr = y + r * d;
-      float top = xr[0];
-#pragma omp simd reduction(max : top)
-      for (int64_t i = 0; i < d; ++i) top = top > xr[i] ? top : xr[i];
-      float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t i = 0; i < d; ++i) {
-        yr[i] = expf(xr[i] - top);
-        sum += yr[i];
-      }
-      const float scale = 1.0f / sum;
-#pragma omp simd
-      for (int64_t i = 0; i < d; ++i) yr[i] *= scale;
-    }
+    for (int64_t r = begin; r < end; ++r) conformer::softmax_row(x + r * d, y + r * d, d);
   });
   return 0;
 }
@@ -56,16 +41,7 @@ extern "C" int SoftmaxBackward(int nparam, void **params, int *ndims, int64_t **
   const Rows shape = rows(ndims[0], shapes[0]);
   const int64_t d = shape.length;
   conformer::parallel_for(shape.count, kGrainElements / d + 1, [=](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const float *__restrict yr = y + r * d;
-      const float *__restrict dyr = dy + r * d;
-      float *__restrict dxr = dx + r * d;
-      float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-      for (int64_t i = 0; i < d; ++i) dot += dyr[i] * yr[i];
-#pragma omp simd
-      for (int64_t i = 0; i < d; ++i) dxr[i] = yr[i] * (dyr[i] - dot);
-    }
+    for (int64_t r = begin; r < end; ++r) conformer::softmax_row_backward(y + r * d, dy + r * d, dx + r * d, d);
   });
   return 0;
 }

@@ -17,7 +17,7 @@ import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common import initializer as init
 
-from conformer.models.cpu_kernels import CpuBatchNorm2d, CpuDense, CpuGELU, CpuLayerNorm, CpuSoftmax
+from conformer.models.cpu_kernels import CpuAttentionCore, CpuBatchNorm2d, CpuDense, CpuGELU, CpuLayerNorm
 from conformer.models.registry import check_architecture, model_arguments, nearest_image_size, valid_image_size
 
 # BatchNorm and LayerNorm inside the blocks use eps 1e-6; the stem BN and the final LayerNorm use 1e-5.
@@ -117,21 +117,12 @@ class Attention(nn.Cell):
         self.head_dim = dim // num_heads
         self.scale = qk_scale or self.head_dim ** -0.5
         self.qkv = CpuDense(dim, dim * 3, has_bias=qkv_bias)
-        self.attn_drop = nn.Dropout(p=attn_drop)
+        self.core = CpuAttentionCore(num_heads, self.scale, attn_drop)
         self.proj = CpuDense(dim, dim)
         self.proj_drop = nn.Dropout(p=proj_drop)
-        self.softmax = CpuSoftmax()
-        self.qk_matmul = ops.BatchMatMul(transpose_b=True)
-        self.av_matmul = ops.BatchMatMul()
 
     def construct(self, x: Tensor) -> Tensor:
-        b, n, c = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).transpose(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        attn = self.qk_matmul(q, k) * self.scale
-        attn = self.attn_drop(self.softmax(attn))
-        x = self.av_matmul(attn, v).transpose(0, 2, 1, 3).reshape(b, n, c)
-        return self.proj_drop(self.proj(x))
+        return self.proj_drop(self.proj(self.core(self.qkv(x))))
 
 
 class Block(nn.Cell):

@@ -76,6 +76,20 @@ def dense_kernel(bias: bool) -> ops.Custom:
     return _custom("dense", "DenseForward", lambda x, w, *_: x[:-1] + w[:1], bprop=bprop)
 
 
+def attention_kernel(num_heads: int) -> ops.Custom:
+    """(qkv [B, N, 3C], scale[1]) -> (softmax(scale q k^T) v per head as [B, N, C], the probabilities
+    [B, H, N, N]), differentiable with respect to qkv."""
+    backward = _custom("attention", "AttentionBackward", lambda qkv, *_: qkv)
+
+    def bprop(qkv: Tensor, scale: Tensor, out: tuple, dout: tuple) -> tuple:
+        return backward(qkv, out[1], dout[0], scale), ops.zeros_like(scale)
+
+    def shapes(qkv: list[int], scale: list[int]) -> tuple[list[int], list[int]]:
+        return [qkv[0], qkv[1], qkv[2] // 3], [qkv[0], num_heads, qkv[1], qkv[1]]
+
+    return _custom("attention", "AttentionForward", shapes, outputs=2, bprop=bprop)
+
+
 def gelu_kernel() -> ops.Custom:
     """x -> x * Phi(x) (the exact GELU), differentiable."""
     backward = _custom("gelu", "GeluBackward", _same_shape)
@@ -174,7 +188,35 @@ class CpuSoftmax(nn.Softmax):
         return self.kernel(x)
 
 
-KERNEL_CELLS = (CpuLayerNorm, CpuBatchNorm2d, CpuDense, CpuGELU, CpuSoftmax)
+class CpuAttentionCore(nn.Cell):
+    """Multi-head attention from the qkv projection: [B, N, 3C] (q, k, v side by side) -> [B, N, C], heads side by
+    side. On the CPU without attention dropout one fused kernel does it all (see the module); otherwise MindSpore's
+    ops: reshape, transpose, batched matmuls, softmax, dropout."""
+
+    def __init__(self, num_heads: int, scale: float, attn_drop: float = 0.0) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = scale
+        self.kernel = attention_kernel(num_heads) if attn_drop == 0 and _on_cpu("attention") else None
+        self.scale_tensor = Tensor([scale], ms.float32)
+        self.attn_drop = nn.Dropout(p=attn_drop)
+        self.softmax = CpuSoftmax()
+        self.qk_matmul = ops.BatchMatMul(transpose_b=True)
+        self.av_matmul = ops.BatchMatMul()
+
+    def construct(self, qkv: Tensor) -> Tensor:
+        if self.kernel is not None and qkv.dtype == ms.float32:
+            return self.kernel(qkv, self.scale_tensor)[0]
+        b, n, c3 = qkv.shape
+        c = c3 // 3
+        qkv = qkv.reshape(b, n, 3, self.num_heads, c // self.num_heads).transpose(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        attn = self.qk_matmul(q, k) * self.scale
+        attn = self.attn_drop(self.softmax(attn))
+        return self.av_matmul(attn, v).transpose(0, 2, 1, 3).reshape(b, n, c)
+
+
+KERNEL_CELLS = (CpuAttentionCore, CpuLayerNorm, CpuBatchNorm2d, CpuDense, CpuGELU, CpuSoftmax)
 
 
 def use_builtin_kernels(network: nn.Cell) -> int:
