@@ -1,6 +1,6 @@
 // BatchNorm of NCHW float32 in training mode (batch statistics) for MindSpore's CPU (ops.Custom, func_type="aot"):
 // forward and backward, sums in double, vectorised and split over the cores by channels. The same math as
-// nn.BatchNorm2d in training; the cell updates the moving statistics from the batch mean and variance returned here.
+// nn.BatchNorm2d in training; the forward also returns the updated moving statistics, which the cell assigns.
 #include <cmath>
 #include <cstdint>
 
@@ -18,18 +18,23 @@ Layout layout(int ndim, const int64_t *shape) {
 }
 }  // namespace
 
-// inputs x [N, C, ...], gamma [C], beta [C], eps [1];
-// outputs y [N, C, ...], mean [C], rstd [C] (1 / sqrt(biased variance + eps)), variance [C] (unbiased)
+// inputs x [N, C, ...], gamma [C], beta [C], moving mean [C], moving variance [C], [eps, momentum];
+// outputs y [N, C, ...], mean [C], rstd [C] (1 / sqrt(biased variance + eps)), the moving mean and variance updated:
+// momentum * moving + (1 - momentum) * batch statistic, with the unbiased batch variance
 extern "C" int BatchNormForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                                 void *stream, void *extra) {
   const float *x = static_cast<const float *>(params[0]);
   const float *gamma = static_cast<const float *>(params[1]);
   const float *beta = static_cast<const float *>(params[2]);
-  const float eps = static_cast<const float *>(params[3])[0];
-  float *y = static_cast<float *>(params[4]);
-  float *mean = static_cast<float *>(params[5]);
-  float *rstd = static_cast<float *>(params[6]);
-  float *variance = static_cast<float *>(params[7]);
+  const float *moving_mean = static_cast<const float *>(params[3]);
+  const float *moving_variance = static_cast<const float *>(params[4]);
+  const float eps = static_cast<const float *>(params[5])[0];
+  const float momentum = static_cast<const float *>(params[5])[1];
+  float *y = static_cast<float *>(params[6]);
+  float *mean = static_cast<float *>(params[7]);
+  float *rstd = static_cast<float *>(params[8]);
+  float *new_mean = static_cast<float *>(params[9]);
+  float *new_variance = static_cast<float *>(params[10]);
   const Layout s = layout(ndims[0], shapes[0]);
   const int64_t count = s.batch * s.plane;
   conformer::parallel_for(s.channels, 1, [=](int64_t begin, int64_t end) {
@@ -60,7 +65,9 @@ extern "C" int BatchNormForward(int nparam, void **params, int *ndims, int64_t *
       }
       mean[c] = m;
       rstd[c] = rs;
-      variance[c] = static_cast<float>(squares / (count > 1 ? count - 1 : 1));
+      const float unbiased = static_cast<float>(squares / (count > 1 ? count - 1 : 1));
+      new_mean[c] = momentum * moving_mean[c] + (1.0f - momentum) * m;
+      new_variance[c] = momentum * moving_variance[c] + (1.0f - momentum) * unbiased;
     }
   });
   return 0;

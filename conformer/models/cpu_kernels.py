@@ -49,15 +49,18 @@ def layer_norm_kernel() -> ops.Custom:
 
 
 def batch_norm_kernel() -> ops.Custom:
-    """(x [N, C, ...], gamma, beta, eps[1]) -> (y, batch mean, rstd, unbiased batch variance), differentiable."""
+    """(x [N, C, ...], gamma, beta, moving mean, moving variance, [eps, momentum]) -> (y, batch mean, rstd, updated
+    moving mean, updated moving variance), differentiable with respect to x, gamma and beta."""
     backward = _custom("batch_norm", "BatchNormBackward", lambda x, gamma, *_: (x, gamma, gamma), outputs=3)
 
-    def bprop(x: Tensor, gamma: Tensor, beta: Tensor, eps: Tensor, out: tuple, dout: tuple) -> tuple:
+    def bprop(x: Tensor, gamma: Tensor, beta: Tensor, moving_mean: Tensor, moving_variance: Tensor,
+              constants: Tensor, out: tuple, dout: tuple) -> tuple:
         dx, dgamma, dbeta = backward(x, gamma, out[1], out[2], dout[0])
-        return dx, dgamma, dbeta, ops.zeros_like(eps)
+        return (dx, dgamma, dbeta, ops.zeros_like(moving_mean), ops.zeros_like(moving_variance),
+                ops.zeros_like(constants))
 
-    return _custom("batch_norm", "BatchNormForward", lambda x, gamma, *_: (x, gamma, gamma, gamma), outputs=4,
-                   bprop=bprop)
+    return _custom("batch_norm", "BatchNormForward", lambda x, gamma, *_: (x, gamma, gamma, gamma, gamma),
+                   outputs=5, bprop=bprop)
 
 
 def dense_kernel(bias: bool) -> ops.Custom:
@@ -131,19 +134,17 @@ class CpuBatchNorm2d(nn.BatchNorm2d):
     def __init__(self, channels: int, eps: float, momentum: float) -> None:
         super().__init__(channels, eps=eps, momentum=momentum)
         self.kernel = batch_norm_kernel() if _on_cpu("batch_norm") else None
-        self.eps_tensor = Tensor([eps], ms.float32)
-        self.keep = Tensor(momentum, ms.float32)  # weight of the moving value; nn.BatchNorm2d stores 1 - momentum
+        # momentum: the moving value's weight (the argument's meaning; nn.BatchNorm2d stores 1 - momentum)
+        self.constants = Tensor([eps, momentum], ms.float32)
 
     def construct(self, x: Tensor) -> Tensor:
         batch_statistics = self.training if self.use_batch_statistics is None else self.use_batch_statistics
         if self.kernel is None or x.dtype != ms.float32 or not batch_statistics:
             return super().construct(x)
-        y, mean, _, variance = self.kernel(x, self.gamma, self.beta, self.eps_tensor)
-        mean = ops.stop_gradient(mean)
-        variance = ops.stop_gradient(variance)
-        y = ops.depend(y, ops.assign(self.moving_mean, self.moving_mean * self.keep + mean * (1 - self.keep)))
-        return ops.depend(y, ops.assign(self.moving_variance,
-                                        self.moving_variance * self.keep + variance * (1 - self.keep)))
+        y, _, _, moving_mean, moving_variance = self.kernel(x, self.gamma, self.beta, self.moving_mean,
+                                                            self.moving_variance, self.constants)
+        y = ops.depend(y, ops.assign(self.moving_mean, moving_mean))
+        return ops.depend(y, ops.assign(self.moving_variance, moving_variance))
 
 
 class CpuDense(nn.Dense):
