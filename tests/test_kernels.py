@@ -18,6 +18,7 @@ from conformer.models.cpu_kernels import (
     CpuDense,
     CpuGELU,
     CpuLayerNorm,
+    CpuPointwiseConv,
     CpuSoftmax,
     use_builtin_kernels,
 )
@@ -60,6 +61,10 @@ CASES = {
     "dense_odd": (lambda: CpuDense(13, 5, has_bias=False), lambda: nn.Dense(13, 5, has_bias=False), (3, 7, 13)),
     "attention": (lambda: CpuAttentionCore(6, 0.125), lambda: _builtin(CpuAttentionCore(6, 0.125)), (4, 197, 1152)),
     "attention_odd": (lambda: CpuAttentionCore(3, 0.7), lambda: _builtin(CpuAttentionCore(3, 0.7)), (2, 5, 36)),
+    "pointwise_conv": (lambda: CpuPointwiseConv(64, 256), lambda: nn.Conv2d(64, 256, 1, pad_mode="valid"),
+                       (4, 64, 28, 28)),
+    "pointwise_conv_odd": (lambda: CpuPointwiseConv(5, 3, has_bias=True),
+                           lambda: nn.Conv2d(5, 3, 1, pad_mode="valid", has_bias=True), (1, 5, 7, 9)),
     "batch_norm": (lambda: CpuBatchNorm2d(64, 1e-6, 0.9), lambda: nn.BatchNorm2d(64, 1e-6, 0.9), (4, 64, 28, 28)),
     "batch_norm_odd": (lambda: CpuBatchNorm2d(3, 1e-5, 0.8), lambda: nn.BatchNorm2d(3, 1e-5, 0.8), (2, 3, 5, 7)),
 }

@@ -1,6 +1,6 @@
 // Dense (y = x W^T + b over the last axis of x) for MindSpore's CPU (ops.Custom, func_type="aot"): forward and
 // backward as OpenBLAS sgemm calls (the scipy-openblas32 wheel), split over the cores by parallel.h. The same math as
-// nn.Dense, in another summation order. Without a bias the ops take one input (and return one gradient) fewer.
+// nn.Dense, in another summation order. Without a bias the ops (the *NoBias entry points) take one input and return one gradient fewer.
 #include <algorithm>
 #include <cstdint>
 #include <vector>
@@ -78,4 +78,14 @@ extern "C" int DenseBackward(int nparam, void **params, int *ndims, int64_t **sh
     for (int64_t i = 0; i < width; ++i) db[begin + i] = static_cast<float>(total[i]);
   });
   return 0;
+}
+
+// MindSpore keys a custom op by its function name: each arity has its own entry point
+extern "C" int DenseForwardNoBias(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                  void *stream, void *extra) {
+  return DenseForward(nparam, params, ndims, shapes, dtypes, stream, extra);
+}
+extern "C" int DenseBackwardNoBias(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                   void *stream, void *extra) {
+  return DenseBackward(nparam, params, ndims, shapes, dtypes, stream, extra);
 }

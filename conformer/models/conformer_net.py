@@ -17,7 +17,14 @@ import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common import initializer as init
 
-from conformer.models.cpu_kernels import CpuAttentionCore, CpuBatchNorm2d, CpuDense, CpuGELU, CpuLayerNorm
+from conformer.models.cpu_kernels import (
+    CpuAttentionCore,
+    CpuBatchNorm2d,
+    CpuDense,
+    CpuGELU,
+    CpuLayerNorm,
+    CpuPointwiseConv,
+)
 from conformer.models.registry import check_architecture, model_arguments, nearest_image_size, valid_image_size
 
 # BatchNorm and LayerNorm inside the blocks use eps 1e-6; the stem BN and the final LayerNorm use 1e-5.
@@ -36,6 +43,8 @@ def layer_norm(dim: int, eps: float = BLOCK_NORM_EPS) -> nn.LayerNorm:
 
 
 def conv2d(in_ch: int, out_ch: int, kernel: int, stride: int = 1, padding: int = 0, bias: bool = False) -> nn.Conv2d:
+    if kernel == 1 and stride == 1 and padding == 0:
+        return CpuPointwiseConv(in_ch, out_ch, has_bias=bias)
     pad_mode = "pad" if padding else "valid"
     return nn.Conv2d(in_ch, out_ch, kernel, stride=stride, pad_mode=pad_mode, padding=padding, has_bias=bias)
 

@@ -65,18 +65,22 @@ def batch_norm_kernel() -> ops.Custom:
 
 def dense_kernel(bias: bool) -> ops.Custom:
     """(x [..., k], w [n, k], b [n]) -> x w^T + b, or (x, w) -> x w^T without a bias; differentiable."""
+    # each arity has its own entry point and bprop name: MindSpore keys both by name
     if bias:
         backward = _custom("dense", "DenseBackward", lambda x, w, dy: (x, w, w[:1]), outputs=3)
 
-        def bprop(x: Tensor, w: Tensor, b: Tensor, out: Tensor, dout: Tensor) -> tuple:
+        def bprop_with_bias(x: Tensor, w: Tensor, b: Tensor, out: Tensor, dout: Tensor) -> tuple:
             return backward(x, w, dout)
+
+        bprop = bprop_with_bias
     else:
-        backward = _custom("dense", "DenseBackward", lambda x, w, dy: (x, w), outputs=2)
+        backward = _custom("dense", "DenseBackwardNoBias", lambda x, w, dy: (x, w), outputs=2)
 
         def bprop(x: Tensor, w: Tensor, out: Tensor, dout: Tensor) -> tuple:
             return backward(x, w, dout)
 
-    return _custom("dense", "DenseForward", lambda x, w, *_: x[:-1] + w[:1], bprop=bprop)
+    forward = "DenseForward" if bias else "DenseForwardNoBias"
+    return _custom("dense", forward, lambda x, w, *_: x[:-1] + w[:1], bprop=bprop)
 
 
 def attention_kernel(num_heads: int) -> ops.Custom:
@@ -91,6 +95,27 @@ def attention_kernel(num_heads: int) -> ops.Custom:
         return [qkv[0], qkv[1], qkv[2] // 3], [qkv[0], num_heads, qkv[1], qkv[1]]
 
     return _custom("attention", "AttentionForward", shapes, outputs=2, bprop=bprop)
+
+
+def pointwise_conv_kernel(bias: bool) -> ops.Custom:
+    """(x [N, Cin, H, W], w [Cout, Cin, 1, 1], b [Cout]) -> the 1x1 stride-1 convolution [N, Cout, H, W], or (x, w)
+    without a bias; differentiable."""
+    # each arity has its own entry point and bprop name: MindSpore keys both by name
+    if bias:
+        backward = _custom("pointwise_conv", "PointwiseConvBackward", lambda x, w, dy: (x, w, w[:1]), outputs=3)
+
+        def bprop_with_bias(x: Tensor, w: Tensor, b: Tensor, out: Tensor, dout: Tensor) -> tuple:
+            return backward(x, w, dout)
+
+        bprop = bprop_with_bias
+    else:
+        backward = _custom("pointwise_conv", "PointwiseConvBackwardNoBias", lambda x, w, dy: (x, w), outputs=2)
+
+        def bprop(x: Tensor, w: Tensor, out: Tensor, dout: Tensor) -> tuple:
+            return backward(x, w, dout)
+
+    forward = "PointwiseConvForward" if bias else "PointwiseConvForwardNoBias"
+    return _custom("pointwise_conv", forward, lambda x, w, *_: [x[0], w[0], *x[2:]], bprop=bprop)
 
 
 def gelu_kernel() -> ops.Custom:
@@ -163,6 +188,22 @@ class CpuDense(nn.Dense):
         return self.kernel(x, self.weight)
 
 
+class CpuPointwiseConv(nn.Conv2d):
+    """`nn.Conv2d(in_channels, out_channels, 1, has_bias=...)` (stride 1, no padding) on the project's CPU kernel
+    (OpenBLAS sgemm) where it can run (see the module)."""
+
+    def __init__(self, in_channels: int, out_channels: int, has_bias: bool = False) -> None:
+        super().__init__(in_channels, out_channels, 1, pad_mode="valid", has_bias=has_bias)
+        self.kernel = pointwise_conv_kernel(has_bias) if _on_cpu("pointwise_conv") else None
+
+    def construct(self, x: Tensor) -> Tensor:
+        if self.kernel is None or x.dtype != ms.float32:
+            return super().construct(x)
+        if self.has_bias:
+            return self.kernel(x, self.weight, self.bias)
+        return self.kernel(x, self.weight)
+
+
 class CpuGELU(nn.GELU):
     """`nn.GELU(approximate=False)` on the project's CPU kernel where it can run (see the module)."""
 
@@ -217,7 +258,7 @@ class CpuAttentionCore(nn.Cell):
         return self.av_matmul(attn, v).transpose(0, 2, 1, 3).reshape(b, n, c)
 
 
-KERNEL_CELLS = (CpuAttentionCore, CpuLayerNorm, CpuBatchNorm2d, CpuDense, CpuGELU, CpuSoftmax)
+KERNEL_CELLS = (CpuAttentionCore, CpuLayerNorm, CpuBatchNorm2d, CpuDense, CpuPointwiseConv, CpuGELU, CpuSoftmax)
 
 
 def use_builtin_kernels(network: nn.Cell) -> int:
