@@ -98,6 +98,24 @@ def test_kernel_equals_mindspores_forward_and_backward(case: str) -> None:
     np.testing.assert_array_equal(portable(x).asnumpy(), builtin(x).asnumpy())
 
 
+@NEEDS_COMPILER
+def test_batch_norm_inference_kernel_equals_mindspores() -> None:
+    """In eval mode the moving statistics normalise, forward and backward (gradients through a frozen BatchNorm)."""
+    rng = np.random.default_rng(1)
+    x = Tensor((rng.standard_normal((3, 16, 9, 11)) * 2 + 0.5).astype(np.float32))
+    weights = Tensor(rng.standard_normal((3, 16, 9, 11)).astype(np.float32))
+    ours, builtin = CpuBatchNorm2d(16, 1e-5, 0.9).set_train(False), nn.BatchNorm2d(16, 1e-5, 0.9).set_train(False)
+    assert ours.inference_kernel is not None
+    _same_random_parameters(ours, builtin, rng)
+    for moving, low in (("moving_mean", -1.0), ("moving_variance", 0.2)):
+        value = Tensor(rng.uniform(low, 2.0, 16).astype(np.float32))
+        getattr(ours, moving).set_data(value)
+        getattr(builtin, moving).set_data(value)
+    for name, mine, want in zip(("loss", "y", "dx", "dgamma", "dbeta"), _value_and_grads(ours, x, weights),
+                                _value_and_grads(builtin, x, weights)):
+        np.testing.assert_allclose(mine, want, rtol=1e-5, atol=2e-5 * np.abs(want).max(), err_msg=name)
+
+
 def _same_random_parameters(ours: nn.Cell, builtin: nn.Cell, rng: np.random.Generator) -> None:
     for name, param in ours.parameters_and_names():
         if "moving" not in name:

@@ -115,3 +115,64 @@ extern "C" int BatchNormBackward(int nparam, void **params, int *ndims, int64_t 
   });
   return 0;
 }
+
+// Inference (the moving statistics): per channel y = x * scale + shift, scale = gamma / sqrt(moving variance + eps).
+// inputs x [N, C, ...], gamma [C], beta [C], moving mean [C], moving variance [C], [eps, momentum]; outputs y
+extern "C" int BatchNormInference(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                  void *stream, void *extra) {
+  const float *x = static_cast<const float *>(params[0]);
+  const float *gamma = static_cast<const float *>(params[1]);
+  const float *beta = static_cast<const float *>(params[2]);
+  const float *moving_mean = static_cast<const float *>(params[3]);
+  const float *moving_variance = static_cast<const float *>(params[4]);
+  const float eps = static_cast<const float *>(params[5])[0];
+  float *y = static_cast<float *>(params[6]);
+  const Layout s = layout(ndims[0], shapes[0]);
+  conformer::parallel_for(s.batch * s.channels, 16384 / s.plane + 1, [=](int64_t begin, int64_t end) {
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const int64_t c = plane % s.channels;
+      const float scale = gamma[c] / std::sqrt(moving_variance[c] + eps), shift = beta[c] - moving_mean[c] * scale;
+      const float *__restrict xp = x + plane * s.plane;
+      float *__restrict yp = y + plane * s.plane;
+#pragma omp simd
+      for (int64_t i = 0; i < s.plane; ++i) yp[i] = xp[i] * scale + shift;
+    }
+  });
+  return 0;
+}
+
+// The inference's backward. inputs x, gamma, moving mean, moving variance, [eps, momentum], dy;
+// outputs dx = dy * scale, dgamma = sum(dy * (x - mean) / sqrt(variance + eps)), dbeta = sum(dy)
+extern "C" int BatchNormInferenceBackward(int nparam, void **params, int *ndims, int64_t **shapes,
+                                          const char **dtypes, void *stream, void *extra) {
+  const float *x = static_cast<const float *>(params[0]);
+  const float *gamma = static_cast<const float *>(params[1]);
+  const float *moving_mean = static_cast<const float *>(params[2]);
+  const float *moving_variance = static_cast<const float *>(params[3]);
+  const float eps = static_cast<const float *>(params[4])[0];
+  const float *dy = static_cast<const float *>(params[5]);
+  float *dx = static_cast<float *>(params[6]);
+  float *dgamma = static_cast<float *>(params[7]);
+  float *dbeta = static_cast<float *>(params[8]);
+  const Layout s = layout(ndims[0], shapes[0]);
+  conformer::parallel_for(s.channels, 1, [=](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      const float rs = 1.0f / std::sqrt(moving_variance[c] + eps), m = moving_mean[c], scale = gamma[c] * rs;
+      double sum_dy = 0.0, sum_dy_xhat = 0.0;
+      for (int64_t n = 0; n < s.batch; ++n) {
+        const float *__restrict xp = x + (n * s.channels + c) * s.plane;
+        const float *__restrict dyp = dy + (n * s.channels + c) * s.plane;
+        float *__restrict dxp = dx + (n * s.channels + c) * s.plane;
+#pragma omp simd reduction(+ : sum_dy, sum_dy_xhat)
+        for (int64_t i = 0; i < s.plane; ++i) {
+          sum_dy += dyp[i];
+          sum_dy_xhat += static_cast<double>(dyp[i]) * ((xp[i] - m) * rs);
+          dxp[i] = dyp[i] * scale;
+        }
+      }
+      dgamma[c] = static_cast<float>(sum_dy_xhat);
+      dbeta[c] = static_cast<float>(sum_dy);
+    }
+  });
+  return 0;
+}

@@ -63,6 +63,20 @@ def batch_norm_kernel() -> ops.Custom:
                    outputs=5, bprop=bprop)
 
 
+def batch_norm_inference_kernel() -> ops.Custom:
+    """(x [N, C, ...], gamma, beta, moving mean, moving variance, [eps, momentum]) -> y normalised with the moving
+    statistics, differentiable with respect to x, gamma and beta."""
+    backward = _custom("batch_norm", "BatchNormInferenceBackward", lambda x, gamma, *_: (x, gamma, gamma), outputs=3)
+
+    def bprop(x: Tensor, gamma: Tensor, beta: Tensor, moving_mean: Tensor, moving_variance: Tensor,
+              constants: Tensor, out: Tensor, dout: Tensor) -> tuple:
+        dx, dgamma, dbeta = backward(x, gamma, moving_mean, moving_variance, constants, dout)
+        return (dx, dgamma, dbeta, ops.zeros_like(moving_mean), ops.zeros_like(moving_variance),
+                ops.zeros_like(constants))
+
+    return _custom("batch_norm", "BatchNormInference", _same_shape, bprop=bprop)
+
+
 def dense_kernel(bias: bool) -> ops.Custom:
     """(x [..., k], w [n, k], b [n]) -> x w^T + b, or (x, w) -> x w^T without a bias; differentiable."""
     # each arity has its own entry point and bprop name: MindSpore keys both by name
@@ -153,19 +167,24 @@ class CpuLayerNorm(nn.LayerNorm):
 
 
 class CpuBatchNorm2d(nn.BatchNorm2d):
-    """`nn.BatchNorm2d(channels, eps, momentum)` whose training forward (batch statistics, moving-statistics update)
-    runs on the project's CPU kernel where it can run (see the module); inference uses MindSpore's kernel."""
+    """`nn.BatchNorm2d(channels, eps, momentum)` on the project's CPU kernels where they can run (see the module):
+    in training the batch statistics and the moving-statistics update, in inference the moving statistics."""
 
     def __init__(self, channels: int, eps: float, momentum: float) -> None:
         super().__init__(channels, eps=eps, momentum=momentum)
-        self.kernel = batch_norm_kernel() if _on_cpu("batch_norm") else None
+        on_cpu = _on_cpu("batch_norm")
+        self.kernel = batch_norm_kernel() if on_cpu else None
+        self.inference_kernel = batch_norm_inference_kernel() if on_cpu else None
         # momentum: the moving value's weight (the argument's meaning; nn.BatchNorm2d stores 1 - momentum)
         self.constants = Tensor([eps, momentum], ms.float32)
 
     def construct(self, x: Tensor) -> Tensor:
         batch_statistics = self.training if self.use_batch_statistics is None else self.use_batch_statistics
-        if self.kernel is None or x.dtype != ms.float32 or not batch_statistics:
+        if self.kernel is None or x.dtype != ms.float32 or x.ndim != 4:
             return super().construct(x)
+        if not batch_statistics:
+            return self.inference_kernel(x, self.gamma, self.beta, self.moving_mean, self.moving_variance,
+                                         self.constants)
         y, _, _, moving_mean, moving_variance = self.kernel(x, self.gamma, self.beta, self.moving_mean,
                                                             self.moving_variance, self.constants)
         y = ops.depend(y, ops.assign(self.moving_mean, moving_mean))
@@ -269,4 +288,6 @@ def use_builtin_kernels(network: nn.Cell) -> int:
         if isinstance(cell, KERNEL_CELLS) and cell.kernel is not None:
             cell.kernel = None
             switched += 1
+            if isinstance(cell, CpuBatchNorm2d):
+                cell.inference_kernel = None
     return switched
