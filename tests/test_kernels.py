@@ -18,6 +18,7 @@ from conformer.models.cpu_kernels import (
     CpuDense,
     CpuGELU,
     CpuLayerNorm,
+    CpuMaxPool2d,
     CpuPointwiseConv,
     CpuSoftmax,
     use_builtin_kernels,
@@ -49,7 +50,8 @@ def _builtin(cell: nn.Cell) -> nn.Cell:
     return cell
 
 
-# (ours, MindSpore's, what the gradients are): shapes with more elements than one thread's share, and odd ones
+# (ours, MindSpore's, input shape[, "relu": inputs with ties]): shapes with more elements than one thread's share,
+# and odd ones
 CASES = {
     "layer_norm": (lambda: CpuLayerNorm(384, 1e-6), lambda: nn.LayerNorm((384,), epsilon=1e-6), (4, 197, 384)),
     "layer_norm_odd": (lambda: CpuLayerNorm(96, 1e-5), lambda: nn.LayerNorm((96,), epsilon=1e-5), (3, 17, 96)),
@@ -65,6 +67,11 @@ CASES = {
                        (4, 64, 28, 28)),
     "pointwise_conv_odd": (lambda: CpuPointwiseConv(5, 3, has_bias=True),
                            lambda: nn.Conv2d(5, 3, 1, pad_mode="valid", has_bias=True), (1, 5, 7, 9)),
+    "max_pool": (lambda: CpuMaxPool2d(3, 2, 1), lambda: nn.MaxPool2d(3, 2, pad_mode="pad", padding=1), (4, 16, 56, 56)),
+    "max_pool_odd": (lambda: CpuMaxPool2d(2, 3, 0), lambda: nn.MaxPool2d(2, 3, pad_mode="pad", padding=0),
+                     (2, 3, 7, 8)),
+    "max_pool_ties": (lambda: CpuMaxPool2d(3, 2, 1), lambda: nn.MaxPool2d(3, 2, pad_mode="pad", padding=1),
+                      (2, 8, 13, 13), "relu"),
     "batch_norm": (lambda: CpuBatchNorm2d(64, 1e-6, 0.9), lambda: nn.BatchNorm2d(64, 1e-6, 0.9), (4, 64, 28, 28)),
     "batch_norm_odd": (lambda: CpuBatchNorm2d(3, 1e-5, 0.8), lambda: nn.BatchNorm2d(3, 1e-5, 0.8), (2, 3, 5, 7)),
 }
@@ -73,9 +80,10 @@ CASES = {
 @NEEDS_COMPILER
 @pytest.mark.parametrize("case", CASES)
 def test_kernel_equals_mindspores_forward_and_backward(case: str) -> None:
-    make_ours, make_builtin, shape = CASES[case]
+    make_ours, make_builtin, shape, *ties = CASES[case]
     rng = np.random.default_rng(0)
-    x = Tensor((rng.standard_normal(shape) * 3 + 1).astype(np.float32))
+    values = (rng.standard_normal(shape) * 3 + 1).astype(np.float32)
+    x = Tensor(np.maximum(np.round(values), 0) if ties else values)  # ties: whole numbers after a ReLU
     weights = Tensor(rng.standard_normal(make_builtin()(x).shape).astype(np.float32))
     ours, builtin = make_ours().set_train(), make_builtin().set_train()  # BatchNorm: batch statistics
     assert ours.kernel is not None, "the kernel was not built (is g++ installed?)"

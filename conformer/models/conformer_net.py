@@ -23,6 +23,7 @@ from conformer.models.cpu_kernels import (
     CpuDense,
     CpuGELU,
     CpuLayerNorm,
+    CpuMaxPool2d,
     CpuPointwiseConv,
 )
 from conformer.models.registry import check_architecture, model_arguments, nearest_image_size, valid_image_size
@@ -92,7 +93,7 @@ class ZeroPadMaxPool(nn.Cell):
         return self.pool(self.pad(x))
 
 
-class StemMaxPool(nn.MaxPool2d):
+class StemMaxPool(CpuMaxPool2d):
     """The stem's 3x3/2 max-pool with PyTorch's symmetric padding 1 (MindSpore's 'same' pads bottom/right only).
 
     One padded kernel trains faster than pad + valid pool, but does not export to ONNX; the stem pool follows a
@@ -102,7 +103,7 @@ class StemMaxPool(nn.MaxPool2d):
     GEOMETRY = {"kernel_size": 3, "stride": 2, "padding": 1}
 
     def __init__(self) -> None:
-        super().__init__(pad_mode="pad", **self.GEOMETRY)
+        super().__init__(**self.GEOMETRY)
 
 
 class Mlp(nn.Cell):

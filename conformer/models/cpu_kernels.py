@@ -132,6 +132,24 @@ def pointwise_conv_kernel(bias: bool) -> ops.Custom:
     return _custom("pointwise_conv", forward, lambda x, w, *_: [x[0], w[0], *x[2:]], bprop=bprop)
 
 
+def max_pool_kernel(kernel_size: int, stride: int, padding: int) -> ops.Custom:
+    """(x [N, C, H, W], [kernel_size, stride, padding]) -> (y, argmax), differentiable with respect to x."""
+    backward = _custom("max_pool", "MaxPoolBackward", lambda x, *_: x)
+
+    def bprop(x: Tensor, geometry: Tensor, out: tuple, dout: tuple) -> tuple:
+        return backward(x, out[1], dout[0]), ops.zeros_like(geometry)
+
+    def shapes(x: list[int], geometry: list[int]) -> tuple[list[int], list[int]]:
+        pooled = [x[0], x[1], *((size + 2 * padding - kernel_size) // stride + 1 for size in x[2:])]
+        return pooled, pooled
+
+    def dtypes(*_: object) -> tuple:
+        return ms.float32, ms.int32
+
+    return ops.Custom(f"{library('max_pool')}:MaxPoolForward", out_shape=shapes, out_dtype=dtypes, func_type="aot",
+                      bprop=bprop)
+
+
 def gelu_kernel() -> ops.Custom:
     """x -> x * Phi(x) (the exact GELU), differentiable."""
     backward = _custom("gelu", "GeluBackward", _same_shape)
@@ -223,6 +241,22 @@ class CpuPointwiseConv(nn.Conv2d):
         return self.kernel(x, self.weight)
 
 
+class CpuMaxPool2d(nn.MaxPool2d):
+    """`nn.MaxPool2d(kernel_size, stride, pad_mode="pad", padding)` on the project's CPU kernel where it can run (see
+    the module)."""
+
+    def __init__(self, kernel_size: int, stride: int, padding: int) -> None:
+        super().__init__(kernel_size=kernel_size, stride=stride, pad_mode="pad", padding=padding)
+        self.kernel = max_pool_kernel(kernel_size, stride, padding) if _on_cpu("max_pool") else None
+        self.geometry = Tensor([kernel_size, stride, padding], ms.float32)
+
+    def construct(self, x: Tensor) -> Tensor:
+        if self.kernel is None or x.dtype != ms.float32:
+            # MindSpore resolves a bare super() from type(self): a subclass (StemMaxPool) would recurse
+            return super(CpuMaxPool2d, self).construct(x)  # noqa: UP008
+        return self.kernel(x, self.geometry)[0]
+
+
 class CpuGELU(nn.GELU):
     """`nn.GELU(approximate=False)` on the project's CPU kernel where it can run (see the module)."""
 
@@ -277,7 +311,8 @@ class CpuAttentionCore(nn.Cell):
         return self.av_matmul(attn, v).transpose(0, 2, 1, 3).reshape(b, n, c)
 
 
-KERNEL_CELLS = (CpuAttentionCore, CpuLayerNorm, CpuBatchNorm2d, CpuDense, CpuPointwiseConv, CpuGELU, CpuSoftmax)
+KERNEL_CELLS = (CpuAttentionCore, CpuLayerNorm, CpuBatchNorm2d, CpuDense, CpuPointwiseConv, CpuMaxPool2d, CpuGELU,
+                CpuSoftmax)
 
 
 def use_builtin_kernels(network: nn.Cell) -> int:
