@@ -62,7 +62,7 @@ def cache_key(cfg: DictConfig, shapes: Mapping[str, tuple[int, ...]]) -> str:
         for key in keys if isinstance(node, dict) else ():
             node.pop(key, None)
     digest = hashlib.sha256(mindspore.__version__.encode())
-    package = {*PACKAGE.rglob("*.py"), *PACKAGE.rglob("*.cc")}  # .cc: the compiled kernels a graph calls
+    package = {*PACKAGE.rglob("*.py"), *PACKAGE.rglob("*.cc"), *PACKAGE.rglob("*.h")}  # the kernels a graph calls
     sources = package | {path for target in _targets(plain) if (path := _source_of(target))}
     for path in sorted(sources):
         digest.update(str(path).encode() + path.read_bytes())

@@ -12,6 +12,7 @@ from mindspore import Parameter, Tensor, nn, ops
 from mindspore.experimental import optim
 
 from conformer.models.conformer_net import drop_path_masks
+from conformer.models.cpu_kernels import as_builtin_cells
 from conformer.train.checkpoint import assign_in_place
 from conformer.validation import AMP_LEVELS, LOSS_SCALES
 
@@ -71,13 +72,15 @@ def apply_amp(network: nn.Cell, level: str = "O0", workdir: str | Path | None = 
     """Mixed precision 'O0' (none) .. 'O3' (all fp16) for the network only.
 
     The loss stays a separate fp32 cell (logits are cast to fp32 before log-softmax). On CPU keep 'O0': its
-    kernels are fp32, so fp16 only adds casts. O1 rewrites the network's source into `./rewritten_network/`,
-    which graph compilation reads later: `workdir` (e.g. the run dir) keeps it out of the current directory.
+    kernels are fp32, so fp16 only adds casts, and the network leaves the project's CPU kernels for MindSpore's. O1
+    rewrites the network's source into `./rewritten_network/`, which graph compilation reads later: `workdir` (e.g.
+    the run dir) keeps it out of the current directory.
     """
     if level not in AMP_LEVELS:
         raise ValueError(f"amp level {level!r} is unknown; choose one of {AMP_LEVELS}.")
     if level == "O0":
         return network
+    as_builtin_cells(network)  # our kernels are float32 only, and the rewriter cannot rewrite their cells
     previous = os.getcwd()
     os.chdir(workdir or previous)
     try:
