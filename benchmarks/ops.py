@@ -30,9 +30,14 @@ OPS = {
     "dense_ours": ((8, 197, 384), "the same on the project's C++ kernel (OpenBLAS sgemm)"),
     "softmax": ((8, 6, 197, 197), "attention softmax (12 per forward), MindSpore's kernel"),
     "softmax_ours": ((8, 6, 197, 197), "the same on the project's C++ kernel"),
-    "batch_norm": ((8, 64, 56, 56), "BatchNorm (training) of a stage-1 conv"),
-    "conv3x3": ((8, 64, 56, 56), "a stage-1 3x3 convolution 64 -> 64"),
-    "stem_max_pool": ((8, 64, 112, 112), "the stem's 3x3/2 max-pool, padding 1"),
+    "attention_ours": ((8, 197, 1152), "attention from the qkv projection, 6 heads (12 per forward), our kernel"),
+    "batch_norm": ((8, 64, 56, 56), "BatchNorm (training) of a stage-1 conv, MindSpore's kernel"),
+    "batch_norm_ours": ((8, 64, 56, 56), "the same on the project's C++ kernel"),
+    "conv3x3": ((8, 64, 56, 56), "a stage-1 3x3 convolution 64 -> 64 (MindSpore's kernel in both)"),
+    "conv1x1": ((8, 64, 56, 56), "a stage-1 1x1 convolution 64 -> 256, MindSpore's kernel"),
+    "conv1x1_ours": ((8, 64, 56, 56), "the same on the project's C++ kernel (OpenBLAS sgemm)"),
+    "stem_max_pool": ((8, 64, 112, 112), "the stem's 3x3/2 max-pool, padding 1, MindSpore's kernel"),
+    "stem_max_pool_ours": ((8, 64, 112, 112), "the same on the project's C++ kernel"),
 }
 
 
@@ -41,8 +46,16 @@ def mindspore_ops() -> dict:
     from mindspore import nn
 
     import conformer  # noqa: F401  (ONEDNN_MAX_CPU_ISA and the other process defaults)
-    from conformer.models.conformer_net import StemMaxPool
-    from conformer.models.cpu_kernels import CpuDense, CpuGELU, CpuLayerNorm, CpuSoftmax
+    from conformer.models.cpu_kernels import (
+        CpuAttentionCore,
+        CpuBatchNorm2d,
+        CpuDense,
+        CpuGELU,
+        CpuLayerNorm,
+        CpuMaxPool2d,
+        CpuPointwiseConv,
+        CpuSoftmax,
+    )
 
     ms.set_context(mode=ms.GRAPH_MODE)
     ms.set_device("CPU")
@@ -50,9 +63,13 @@ def mindspore_ops() -> dict:
             "layer_norm": nn.LayerNorm((384,), epsilon=1e-6), "layer_norm_ours": CpuLayerNorm(384, epsilon=1e-6),
             "dense": nn.Dense(384, 1536), "dense_ours": CpuDense(384, 1536),
             "softmax": nn.Softmax(axis=-1), "softmax_ours": CpuSoftmax(),
+            "attention_ours": CpuAttentionCore(6, 64 ** -0.5),
             "batch_norm": nn.BatchNorm2d(64, eps=1e-6, momentum=0.9),
+            "batch_norm_ours": CpuBatchNorm2d(64, eps=1e-6, momentum=0.9),
             "conv3x3": nn.Conv2d(64, 64, 3, pad_mode="pad", padding=1, has_bias=False),
-            "stem_max_pool": StemMaxPool()}
+            "conv1x1": nn.Conv2d(64, 256, 1, has_bias=False), "conv1x1_ours": CpuPointwiseConv(64, 256),
+            "stem_max_pool": nn.MaxPool2d(3, 2, pad_mode="pad", padding=1),
+            "stem_max_pool_ours": CpuMaxPool2d(3, 2, 1)}
 
 
 def time_mindspore(repeats: int) -> dict[str, float]:
@@ -83,8 +100,8 @@ def time_torch(repeats: int) -> dict[str, float]:
 
     modules = {"gelu": nn.GELU(), "layer_norm": nn.LayerNorm(384, eps=1e-6), "dense": nn.Linear(384, 1536),
                "softmax": nn.Softmax(dim=-1), "batch_norm": nn.BatchNorm2d(64, eps=1e-6),
-               "conv3x3": nn.Conv2d(64, 64, 3, padding=1, bias=False),
-               "stem_max_pool": nn.MaxPool2d(3, stride=2, padding=1)}
+               "conv3x3": nn.Conv2d(64, 64, 3, padding=1, bias=False), "conv1x1": nn.Conv2d(64, 256, 1, bias=False),
+               "stem_max_pool": nn.MaxPool2d(3, stride=2, padding=1), "attention": _torch_attention(6)}
     seconds = {}
     for name in OPS:
         module = modules[name.removesuffix("_ours")]  # PyTorch's own kernel stands against both of ours
@@ -96,6 +113,20 @@ def time_torch(repeats: int) -> dict[str, float]:
 
         seconds[name] = _median_seconds(step, repeats)
     return seconds
+
+
+def _torch_attention(heads: int):
+    """Conformer's attention from the qkv projection, in PyTorch (the official code's ops)."""
+    from torch import nn
+
+    class Attention(nn.Module):
+        def forward(self, qkv):
+            b, n, c3 = qkv.shape
+            q, k, v = qkv.reshape(b, n, 3, heads, c3 // 3 // heads).permute(2, 0, 3, 1, 4)
+            attn = (q @ k.transpose(-2, -1) * (c3 // 3 // heads) ** -0.5).softmax(dim=-1)
+            return (attn @ v).transpose(1, 2).reshape(b, n, c3 // 3)
+
+    return Attention()
 
 
 def _median_seconds(fn, repeats: int) -> float:
