@@ -9,7 +9,7 @@ import shutil
 import mindspore as ms
 import numpy as np
 import pytest
-from mindspore import Tensor, nn
+from mindspore import Tensor, nn, ops
 
 from conformer import kernels
 from conformer.models.cpu_kernels import (
@@ -124,12 +124,44 @@ def test_batch_norm_inference_kernel_equals_mindspores() -> None:
         np.testing.assert_allclose(mine, want, rtol=1e-5, atol=2e-5 * np.abs(want).max(), err_msg=name)
 
 
+class _TwoGeometries(nn.Cell):
+    """Cells of one kernel with different geometries in one graph (pool sizes, head counts): MindSpore keys a custom
+    op by its function name, and each cell must still keep its own output shape."""
+
+    def __init__(self, ours: bool) -> None:
+        super().__init__()
+        pool = CpuMaxPool2d if ours else _pool
+        self.pool_a, self.pool_b = pool(3, 2, 1), pool(2, 2, 0)
+        self.attention_a = CpuAttentionCore(2, 0.5) if ours else _builtin(CpuAttentionCore(2, 0.5))
+        self.attention_b = CpuAttentionCore(3, 0.25) if ours else _builtin(CpuAttentionCore(3, 0.25))
+
+    def construct(self, x: Tensor) -> Tensor:
+        y = self.pool_b(self.pool_a(x))  # [B, 6, 2, 2]
+        tokens = y.reshape(y.shape[0], 4, 6)
+        return self.attention_a(tokens).sum() + self.attention_b(ops.tile(tokens, (1, 1, 3))).sum()  # 2 and 3 heads
+
+
+def _pool(k: int, stride: int, padding: int) -> nn.Cell:
+    return nn.MaxPool2d(k, stride, pad_mode="pad", padding=padding)
+
+
+@NEEDS_COMPILER
+def test_cells_of_one_kernel_with_different_geometries_in_one_graph() -> None:
+    rng = np.random.default_rng(2)
+    x = Tensor(rng.standard_normal((2, 6, 8, 8)).astype(np.float32))
+    ours, builtin = _TwoGeometries(ours=True), _TwoGeometries(ours=False)
+    got, want = _value_and_grads(ours, x, Tensor(1.0)), _value_and_grads(builtin, x, Tensor(1.0))
+    for mine, expected in zip(got, want):
+        np.testing.assert_allclose(mine, expected, rtol=1e-5, atol=1e-5 * max(np.abs(expected).max(), 1e-6))
+
+
 def _same_random_parameters(ours: nn.Cell, builtin: nn.Cell, rng: np.random.Generator) -> None:
+    theirs = dict(builtin.parameters_and_names())
     for name, param in ours.parameters_and_names():
         if "moving" not in name:
             value = Tensor(rng.standard_normal(param.shape).astype(np.float32))
             param.set_data(value)
-            getattr(builtin, name).set_data(value)
+            theirs[name].set_data(value)
 
 
 def test_without_a_compiler_the_builtin_kernel_is_used(monkeypatch: pytest.MonkeyPatch,
