@@ -21,6 +21,7 @@ from conformer.models.cpu_kernels import (
     CpuMaxPool2d,
     CpuPointwiseConv,
     CpuSoftmax,
+    GlobalNorm,
     use_builtin_kernels,
 )
 
@@ -122,6 +123,25 @@ def test_batch_norm_inference_kernel_equals_mindspores() -> None:
     for name, mine, want in zip(("loss", "y", "dx", "dgamma", "dbeta"), _value_and_grads(ours, x, weights),
                                 _value_and_grads(builtin, x, weights)):
         np.testing.assert_allclose(mine, want, rtol=1e-5, atol=2e-5 * np.abs(want).max(), err_msg=name)
+
+
+@NEEDS_COMPILER
+def test_global_norm_kernel_equals_the_sum_of_squares() -> None:
+    """The gradients' global norm in one op: the same value as a square and a sum per tensor, and an inf or a NaN
+    anywhere comes through (the train step's overflow check reads it)."""
+    rng = np.random.default_rng(3)
+    tensors = [rng.standard_normal(shape).astype(np.float32) * 10 for shape in
+               ((384, 1536), (1536,), (64, 3, 7, 7), (1,), (70000,), (5, 5))]
+    ours, builtin = GlobalNorm(), GlobalNorm(float32=False)
+    assert ours.kernel is not None and builtin.kernel is None
+    want = float(np.sqrt(sum(np.square(t.astype(np.float64)).sum() for t in tensors)))
+    for cell in (ours, builtin):
+        got = cell(tuple(Tensor(t) for t in tensors))
+        assert got.shape == () and float(got) == pytest.approx(want, rel=1e-6)
+    for bad in (np.inf, np.nan):
+        broken = [t.copy() for t in tensors]
+        broken[4][123] = bad
+        assert not np.isfinite(float(ours(tuple(Tensor(t) for t in broken))))
 
 
 class _TwoGeometries(nn.Cell):

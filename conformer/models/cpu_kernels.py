@@ -311,6 +311,36 @@ class CpuAttentionCore(nn.Cell):
         return self.av_matmul(attn, v).transpose(0, 2, 1, 3).reshape(b, n, c)
 
 
+class GlobalNorm(nn.Cell):
+    """sqrt(sum of squares) over a tuple of tensors (a step's gradients), as float32: one op of the project's CPU
+    kernel where it can run and every tensor is float32 (`float32` says so at construction), else a square and a sum
+    per tensor."""
+
+    def __init__(self, float32: bool = True) -> None:
+        super().__init__()
+        use = float32 and _on_cpu("global_norm")
+        self.kernel = ops.Custom(f"{library('global_norm')}:GlobalNorm", out_shape=_scalar_shape, out_dtype=_float32s,
+                                 func_type="aot") if use else None
+        self.hyper_map = ops.HyperMap()
+
+    def construct(self, tensors: tuple) -> Tensor:
+        if self.kernel is None:
+            return ops.sqrt(ops.addn(self.hyper_map(_sum_of_squares, tensors)))
+        return self.kernel(*tensors)[0]
+
+
+def _scalar_shape(*_: list[int]) -> list[int]:
+    return [1]
+
+
+_sum_of_squares = ops.MultitypeFuncGraph("sum_of_squares")
+
+
+@_sum_of_squares.register("Tensor")
+def _sum_of_squares_tensor(tensor: Tensor) -> Tensor:
+    return ops.square(tensor.astype(ms.float32)).sum()
+
+
 KERNEL_CELLS = (CpuAttentionCore, CpuLayerNorm, CpuBatchNorm2d, CpuDense, CpuPointwiseConv, CpuMaxPool2d, CpuGELU,
                 CpuSoftmax)
 

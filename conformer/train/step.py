@@ -12,7 +12,7 @@ from mindspore import Parameter, Tensor, nn, ops
 from mindspore.experimental import optim
 
 from conformer.models.conformer_net import drop_path_masks
-from conformer.models.cpu_kernels import as_builtin_cells
+from conformer.models.cpu_kernels import GlobalNorm, as_builtin_cells
 from conformer.train.checkpoint import assign_in_place
 from conformer.validation import AMP_LEVELS, LOSS_SCALES
 
@@ -22,7 +22,6 @@ if TYPE_CHECKING:
 
 _mul_by = ops.MultitypeFuncGraph("mul_by")
 _div_by = ops.MultitypeFuncGraph("div_by")
-_sum_sq = ops.MultitypeFuncGraph("sum_sq")
 _add = ops.MultitypeFuncGraph("add")
 _store = ops.MultitypeFuncGraph("store")
 
@@ -36,11 +35,6 @@ def _mul_by_tensor(factor: Tensor, grad: Tensor) -> Tensor:
 def _div_by_tensor(divisor: Tensor, grad: Tensor) -> Tensor:
     # a true division: multiplying by 1/scale flushes to zero once the scale passes ~1e38
     return grad / divisor.astype(grad.dtype)
-
-
-@_sum_sq.register("Tensor")
-def _sum_sq_tensor(grad: Tensor) -> Tensor:
-    return ops.square(grad.astype(ms.float32)).sum()
 
 
 @_add.register("Tensor", "Tensor")
@@ -98,11 +92,6 @@ def data_parallel_reducer(weights: tuple[Parameter, ...]) -> nn.Cell | None:
     return nn.DistributedGradReducer(weights, mean=True, degree=get_group_size())
 
 
-def global_norm(grads: tuple[Tensor, ...]) -> Tensor:
-    """sqrt(sum of squares) over all gradients (fp32)."""
-    return ops.sqrt(ops.addn(ops.HyperMap()(_sum_sq, grads)))
-
-
 class _StepCell(nn.Cell):
     """One jit graph: forward + backward, unscale, accumulate, all-reduce, overflow check, clip, update.
 
@@ -118,6 +107,8 @@ class _StepCell(nn.Cell):
         self.weights = optimizer.parameters
         self.grad_fn = ops.value_and_grad(self.forward, None, self.weights, has_aux=True)
         self.hyper_map = ops.HyperMap()
+        # one kernel for the norm of all gradients (fp32 ones: the weights' dtype) in place of two ops per parameter
+        self.global_norm = GlobalNorm(float32=all(weight.dtype == ms.float32 for weight in self.weights))
         self.scaler = scaler
         self.use_scale = scaler is not None
         self.dynamic = isinstance(scaler, ms.amp.DynamicLossScaler)
@@ -158,12 +149,12 @@ class _StepCell(nn.Cell):
             grads = self.hyper_map(_add, self.accum_grads, grads)
             if not apply:
                 self.hyper_map(_store, self.accum_grads, grads)
-                norm = global_norm(grads)
+                norm = self.global_norm(grads)
                 return loss, norm, self.all_finite(grads, norm), scale
             self.hyper_map(_store, self.accum_grads, self.hyper_map(ops.zeros_like, grads))
         if self.reduce:
             grads = self.reducer(grads)
-        norm = global_norm(grads)
+        norm = self.global_norm(grads)
         finite = self.all_finite(grads, norm)
         if self.dynamic:
             self.scaler.adjust(finite)
