@@ -77,24 +77,30 @@ def batch_norm_inference_kernel() -> ops.Custom:
     return _custom("batch_norm", "BatchNormInference", _same_shape, bprop=bprop)
 
 
-def dense_kernel(bias: bool) -> ops.Custom:
-    """(x [..., k], w [n, k], b [n]) -> x w^T + b, or (x, w) -> x w^T without a bias; differentiable."""
-    # each arity has its own entry point and bprop name: MindSpore keys both by name
+def _weighted_kernel(name: str, function: str, out_shape: Callable, bias: bool) -> ops.Custom:
+    """`<function>Forward` of `<name>.cc`, (x, w, b) -> y or (x, w) -> y without a bias, with its backward
+    `<function>Backward` -> (dx, dw[, db]); each arity has its own entry points (`...NoBias`) and bprop name, as
+    MindSpore keys both by name."""
+    suffix = "" if bias else "NoBias"
     if bias:
-        backward = _custom("dense", "DenseBackward", lambda x, w, dy: (x, w, w[:1]), outputs=3)
+        backward = _custom(name, f"{function}Backward", lambda x, w, dy: (x, w, w[:1]), outputs=3)
 
         def bprop_with_bias(x: Tensor, w: Tensor, b: Tensor, out: Tensor, dout: Tensor) -> tuple:
             return backward(x, w, dout)
 
         bprop = bprop_with_bias
     else:
-        backward = _custom("dense", "DenseBackwardNoBias", lambda x, w, dy: (x, w), outputs=2)
+        backward = _custom(name, f"{function}BackwardNoBias", lambda x, w, dy: (x, w), outputs=2)
 
         def bprop(x: Tensor, w: Tensor, out: Tensor, dout: Tensor) -> tuple:
             return backward(x, w, dout)
 
-    forward = "DenseForward" if bias else "DenseForwardNoBias"
-    return _custom("dense", forward, lambda x, w, *_: x[:-1] + w[:1], bprop=bprop)
+    return _custom(name, f"{function}Forward{suffix}", out_shape, bprop=bprop)
+
+
+def dense_kernel(bias: bool) -> ops.Custom:
+    """(x [..., k], w [n, k], b [n]) -> x w^T + b, or (x, w) -> x w^T without a bias; differentiable."""
+    return _weighted_kernel("dense", "Dense", lambda x, w, *_: x[:-1] + w[:1], bias)
 
 
 def attention_kernel(num_heads: int) -> ops.Custom:
@@ -114,22 +120,7 @@ def attention_kernel(num_heads: int) -> ops.Custom:
 def pointwise_conv_kernel(bias: bool) -> ops.Custom:
     """(x [N, Cin, H, W], w [Cout, Cin, 1, 1], b [Cout]) -> the 1x1 stride-1 convolution [N, Cout, H, W], or (x, w)
     without a bias; differentiable."""
-    # each arity has its own entry point and bprop name: MindSpore keys both by name
-    if bias:
-        backward = _custom("pointwise_conv", "PointwiseConvBackward", lambda x, w, dy: (x, w, w[:1]), outputs=3)
-
-        def bprop_with_bias(x: Tensor, w: Tensor, b: Tensor, out: Tensor, dout: Tensor) -> tuple:
-            return backward(x, w, dout)
-
-        bprop = bprop_with_bias
-    else:
-        backward = _custom("pointwise_conv", "PointwiseConvBackwardNoBias", lambda x, w, dy: (x, w), outputs=2)
-
-        def bprop(x: Tensor, w: Tensor, out: Tensor, dout: Tensor) -> tuple:
-            return backward(x, w, dout)
-
-    forward = "PointwiseConvForward" if bias else "PointwiseConvForwardNoBias"
-    return _custom("pointwise_conv", forward, lambda x, w, *_: [x[0], w[0], *x[2:]], bprop=bprop)
+    return _weighted_kernel("pointwise_conv", "PointwiseConv", lambda x, w, *_: [x[0], w[0], *x[2:]], bias)
 
 
 def max_pool_kernel(kernel_size: int, stride: int, padding: int) -> ops.Custom:
