@@ -15,6 +15,7 @@ from conformer import kernels
 from conformer.models.cpu_kernels import (
     CpuAttentionCore,
     CpuBatchNorm2d,
+    CpuConv3x3,
     CpuDense,
     CpuGELU,
     CpuLayerNorm,
@@ -68,6 +69,9 @@ CASES = {
                        (4, 64, 28, 28)),
     "pointwise_conv_odd": (lambda: CpuPointwiseConv(5, 3, has_bias=True),
                            lambda: nn.Conv2d(5, 3, 1, pad_mode="valid", has_bias=True), (1, 5, 7, 9)),
+    # 3 images of 40 rows, each in a tile of 35 rows and a short one (the kernel's tiles at these channels and width)
+    "conv3x3": (lambda: CpuConv3x3(64, 64), lambda: nn.Conv2d(64, 64, 3, pad_mode="pad", padding=1), (3, 64, 40, 56)),
+    "conv3x3_odd": (lambda: CpuConv3x3(5, 3), lambda: nn.Conv2d(5, 3, 3, pad_mode="pad", padding=1), (2, 5, 7, 1)),
     "max_pool": (lambda: CpuMaxPool2d(3, 2, 1), lambda: nn.MaxPool2d(3, 2, pad_mode="pad", padding=1), (4, 16, 56, 56)),
     "max_pool_odd": (lambda: CpuMaxPool2d(2, 3, 0), lambda: nn.MaxPool2d(2, 3, pad_mode="pad", padding=0),
                      (2, 3, 7, 8)),

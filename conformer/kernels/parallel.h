@@ -91,4 +91,18 @@ inline void parallel_for(int64_t n, int64_t grain, const std::function<void(int6
   Pool::instance().run(n, grain, fn);
 }
 
+// Splits [0, n) into chunks(n, grain) fixed chunks and runs fn(chunk, begin, end) for each, in parallel. A kernel that
+// reduces keeps one partial result per chunk and adds them in chunk order: the same sum on every run, whichever
+// thread finishes first.
+inline int64_t chunks(int64_t n, int64_t grain) {
+  return std::min<int64_t>(Pool::instance().threads(), std::max<int64_t>(1, n / std::max<int64_t>(grain, 1)));
+}
+
+template <typename Fn>
+void parallel_chunks(int64_t n, int64_t count, Fn fn) {
+  Pool::instance().run(count, 1, [&](int64_t first, int64_t last) {
+    for (int64_t chunk = first; chunk < last; ++chunk) fn(chunk, n * chunk / count, n * (chunk + 1) / count);
+  });
+}
+
 }  // namespace conformer

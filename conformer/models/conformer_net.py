@@ -20,6 +20,7 @@ from mindspore.common import initializer as init
 from conformer.models.cpu_kernels import (
     CpuAttentionCore,
     CpuBatchNorm2d,
+    CpuConv3x3,
     CpuDense,
     CpuGELU,
     CpuLayerNorm,
@@ -43,11 +44,16 @@ def layer_norm(dim: int, eps: float = BLOCK_NORM_EPS) -> nn.LayerNorm:
     return CpuLayerNorm(dim, epsilon=eps)
 
 
-def conv2d(in_ch: int, out_ch: int, kernel: int, stride: int = 1, padding: int = 0, bias: bool = False) -> nn.Conv2d:
-    if kernel == 1 and stride == 1 and padding == 0:
+def conv2d(in_ch: int, out_ch: int, kernel: int, stride: int = 1, padding: int = 0, bias: bool = False,
+           groups: int = 1) -> nn.Conv2d:
+    """nn.Conv2d; on the project's CPU kernels where one serves the geometry (1x1, and 3x3 with padding 1)."""
+    if kernel == 1 and stride == 1 and padding == 0 and groups == 1:
         return CpuPointwiseConv(in_ch, out_ch, has_bias=bias)
+    if kernel == 3 and stride == 1 and padding == 1 and groups == 1 and not bias:
+        return CpuConv3x3(in_ch, out_ch)
     pad_mode = "pad" if padding else "valid"
-    return nn.Conv2d(in_ch, out_ch, kernel, stride=stride, pad_mode=pad_mode, padding=padding, has_bias=bias)
+    return nn.Conv2d(in_ch, out_ch, kernel, stride=stride, pad_mode=pad_mode, padding=padding, group=groups,
+                     has_bias=bias)
 
 
 class DropPath(nn.Cell):
@@ -168,8 +174,7 @@ class ConvBlock(nn.Cell):
         med_planes = outplanes // self.expansion
         self.conv1 = conv2d(inplanes, med_planes, 1)
         self.bn1 = batch_norm(med_planes)
-        self.conv2 = nn.Conv2d(med_planes, med_planes, 3, stride=stride, pad_mode="pad", padding=1,
-                               group=groups, has_bias=False)
+        self.conv2 = conv2d(med_planes, med_planes, 3, stride=stride, padding=1, groups=groups)
         self.bn2 = batch_norm(med_planes)
         self.conv3 = conv2d(med_planes, outplanes, 1)
         self.bn3 = batch_norm(outplanes)

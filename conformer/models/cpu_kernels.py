@@ -123,6 +123,12 @@ def pointwise_conv_kernel(bias: bool) -> ops.Custom:
     return _weighted_kernel("pointwise_conv", "PointwiseConv", lambda x, w, *_: [x[0], w[0], *x[2:]], bias)
 
 
+def conv3x3_kernel() -> ops.Custom:
+    """(x [N, Cin, H, W], w [Cout, Cin, 3, 3]) -> the 3x3 convolution with stride 1 and padding 1 [N, Cout, H, W],
+    differentiable."""
+    return _weighted_kernel("conv3x3", "Conv3x3", lambda x, w: [x[0], w[0], *x[2:]], bias=False)
+
+
 def max_pool_kernel(kernel_size: int, stride: int, padding: int) -> ops.Custom:
     """(x [N, C, H, W], [kernel_size, stride, padding]) -> (y, argmax), differentiable with respect to x."""
     backward = _custom("max_pool", "MaxPoolBackward", lambda x, *_: x)
@@ -232,6 +238,20 @@ class CpuPointwiseConv(nn.Conv2d):
         return self.kernel(x, self.weight)
 
 
+class CpuConv3x3(nn.Conv2d):
+    """`nn.Conv2d(in_channels, out_channels, 3, pad_mode="pad", padding=1, has_bias=False)` (stride 1) on the
+    project's CPU kernel (OpenBLAS sgemm on shifted views of the padded input) where it can run (see the module)."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__(in_channels, out_channels, 3, pad_mode="pad", padding=1, has_bias=False)
+        self.kernel = conv3x3_kernel() if _on_cpu("conv3x3") else None
+
+    def construct(self, x: Tensor) -> Tensor:
+        if self.kernel is None or x.dtype != ms.float32:
+            return super().construct(x)
+        return self.kernel(x, self.weight)
+
+
 class CpuMaxPool2d(nn.MaxPool2d):
     """`nn.MaxPool2d(kernel_size, stride, pad_mode="pad", padding)` on the project's CPU kernel where it can run (see
     the module)."""
@@ -332,8 +352,8 @@ def _sum_of_squares_tensor(tensor: Tensor) -> Tensor:
     return ops.square(tensor.astype(ms.float32)).sum()
 
 
-KERNEL_CELLS = (CpuAttentionCore, CpuLayerNorm, CpuBatchNorm2d, CpuDense, CpuPointwiseConv, CpuMaxPool2d, CpuGELU,
-                CpuSoftmax)
+KERNEL_CELLS = (CpuAttentionCore, CpuLayerNorm, CpuBatchNorm2d, CpuDense, CpuPointwiseConv, CpuConv3x3, CpuMaxPool2d,
+                CpuGELU, CpuSoftmax)
 
 
 def use_builtin_kernels(network: nn.Cell) -> int:
