@@ -4,7 +4,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <mutex>
 #include <vector>
 
 #include "parallel.h"
@@ -19,9 +18,10 @@ extern "C" int GlobalNorm(int nparam, void **params, int *ndims, int64_t **shape
     for (int d = 0; d < ndims[t]; ++d) size *= shapes[t][d];
     starts[t + 1] = starts[t] + size;
   }
-  double total = 0.0;
-  std::mutex lock;
-  conformer::parallel_for(starts[count], 1 << 16, [&](int64_t begin, int64_t end) {
+  // one partial sum per chunk of elements, added in chunk order: the same norm on every run
+  const int64_t elements = starts[count];
+  std::vector<double> partials(conformer::chunks(elements, 1 << 16), 0.0);
+  conformer::parallel_chunks(elements, partials.size(), [&](int64_t chunk, int64_t begin, int64_t end) {
     double sum = 0.0;
     int t = static_cast<int>(std::upper_bound(starts.begin(), starts.end(), begin) - starts.begin()) - 1;
     for (int64_t at = begin; at < end; ++t) {
@@ -32,9 +32,10 @@ extern "C" int GlobalNorm(int nparam, void **params, int *ndims, int64_t **shape
       for (int64_t i = 0; i < n; ++i) sum += static_cast<double>(values[i]) * values[i];
       at = stop;
     }
-    std::lock_guard<std::mutex> guard(lock);
-    total += sum;
+    partials[chunk] = sum;
   });
+  double total = 0.0;
+  for (double sum : partials) total += sum;
   static_cast<float *>(params[count])[0] = static_cast<float>(std::sqrt(total));
   return 0;
 }

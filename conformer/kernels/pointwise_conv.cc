@@ -4,7 +4,6 @@
 // Without a bias the ops (the *NoBias entry points) take one input and return one gradient fewer.
 #include <algorithm>
 #include <cstdint>
-#include <mutex>
 #include <vector>
 
 #include "gemm.h"
@@ -68,11 +67,12 @@ extern "C" int PointwiseConvBackward(int nparam, void **params, int *ndims, int6
   const int64_t weights = s.out_channels * s.in_channels;
   std::fill(dw, dw + weights, 0.0f);
   if (bias) std::fill(db, db + s.out_channels, 0.0f);
-  std::mutex total;
-  // each thread takes a range of images: dx per image; its share of dw = sum of dy x^T and of db = sum of dy
-  // accumulates in a buffer of its own, added to the totals under the lock once
-  conformer::parallel_for(s.batch, 1, [=, &total](int64_t begin, int64_t end) {
-    std::vector<float> partial(weights + (bias ? s.out_channels : 0), 0.0f);
+  // each chunk of images: dx per image; its share of dw = sum of dy x^T and of db = sum of dy in a buffer of its
+  // own, the chunks' buffers added in chunk order (the same sums on every run)
+  std::vector<std::vector<float>> partials(conformer::chunks(s.batch, 1));
+  conformer::parallel_chunks(s.batch, partials.size(), [&](int64_t chunk, int64_t begin, int64_t end) {
+    std::vector<float> &partial = partials[chunk];
+    partial.assign(weights + (bias ? s.out_channels : 0), 0.0f);
     for (int64_t image = begin; image < end; ++image) {
       const float *xi = x + image * s.in_channels * s.plane;
       const float *dyi = dy + image * s.out_channels * s.plane;
@@ -88,11 +88,12 @@ extern "C" int PointwiseConvBackward(int nparam, void **params, int *ndims, int6
         partial[weights + o] += sum;
       }
     }
-    std::lock_guard<std::mutex> lock(total);
+  });
+  for (const auto &partial : partials) {
 #pragma omp simd
     for (int64_t i = 0; i < weights; ++i) dw[i] += partial[i];
     for (int64_t o = 0; bias && o < s.out_channels; ++o) db[o] += partial[weights + o];
-  });
+  }
   return 0;
 }
 
