@@ -1,9 +1,9 @@
 // 2-D max-pooling of NCHW float32 with symmetric zero-free padding (padded cells never win) for MindSpore's CPU
 // (ops.Custom, func_type="aot"): forward (with each output's argmax) and backward, the planes split over the cores.
 // Ties go to the first maximum in row-major window order and NaN wins, as in PyTorch's and MindSpore's kernels.
-#include <cmath>
+#include <algorithm>
 #include <cstdint>
-#include <limits>
+#include <vector>
 
 #include "parallel.h"
 
@@ -15,10 +15,15 @@ struct Geometry {
 Geometry geometry(const float *values) {
   return {static_cast<int64_t>(values[0]), static_cast<int64_t>(values[1]), static_cast<int64_t>(values[2])};
 }
+
+// Whether `value`, met after `best` in window order, takes its place: greater, or the first NaN.
+inline bool takes(float value, float best) { return value > best || (value != value && best == best); }
 }  // namespace
 
 // inputs x [N, C, H, W], [kernel, stride, padding]; outputs y [N, C, Ho, Wo], argmax [N, C, Ho, Wo] (int32, the
-// winner's index in its H x W plane)
+// winner's index in its H x W plane). Separable: each input row's winner per output column (the leftmost maximum of
+// its window's part of the row), then per output the first of its rows' winners that no later row beats (the topmost).
+// That is the first maximum in row-major window order; a NaN wins over numbers and the first NaN over later ones.
 extern "C" int MaxPoolForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                               void *stream, void *extra) {
   const float *x = static_cast<const float *>(params[0]);
@@ -28,32 +33,45 @@ extern "C" int MaxPoolForward(int nparam, void **params, int *ndims, int64_t **s
   const int64_t planes = shapes[0][0] * shapes[0][1], h = shapes[0][2], w = shapes[0][3];
   const int64_t ho = shapes[2][2], wo = shapes[2][3];
   conformer::parallel_for(planes, 1, [=](int64_t begin, int64_t end) {
+    std::vector<float> row_best(h * wo);  // per input row and output column: the row's winner in the window
+    std::vector<int32_t> row_where(h * wo);
     for (int64_t plane = begin; plane < end; ++plane) {
       const float *xp = x + plane * h * w;
+      for (int64_t r = 0; r < h; ++r) {
+        const float *row = xp + r * w;
+        for (int64_t j = 0; j < wo; ++j) {
+          const int64_t left = j * g.stride - g.padding;
+          const int64_t first = std::max<int64_t>(left, 0), last = std::min(left + g.kernel, w);
+          float best = row[first];
+          int64_t where = first;
+          for (int64_t c = first + 1; c < last; ++c) {
+            if (takes(row[c], best)) {
+              best = row[c];
+              where = c;
+            }
+          }
+          row_best[r * wo + j] = best;
+          row_where[r * wo + j] = static_cast<int32_t>(r * w + where);
+        }
+      }
       float *yp = y + plane * ho * wo;
       int32_t *ap = argmax + plane * ho * wo;
       for (int64_t i = 0; i < ho; ++i) {
         const int64_t top = i * g.stride - g.padding;
-        const int64_t row_begin = top < 0 ? 0 : top, row_end = top + g.kernel < h ? top + g.kernel : h;
-        for (int64_t j = 0; j < wo; ++j) {
-          const int64_t left = j * g.stride - g.padding;
-          const int64_t col_begin = left < 0 ? 0 : left, col_end = left + g.kernel < w ? left + g.kernel : w;
-          float best = -std::numeric_limits<float>::infinity();
-          int64_t where = row_begin * w + col_begin;
-          bool found_nan = false;
-          for (int64_t r = row_begin; r < row_end && !found_nan; ++r) {
-            for (int64_t c = col_begin; c < col_end; ++c) {
-              const float value = xp[r * w + c];
-              found_nan = std::isnan(value);
-              if (value > best || found_nan) {
-                best = value;
-                where = r * w + c;
-              }
-              if (found_nan) break;
-            }
+        const int64_t first = std::max<int64_t>(top, 0), last = std::min(top + g.kernel, h);
+        float *__restrict best = yp + i * wo;
+        int32_t *__restrict where = ap + i * wo;
+        std::copy(row_best.data() + first * wo, row_best.data() + (first + 1) * wo, best);
+        std::copy(row_where.data() + first * wo, row_where.data() + (first + 1) * wo, where);
+        for (int64_t r = first + 1; r < last; ++r) {
+          const float *__restrict candidate = row_best.data() + r * wo;
+          const int32_t *__restrict candidate_where = row_where.data() + r * wo;
+#pragma omp simd
+          for (int64_t j = 0; j < wo; ++j) {
+            const bool better = takes(candidate[j], best[j]);
+            best[j] = better ? candidate[j] : best[j];
+            where[j] = better ? candidate_where[j] : where[j];
           }
-          yp[i * wo + j] = best;
-          ap[i * wo + j] = static_cast<int32_t>(where);
         }
       }
     }
