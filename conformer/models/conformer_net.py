@@ -198,7 +198,10 @@ class ConvBlock(nn.Cell):
 
 
 class FCUDown(nn.Cell):
-    """CNN feature map -> transformer tokens: 1x1 conv, average pool to the patch grid, LayerNorm, GELU."""
+    """CNN feature map -> transformer tokens: 1x1 conv, average pool to the patch grid, LayerNorm, GELU.
+
+    The pool runs first: both are linear, so pooling before the conv gives the official order's result (to float32
+    rounding) with dw_stride^2 times fewer multiplications, and pools the narrower map."""
 
     def __init__(self, inplanes: int, outplanes: int, dw_stride: int) -> None:
         super().__init__()
@@ -210,9 +213,9 @@ class FCUDown(nn.Cell):
         self.concat = ops.Concat(axis=1)
 
     def construct(self, x: Tensor, x_t: Tensor) -> Tensor:
-        x = self.conv_project(x)
         if self.dw_stride > 1:
             x = self.sample_pooling(x)
+        x = self.conv_project(x)
         b, c = x.shape[0], x.shape[1]
         x = x.reshape(b, c, -1).transpose(0, 2, 1)
         x = self.act(self.ln(x))
