@@ -59,6 +59,9 @@ def test_profile_run_in_a_terminal_shows_a_bar_and_logs_the_profile_to_the_debug
     run_dir = Path(run.data.tags["run_dir"])
     op_types = (run_dir / "profile" / "op_types.csv").read_text().splitlines()
     assert op_types[0].startswith("op_type,") and any(line.startswith("Conv2D") for line in op_types)
+    column = op_types[0].split(",").index("total_compute_time")
+    totals = [float(line.split(",")[column]) for line in op_types[1:]]
+    assert len(totals) > 10 and totals == sorted(totals, reverse=True)  # the longest op types first
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "profile")}
     assert "profile/op_types.csv" in artifacts
 
