@@ -12,6 +12,7 @@ import pytest
 from mindspore import Tensor, nn, ops
 
 from conformer import kernels
+from conformer.models.conformer_net import FCUDown, FCUUp
 from conformer.models.cpu_kernels import (
     CpuAttentionCore,
     CpuBatchNorm2d,
@@ -177,6 +178,37 @@ def test_cells_of_one_kernel_with_different_geometries_in_one_graph() -> None:
     got, want = _value_and_grads(ours, x, Tensor(1.0)), _value_and_grads(builtin, x, Tensor(1.0))
     for mine, expected in zip(got, want):
         np.testing.assert_allclose(mine, expected, rtol=1e-5, atol=1e-5 * max(np.abs(expected).max(), 1e-6))
+
+
+class _FeatureCoupling(nn.Cell):
+    """Conformer's couplings: a feature map to tokens (FCUDown, whose class token comes from the map too) and back
+    (FCUUp), the 1x1 convs and transposes in one op each on the CPU kernels, in MindSpore's ops with `builtin`."""
+
+    def __init__(self, builtin: bool) -> None:
+        super().__init__()
+        self.down, self.up = FCUDown(16, 12, dw_stride=2), FCUUp(12, 16, up_stride=2)
+        if builtin:
+            assert use_builtin_kernels(self) >= 4
+
+    def construct(self, x: Tensor) -> Tensor:
+        b = x.shape[0]
+        cls_token = ops.tile(x.mean(axis=(2, 3), keep_dims=True).reshape(b, 1, 16)[:, :, :12], (1, 17, 1))
+        tokens = self.down(x, cls_token)  # [B, 1 + 4 * 4, 12]
+        return self.up(tokens * tokens, 4, 4) * x
+
+
+@NEEDS_COMPILER
+def test_feature_couplings_on_the_token_kernels_equal_mindspores_ops() -> None:
+    rng = np.random.default_rng(3)
+    x = Tensor(rng.standard_normal((3, 16, 8, 8)).astype(np.float32))
+    weights = Tensor(rng.standard_normal((3, 16, 8, 8)).astype(np.float32))
+    ours, builtin = _FeatureCoupling(builtin=False).set_train(), _FeatureCoupling(builtin=True).set_train()
+    assert ours.down.to_tokens is not None and ours.up.from_tokens is not None
+    _same_random_parameters(ours, builtin, rng)
+    got, want = _value_and_grads(ours, x, weights), _value_and_grads(builtin, x, weights)
+    assert len(got) == len(want) == 3 + len(ours.trainable_params())
+    for mine, expected in zip(got, want):  # (FCUUp's conv bias feeds a BatchNorm: its gradient is rounding noise)
+        np.testing.assert_allclose(mine, expected, rtol=1e-4, atol=1e-5 * max(np.abs(expected).max(), 1.0))
 
 
 def _same_random_parameters(ours: nn.Cell, builtin: nn.Cell, rng: np.random.Generator) -> None:

@@ -1,7 +1,14 @@
-// 1x1 convolution with stride 1 of NCHW float32 (a pointwise conv: per image Y = W X over the channels) for
-// MindSpore's CPU (ops.Custom, func_type="aot"): forward and backward as OpenBLAS sgemm calls, the images split
-// over the cores (in the forward, column blocks of an image where there are fewer images than cores). The same math as nn.Conv2d(kernel_size=1), in another summation order.
-// Without a bias the ops (the *NoBias entry points) take one input and return one gradient fewer.
+// 1x1 convolution with stride 1 of float32 (a pointwise conv: per image Y = W X over the channels) for MindSpore's
+// CPU (ops.Custom, func_type="aot"): forward and backward as OpenBLAS sgemm calls, the images split over the cores
+// (in the forward, pixel blocks of an image where there are fewer images than cores). The same math as
+// nn.Conv2d(kernel_size=1), in another summation order.
+//
+// Three layouts, each its own entry points (MindSpore keys an op by its function name):
+// - PointwiseConv*: NCHW in, NCHW out; without a bias (the *NoBias entry points) one input and one gradient fewer.
+// - PointwiseConvToTokens*: NCHW [N, Cin, H, W] in, tokens [N, H * W, Cout] out (the conv then the transpose of
+//   Conformer's FCUDown, in one op).
+// - PointwiseConvFromTokens*: tokens [N, 1 + P, Cin] in, the first (class) token skipped, [N, Cout, P] out (the
+//   slice, transpose and conv of FCUUp in one op; the class token's gradient is zero).
 #include <algorithm>
 #include <cstdint>
 #include <vector>
@@ -10,52 +17,79 @@
 #include "parallel.h"
 
 namespace {
-struct Layout {
-  int64_t batch, in_channels, out_channels, plane;
+// One image's [channels, pixels] matrix inside a tensor: channels first (NCHW: row stride = pixels) or last (tokens:
+// row stride = channels, after `skip` leading tokens).
+struct Operand {
+  int64_t channels, pixels, skip;
+  bool channels_last;
+  int64_t image_stride() const { return (skip + pixels) * channels; }
+  int64_t ld() const { return channels_last ? channels : pixels; }  // the matrix's row stride
+  int64_t at(int64_t image, int64_t pixel) const {  // where pixel `pixel` of channel 0 of `image` is
+    return image * image_stride() + (channels_last ? (skip + pixel) * channels : pixel);
+  }
 };
 
-// from x's shape [N, Cin, H, W] and the weight's [Cout, Cin, 1, 1]
-Layout layout(const int64_t *x, const int64_t *w) { return {x[0], x[1], w[0], x[2] * x[3]}; }
+struct Layout {
+  int64_t batch, pixels;
+  Operand x, y;
+};
 
-// Runs fn(image, first column, column count) over tasks of whole images, or of column blocks where there are fewer
+enum class Kind { Maps, ToTokens, FromTokens };
+
+// from x's shape and the weight's [Cout, Cin, 1, 1]
+Layout layout(Kind kind, const int64_t *x, const int64_t *w) {
+  const int64_t cin = w[1], cout = w[0];
+  if (kind == Kind::FromTokens) {  // x [N, 1 + P, Cin]
+    const int64_t pixels = x[1] - 1;
+    return {x[0], pixels, {cin, pixels, 1, true}, {cout, pixels, 0, false}};
+  }
+  const int64_t pixels = x[2] * x[3];
+  return {x[0], pixels, {cin, pixels, 0, false}, {cout, pixels, 0, kind == Kind::ToTokens}};
+}
+
+// Runs fn(image, first pixel, pixel count) over tasks of whole images, or of pixel blocks where there are fewer
 // images than threads.
 template <typename Fn>
 void over_images(const Layout &s, Fn fn) {
   const int64_t splits = std::max<int64_t>(1, conformer::Pool::instance().threads() / std::max<int64_t>(s.batch, 1));
-  const int64_t width = (s.plane + splits - 1) / splits;
+  const int64_t width = (s.pixels + splits - 1) / splits;
   conformer::parallel_for(s.batch * splits, 1, [=](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t image = task / splits, first = (task % splits) * width;
-      if (first < s.plane) fn(image, first, std::min(width, s.plane - first));
+      if (first < s.pixels) fn(image, first, std::min(width, s.pixels - first));
     }
   });
 }
-}  // namespace
 
-// inputs x [N, Cin, H, W], w [Cout, Cin, 1, 1], (b [Cout]); outputs y [N, Cout, H, W]
-extern "C" int PointwiseConvForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
-                                    void *stream, void *extra) {
+// y = w x (+ b); inputs x, w, (b); output y
+int forward(Kind kind, int nparam, void **params, int64_t **shapes) {
   const bool bias = nparam == 4;
   const float *x = static_cast<const float *>(params[0]);
   const float *w = static_cast<const float *>(params[1]);
   const float *b = bias ? static_cast<const float *>(params[2]) : nullptr;
   float *y = static_cast<float *>(params[bias ? 3 : 2]);
-  const Layout s = layout(shapes[0], shapes[1]);
+  const Layout s = layout(kind, shapes[0], shapes[1]);
+  const Operand &in = s.x, &out = s.y;
   over_images(s, [=](int64_t image, int64_t first, int64_t count) {
-    float *yi = y + image * s.out_channels * s.plane + first;
-    if (bias) {
-      for (int64_t o = 0; o < s.out_channels; ++o) std::fill(yi + o * s.plane, yi + o * s.plane + count, b[o]);
+    const float *xi = x + in.at(image, first);
+    float *yi = y + out.at(image, first);
+    for (int64_t o = 0; bias && o < out.channels; ++o) {
+      for (int64_t p = 0; p < count; ++p) yi[out.channels_last ? p * out.ld() + o : o * out.ld() + p] = b[o];
     }
-    conformer::sgemm(false, false, s.out_channels, count, s.in_channels, 1.0f, w, s.in_channels,
-                     x + image * s.in_channels * s.plane + first, s.plane, bias ? 1.0f : 0.0f, yi, s.plane);
+    const float beta = bias ? 1.0f : 0.0f;
+    if (out.channels_last) {  // y^T [P, Cout] = x^T w^T
+      conformer::sgemm(!in.channels_last, true, count, out.channels, in.channels, 1.0f, xi, in.ld(), w, in.channels,
+                       beta, yi, out.ld());
+    } else {  // y [Cout, P] = w x
+      conformer::sgemm(false, in.channels_last, out.channels, count, in.channels, 1.0f, w, in.channels, xi, in.ld(),
+                       beta, yi, out.ld());
+    }
   });
   return 0;
 }
 
-// inputs x [N, Cin, H, W], w [Cout, Cin, 1, 1], dy [N, Cout, H, W]; outputs dx [N, Cin, H, W], dw [Cout, Cin, 1, 1],
-// (db [Cout])
-extern "C" int PointwiseConvBackward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
-                                     void *stream, void *extra) {
+// inputs x, w, dy; outputs dx, dw, (db)
+int backward(Kind kind, int nparam, void **params, int64_t **shapes) {
   const bool bias = nparam == 6;
   const float *x = static_cast<const float *>(params[0]);
   const float *w = static_cast<const float *>(params[1]);
@@ -63,46 +97,67 @@ extern "C" int PointwiseConvBackward(int nparam, void **params, int *ndims, int6
   float *dx = static_cast<float *>(params[3]);
   float *dw = static_cast<float *>(params[4]);
   float *db = bias ? static_cast<float *>(params[5]) : nullptr;
-  const Layout s = layout(shapes[0], shapes[1]);
-  const int64_t weights = s.out_channels * s.in_channels;
+  const Layout s = layout(kind, shapes[0], shapes[1]);
+  const Operand &in = s.x, &out = s.y;
+  const int64_t cin = in.channels, cout = out.channels, weights = cout * cin;
   std::fill(dw, dw + weights, 0.0f);
-  if (bias) std::fill(db, db + s.out_channels, 0.0f);
+  if (bias) std::fill(db, db + cout, 0.0f);
   // each chunk of images: dx per image; its share of dw = sum of dy x^T and of db = sum of dy in a buffer of its
   // own, the chunks' buffers added in chunk order (the same sums on every run)
   std::vector<std::vector<float>> partials(conformer::chunks(s.batch, 1));
   conformer::parallel_chunks(s.batch, partials.size(), [&](int64_t chunk, int64_t begin, int64_t end) {
     std::vector<float> &partial = partials[chunk];
-    partial.assign(weights + (bias ? s.out_channels : 0), 0.0f);
+    partial.assign(weights + (bias ? cout : 0), 0.0f);
     for (int64_t image = begin; image < end; ++image) {
-      const float *xi = x + image * s.in_channels * s.plane;
-      const float *dyi = dy + image * s.out_channels * s.plane;
-      conformer::sgemm(true, false, s.in_channels, s.plane, s.out_channels, 1.0f, w, s.in_channels, dyi, s.plane,
-                       0.0f, dx + image * s.in_channels * s.plane, s.plane);
-      conformer::sgemm(false, true, s.out_channels, s.in_channels, s.plane, 1.0f, dyi, s.plane, xi, s.plane, 1.0f,
-                       partial.data(), s.in_channels);
-      for (int64_t o = 0; bias && o < s.out_channels; ++o) {
+      const float *xi = x + in.at(image, 0);
+      const float *dyi = dy + out.at(image, 0);
+      float *dxi = dx + in.at(image, 0);
+      if (in.channels_last) {  // dx^T [P, Cin] = dy^T w; the skipped tokens' gradient is zero
+        std::fill(dx + image * in.image_stride(), dxi, 0.0f);
+        conformer::sgemm(!out.channels_last, false, s.pixels, cin, cout, 1.0f, dyi, out.ld(), w, cin, 0.0f, dxi,
+                         in.ld());
+      } else {  // dx [Cin, P] = w^T dy
+        conformer::sgemm(true, out.channels_last, cin, s.pixels, cout, 1.0f, w, cin, dyi, out.ld(), 0.0f, dxi,
+                         in.ld());
+      }
+      // dw [Cout, Cin] += dy x^T
+      conformer::sgemm(out.channels_last, !in.channels_last, cout, cin, s.pixels, 1.0f, dyi, out.ld(), xi, in.ld(),
+                       1.0f, partial.data(), cin);
+      float *dbi = partial.data() + weights;
+      for (int64_t p = 0; bias && out.channels_last && p < s.pixels; ++p) {
+        const float *row = dyi + p * out.ld();
+#pragma omp simd
+        for (int64_t o = 0; o < cout; ++o) dbi[o] += row[o];
+      }
+      for (int64_t o = 0; bias && !out.channels_last && o < cout; ++o) {
         float sum = 0.0f;
-        const float *row = dyi + o * s.plane;
+        const float *row = dyi + o * out.ld();
 #pragma omp simd reduction(+ : sum)
-        for (int64_t i = 0; i < s.plane; ++i) sum += row[i];
-        partial[weights + o] += sum;
+        for (int64_t p = 0; p < s.pixels; ++p) sum += row[p];
+        dbi[o] += sum;
       }
     }
   });
   for (const auto &partial : partials) {
 #pragma omp simd
     for (int64_t i = 0; i < weights; ++i) dw[i] += partial[i];
-    for (int64_t o = 0; bias && o < s.out_channels; ++o) db[o] += partial[weights + o];
+    for (int64_t o = 0; bias && o < cout; ++o) db[o] += partial[weights + o];
   }
   return 0;
 }
+}  // namespace
 
-// MindSpore keys a custom op by its function name: each arity has its own entry point
-extern "C" int PointwiseConvForwardNoBias(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
-                                          void *stream, void *extra) {
-  return PointwiseConvForward(nparam, params, ndims, shapes, dtypes, stream, extra);
-}
-extern "C" int PointwiseConvBackwardNoBias(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
-                                           void *stream, void *extra) {
-  return PointwiseConvBackward(nparam, params, ndims, shapes, dtypes, stream, extra);
-}
+#define CONFORMER_POINTWISE_ENTRY(name, kind, pass)                                                              \
+  extern "C" int name(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream, \
+                      void *extra) {                                                                            \
+    return pass(kind, nparam, params, shapes);                                                                  \
+  }
+
+CONFORMER_POINTWISE_ENTRY(PointwiseConvForward, Kind::Maps, forward)
+CONFORMER_POINTWISE_ENTRY(PointwiseConvBackward, Kind::Maps, backward)
+CONFORMER_POINTWISE_ENTRY(PointwiseConvForwardNoBias, Kind::Maps, forward)
+CONFORMER_POINTWISE_ENTRY(PointwiseConvBackwardNoBias, Kind::Maps, backward)
+CONFORMER_POINTWISE_ENTRY(PointwiseConvToTokensForward, Kind::ToTokens, forward)
+CONFORMER_POINTWISE_ENTRY(PointwiseConvToTokensBackward, Kind::ToTokens, backward)
+CONFORMER_POINTWISE_ENTRY(PointwiseConvFromTokensForward, Kind::FromTokens, forward)
+CONFORMER_POINTWISE_ENTRY(PointwiseConvFromTokensBackward, Kind::FromTokens, backward)

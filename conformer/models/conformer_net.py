@@ -13,6 +13,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import mindspore as ms
 import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common import initializer as init
@@ -26,6 +27,7 @@ from conformer.models.cpu_kernels import (
     CpuLayerNorm,
     CpuMaxPool2d,
     CpuPointwiseConv,
+    token_conv_kernel,
 )
 from conformer.models.registry import check_architecture, model_arguments, nearest_image_size, valid_image_size
 
@@ -206,6 +208,7 @@ class FCUDown(nn.Cell):
     def __init__(self, inplanes: int, outplanes: int, dw_stride: int) -> None:
         super().__init__()
         self.conv_project = conv2d(inplanes, outplanes, 1, bias=True)
+        self.to_tokens = token_conv_kernel(to_tokens=True)
         self.dw_stride = dw_stride
         self.sample_pooling = nn.AvgPool2d(kernel_size=dw_stride, stride=dw_stride)
         self.ln = layer_norm(outplanes)
@@ -215,9 +218,12 @@ class FCUDown(nn.Cell):
     def construct(self, x: Tensor, x_t: Tensor) -> Tensor:
         if self.dw_stride > 1:
             x = self.sample_pooling(x)
-        x = self.conv_project(x)
-        b, c = x.shape[0], x.shape[1]
-        x = x.reshape(b, c, -1).transpose(0, 2, 1)
+        if self.to_tokens is not None and self.conv_project.kernel is not None and x.dtype == ms.float32:
+            x = self.to_tokens(x, self.conv_project.weight, self.conv_project.bias)  # the conv and transpose at once
+        else:
+            x = self.conv_project(x)
+            b, c = x.shape[0], x.shape[1]
+            x = x.reshape(b, c, -1).transpose(0, 2, 1)
         x = self.act(self.ln(x))
         return self.concat((x_t[:, :1], x))
 
@@ -229,13 +235,17 @@ class FCUUp(nn.Cell):
         super().__init__()
         self.up_stride = up_stride
         self.conv_project = conv2d(inplanes, outplanes, 1, bias=True)
+        self.from_tokens = token_conv_kernel(to_tokens=False)
         self.bn = batch_norm(outplanes)
         self.act = nn.ReLU()
 
     def construct(self, x: Tensor, h: int, w: int) -> Tensor:
         b, _, c = x.shape
-        x_r = x[:, 1:].transpose(0, 2, 1).reshape(b, c, h, w)
-        x_r = self.act(self.bn(self.conv_project(x_r)))
+        if self.from_tokens is not None and self.conv_project.kernel is not None and x.dtype == ms.float32:
+            x_r = self.from_tokens(x, self.conv_project.weight, self.conv_project.bias).reshape(b, -1, h, w)
+        else:
+            x_r = self.conv_project(x[:, 1:].transpose(0, 2, 1).reshape(b, c, h, w))
+        x_r = self.act(self.bn(x_r))
         if self.up_stride == 1:
             return x_r
         s = self.up_stride

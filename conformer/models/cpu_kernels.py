@@ -123,6 +123,20 @@ def pointwise_conv_kernel(bias: bool) -> ops.Custom:
     return _weighted_kernel("pointwise_conv", "PointwiseConv", lambda x, w, *_: [x[0], w[0], *x[2:]], bias)
 
 
+def token_conv_kernel(to_tokens: bool) -> ops.Custom | None:
+    """A pointwise convolution with a bias between a feature map and tokens, None where the kernel cannot serve:
+    to_tokens: (x [N, Cin, H, W], w [Cout, Cin, 1, 1], b) -> tokens [N, H * W, Cout] (the conv, then flatten and
+    transpose); else (tokens [N, 1 + P, Cin], w, b) -> [N, Cout, P] (the class token skipped, then transpose and
+    conv). Differentiable; the class token's gradient is zero."""
+    if not _on_cpu("pointwise_conv"):
+        return None
+    if to_tokens:
+        return _weighted_kernel("pointwise_conv", "PointwiseConvToTokens", lambda x, w, b: [x[0], x[2] * x[3], w[0]],
+                                bias=True)
+    return _weighted_kernel("pointwise_conv", "PointwiseConvFromTokens", lambda x, w, b: [x[0], w[0], x[1] - 1],
+                            bias=True)
+
+
 def conv3x3_kernel() -> ops.Custom:
     """(x [N, Cin, H, W], w [Cout, Cin, 3, 3]) -> the 3x3 convolution with stride 1 and padding 1 [N, Cout, H, W],
     differentiable."""
