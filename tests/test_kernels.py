@@ -131,6 +131,21 @@ def test_batch_norm_inference_kernel_equals_mindspores() -> None:
 
 
 @NEEDS_COMPILER
+def test_max_pool_kernel_lets_the_first_nan_win_like_mindspores() -> None:
+    rng = np.random.default_rng(4)
+    x = np.round(rng.standard_normal((2, 3, 9, 9))).astype(np.float32)
+    x[0, 0, 2, 3] = x[0, 1, 0, 0] = x[1, 2, 4, 4] = x[1, 2, 4, 5] = x[1, 2, 5, 3] = np.nan
+    ours = CpuMaxPool2d(3, 2, 1)
+    assert ours.kernel is not None
+    got, indices = (out.asnumpy() for out in ours.kernel(Tensor(x), ours.geometry))
+    want = nn.MaxPool2d(3, 2, pad_mode="pad", padding=1)(Tensor(x)).asnumpy()
+    np.testing.assert_array_equal(got, want)  # NaN where MindSpore has NaN
+    assert np.isnan(got).sum() == 8
+    # the winner of an output with two NaNs in its window ([1, 2, 4, 4] and [1, 2, 4, 5]) is the first in row order
+    assert indices[1, 2, 2, 2] == 4 * 9 + 4
+
+
+@NEEDS_COMPILER
 def test_global_norm_kernel_equals_the_sum_of_squares() -> None:
     """The gradients' global norm in one op: the same value as a square and a sum per tensor, and an inf or a NaN
     anywhere comes through (the train step's overflow check reads it)."""

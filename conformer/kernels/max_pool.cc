@@ -33,25 +33,47 @@ extern "C" int MaxPoolForward(int nparam, void **params, int *ndims, int64_t **s
   const int64_t planes = shapes[0][0] * shapes[0][1], h = shapes[0][2], w = shapes[0][3];
   const int64_t ho = shapes[2][2], wo = shapes[2][3];
   conformer::parallel_for(planes, 1, [=](int64_t begin, int64_t end) {
+    // output columns whose window lies inside the row: from the first with left >= 0 to the last with right <= w
+    const int64_t inner_begin = std::min(wo, (g.padding + g.stride - 1) / g.stride);
+    const int64_t room = w - g.kernel + g.padding;  // inside: j * stride <= room
+    const int64_t inner_end = room < 0 ? inner_begin : std::max(inner_begin, std::min(wo, room / g.stride + 1));
     std::vector<float> row_best(h * wo);  // per input row and output column: the row's winner in the window
     std::vector<int32_t> row_where(h * wo);
     for (int64_t plane = begin; plane < end; ++plane) {
       const float *xp = x + plane * h * w;
       for (int64_t r = 0; r < h; ++r) {
         const float *row = xp + r * w;
-        for (int64_t j = 0; j < wo; ++j) {
+        float *__restrict best = row_best.data() + r * wo;
+        int32_t *__restrict where = row_where.data() + r * wo;
+        const int32_t offset = static_cast<int32_t>(r * w);
+        // windows inside the row, vectorised over the output columns one tap at a time; the edges one by one
+        const auto edge = [&](int64_t j) {
           const int64_t left = j * g.stride - g.padding;
           const int64_t first = std::max<int64_t>(left, 0), last = std::min(left + g.kernel, w);
-          float best = row[first];
-          int64_t where = first;
+          best[j] = row[first];
+          where[j] = static_cast<int32_t>(offset + first);
           for (int64_t c = first + 1; c < last; ++c) {
-            if (takes(row[c], best)) {
-              best = row[c];
-              where = c;
+            if (takes(row[c], best[j])) {
+              best[j] = row[c];
+              where[j] = static_cast<int32_t>(offset + c);
             }
           }
-          row_best[r * wo + j] = best;
-          row_where[r * wo + j] = static_cast<int32_t>(r * w + where);
+        };
+        for (int64_t j = 0; j < inner_begin; ++j) edge(j);
+        for (int64_t j = inner_end; j < wo; ++j) edge(j);
+#pragma omp simd
+        for (int64_t j = inner_begin; j < inner_end; ++j) {
+          best[j] = row[j * g.stride - g.padding];
+          where[j] = static_cast<int32_t>(offset + j * g.stride - g.padding);
+        }
+        for (int64_t tap = 1; tap < g.kernel; ++tap) {
+#pragma omp simd
+          for (int64_t j = inner_begin; j < inner_end; ++j) {
+            const int64_t c = j * g.stride - g.padding + tap;
+            const bool better = takes(row[c], best[j]);
+            best[j] = better ? row[c] : best[j];
+            where[j] = better ? static_cast<int32_t>(offset + c) : where[j];
+          }
         }
       }
       float *yp = y + plane * ho * wo;
