@@ -53,6 +53,13 @@ def _builtin(cell: nn.Cell) -> nn.Cell:
     return cell
 
 
+class _BatchNormThenRelu(nn.BatchNorm2d):
+    """MindSpore's BatchNorm2d and ReLU, as two ops (same parameter names as the BatchNorm)."""
+
+    def construct(self, x: Tensor) -> Tensor:
+        return ops.relu(super().construct(x))
+
+
 # (ours, MindSpore's, input shape[, "relu": inputs with ties]): shapes with more elements than one thread's share,
 # and odd ones
 CASES = {
@@ -79,6 +86,8 @@ CASES = {
     "max_pool_ties": (lambda: CpuMaxPool2d(3, 2, 1), lambda: nn.MaxPool2d(3, 2, pad_mode="pad", padding=1),
                       (2, 8, 13, 13), "relu"),
     "batch_norm": (lambda: CpuBatchNorm2d(64, 1e-6, 0.9), lambda: nn.BatchNorm2d(64, 1e-6, 0.9), (4, 64, 28, 28)),
+    "batch_norm_relu": (lambda: CpuBatchNorm2d(64, 1e-6, 0.9, relu=True),
+                        lambda: _BatchNormThenRelu(64, 1e-6, 0.9), (4, 64, 28, 28)),
     "batch_norm_odd": (lambda: CpuBatchNorm2d(3, 1e-5, 0.8), lambda: nn.BatchNorm2d(3, 1e-5, 0.8), (2, 3, 5, 7)),
 }
 
@@ -109,16 +118,22 @@ def test_kernel_equals_mindspores_forward_and_backward(case: str) -> None:
     assert use_builtin_kernels(portable) >= 1
     assert all(getattr(cell, "kernel", None) is None for _, cell in portable.cells_and_names())
     _same_random_parameters(portable, builtin, rng)
-    np.testing.assert_array_equal(portable(x).asnumpy(), builtin(x).asnumpy())
+    portable_y = portable(x)
+    if isinstance(portable, CpuBatchNorm2d) and portable.relu:  # without its kernel the caller applies the ReLU
+        portable_y = ops.relu(portable_y)
+    np.testing.assert_array_equal(portable_y.asnumpy(), builtin(x).asnumpy())
 
 
 @NEEDS_COMPILER
-def test_batch_norm_inference_kernel_equals_mindspores() -> None:
-    """In eval mode the moving statistics normalise, forward and backward (gradients through a frozen BatchNorm)."""
+@pytest.mark.parametrize("relu", [False, True])
+def test_batch_norm_inference_kernel_equals_mindspores(relu: bool) -> None:
+    """In eval mode the moving statistics normalise, forward and backward (gradients through a frozen BatchNorm);
+    with `relu` the ReLU after it too."""
     rng = np.random.default_rng(1)
     x = Tensor((rng.standard_normal((3, 16, 9, 11)) * 2 + 0.5).astype(np.float32))
     weights = Tensor(rng.standard_normal((3, 16, 9, 11)).astype(np.float32))
-    ours, builtin = CpuBatchNorm2d(16, 1e-5, 0.9).set_train(False), nn.BatchNorm2d(16, 1e-5, 0.9).set_train(False)
+    ours = CpuBatchNorm2d(16, 1e-5, 0.9, relu=relu).set_train(False)
+    builtin = (_BatchNormThenRelu if relu else nn.BatchNorm2d)(16, 1e-5, 0.9).set_train(False)
     assert ours.inference_kernel is not None
     _same_random_parameters(ours, builtin, rng)
     for moving, low in (("moving_mean", -1.0), ("moving_variance", 0.2)):

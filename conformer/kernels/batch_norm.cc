@@ -1,6 +1,8 @@
 // BatchNorm of NCHW float32 in training mode (batch statistics) for MindSpore's CPU (ops.Custom, func_type="aot"):
 // forward and backward, sums in double, vectorised and split over the cores by channels. The same math as
 // nn.BatchNorm2d in training; the forward also returns the updated moving statistics, which the cell assigns.
+// The *Relu entry points apply a ReLU to the output (y = max(BatchNorm(x), 0)); their backward takes y as one more
+// input and passes the gradient only where y > 0, as MindSpore's ReluGrad does.
 #include <cmath>
 #include <cstdint>
 
@@ -16,13 +18,24 @@ Layout layout(int ndim, const int64_t *shape) {
   for (int i = 2; i < ndim; ++i) plane *= shape[i];
   return {shape[0], shape[1], plane};
 }
+
+template <bool relu>
+inline float activate(float value) {
+  return relu ? (value > 0.0f ? value : 0.0f) : value;
+}
+
+// the upstream gradient through the ReLU (where its output y is positive)
+template <bool relu>
+inline float through(const float *dy, const float *y, int64_t i) {
+  return relu ? (y[i] > 0.0f ? dy[i] : 0.0f) : dy[i];
+}
 }  // namespace
 
 // inputs x [N, C, ...], gamma [C], beta [C], moving mean [C], moving variance [C], [eps, momentum];
 // outputs y [N, C, ...], mean [C], rstd [C] (1 / sqrt(biased variance + eps)), the moving mean and variance updated:
 // momentum * moving + (1 - momentum) * batch statistic, with the unbiased batch variance
-extern "C" int BatchNormForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
-                                void *stream, void *extra) {
+template <bool relu>
+int batch_norm_forward(void **params, int *ndims, int64_t **shapes) {
   const float *x = static_cast<const float *>(params[0]);
   const float *gamma = static_cast<const float *>(params[1]);
   const float *beta = static_cast<const float *>(params[2]);
@@ -61,7 +74,7 @@ extern "C" int BatchNormForward(int nparam, void **params, int *ndims, int64_t *
         const float *__restrict xp = x + (n * s.channels + c) * s.plane;
         float *__restrict yp = y + (n * s.channels + c) * s.plane;
 #pragma omp simd
-        for (int64_t i = 0; i < s.plane; ++i) yp[i] = xp[i] * scale + shift;
+        for (int64_t i = 0; i < s.plane; ++i) yp[i] = activate<relu>(xp[i] * scale + shift);
       }
       mean[c] = m;
       rstd[c] = rs;
@@ -73,17 +86,19 @@ extern "C" int BatchNormForward(int nparam, void **params, int *ndims, int64_t *
   return 0;
 }
 
-// inputs x [N, C, ...], gamma [C], mean [C], rstd [C], dy [N, C, ...]; outputs dx [N, C, ...], dgamma [C], dbeta [C]
-extern "C" int BatchNormBackward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
-                                 void *stream, void *extra) {
+// inputs x [N, C, ...], gamma [C], mean [C], rstd [C], dy [N, C, ...], (y with relu); outputs dx [N, C, ...],
+// dgamma [C], dbeta [C]
+template <bool relu>
+int batch_norm_backward(void **params, int *ndims, int64_t **shapes) {
   const float *x = static_cast<const float *>(params[0]);
   const float *gamma = static_cast<const float *>(params[1]);
   const float *mean = static_cast<const float *>(params[2]);
   const float *rstd = static_cast<const float *>(params[3]);
   const float *dy = static_cast<const float *>(params[4]);
-  float *dx = static_cast<float *>(params[5]);
-  float *dgamma = static_cast<float *>(params[6]);
-  float *dbeta = static_cast<float *>(params[7]);
+  const float *y = relu ? static_cast<const float *>(params[5]) : nullptr;
+  float *dx = static_cast<float *>(params[relu ? 6 : 5]);
+  float *dgamma = static_cast<float *>(params[relu ? 7 : 6]);
+  float *dbeta = static_cast<float *>(params[relu ? 8 : 7]);
   const Layout s = layout(ndims[0], shapes[0]);
   const int64_t count = s.batch * s.plane;
   conformer::parallel_for(s.channels, 1, [=](int64_t begin, int64_t end) {
@@ -93,10 +108,12 @@ extern "C" int BatchNormBackward(int nparam, void **params, int *ndims, int64_t 
       for (int64_t n = 0; n < s.batch; ++n) {
         const float *__restrict xp = x + (n * s.channels + c) * s.plane;
         const float *__restrict dyp = dy + (n * s.channels + c) * s.plane;
+        const float *__restrict yp = relu ? y + (n * s.channels + c) * s.plane : nullptr;
 #pragma omp simd reduction(+ : sum_dy, sum_dy_xhat)
         for (int64_t i = 0; i < s.plane; ++i) {
-          sum_dy += dyp[i];
-          sum_dy_xhat += static_cast<double>(dyp[i]) * ((xp[i] - m) * rs);
+          const float g = through<relu>(dyp, yp, i);
+          sum_dy += g;
+          sum_dy_xhat += static_cast<double>(g) * ((xp[i] - m) * rs);
         }
       }
       const float mean_dy = static_cast<float>(sum_dy / count);
@@ -105,9 +122,12 @@ extern "C" int BatchNormBackward(int nparam, void **params, int *ndims, int64_t 
       for (int64_t n = 0; n < s.batch; ++n) {
         const float *__restrict xp = x + (n * s.channels + c) * s.plane;
         const float *__restrict dyp = dy + (n * s.channels + c) * s.plane;
+        const float *__restrict yp = relu ? y + (n * s.channels + c) * s.plane : nullptr;
         float *__restrict dxp = dx + (n * s.channels + c) * s.plane;
 #pragma omp simd
-        for (int64_t i = 0; i < s.plane; ++i) dxp[i] = scale * (dyp[i] - mean_dy - (xp[i] - m) * rs * mean_dy_xhat);
+        for (int64_t i = 0; i < s.plane; ++i) {
+          dxp[i] = scale * (through<relu>(dyp, yp, i) - mean_dy - (xp[i] - m) * rs * mean_dy_xhat);
+        }
       }
       dgamma[c] = static_cast<float>(sum_dy_xhat);
       dbeta[c] = static_cast<float>(sum_dy);
@@ -118,8 +138,8 @@ extern "C" int BatchNormBackward(int nparam, void **params, int *ndims, int64_t 
 
 // Inference (the moving statistics): per channel y = x * scale + shift, scale = gamma / sqrt(moving variance + eps).
 // inputs x [N, C, ...], gamma [C], beta [C], moving mean [C], moving variance [C], [eps, momentum]; outputs y
-extern "C" int BatchNormInference(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
-                                  void *stream, void *extra) {
+template <bool relu>
+int batch_norm_inference(void **params, int *ndims, int64_t **shapes) {
   const float *x = static_cast<const float *>(params[0]);
   const float *gamma = static_cast<const float *>(params[1]);
   const float *beta = static_cast<const float *>(params[2]);
@@ -135,25 +155,26 @@ extern "C" int BatchNormInference(int nparam, void **params, int *ndims, int64_t
       const float *__restrict xp = x + plane * s.plane;
       float *__restrict yp = y + plane * s.plane;
 #pragma omp simd
-      for (int64_t i = 0; i < s.plane; ++i) yp[i] = xp[i] * scale + shift;
+      for (int64_t i = 0; i < s.plane; ++i) yp[i] = activate<relu>(xp[i] * scale + shift);
     }
   });
   return 0;
 }
 
-// The inference's backward. inputs x, gamma, moving mean, moving variance, [eps, momentum], dy;
+// The inference's backward. inputs x, gamma, moving mean, moving variance, [eps, momentum], dy, (y with relu);
 // outputs dx = dy * scale, dgamma = sum(dy * (x - mean) / sqrt(variance + eps)), dbeta = sum(dy)
-extern "C" int BatchNormInferenceBackward(int nparam, void **params, int *ndims, int64_t **shapes,
-                                          const char **dtypes, void *stream, void *extra) {
+template <bool relu>
+int batch_norm_inference_backward(void **params, int *ndims, int64_t **shapes) {
   const float *x = static_cast<const float *>(params[0]);
   const float *gamma = static_cast<const float *>(params[1]);
   const float *moving_mean = static_cast<const float *>(params[2]);
   const float *moving_variance = static_cast<const float *>(params[3]);
   const float eps = static_cast<const float *>(params[4])[0];
   const float *dy = static_cast<const float *>(params[5]);
-  float *dx = static_cast<float *>(params[6]);
-  float *dgamma = static_cast<float *>(params[7]);
-  float *dbeta = static_cast<float *>(params[8]);
+  const float *y = relu ? static_cast<const float *>(params[6]) : nullptr;
+  float *dx = static_cast<float *>(params[relu ? 7 : 6]);
+  float *dgamma = static_cast<float *>(params[relu ? 8 : 7]);
+  float *dbeta = static_cast<float *>(params[relu ? 9 : 8]);
   const Layout s = layout(ndims[0], shapes[0]);
   conformer::parallel_for(s.channels, 1, [=](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
@@ -162,12 +183,14 @@ extern "C" int BatchNormInferenceBackward(int nparam, void **params, int *ndims,
       for (int64_t n = 0; n < s.batch; ++n) {
         const float *__restrict xp = x + (n * s.channels + c) * s.plane;
         const float *__restrict dyp = dy + (n * s.channels + c) * s.plane;
+        const float *__restrict yp = relu ? y + (n * s.channels + c) * s.plane : nullptr;
         float *__restrict dxp = dx + (n * s.channels + c) * s.plane;
 #pragma omp simd reduction(+ : sum_dy, sum_dy_xhat)
         for (int64_t i = 0; i < s.plane; ++i) {
-          sum_dy += dyp[i];
-          sum_dy_xhat += static_cast<double>(dyp[i]) * ((xp[i] - m) * rs);
-          dxp[i] = dyp[i] * scale;
+          const float g = through<relu>(dyp, yp, i);
+          sum_dy += g;
+          sum_dy_xhat += static_cast<double>(g) * ((xp[i] - m) * rs);
+          dxp[i] = g * scale;
         }
       }
       dgamma[c] = static_cast<float>(sum_dy_xhat);
@@ -176,3 +199,18 @@ extern "C" int BatchNormInferenceBackward(int nparam, void **params, int *ndims,
   });
   return 0;
 }
+
+#define CONFORMER_BATCH_NORM_ENTRY(name, pass)                                                                   \
+  extern "C" int name(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream, \
+                      void *extra) {                                                                            \
+    return pass(params, ndims, shapes);                                                                         \
+  }
+
+CONFORMER_BATCH_NORM_ENTRY(BatchNormForward, batch_norm_forward<false>)
+CONFORMER_BATCH_NORM_ENTRY(BatchNormBackward, batch_norm_backward<false>)
+CONFORMER_BATCH_NORM_ENTRY(BatchNormInference, batch_norm_inference<false>)
+CONFORMER_BATCH_NORM_ENTRY(BatchNormInferenceBackward, batch_norm_inference_backward<false>)
+CONFORMER_BATCH_NORM_ENTRY(BatchNormReluForward, batch_norm_forward<true>)
+CONFORMER_BATCH_NORM_ENTRY(BatchNormReluBackward, batch_norm_backward<true>)
+CONFORMER_BATCH_NORM_ENTRY(BatchNormReluInference, batch_norm_inference<true>)
+CONFORMER_BATCH_NORM_ENTRY(BatchNormReluInferenceBackward, batch_norm_inference_backward<true>)

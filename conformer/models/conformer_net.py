@@ -38,8 +38,10 @@ OUTER_NORM_EPS = 1e-5
 BN_MOMENTUM = 0.9
 
 
-def batch_norm(channels: int, eps: float = BLOCK_NORM_EPS) -> nn.BatchNorm2d:
-    return CpuBatchNorm2d(channels, eps=eps, momentum=BN_MOMENTUM)
+def batch_norm(channels: int, eps: float = BLOCK_NORM_EPS, relu: bool = False) -> nn.BatchNorm2d:
+    """BatchNorm2d; with `relu` it applies the ReLU after it itself where its kernel serves (the caller's ReLU
+    runs only where `bn.kernel is None`)."""
+    return CpuBatchNorm2d(channels, eps=eps, momentum=BN_MOMENTUM, relu=relu)
 
 
 def layer_norm(dim: int, eps: float = BLOCK_NORM_EPS) -> nn.LayerNorm:
@@ -175,9 +177,9 @@ class ConvBlock(nn.Cell):
         super().__init__()
         med_planes = outplanes // self.expansion
         self.conv1 = conv2d(inplanes, med_planes, 1)
-        self.bn1 = batch_norm(med_planes)
+        self.bn1 = batch_norm(med_planes, relu=True)
         self.conv2 = conv2d(med_planes, med_planes, 3, stride=stride, padding=1, groups=groups)
-        self.bn2 = batch_norm(med_planes)
+        self.bn2 = batch_norm(med_planes, relu=True)
         self.conv3 = conv2d(med_planes, outplanes, 1)
         self.bn3 = batch_norm(outplanes)
         self.relu = nn.ReLU()
@@ -189,10 +191,14 @@ class ConvBlock(nn.Cell):
     def construct(self, x: Tensor, x_t: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Return the block output and the activation after the 3x3 conv (the FCUDown input)."""
         residual = x
-        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.bn1(self.conv1(x))
+        if self.bn1.kernel is None:
+            x = self.relu(x)
         if x_t is not None:
             x = x + x_t
-        x2 = self.relu(self.bn2(self.conv2(x)))
+        x2 = self.bn2(self.conv2(x))
+        if self.bn2.kernel is None:
+            x2 = self.relu(x2)
         x = self.bn3(self.conv3(x2))
         if self.res_conv:
             residual = self.residual_bn(self.residual_conv(residual))
@@ -236,7 +242,7 @@ class FCUUp(nn.Cell):
         self.up_stride = up_stride
         self.conv_project = conv2d(inplanes, outplanes, 1, bias=True)
         self.from_tokens = token_conv_kernel(to_tokens=False)
-        self.bn = batch_norm(outplanes)
+        self.bn = batch_norm(outplanes, relu=True)
         self.act = nn.ReLU()
 
     def construct(self, x: Tensor, h: int, w: int) -> Tensor:
@@ -245,7 +251,9 @@ class FCUUp(nn.Cell):
             x_r = self.from_tokens(x, self.conv_project.weight, self.conv_project.bias).reshape(b, -1, h, w)
         else:
             x_r = self.conv_project(x[:, 1:].transpose(0, 2, 1).reshape(b, c, h, w))
-        x_r = self.act(self.bn(x_r))
+        x_r = self.bn(x_r)
+        if self.bn.kernel is None:
+            x_r = self.act(x_r)
         if self.up_stride == 1:
             return x_r
         s = self.up_stride
@@ -320,7 +328,7 @@ class Conformer(nn.Cell):
 
         # Stem: 7x7/2 conv, BN, ReLU, 3x3/2 max-pool with symmetric padding 1 (PyTorch style).
         self.conv1 = conv2d(in_chans, 64, 7, stride=2, padding=3)
-        self.bn1 = batch_norm(64, eps=OUTER_NORM_EPS)
+        self.bn1 = batch_norm(64, eps=OUTER_NORM_EPS, relu=True)
         self.act1 = nn.ReLU()
         self.maxpool = StemMaxPool()
         self.concat = ops.Concat(axis=1)
@@ -388,7 +396,10 @@ class Conformer(nn.Cell):
     def forward_features(self, x: Tensor, drop_path_masks: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Return the final CNN feature map and the normalised token sequence."""
         b = x.shape[0]
-        x_base = self.maxpool(self.act1(self.bn1(self.conv1(x))))
+        x_base = self.bn1(self.conv1(x))
+        if self.bn1.kernel is None:
+            x_base = self.act1(x_base)
+        x_base = self.maxpool(x_base)
         x, _ = self.conv_1(x_base)
         x_t = self.trans_patch_conv(x_base)
         x_t = x_t.reshape(b, self.embed_dim, -1).transpose(0, 2, 1)

@@ -48,33 +48,42 @@ def layer_norm_kernel() -> ops.Custom:
     return _custom("layer_norm", "LayerNormForward", lambda x, *_: (x, x[:-1], x[:-1]), outputs=3, bprop=bprop)
 
 
-def batch_norm_kernel() -> ops.Custom:
+def batch_norm_kernel(relu: bool = False) -> ops.Custom:
     """(x [N, C, ...], gamma, beta, moving mean, moving variance, [eps, momentum]) -> (y, batch mean, rstd, updated
-    moving mean, updated moving variance), differentiable with respect to x, gamma and beta."""
-    backward = _custom("batch_norm", "BatchNormBackward", lambda x, gamma, *_: (x, gamma, gamma), outputs=3)
+    moving mean, updated moving variance), differentiable with respect to x, gamma and beta; with `relu`
+    y = max(BatchNorm(x), 0)."""
+    name = "BatchNormRelu" if relu else "BatchNorm"
+    backward = _custom("batch_norm", f"{name}Backward", lambda x, gamma, *_: (x, gamma, gamma), outputs=3)
 
     def bprop(x: Tensor, gamma: Tensor, beta: Tensor, moving_mean: Tensor, moving_variance: Tensor,
               constants: Tensor, out: tuple, dout: tuple) -> tuple:
-        dx, dgamma, dbeta = backward(x, gamma, out[1], out[2], dout[0])
+        if relu:
+            dx, dgamma, dbeta = backward(x, gamma, out[1], out[2], dout[0], out[0])
+        else:
+            dx, dgamma, dbeta = backward(x, gamma, out[1], out[2], dout[0])
         return (dx, dgamma, dbeta, ops.zeros_like(moving_mean), ops.zeros_like(moving_variance),
                 ops.zeros_like(constants))
 
-    return _custom("batch_norm", "BatchNormForward", lambda x, gamma, *_: (x, gamma, gamma, gamma, gamma),
+    return _custom("batch_norm", f"{name}Forward", lambda x, gamma, *_: (x, gamma, gamma, gamma, gamma),
                    outputs=5, bprop=bprop)
 
 
-def batch_norm_inference_kernel() -> ops.Custom:
+def batch_norm_inference_kernel(relu: bool = False) -> ops.Custom:
     """(x [N, C, ...], gamma, beta, moving mean, moving variance, [eps, momentum]) -> y normalised with the moving
-    statistics, differentiable with respect to x, gamma and beta."""
-    backward = _custom("batch_norm", "BatchNormInferenceBackward", lambda x, gamma, *_: (x, gamma, gamma), outputs=3)
+    statistics, differentiable with respect to x, gamma and beta; with `relu` y = max(BatchNorm(x), 0)."""
+    name = "BatchNormRelu" if relu else "BatchNorm"
+    backward = _custom("batch_norm", f"{name}InferenceBackward", lambda x, gamma, *_: (x, gamma, gamma), outputs=3)
 
     def bprop(x: Tensor, gamma: Tensor, beta: Tensor, moving_mean: Tensor, moving_variance: Tensor,
               constants: Tensor, out: Tensor, dout: Tensor) -> tuple:
-        dx, dgamma, dbeta = backward(x, gamma, moving_mean, moving_variance, constants, dout)
+        if relu:
+            dx, dgamma, dbeta = backward(x, gamma, moving_mean, moving_variance, constants, dout, out)
+        else:
+            dx, dgamma, dbeta = backward(x, gamma, moving_mean, moving_variance, constants, dout)
         return (dx, dgamma, dbeta, ops.zeros_like(moving_mean), ops.zeros_like(moving_variance),
                 ops.zeros_like(constants))
 
-    return _custom("batch_norm", "BatchNormInference", _same_shape, bprop=bprop)
+    return _custom("batch_norm", f"{name}Inference", _same_shape, bprop=bprop)
 
 
 def _weighted_kernel(name: str, function: str, out_shape: Callable, bias: bool) -> ops.Custom:
@@ -197,20 +206,25 @@ class CpuLayerNorm(nn.LayerNorm):
 
 class CpuBatchNorm2d(nn.BatchNorm2d):
     """`nn.BatchNorm2d(channels, eps, momentum)` on the project's CPU kernels where they can run (see the module):
-    in training the batch statistics and the moving-statistics update, in inference the moving statistics."""
+    in training the batch statistics and the moving-statistics update, in inference the moving statistics.
 
-    def __init__(self, channels: int, eps: float, momentum: float) -> None:
+    With `relu`, the ReLU that follows runs inside the cell while its kernel serves; the caller applies its own ReLU
+    where the cell's `kernel` is None (MindSpore's kernels: no compiler, exports, mixed precision)."""
+
+    def __init__(self, channels: int, eps: float, momentum: float, relu: bool = False) -> None:
         super().__init__(channels, eps=eps, momentum=momentum)
         on_cpu = _on_cpu("batch_norm")
-        self.kernel = batch_norm_kernel() if on_cpu else None
-        self.inference_kernel = batch_norm_inference_kernel() if on_cpu else None
+        self.kernel = batch_norm_kernel(relu) if on_cpu else None
+        self.inference_kernel = batch_norm_inference_kernel(relu) if on_cpu else None
+        self.relu = relu
         # momentum: the moving value's weight (the argument's meaning; nn.BatchNorm2d stores 1 - momentum)
         self.constants = Tensor([eps, momentum], ms.float32)
 
     def construct(self, x: Tensor) -> Tensor:
         batch_statistics = self.training if self.use_batch_statistics is None else self.use_batch_statistics
         if self.kernel is None or x.dtype != ms.float32 or x.ndim != 4:
-            return super().construct(x)
+            y = super().construct(x)
+            return ops.relu(y) if self.relu and self.kernel is not None else y
         if not batch_statistics:
             return self.inference_kernel(x, self.gamma, self.beta, self.moving_mean, self.moving_variance,
                                          self.constants)
