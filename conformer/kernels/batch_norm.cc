@@ -5,6 +5,7 @@
 // input and passes the gradient only where y > 0, as MindSpore's ReluGrad does.
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #include "parallel.h"
 
@@ -24,10 +25,17 @@ inline float activate(float value) {
   return relu ? (value > 0.0f ? value : 0.0f) : value;
 }
 
-// the upstream gradient through the ReLU (where its output y is positive)
+// the upstream gradient dy[i] through the ReLU: kept where its output y[i] is positive, else 0 (a bit mask, which
+// vectorises where a select did not); y is unused without relu
 template <bool relu>
-inline float through(const float *dy, const float *y, int64_t i) {
-  return relu ? (y[i] > 0.0f ? dy[i] : 0.0f) : dy[i];
+inline float through(const float *__restrict dy, const float *__restrict y, int64_t i) {
+  if (!relu) return dy[i];
+  uint32_t bits;
+  std::memcpy(&bits, dy + i, sizeof bits);
+  bits &= y[i] > 0.0f ? 0xffffffffu : 0u;
+  float g;
+  std::memcpy(&g, &bits, sizeof g);
+  return g;
 }
 }  // namespace
 
