@@ -16,6 +16,7 @@ from conformer.models.conformer_net import FCUDown, FCUUp
 from conformer.models.cpu_kernels import (
     CpuAttentionCore,
     CpuBatchNorm2d,
+    CpuConv2d,
     CpuConv3x3,
     CpuDense,
     CpuGELU,
@@ -80,6 +81,12 @@ CASES = {
     # 3 images of 40 rows, each in a tile of 35 rows and a short one (the kernel's tiles at these channels and width)
     "conv3x3": (lambda: CpuConv3x3(64, 64), lambda: nn.Conv2d(64, 64, 3, pad_mode="pad", padding=1), (3, 64, 40, 56)),
     "conv3x3_odd": (lambda: CpuConv3x3(5, 3), lambda: nn.Conv2d(5, 3, 3, pad_mode="pad", padding=1), (2, 5, 7, 1)),
+    # the stem's 7x7 / 2 (padding 3): 4 x 32 output rows in blocks of 61 (across images, over both cores); the patch
+    # embedding's 4x4 / 4 with a bias in one block
+    "conv2d_stem": (lambda: CpuConv2d(3, 64, 7, stride=2, padding=3),
+                    lambda: nn.Conv2d(3, 64, 7, stride=2, pad_mode="pad", padding=3), (4, 3, 64, 57)),
+    "conv2d_patch": (lambda: CpuConv2d(64, 96, 4, stride=4, has_bias=True),
+                     lambda: nn.Conv2d(64, 96, 4, stride=4, pad_mode="valid", has_bias=True), (5, 64, 16, 12)),
     "max_pool": (lambda: CpuMaxPool2d(3, 2, 1), lambda: nn.MaxPool2d(3, 2, pad_mode="pad", padding=1), (4, 16, 56, 56)),
     "max_pool_odd": (lambda: CpuMaxPool2d(2, 3, 0), lambda: nn.MaxPool2d(2, 3, pad_mode="pad", padding=0),
                      (2, 3, 7, 8)),

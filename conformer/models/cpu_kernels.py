@@ -152,6 +152,30 @@ def conv3x3_kernel() -> ops.Custom:
     return _weighted_kernel("conv3x3", "Conv3x3", lambda x, w: [x[0], w[0], *x[2:]], bias=False)
 
 
+def conv2d_kernel(kernel_size: int, stride: int, padding: int, bias: bool) -> ops.Custom:
+    """(x [N, Cin, H, W], w [Cout, Cin, k, k], b [Cout], [stride, padding]) -> the convolution [N, Cout, Ho, Wo], or
+    without b; differentiable. The input and the weight gradients are separate ops, so a graph that needs no input
+    gradient (the stem's images) drops that op."""
+    suffix = "" if bias else "NoBias"
+    backward_input = _custom("conv2d", f"Conv2dBackwardInput{suffix}", lambda x, *_: x)
+    backward_weight = _custom("conv2d", f"Conv2dBackwardWeight{suffix}",
+                              lambda x, w, *_: (w, w[:1]) if bias else w, outputs=2 if bias else 1)
+
+    def bprop_with_bias(x: Tensor, w: Tensor, b: Tensor, geometry: Tensor, out: Tensor, dout: Tensor) -> tuple:
+        dw, db = backward_weight(x, w, dout, geometry)
+        return backward_input(x, w, dout, geometry), dw, db, ops.zeros_like(geometry)
+
+    def bprop_without_bias(x: Tensor, w: Tensor, geometry: Tensor, out: Tensor, dout: Tensor) -> tuple:
+        return (backward_input(x, w, dout, geometry), backward_weight(x, w, dout, geometry),
+                ops.zeros_like(geometry))
+
+    def shape(x: list[int], w: list[int], *_: list[int]) -> list[int]:
+        return [x[0], w[0], *((size + 2 * padding - kernel_size) // stride + 1 for size in x[2:])]
+
+    return _custom("conv2d", f"Conv2dForward{suffix}", shape,
+                   bprop=bprop_with_bias if bias else bprop_without_bias)
+
+
 def max_pool_kernel(kernel_size: int, stride: int, padding: int) -> ops.Custom:
     """(x [N, C, H, W], [kernel_size, stride, padding]) -> (y, argmax), differentiable with respect to x."""
     backward = _custom("max_pool", "MaxPoolBackward", lambda x, *_: x)
@@ -280,6 +304,25 @@ class CpuConv3x3(nn.Conv2d):
         return self.kernel(x, self.weight)
 
 
+class CpuConv2d(nn.Conv2d):
+    """`nn.Conv2d(in_channels, out_channels, kernel_size, stride, pad_mode="pad", padding, has_bias)` on the project's
+    CPU kernel (im2col of row blocks + OpenBLAS sgemm) where it can run (see the module)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
+                 has_bias: bool = False) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, pad_mode="pad" if padding else "valid",
+                         padding=padding, has_bias=has_bias)
+        self.kernel = conv2d_kernel(kernel_size, stride, padding, has_bias) if _on_cpu("conv2d") else None
+        self.geometry = Tensor([stride, padding], ms.float32)
+
+    def construct(self, x: Tensor) -> Tensor:
+        if self.kernel is None or x.dtype != ms.float32:
+            return super().construct(x)
+        if self.has_bias:
+            return self.kernel(x, self.weight, self.bias, self.geometry)
+        return self.kernel(x, self.weight, self.geometry)
+
+
 class CpuMaxPool2d(nn.MaxPool2d):
     """`nn.MaxPool2d(kernel_size, stride, pad_mode="pad", padding)` on the project's CPU kernel where it can run (see
     the module)."""
@@ -380,8 +423,8 @@ def _sum_of_squares_tensor(tensor: Tensor) -> Tensor:
     return ops.square(tensor.astype(ms.float32)).sum()
 
 
-KERNEL_CELLS = (CpuAttentionCore, CpuLayerNorm, CpuBatchNorm2d, CpuDense, CpuPointwiseConv, CpuConv3x3, CpuMaxPool2d,
-                CpuGELU, CpuSoftmax)
+KERNEL_CELLS = (CpuAttentionCore, CpuLayerNorm, CpuBatchNorm2d, CpuDense, CpuPointwiseConv, CpuConv3x3, CpuConv2d,
+                CpuMaxPool2d, CpuGELU, CpuSoftmax)
 
 
 def use_builtin_kernels(network: nn.Cell) -> int:
