@@ -287,6 +287,20 @@ def test_the_library_is_built_once_into_the_cache(tmp_path, monkeypatch: pytest.
 
 
 @NEEDS_COMPILER
+def test_a_first_run_builds_every_kernel_into_an_empty_cache(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    kernels.library.cache_clear()
+    kernels.build_all.cache_clear()
+    try:
+        assert kernels.build_all() == []  # none failed
+        built = sorted(path.name.split("-")[0] for path in (tmp_path / "conformer" / "kernels").iterdir())
+        assert built == sorted(path.stem for path in kernels.SOURCES.glob("*.cc"))  # one library each, no leftovers
+    finally:
+        kernels.library.cache_clear()
+        kernels.build_all.cache_clear()
+
+
+@NEEDS_COMPILER
 def test_an_unwritable_cache_falls_back_to_the_builtin_kernel(tmp_path, monkeypatch: pytest.MonkeyPatch,
                                                                caplog: pytest.LogCaptureFixture) -> None:
     blocked = tmp_path / "not-a-folder"

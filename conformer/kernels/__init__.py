@@ -19,6 +19,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,16 @@ def library(name: str) -> Path | None:
         log.warning("cannot build the %s kernel in %s (%s): MindSpore's slower kernel is used; set XDG_CACHE_HOME "
                     "to a writable folder", name, target.parent, err)
         return None
+
+
+@functools.cache
+def build_all() -> list[str]:
+    """Builds every kernel not in the cache yet, one compiler per core: a machine's first run waits for the slowest
+    builds, not their sum. Returns the kernels that cannot be built here (their callers use MindSpore's)."""
+    names = sorted(path.stem for path in SOURCES.glob("*.cc"))
+    with ThreadPoolExecutor(max_workers=len(os.sched_getaffinity(0))) as pool:
+        built = list(pool.map(library, names))
+    return [name for name, path in zip(names, built) if path is None]
 
 
 def _build(compiler: str, source: Path, flags: tuple[str, ...], target: Path) -> Path | None:

@@ -13,7 +13,7 @@ from typing import Callable
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
-from conformer.kernels import library
+from conformer.kernels import build_all, library
 
 
 def _float32s(*inputs: object) -> object:
@@ -29,8 +29,12 @@ def _custom(name: str, function: str, out_shape: Callable, outputs: int = 1,
 
 
 def _on_cpu(name: str) -> bool:
-    """Whether the `<name>` kernel serves here: the CPU is the device and the kernel could be built."""
-    return ms.get_context("device_target") == "CPU" and library(name) is not None
+    """Whether the `<name>` kernel serves here: the CPU is the device and the kernel could be built (the first call
+    builds all kernels, in parallel)."""
+    if ms.get_context("device_target") != "CPU":
+        return False
+    build_all()
+    return library(name) is not None
 
 
 def _same_shape(x: list[int], *_: list[int]) -> list[int]:
