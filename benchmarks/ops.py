@@ -33,7 +33,14 @@ OPS = {
     "attention_ours": ((8, 197, 1152), "attention from the qkv projection, 6 heads (12 per forward), our kernel"),
     "batch_norm": ((8, 64, 56, 56), "BatchNorm (training) of a stage-1 conv, MindSpore's kernel"),
     "batch_norm_ours": ((8, 64, 56, 56), "the same on the project's C++ kernel"),
-    "conv3x3": ((8, 64, 56, 56), "a stage-1 3x3 convolution 64 -> 64 (MindSpore's kernel in both)"),
+    "conv3x3": ((8, 64, 56, 56), "a 3x3 convolution 64 -> 64 (Conformer-S's stage 1), MindSpore's kernel"),
+    "conv3x3_ours": ((8, 64, 56, 56), "the same on the project's C++ kernel (sgemm on shifted views)"),
+    "conv3x3_ti": ((8, 16, 56, 56), "Conformer-Ti's stage-1 3x3 convolution 16 -> 16, MindSpore's kernel"),
+    "conv3x3_ti_ours": ((8, 16, 56, 56), "the same on the project's C++ kernel"),
+    "stem_conv": ((8, 3, 224, 224), "the stem's 7x7 / 2 convolution 3 -> 64, padding 3, MindSpore's kernel"),
+    "stem_conv_ours": ((8, 3, 224, 224), "the same on the project's C++ kernel (im2col + sgemm)"),
+    "patch_conv": ((8, 64, 56, 56), "the patch embedding 4x4 / 4, 64 -> 384 with a bias, MindSpore's kernel"),
+    "patch_conv_ours": ((8, 64, 56, 56), "the same on the project's C++ kernel (im2col + sgemm)"),
     "conv1x1": ((8, 64, 56, 56), "a stage-1 1x1 convolution 64 -> 256, MindSpore's kernel"),
     "conv1x1_ours": ((8, 64, 56, 56), "the same on the project's C++ kernel (OpenBLAS sgemm)"),
     "stem_max_pool": ((8, 64, 112, 112), "the stem's 3x3/2 max-pool, padding 1, MindSpore's kernel"),
@@ -49,6 +56,8 @@ def mindspore_ops() -> dict:
     from conformer.models.cpu_kernels import (
         CpuAttentionCore,
         CpuBatchNorm2d,
+        CpuConv2d,
+        CpuConv3x3,
         CpuDense,
         CpuGELU,
         CpuLayerNorm,
@@ -67,6 +76,13 @@ def mindspore_ops() -> dict:
             "batch_norm": nn.BatchNorm2d(64, eps=1e-6, momentum=0.9),
             "batch_norm_ours": CpuBatchNorm2d(64, eps=1e-6, momentum=0.9),
             "conv3x3": nn.Conv2d(64, 64, 3, pad_mode="pad", padding=1, has_bias=False),
+            "conv3x3_ours": CpuConv3x3(64, 64),
+            "conv3x3_ti": nn.Conv2d(16, 16, 3, pad_mode="pad", padding=1, has_bias=False),
+            "conv3x3_ti_ours": CpuConv3x3(16, 16),
+            "stem_conv": nn.Conv2d(3, 64, 7, stride=2, pad_mode="pad", padding=3, has_bias=False),
+            "stem_conv_ours": CpuConv2d(3, 64, 7, stride=2, padding=3),
+            "patch_conv": nn.Conv2d(64, 384, 4, stride=4, has_bias=True),
+            "patch_conv_ours": CpuConv2d(64, 384, 4, stride=4, has_bias=True),
             "conv1x1": nn.Conv2d(64, 256, 1, has_bias=False), "conv1x1_ours": CpuPointwiseConv(64, 256),
             "stem_max_pool": nn.MaxPool2d(3, 2, pad_mode="pad", padding=1),
             "stem_max_pool_ours": CpuMaxPool2d(3, 2, 1)}
@@ -101,6 +117,9 @@ def time_torch(repeats: int) -> dict[str, float]:
     modules = {"gelu": nn.GELU(), "layer_norm": nn.LayerNorm(384, eps=1e-6), "dense": nn.Linear(384, 1536),
                "softmax": nn.Softmax(dim=-1), "batch_norm": nn.BatchNorm2d(64, eps=1e-6),
                "conv3x3": nn.Conv2d(64, 64, 3, padding=1, bias=False), "conv1x1": nn.Conv2d(64, 256, 1, bias=False),
+               "conv3x3_ti": nn.Conv2d(16, 16, 3, padding=1, bias=False),
+               "stem_conv": nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False),
+               "patch_conv": nn.Conv2d(64, 384, 4, stride=4),
                "stem_max_pool": nn.MaxPool2d(3, stride=2, padding=1), "attention": _torch_attention(6)}
     seconds = {}
     for name in OPS:
