@@ -14,6 +14,7 @@ from mindspore import Tensor, nn, ops
 from conformer import kernels
 from conformer.models.conformer_net import FCUDown, FCUUp
 from conformer.models.cpu_kernels import (
+    CpuAddReLU,
     CpuAttentionCore,
     CpuBatchNorm2d,
     CpuConv2d,
@@ -150,6 +151,34 @@ def test_batch_norm_inference_kernel_equals_mindspores(relu: bool) -> None:
     for name, mine, want in zip(("loss", "y", "dx", "dgamma", "dbeta"), _value_and_grads(ours, x, weights),
                                 _value_and_grads(builtin, x, weights)):
         np.testing.assert_allclose(mine, want, rtol=1e-5, atol=2e-5 * np.abs(want).max(), err_msg=name)
+
+
+class _ResidualEnd(nn.Cell):
+    """relu(conv(x) + x): a block's end, where x's gradient comes through both inputs of the add."""
+
+    def __init__(self, builtin: bool) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(6, 6, 1, has_bias=True)
+        self.add_relu = CpuAddReLU()
+        if builtin:
+            assert use_builtin_kernels(self) == 1
+
+    def construct(self, x: Tensor) -> Tensor:
+        return self.add_relu(self.conv(x), x)
+
+
+@NEEDS_COMPILER
+def test_add_relu_kernel_equals_mindspores_add_and_relu() -> None:
+    rng = np.random.default_rng(6)
+    x = Tensor(rng.standard_normal((3, 6, 40, 37)).astype(np.float32))
+    weights = Tensor(rng.standard_normal((3, 6, 40, 37)).astype(np.float32))
+    ours, builtin = _ResidualEnd(builtin=False), _ResidualEnd(builtin=True)
+    assert ours.add_relu.kernel is not None
+    _same_random_parameters(ours, builtin, rng)
+    got, want = _value_and_grads(ours, x, weights), _value_and_grads(builtin, x, weights)
+    assert 0.2 < (got[1] == 0).mean() < 0.8
+    for name, mine, expected in zip(("loss", "y", "dx", "dw", "db"), got, want):
+        np.testing.assert_allclose(mine, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max(), err_msg=name)
 
 
 @NEEDS_COMPILER

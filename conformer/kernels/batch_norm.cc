@@ -5,9 +5,9 @@
 // input and passes the gradient only where y > 0, as MindSpore's ReluGrad does.
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 
 #include "parallel.h"
+#include "relu.h"
 
 namespace {
 struct Layout {
@@ -25,17 +25,10 @@ inline float activate(float value) {
   return relu ? (value > 0.0f ? value : 0.0f) : value;
 }
 
-// the upstream gradient dy[i] through the ReLU: kept where its output y[i] is positive, else 0 (a bit mask, which
-// vectorises where a select did not); y is unused without relu
+// the upstream gradient dy[i], through the ReLU (whose output is y) with relu
 template <bool relu>
 inline float through(const float *__restrict dy, const float *__restrict y, int64_t i) {
-  if (!relu) return dy[i];
-  uint32_t bits;
-  std::memcpy(&bits, dy + i, sizeof bits);
-  bits &= y[i] > 0.0f ? 0xffffffffu : 0u;
-  float g;
-  std::memcpy(&g, &bits, sizeof g);
-  return g;
+  return relu ? conformer::relu_gradient(dy[i], y[i]) : dy[i];
 }
 }  // namespace
 

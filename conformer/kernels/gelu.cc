@@ -9,12 +9,6 @@ namespace {
 constexpr float kSqrtHalf = 0.70710678118654752f;
 constexpr float kInvSqrt2Pi = 0.39894228040143268f;
 constexpr int64_t kGrain = 16384;
-
-int64_t elements(int ndim, const int64_t *shape) {
-  int64_t n = 1;
-  for (int i = 0; i < ndim; ++i) n *= shape[i];
-  return n;
-}
 }  // namespace
 
 // inputs x; outputs y = x * Phi(x)
@@ -22,7 +16,7 @@ extern "C" int GeluForward(int nparam, void **params, int *ndims, int64_t **shap
                            void *stream, void *extra) {
   const float *__restrict x = static_cast<const float *>(params[0]);
   float *__restrict y = static_cast<float *>(params[1]);
-  conformer::parallel_for(elements(ndims[0], shapes[0]), kGrain, [=](int64_t begin, int64_t end) {
+  conformer::parallel_for(conformer::elements(ndims[0], shapes[0]), kGrain, [=](int64_t begin, int64_t end) {
 #pragma omp simd
     for (int64_t i = begin; i < end; ++i) y[i] = 0.5f * x[i] * (1.0f + erff(x[i] * kSqrtHalf));
   });
@@ -35,7 +29,7 @@ extern "C" int GeluBackward(int nparam, void **params, int *ndims, int64_t **sha
   const float *__restrict x = static_cast<const float *>(params[0]);
   const float *__restrict dy = static_cast<const float *>(params[1]);
   float *__restrict dx = static_cast<float *>(params[2]);
-  conformer::parallel_for(elements(ndims[0], shapes[0]), kGrain, [=](int64_t begin, int64_t end) {
+  conformer::parallel_for(conformer::elements(ndims[0], shapes[0]), kGrain, [=](int64_t begin, int64_t end) {
 #pragma omp simd
     for (int64_t i = begin; i < end; ++i) {
       const float v = x[i];

@@ -87,6 +87,13 @@ class Pool {
   uint64_t generation_ = 0;
 };
 
+// The number of elements of a tensor of this shape.
+inline int64_t elements(int ndim, const int64_t *shape) {
+  int64_t n = 1;
+  for (int i = 0; i < ndim; ++i) n *= shape[i];
+  return n;
+}
+
 inline void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)> &fn) {
   Pool::instance().run(n, grain, fn);
 }

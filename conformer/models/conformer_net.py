@@ -19,6 +19,7 @@ from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common import initializer as init
 
 from conformer.models.cpu_kernels import (
+    CpuAddReLU,
     CpuAttentionCore,
     CpuBatchNorm2d,
     CpuConv2d,
@@ -188,6 +189,7 @@ class ConvBlock(nn.Cell):
         self.conv3 = conv2d(med_planes, outplanes, 1)
         self.bn3 = batch_norm(outplanes)
         self.relu = nn.ReLU()
+        self.add_relu = CpuAddReLU()
         self.res_conv = res_conv
         if res_conv:
             self.residual_conv = conv2d(inplanes, outplanes, 1, stride=stride)
@@ -207,7 +209,7 @@ class ConvBlock(nn.Cell):
         x = self.bn3(self.conv3(x2))
         if self.res_conv:
             residual = self.residual_bn(self.residual_conv(residual))
-        return self.relu(x + residual), x2
+        return self.add_relu(x, residual), x2
 
 
 class FCUDown(nn.Cell):

@@ -208,6 +208,17 @@ def gelu_kernel() -> ops.Custom:
     return _custom("gelu", "GeluForward", _same_shape, bprop=bprop)
 
 
+def add_relu_kernel() -> ops.Custom:
+    """(x, r) -> max(x + r, 0), differentiable (both gradients are the one the backward computes)."""
+    backward = _custom("add_relu", "AddReluBackward", _same_shape)
+
+    def bprop(x: Tensor, r: Tensor, out: Tensor, dout: Tensor) -> tuple:
+        gradient = backward(out, dout)
+        return gradient, gradient
+
+    return _custom("add_relu", "AddReluForward", _same_shape, bprop=bprop)
+
+
 def softmax_kernel() -> ops.Custom:
     """x -> softmax over the last axis, differentiable."""
     backward = _custom("softmax", "SoftmaxBackward", _same_shape)
@@ -356,6 +367,20 @@ class CpuGELU(nn.GELU):
         return self.kernel(x)
 
 
+class CpuAddReLU(nn.Cell):
+    """relu(x + r), the end of a ResNet block, as one op of the project's CPU kernel where it can run (see the module);
+    otherwise MindSpore's add and ReLU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kernel = add_relu_kernel() if _on_cpu("add_relu") else None
+
+    def construct(self, x: Tensor, r: Tensor) -> Tensor:
+        if self.kernel is None or x.dtype != ms.float32 or r.dtype != ms.float32 or x.shape != r.shape:
+            return ops.relu(x + r)
+        return self.kernel(x, r)
+
+
 class CpuSoftmax(nn.Softmax):
     """`nn.Softmax(axis=-1)` on the project's CPU kernel where it can run (see the module)."""
 
@@ -428,7 +453,7 @@ def _sum_of_squares_tensor(tensor: Tensor) -> Tensor:
 
 
 KERNEL_CELLS = (CpuAttentionCore, CpuLayerNorm, CpuBatchNorm2d, CpuDense, CpuPointwiseConv, CpuConv3x3, CpuConv2d,
-                CpuMaxPool2d, CpuGELU, CpuSoftmax)
+                CpuMaxPool2d, CpuGELU, CpuSoftmax, CpuAddReLU)
 
 
 def use_builtin_kernels(network: nn.Cell) -> int:
