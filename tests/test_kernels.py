@@ -12,7 +12,7 @@ import pytest
 from mindspore import Tensor, nn, ops
 
 from conformer import kernels
-from conformer.models.conformer_net import FCUDown, FCUUp
+from conformer.models.conformer_net import DropPath, FCUDown, FCUUp
 from conformer.models.cpu_kernels import (
     CpuAddReLU,
     CpuAttentionCore,
@@ -177,6 +177,35 @@ def test_add_relu_kernel_equals_mindspores_add_and_relu() -> None:
     _same_random_parameters(ours, builtin, rng)
     got, want = _value_and_grads(ours, x, weights), _value_and_grads(builtin, x, weights)
     assert 0.2 < (got[1] == 0).mean() < 0.8
+    for name, mine, expected in zip(("loss", "y", "dx", "dw", "db"), got, want):
+        np.testing.assert_allclose(mine, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max(), err_msg=name)
+
+
+class _DropPathResidual(nn.Cell):
+    """x + drop_path(dense(x)) with a given per-sample mask (a dropped sample, kept ones scaled by 2)."""
+
+    def __init__(self, builtin: bool) -> None:
+        super().__init__()
+        self.dense = nn.Dense(12, 12)
+        self.drop_path = DropPath(0.5)
+        self.mask = Tensor(np.array([2.0, 0.0, 2.0, 2.0], np.float32))
+        if builtin:
+            assert use_builtin_kernels(self) == 1
+
+    def construct(self, x: Tensor) -> Tensor:
+        return self.drop_path(self.dense(x), self.mask, x)
+
+
+@NEEDS_COMPILER
+def test_drop_path_residual_kernel_equals_mindspores_multiply_and_add() -> None:
+    rng = np.random.default_rng(7)
+    x = Tensor(rng.standard_normal((4, 33, 12)).astype(np.float32))
+    weights = Tensor(rng.standard_normal((4, 33, 12)).astype(np.float32))
+    ours, builtin = _DropPathResidual(builtin=False).set_train(), _DropPathResidual(builtin=True).set_train()
+    assert ours.drop_path.scaled_add.kernel is not None
+    _same_random_parameters(ours, builtin, rng)
+    got, want = _value_and_grads(ours, x, weights), _value_and_grads(builtin, x, weights)
+    np.testing.assert_array_equal(got[1][1], x.asnumpy()[1])  # the dropped sample: the residual alone
     for name, mine, expected in zip(("loss", "y", "dx", "dw", "db"), got, want):
         np.testing.assert_allclose(mine, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max(), err_msg=name)
 

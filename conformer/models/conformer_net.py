@@ -29,6 +29,7 @@ from conformer.models.cpu_kernels import (
     CpuLayerNorm,
     CpuMaxPool2d,
     CpuPointwiseConv,
+    CpuScaledAdd,
     token_conv_kernel,
 )
 from conformer.models.registry import check_architecture, model_arguments, nearest_image_size, valid_image_size
@@ -78,15 +79,19 @@ class DropPath(nn.Cell):
         super().__init__()
         self.drop_prob = float(drop_prob)
         self.dropout = nn.Dropout(p=self.drop_prob)
+        self.scaled_add = CpuScaledAdd()
 
-    def construct(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+    def construct(self, x: Tensor, mask: Tensor | None = None, residual: Tensor | None = None) -> Tensor:
+        """The branch `x` through drop path, added to `residual` where given (one op on the CPU kernel)."""
         if not self.training or self.drop_prob == 0.0:
-            return x
+            return x if residual is None else residual + x
         mask_shape = (x.shape[0],) + (1,) * (x.ndim - 1)
         if mask is None:
             # Dropout on a ones tensor yields the per-sample keep mask already scaled by 1 / keep_prob.
             mask = self.dropout(x.new_ones(mask_shape))
-        return x * mask.reshape(mask_shape).astype(x.dtype)
+        if residual is None:
+            return x * mask.reshape(mask_shape).astype(x.dtype)
+        return self.scaled_add(residual, x, mask.reshape(x.shape[0]))
 
 
 def drop_path_masks(rates: Sequence[float], batch: int, key: Sequence[int]) -> np.ndarray:
@@ -167,10 +172,10 @@ class Block(nn.Cell):
     def construct(self, x: Tensor, masks: Tensor | None = None) -> Tensor:
         """`masks`: [2, batch] drop-path masks for the attention and the MLP branch (None: drawn in the graph)."""
         if masks is None:
-            x = x + self.drop_path(self.attn(self.norm1(x)))
-            return x + self.drop_path(self.mlp(self.norm2(x)))
-        x = x + self.drop_path(self.attn(self.norm1(x)), masks[0])
-        return x + self.drop_path(self.mlp(self.norm2(x)), masks[1])
+            x = self.drop_path(self.attn(self.norm1(x)), None, x)
+            return self.drop_path(self.mlp(self.norm2(x)), None, x)
+        x = self.drop_path(self.attn(self.norm1(x)), masks[0], x)
+        return self.drop_path(self.mlp(self.norm2(x)), masks[1], x)
 
 
 class ConvBlock(nn.Cell):

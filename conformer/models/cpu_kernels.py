@@ -219,6 +219,17 @@ def add_relu_kernel() -> ops.Custom:
     return _custom("add_relu", "AddReluForward", _same_shape, bprop=bprop)
 
 
+def scaled_add_kernel() -> ops.Custom:
+    """(x [B, ...], branch [B, ...], scale [B]) -> x + branch * scale[b] per sample, differentiable with respect to x
+    and branch."""
+    backward = _custom("scaled_add", "ScaledAddBackward", _same_shape)
+
+    def bprop(x: Tensor, branch: Tensor, scale: Tensor, out: Tensor, dout: Tensor) -> tuple:
+        return dout, backward(dout, scale), ops.zeros_like(scale)
+
+    return _custom("scaled_add", "ScaledAddForward", _same_shape, bprop=bprop)
+
+
 def softmax_kernel() -> ops.Custom:
     """x -> softmax over the last axis, differentiable."""
     backward = _custom("softmax", "SoftmaxBackward", _same_shape)
@@ -381,6 +392,20 @@ class CpuAddReLU(nn.Cell):
         return self.kernel(x, r)
 
 
+class CpuScaledAdd(nn.Cell):
+    """x + branch * scale[b] per sample b (a residual through drop path), one op of the project's CPU kernel where it
+    can run (see the module); otherwise MindSpore's broadcast multiply and add."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kernel = scaled_add_kernel() if _on_cpu("scaled_add") else None
+
+    def construct(self, x: Tensor, branch: Tensor, scale: Tensor) -> Tensor:
+        if self.kernel is None or x.dtype != ms.float32 or branch.dtype != ms.float32 or x.shape != branch.shape:
+            return x + branch * scale.reshape((branch.shape[0],) + (1,) * (branch.ndim - 1)).astype(branch.dtype)
+        return self.kernel(x, branch, scale.astype(ms.float32))
+
+
 class CpuSoftmax(nn.Softmax):
     """`nn.Softmax(axis=-1)` on the project's CPU kernel where it can run (see the module)."""
 
@@ -453,7 +478,7 @@ def _sum_of_squares_tensor(tensor: Tensor) -> Tensor:
 
 
 KERNEL_CELLS = (CpuAttentionCore, CpuLayerNorm, CpuBatchNorm2d, CpuDense, CpuPointwiseConv, CpuConv3x3, CpuConv2d,
-                CpuMaxPool2d, CpuGELU, CpuSoftmax, CpuAddReLU)
+                CpuMaxPool2d, CpuGELU, CpuSoftmax, CpuAddReLU, CpuScaledAdd)
 
 
 def use_builtin_kernels(network: nn.Cell) -> int:
