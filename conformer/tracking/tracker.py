@@ -292,6 +292,18 @@ class Tracker:
         if first_bad:
             self.set_tags(first_bad)
 
+    def last_step(self, key: str) -> int | None:
+        """The last step of metric `key` in this run (in a continued run: what the killed process logged); None when
+        it has none or the store does not answer (tracking never stops a training)."""
+        if self.run_id is None:
+            return None
+        try:
+            history = self._client.get_metric_history(self.run_id, key)
+        except Exception as err:  # noqa: BLE001  (any store failure: the caller logs as if there were none)
+            log.warning("MLflow run %s: could not read the history of %s (%s)", self.run_id, key, err)
+            return None
+        return max((metric.step for metric in history), default=None)
+
     def log_artifact(self, path: Path | str, artifact_path: str | None = None) -> None:
         """Upload a file (or a directory's content) under `artifact_path`, as it is when the upload happens."""
         local = Path(path)
@@ -374,7 +386,7 @@ class NullTracker:
     def _ignore(self, *args: Any, **kwargs: Any) -> None:
         return None
 
-    start = end = log_params = set_tags = log_metrics = log_artifact = log_text = log_inputs = _ignore
+    start = end = log_params = set_tags = log_metrics = log_artifact = log_text = log_inputs = last_step = _ignore
 
     def __enter__(self) -> NullTracker:
         return self

@@ -196,6 +196,9 @@ class Trainer:
         val_loader = self.data.val_loader(self.group.rank, self.group.world_size)
         val_iter = val_loader.create_tuple_iterator(num_epochs=epochs - start)
         step = state.step
+        # a resumed run: the killed process may have logged an epoch's metrics and died before its checkpoint; that
+        # epoch is trained again to the same values, which are not logged twice
+        logged = self.tracker.last_step("epoch") if step > 0 else None
         for epoch in range(start, epochs):
             t0 = time.perf_counter()
             done = state.epoch_step if epoch == start else 0  # a mid-epoch checkpoint's batches
@@ -203,9 +206,16 @@ class Trainer:
             metrics = {"epoch": float(epoch + 1), "train/epoch_loss": train_loss, **self.evaluate(val_iter),
                        **self._skipped_images()}
             metrics["epoch_time_s"] = time.perf_counter() - t0
-            self._log(metrics, step=step)  # the global step, so val curves line up with the train curves
+            repeated = logged is not None and step <= logged
+            if repeated:
+                for key, value in metrics.items():
+                    self.history[key].append((step, value))
+                log.info("epoch %d's metrics are in the MLflow run already (logged before the process was killed)",
+                         epoch + 1)
+            else:
+                self._log(metrics, step=step)  # the global step, so val curves line up with the train curves
             saved = self._checkpoint(epoch + 1, step, metrics)
-            if "best" in saved:  # the runs table's column of the best value, and when it came
+            if "best" in saved and not repeated:  # the runs table's column of the best value, and when it came
                 self.tracker.log_metrics({f"best/{self.monitor}": self.checkpoints.best_metric,
                                           "best/epoch": float(self.checkpoints.best_epoch)}, step=step)
             state = self.state = TrainState(epoch=epoch + 1, step=step, best_metric=self.checkpoints.best_metric,
