@@ -255,9 +255,11 @@ class _ProcessTree:
                 if cmdline and "python" not in Path(cmdline[0]).name:  # e.g. msrun's `tail -f`
                     self._known.add(pid)
                 continue
-            if env.get("MS_ROLE") == WORKER_ROLE and env.get("RANK_ID", "").isdigit():
+            role = env.get("MS_ROLE")
+            if role == WORKER_ROLE and env.get("RANK_ID", "").isdigit():
                 self.ranks[pid] = int(env["RANK_ID"])
-            self._known.add(pid)
+            if role:  # else a fork of msrun (its command line names the script too) before it runs the worker
+                self._known.add(pid)
 
     def alive(self) -> list[psutil.Process]:
         alive = []
