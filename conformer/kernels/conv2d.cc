@@ -93,19 +93,15 @@ void im2col(const Geometry &g, const PhaseRows &input, int64_t first, int64_t ro
   }
 }
 
-// Copies between y-like [N, Cout, Ho, Wo] and a block's [Cout, rows * Wo] (the batch's rows [first, first + rows)).
-template <bool to_block>
-void copy_rows(const Geometry &g, int64_t first, int64_t rows, float *tensor, float *block) {
-  const int64_t wo = g.out_width, columns = rows * wo;
+// Runs fn(offset in a [N, Cout, Ho, Wo] tensor, offset in a block [Cout, rows * Wo]) for each output row of
+// channel o in the batch's rows [first, first + rows): the two places of one row of Wo values.
+template <typename Fn>
+void over_output_rows(const Geometry &g, int64_t first, int64_t rows, Fn fn) {
+  const int64_t wo = g.out_width;
   for (int64_t o = 0; o < g.out_channels; ++o) {
     for (int64_t r = 0; r < rows; ++r) {
-      float *t = tensor + ((first + r) / g.out_height * g.out_channels + o) * g.plane() + (first + r) % g.out_height * wo;
-      float *b = block + o * columns + r * wo;
-      if (to_block) {
-        std::memcpy(b, t, wo * sizeof(float));
-      } else {
-        std::memcpy(t, b, wo * sizeof(float));
-      }
+      const int64_t row = first + r;
+      fn((row / g.out_height * g.out_channels + o) * g.plane() + row % g.out_height * wo, (o * rows + r) * wo);
     }
   }
 }
@@ -164,7 +160,9 @@ int forward(int nparam, void **params, int64_t **shapes) {
     for (int64_t o = 0; bias && o < g.out_channels; ++o) std::fill(&out[o * columns], &out[(o + 1) * columns], b[o]);
     conformer::sgemm(false, false, g.out_channels, columns, g.patch(), 1.0f, w, g.patch(), cols.data(), columns,
                      bias ? 1.0f : 0.0f, out.data(), columns);
-    copy_rows<false>(g, first, rows, y, out.data());
+    over_output_rows(g, first, rows, [&](int64_t at, int64_t in_block) {
+      std::memcpy(y + at, out.data() + in_block, g.out_width * sizeof(float));
+    });
   });
   return 0;
 }
@@ -210,7 +208,9 @@ int backward_weight(int nparam, void **params, int64_t **shapes) {
     cols.resize(g.patch() * columns);
     dy_rows.resize(g.out_channels * columns);
     im2col(g, input, first, rows, cols.data());
-    copy_rows<true>(g, first, rows, const_cast<float *>(dy), dy_rows.data());
+    over_output_rows(g, first, rows, [&](int64_t at, int64_t in_block) {
+      std::memcpy(dy_rows.data() + in_block, dy + at, g.out_width * sizeof(float));
+    });
     std::vector<float> &partial = partials[chunk];
     if (partial.empty()) partial.assign(weights + (bias ? g.out_channels : 0), 0.0f);
     conformer::sgemm(false, true, g.out_channels, g.patch(), columns, 1.0f, dy_rows.data(), columns, cols.data(),
