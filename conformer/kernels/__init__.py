@@ -43,7 +43,7 @@ def library(name: str) -> Path | None:
         log.warning("no C++ compiler (g++ or $CXX): %s runs on MindSpore's slower kernel", name)
         return None
     source = SOURCES / f"{name}.cc"
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
+    version = _compiler_version(compiler)
     headers = b"".join(header.read_bytes() for header in sorted(SOURCES.glob("*.h")))
     try:
         flags = _flags(source)
@@ -118,6 +118,13 @@ def _openblas() -> tuple[str, ...]:
             f"-Wl,-rpath,{lib_dir}")
 
 
+@functools.cache
+def _compiler_version(compiler: str) -> str:
+    """`compiler --version`, asked once per process (every kernel's cache key has it)."""
+    return subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
+
+
+@functools.cache
 def _cpu() -> str:
     """What `-march=native` compiles for: the machine and its CPU's model and flags."""
     try:
