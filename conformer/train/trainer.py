@@ -181,10 +181,11 @@ class Trainer:
         shutil.copyfile(source, target)
         log.info("best checkpoint of epoch %d carried over from %s", best_epoch, source)
 
-    def _log(self, metrics: dict[str, float], step: int) -> None:
+    def _log(self, metrics: dict[str, float], step: int, to_tracker: bool = True) -> None:
         for key, value in metrics.items():
             self.history[key].append((step, value))
-        self.tracker.log_metrics(metrics, step=step)
+        if to_tracker:
+            self.tracker.log_metrics(metrics, step=step)
 
     def fit(self) -> TrainState:
         """Train from the current state (epoch 0, or the resumed one) to `epochs`; returns the final state."""
@@ -208,12 +209,10 @@ class Trainer:
             metrics["epoch_time_s"] = time.perf_counter() - t0
             repeated = logged is not None and step <= logged
             if repeated:
-                for key, value in metrics.items():
-                    self.history[key].append((step, value))
                 log.info("epoch %d's metrics are in the MLflow run already (logged before the process was killed)",
                          epoch + 1)
-            else:
-                self._log(metrics, step=step)  # the global step, so val curves line up with the train curves
+            # the global step, so val curves line up with the train curves
+            self._log(metrics, step=step, to_tracker=not repeated)
             saved = self._checkpoint(epoch + 1, step, metrics)
             if "best" in saved and not repeated:  # the runs table's column of the best value, and when it came
                 self.tracker.log_metrics({f"best/{self.monitor}": self.checkpoints.best_metric,
