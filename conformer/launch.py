@@ -148,6 +148,15 @@ def log_dir_for(hardware: Mapping[str, Any], run_dir: Path) -> Path:
     return (Path(run_dir) / Path(configured).expanduser()).resolve()
 
 
+def kernel_threads(target: str, workers: int, bind_core: Any) -> dict[str, str]:
+    """The project's CPU kernels' thread count for each of `workers` processes sharing this machine's cores: the
+    cores divided among them (each kernel pool would otherwise take every core, and the pools' threads spin). msrun's
+    core binding, or another device than the CPU, needs nothing: a bound worker's pool sees its own cores."""
+    if target != "CPU" or workers < 2 or isinstance(bind_core, Mapping) or bool(bind_core):
+        return {}
+    return {"CONFORMER_KERNEL_THREADS": str(max(1, len(os.sched_getaffinity(0)) // workers))}
+
+
 def plan_launch(hardware: Mapping[str, Any], script: Path, script_args: Sequence[str], run_dir: Path, *,
                 executable: str | None = None) -> LaunchPlan:
     """The msrun invocation for `hardware` (a checked hardware config) re-running `script script_args`."""
@@ -176,6 +185,7 @@ def plan_launch(hardware: Mapping[str, Any], script: Path, script_args: Sequence
                f"{'mean' if hardware.get('gradients_mean', True) else 'sum'} over ranks), "
                f"AMP {hardware.get('amp_level', 'O0')}")
     env_changes = {"PATH": str(python_dir or shim.parent), "PYTHONUNBUFFERED": "1",
+                   **kernel_threads(target, workers, msrun.get("bind_core", False)),
                    **{str(k): str(v) for k, v in (hardware.get("env") or {}).items()}}
     return LaunchPlan(command=tuple(command), env_changes=env_changes, run_dir=run_dir, log_dir=log_dir,
                       workers=workers, nodes=nodes, node_rank=node_rank, master_addr=addr, master_port=int(port),

@@ -10,6 +10,7 @@ per rank by design and are left out of the comparison.
 """
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
@@ -29,7 +30,7 @@ from conformer.data.module import DataModule
 from conformer.data.sources import ImageFolderSource, write_image_folder
 from conformer.data.transforms import EvalTransform, TrainTransform
 from conformer.hardware import weights_digest
-from conformer.launch import RESULT_FILE, read_result
+from conformer.launch import RESULT_FILE, kernel_threads, read_result
 from conformer.train.checkpoint import read_checkpoint
 from conformer.validation import ConfigError, check_hardware
 
@@ -55,12 +56,13 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
                               ext=".png")
 
 
-def start(root: Path, args: Sequence[str]) -> subprocess.Popen:
-    """`python run.py <args>` with its project root (mlflow.db, outputs/) in `root`; output to root/*.txt."""
+def start(root: Path, args: Sequence[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    """`python run.py <args>` with its project root (mlflow.db, outputs/) in `root` and `env` on top of this
+    process's environment; output to root/*.txt."""
     root.mkdir(parents=True, exist_ok=True)
     with open(root / "stdout.txt", "w") as out, open(root / "stderr.txt", "w") as err:
-        return subprocess.Popen([sys.executable, str(RUN_PY), *args], cwd=root, env=clean_env(root), stdout=out,
-                                stderr=err, start_new_session=True)
+        return subprocess.Popen([sys.executable, str(RUN_PY), *args], cwd=root, env={**clean_env(root), **(env or {})},
+                                stdout=out, stderr=err, start_new_session=True)
 
 
 def finish(proc: subprocess.Popen, root: Path, timeout: float) -> tuple[int, str]:
@@ -99,11 +101,13 @@ class Trained:
 
 @pytest.fixture(scope="module")
 def runs(images: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Trained]:
-    """One epoch with 2 workers (1 image each) and, at the same time, 1 process (1 image, 2 accumulation steps)."""
+    """One epoch with 2 workers (1 image each) and, at the same time, 1 process (1 image, 2 accumulation steps). The
+    process's CPU kernels get the workers' thread count: the same chunks, so the same summation order."""
     common = [f"data.source.root={images}", *DETERMINISTIC, "trainer.epochs=1"]
     args = {"dp": ["hardware=cpu_x2", *common], "single": ["hardware=cpu", "trainer.grad_accum_steps=2", *common]}
+    envs = {"dp": {}, "single": kernel_threads("CPU", 2, bind_core=False)}
     roots = {name: tmp_path_factory.mktemp(name) for name in args}
-    procs = {name: start(roots[name], args[name]) for name in args}
+    procs = {name: start(roots[name], args[name], envs[name]) for name in args}
     return {name: Trained(roots[name], *finish(procs[name], roots[name], timeout=420)) for name in args}
 
 
@@ -119,6 +123,8 @@ def runs(images: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Tr
      ["--worker_num=16", "--local_worker_num=8", "--node_rank=1", "--master_addr=10.1.2.3", "--master_port=8118",
       "--tail_worker_log=8", "Ascend x 16, backend hccl", "MS_SCHED_HOST=10.1.2.3", "MS_SCHED_PORT=8118",
       "RANK_SIZE=16", "RANK_ID=8..15", "DEVICE_ID=0..7"]),
+    ("cpu_x2", [], ["--worker_num=2", "--local_worker_num=2", "--bind_core=False", "CPU x 2, backend mccl",
+                    f"CONFORMER_KERNEL_THREADS={max(1, len(os.sched_getaffinity(0)) // 2)}"]),
 ])
 def test_dry_run_prints_the_msrun_command_and_environment(tmp_path: Path, hardware: str, extra: list[str],
                                                           expected: list[str]) -> None:
@@ -136,6 +142,20 @@ def test_dry_run_prints_the_msrun_command_and_environment(tmp_path: Path, hardwa
         assert line in output, (line, output)
     # nothing was started: no logs, no MLflow store
     assert not (run_dir / "msrun").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize("target, workers, bind_core, cores, expected", [
+    ("CPU", 2, False, 2, "1"), ("CPU", 3, False, 16, "5"), ("CPU", 4, False, 2, "1"),
+    ("CPU", 1, False, 2, None),                     # one process: all cores
+    ("CPU", 2, True, 16, None), ("CPU", 2, {"device0": ["0-7"]}, 16, None),  # msrun binds each worker to its cores
+    ("GPU", 8, False, 64, None),                    # the kernels serve the CPU only
+])
+def test_cpu_workers_share_the_cores_among_their_kernel_pools(monkeypatch: pytest.MonkeyPatch, target: str,
+                                                               workers: int, bind_core: object, cores: int,
+                                                               expected: str | None) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+    threads = kernel_threads(target, workers, bind_core)
+    assert threads == ({} if expected is None else {"CONFORMER_KERNEL_THREADS": expected})
 
 
 @pytest.mark.parametrize("overrides, message", [

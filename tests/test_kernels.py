@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import mindspore as ms
 import numpy as np
@@ -371,3 +375,23 @@ def test_an_unwritable_cache_falls_back_to_the_builtin_kernel(tmp_path, monkeypa
         assert "cannot build the layer_norm kernel" in caplog.text and "XDG_CACHE_HOME" in caplog.text
     finally:
         kernels.library.cache_clear()
+
+
+@NEEDS_COMPILER
+def test_the_kernel_pool_takes_its_thread_count_from_the_environment() -> None:
+    """CONFORMER_KERNEL_THREADS sets the kernels' thread count (the launcher divides the cores among msrun workers
+    with it). With 4 threads on any machine, more than this one's 2 cores, ranges split into 2 to 4 chunks and idle
+    workers skip a region: the kernels still equal MindSpore's, and the pool holds exactly 3 threads more than with
+    1 thread."""
+    cases = ["batch_norm", "batch_norm_odd", "gelu", "dense", "conv3x3", "conv2d_stem", "max_pool", "pointwise_conv"]
+    procs = {threads: subprocess.Popen([sys.executable, "-m", "tests.kernel_threads_probe", *cases],
+                                       cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE,
+                                       stderr=subprocess.STDOUT, text=True,
+                                       env={**os.environ, "CONFORMER_KERNEL_THREADS": str(threads)})
+             for threads in (1, 4)}
+    counts = {}
+    for threads, proc in procs.items():
+        output, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, output[-3000:]
+        counts[threads] = int(re.search(r"^threads (\d+)$", output, re.MULTILINE)[1])
+    assert counts[4] - counts[1] == 3, counts

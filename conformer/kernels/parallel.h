@@ -1,8 +1,8 @@
 // parallel_for for the project's CPU kernels: MindSpore runs an ops.Custom kernel on one thread, so a kernel that
 // wants the other cores splits its range over this small pool of persistent threads (one per core this process
-// may use, at most kMaxThreads), which spin a moment before they sleep. A caller that finds the pool busy
-// (MindSpore may launch two kernels at once), a forked child, or a range below `grain` per thread runs on the
-// calling thread alone.
+// may use, or CONFORMER_KERNEL_THREADS, at most kMaxThreads), which spin a moment before they sleep. A caller that
+// finds the pool busy (MindSpore may launch two kernels at once), a forked child, or a range below `grain` per
+// thread runs on the calling thread alone.
 #pragma once
 
 #include <sched.h>
@@ -13,6 +13,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
+#include <cstdlib>
 #include <functional>
 #include <mutex>
 #include <thread>
@@ -62,11 +63,19 @@ class Pool {
 
  private:
   Pool() : owner_(getpid()) {
-    cpu_set_t set;
-    int cores = sched_getaffinity(0, sizeof(set), &set) == 0 ? CPU_COUNT(&set) : 1;
-    cores = std::max(1, std::min(cores, kMaxThreads));
-    for (int index = 1; index < cores; ++index) workers_.emplace_back([this, index] { work(index); });
+    const int threads = std::max(1, std::min(configured_threads(), kMaxThreads));
+    for (int index = 1; index < threads; ++index) workers_.emplace_back([this, index] { work(index); });
     for (auto &worker : workers_) worker.detach();
+  }
+
+  // CONFORMER_KERNEL_THREADS when set (a positive integer), else the cores this process may use.
+  static int configured_threads() {
+    if (const char *value = std::getenv("CONFORMER_KERNEL_THREADS")) {
+      const int threads = std::atoi(value);
+      if (threads > 0) return threads;
+    }
+    cpu_set_t set;
+    return sched_getaffinity(0, sizeof(set), &set) == 0 ? CPU_COUNT(&set) : 1;
   }
 
   // Polls `ready` for up to kSpin; false if it is still not ready (the caller then sleeps on a condition variable).
