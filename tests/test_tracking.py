@@ -503,3 +503,32 @@ def test_an_existing_experiment_becomes_a_model_training_experiment(store):
     with Tracker(uri, "made-elsewhere") as tracker:
         tracker.start()
     assert client.get_experiment(made_elsewhere).tags[EXPERIMENT_KIND_TAG] == "genai_development"
+
+
+def test_short_requests_override_mlflow_per_thread_without_touching_the_environment() -> None:
+    """The quick-retry settings reach MLflow's reads on this thread only, and never the process environment: a
+    setenv from a tracking thread can move the C environment under a getenv of MindSpore's (a SIGSEGV seen in an
+    msrun worker)."""
+    import ctypes
+    import threading
+
+    from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_TIMEOUT
+
+    from conformer.tracking.store import short_requests
+
+    libc_getenv = ctypes.CDLL(None).getenv
+    libc_getenv.restype = ctypes.c_char_p
+    defaults = (MLFLOW_HTTP_REQUEST_MAX_RETRIES.get(), MLFLOW_HTTP_REQUEST_TIMEOUT.get())
+    seen_elsewhere = []
+    with short_requests(3, retries=0):
+        with short_requests(None, retries=2):  # nested: the inner retries, the outer timeout
+            assert (MLFLOW_HTTP_REQUEST_MAX_RETRIES.get(), MLFLOW_HTTP_REQUEST_TIMEOUT.get()) == (2, 3)
+        assert (MLFLOW_HTTP_REQUEST_MAX_RETRIES.get(), MLFLOW_HTTP_REQUEST_TIMEOUT.get()) == (0, 3)
+        other = threading.Thread(target=lambda: seen_elsewhere.append(
+            (MLFLOW_HTTP_REQUEST_MAX_RETRIES.get(), MLFLOW_HTTP_REQUEST_TIMEOUT.get())))
+        other.start()
+        other.join()
+        for name in (MLFLOW_HTTP_REQUEST_MAX_RETRIES.name, MLFLOW_HTTP_REQUEST_TIMEOUT.name):
+            assert name not in os.environ and libc_getenv(name.encode()) is None
+    assert seen_elsewhere == [defaults]
+    assert (MLFLOW_HTTP_REQUEST_MAX_RETRIES.get(), MLFLOW_HTTP_REQUEST_TIMEOUT.get()) == defaults

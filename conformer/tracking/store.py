@@ -9,7 +9,7 @@ import socket
 import threading
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -32,31 +32,45 @@ log = logging.getLogger(__name__)
 
 REQUEST_TIMEOUT_S = 10  # per HTTP request of a batch or a status change; uploads keep MLflow's (120 s by default)
 
-# MLflow reads its MLFLOW_HTTP_REQUEST_* variables at every request (mlflow/utils/rest_utils.py::http_request), so
-# setting them around a call sets them for that call. The environment is the process's: the lock only keeps our
-# own overrides from interleaving.
-_HTTP_ENV_LOCK = threading.RLock()
+# MLflow reads its MLFLOW_HTTP_REQUEST_* variables at every request (mlflow/utils/rest_utils.py::http_request), through
+# each variable's `get_raw`. Our overrides live in a thread-local read there, never in the process environment: a
+# tracking thread that wrote os.environ would call setenv, which may move the C environment while MindSpore reads
+# it with getenv on another thread (an msrun worker died of that SIGSEGV in getenv), and threads would see each
+# other's overrides.
+_HTTP_VARIABLES = (MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR,
+                   MLFLOW_HTTP_REQUEST_BACKOFF_JITTER, MLFLOW_HTTP_REQUEST_TIMEOUT)
+_overrides = threading.local()
+
+
+def _read_with_overrides(variable: Any) -> Callable[[], str | None]:
+    """`variable.get_raw` that returns this thread's override of it, if any."""
+    read_environment = type(variable).get_raw
+
+    def get_raw() -> str | None:
+        values = getattr(_overrides, "values", None) or {}
+        return values[variable.name] if variable.name in values else read_environment(variable)
+    return get_raw
+
+
+for _variable in _HTTP_VARIABLES:
+    _variable.get_raw = _read_with_overrides(_variable)
 
 
 @contextmanager
 def short_requests(timeout: int | None, retries: int = 0) -> Iterator[None]:
-    """MLflow HTTP calls inside get `retries` quick retries (MLflow's default, 7 with exponential backoff, keeps a
-    call to a dead server going for ~12 minutes) and `timeout` s per request (None: MLflow's setting)."""
+    """MLflow HTTP calls inside, on this thread, get `retries` quick retries (MLflow's default, 7 with exponential
+    backoff, keeps a call to a dead server going for ~12 minutes) and `timeout` s per request (None: MLflow's
+    setting)."""
     values = {MLFLOW_HTTP_REQUEST_MAX_RETRIES.name: str(retries), MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR.name: "1",
               MLFLOW_HTTP_REQUEST_BACKOFF_JITTER.name: "0"}
     if timeout is not None:
         values[MLFLOW_HTTP_REQUEST_TIMEOUT.name] = str(timeout)
-    with _HTTP_ENV_LOCK:
-        saved = {key: os.environ.get(key) for key in values}
-        os.environ.update(values)
-        try:
-            yield
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+    outer = getattr(_overrides, "values", None)
+    _overrides.values = {**(outer or {}), **values}
+    try:
+        yield
+    finally:
+        _overrides.values = outer
 
 
 TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
