@@ -152,7 +152,7 @@ def kernel_threads(target: str, workers: int, bind_core: Any) -> dict[str, str]:
     """The project's CPU kernels' thread count for each of `workers` processes sharing this machine's cores: the
     cores divided among them (each kernel pool would otherwise take every core, and the pools' threads spin). msrun's
     core binding, or another device than the CPU, needs nothing: a bound worker's pool sees its own cores."""
-    if target != "CPU" or workers < 2 or isinstance(bind_core, Mapping) or bool(bind_core):
+    if target != "CPU" or workers < 2 or bind_core:
         return {}
     return {"CONFORMER_KERNEL_THREADS": str(max(1, len(os.sched_getaffinity(0)) // workers))}
 

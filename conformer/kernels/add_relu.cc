@@ -18,10 +18,7 @@ extern "C" int AddReluForward(int nparam, void **params, int *ndims, int64_t **s
   float *__restrict y = static_cast<float *>(params[2]);
   conformer::parallel_for(conformer::elements(ndims[0], shapes[0]), kGrain, [=](int64_t begin, int64_t end) {
 #pragma omp simd
-    for (int64_t i = begin; i < end; ++i) {
-      const float sum = x[i] + r[i];
-      y[i] = sum > 0.0f ? sum : 0.0f;
-    }
+    for (int64_t i = begin; i < end; ++i) y[i] = conformer::relu(x[i] + r[i]);
   });
   return 0;
 }

@@ -22,7 +22,7 @@ Layout layout(int ndim, const int64_t *shape) {
 
 template <bool relu>
 inline float activate(float value) {
-  return relu ? (value > 0.0f ? value : 0.0f) : value;
+  return relu ? conformer::relu(value) : value;
 }
 
 // the upstream gradient dy[i], through the ReLU (whose output is y) with relu

@@ -129,9 +129,9 @@ void col2im(const Geometry &g, const float *cols, int64_t first, int64_t rows, f
 }
 
 // Runs fn(chunk, first row, rows) for every block of the batch's output rows, the blocks split over the cores in
-// fixed chunks; returns the chunk count.
+// conformer::chunks(g.blocks, 1) fixed chunks.
 template <typename Fn>
-int64_t over_blocks(const Geometry &g, Fn fn) {
+void over_blocks(const Geometry &g, Fn fn) {
   const int64_t count = conformer::chunks(g.blocks, 1), total = g.batch * g.out_height;
   conformer::parallel_chunks(g.blocks, count, [&](int64_t chunk, int64_t begin, int64_t end) {
     for (int64_t block = begin; block < end; ++block) {
@@ -139,7 +139,6 @@ int64_t over_blocks(const Geometry &g, Fn fn) {
       fn(chunk, first, std::min(g.block_rows, total - first));
     }
   });
-  return count;
 }
 
 // inputs x, w, (b), [stride, padding]; output y [N, Cout, Ho, Wo]

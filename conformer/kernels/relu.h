@@ -1,10 +1,12 @@
-// The ReLU's gradient for the project's CPU kernels.
+// The ReLU and its gradient for the project's CPU kernels.
 #pragma once
 
 #include <cstdint>
 #include <cstring>
 
 namespace conformer {
+
+inline float relu(float value) { return value > 0.0f ? value : 0.0f; }
 
 // dy where the ReLU's output y is positive, else 0, as MindSpore's ReluGrad: as a bit mask, which vectorises where
 // a select (y > 0 ? dy : 0) did not.
