@@ -28,8 +28,10 @@ struct Geometry {
         stride(static_cast<int64_t>(strides[0])), padding(static_cast<int64_t>(strides[1])) {
     out_height = (height + 2 * padding - kernel) / stride + 1;
     out_width = (width + 2 * padding - kernel) / stride + 1;
-    block_rows = std::clamp<int64_t>(kColumnBytes / (4 * patch() * out_width), 1, batch * out_height);
-    blocks = (batch * out_height + block_rows - 1) / block_rows;
+    // a block's columns stay in cache, and small convolutions still get one block per core
+    const int64_t rows = batch * out_height, threads = conformer::Pool::instance().threads();
+    block_rows = std::clamp<int64_t>(kColumnBytes / (4 * patch() * out_width), 1, (rows + threads - 1) / threads);
+    blocks = (rows + block_rows - 1) / block_rows;
   }
   int64_t patch() const { return in_channels * kernel * kernel; }  // rows of the column matrix
   int64_t plane() const { return out_height * out_width; }
@@ -60,11 +62,11 @@ struct PhaseRows {
     });
   }
 
-  // the Wo inputs of tap kw along input row ih of (image, channel)
-  const float *taps(int64_t image, int64_t channel, int64_t ih, int64_t kw) const {
-    return values.data() + ((image * g.in_channels + channel) * g.height + ih) * g.stride * length +
-           (kw % g.stride) * length + kw / g.stride;
+  // the phases of input row ih of (image, channel): tap kw's Wo inputs start at tap_offset(kw) from here
+  const float *row(int64_t image, int64_t channel, int64_t ih) const {
+    return values.data() + ((image * g.in_channels + channel) * g.height + ih) * g.stride * length;
   }
+  int64_t tap_offset(int64_t kw) const { return (kw % g.stride) * length + kw / g.stride; }
 };
 
 // cols [patch, rows * Wo]: for (c, kh, kw) and output row r of the batch's rows [first, first + rows) (image
@@ -72,19 +74,30 @@ struct PhaseRows {
 // outside the image.
 void im2col(const Geometry &g, const PhaseRows &input, int64_t first, int64_t rows, float *cols) {
   const int64_t wo = g.out_width, columns = rows * wo;
+  // per output row of the block: its image and its window's top input row (no division in the loops below: with
+  // the short rows of small images they cost more than the copies)
+  thread_local std::vector<int64_t> images, tops, taps;
+  images.resize(rows);
+  tops.resize(rows);
+  for (int64_t r = 0; r < rows; ++r) {
+    images[r] = (first + r) / g.out_height;
+    tops[r] = (first + r) % g.out_height * g.stride - g.padding;
+  }
+  taps.resize(g.kernel);
+  for (int64_t kw = 0; kw < g.kernel; ++kw) taps[kw] = input.tap_offset(kw);
   for (int64_t c = 0; c < g.in_channels; ++c) {
     for (int64_t kh = 0; kh < g.kernel; ++kh) {
-      for (int64_t kw = 0; kw < g.kernel; ++kw) {
-        float *row = cols + ((c * g.kernel + kh) * g.kernel + kw) * columns;
-        for (int64_t r = 0; r < rows; ++r) {
-          const int64_t image = (first + r) / g.out_height;
-          const int64_t ih = (first + r) % g.out_height * g.stride - g.padding + kh;
-          float *__restrict out = row + r * wo;
-          if (ih < 0 || ih >= g.height) {
-            std::fill(out, out + wo, 0.0f);
-            continue;
-          }
-          const float *__restrict in = input.taps(image, c, ih, kw);
+      float *rows_of_kh = cols + (c * g.kernel + kh) * g.kernel * columns;
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t ih = tops[r] + kh;
+        if (ih < 0 || ih >= g.height) {
+          for (int64_t kw = 0; kw < g.kernel; ++kw) std::fill_n(rows_of_kh + kw * columns + r * wo, wo, 0.0f);
+          continue;
+        }
+        const float *phases = input.row(images[r], c, ih);
+        for (int64_t kw = 0; kw < g.kernel; ++kw) {
+          float *__restrict out = rows_of_kh + kw * columns + r * wo;
+          const float *__restrict in = phases + taps[kw];
 #pragma omp simd
           for (int64_t j = 0; j < wo; ++j) out[j] = in[j];  // inline: rows are short, a memcpy call per row is not
         }
