@@ -229,6 +229,48 @@ def test_max_pool_kernel_lets_the_first_nan_win_like_mindspores() -> None:
     assert indices[1, 2, 2, 2] == 4 * 9 + 4
 
 
+def _first_maxima(x: np.ndarray, k: int, stride: int, padding: int) -> tuple[np.ndarray, np.ndarray]:
+    """Max-pooling by its definition: per window the first maximum in row-major order (a NaN above any number, the
+    first NaN above later ones), padding never taken; the values and their indices in the H x W plane."""
+    n, c, h, w = x.shape
+    ho, wo = (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
+    values, indices = np.empty((n, c, ho, wo), np.float32), np.empty((n, c, ho, wo), np.int64)
+    for b, ch, i, j in np.ndindex(n, c, ho, wo):
+        rows = range(max(i * stride - padding, 0), min(i * stride - padding + k, h))
+        columns = range(max(j * stride - padding, 0), min(j * stride - padding + k, w))
+        cells = [(r, q) for r in rows for q in columns]  # row-major window order
+        nans = [cell for cell in cells if np.isnan(x[b, ch, cell[0], cell[1]])]
+        r, q = nans[0] if nans else max(cells, key=lambda cell: (x[b, ch, cell[0], cell[1]], -cells.index(cell)))
+        values[b, ch, i, j], indices[b, ch, i, j] = x[b, ch, r, q], r * w + q
+    return values, indices
+
+
+class _PoolWithIndices(nn.Cell):
+    def __init__(self, pool: CpuMaxPool2d) -> None:
+        super().__init__()
+        self.pool = pool
+
+    def construct(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.pool.kernel(x, self.pool.geometry)
+
+
+@NEEDS_COMPILER
+@pytest.mark.parametrize("geometry", [(3, 2, 1), (2, 3, 0), (3, 1, 1), (5, 2, 2), (4, 4, 0)])
+def test_max_pool_kernel_takes_the_first_maximum_of_each_window(geometry: tuple[int, int, int]) -> None:
+    """Ties (whole numbers), NaNs and -inf (a plane of -inf must not pick a padding cell) against the definition."""
+    rng = np.random.default_rng(5)
+    x = np.round(rng.standard_normal((2, 3, 11, 10))).astype(np.float32)
+    x[0, 1] = -np.inf
+    x[1, 0, rng.integers(0, 11, 6), rng.integers(0, 10, 6)] = np.nan
+    x[1, 2, :3] = -np.inf
+    ours = _PoolWithIndices(CpuMaxPool2d(*geometry))
+    assert ours.pool.kernel is not None
+    got, indices = (out.asnumpy() for out in ours(Tensor(x)))  # a graph: the op's own output shape
+    want, want_indices = _first_maxima(x, *geometry)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(indices, want_indices)
+
+
 @NEEDS_COMPILER
 def test_global_norm_kernel_equals_the_sum_of_squares() -> None:
     """The gradients' global norm in one op: the same value as a square and a sum per tensor, and an inf or a NaN

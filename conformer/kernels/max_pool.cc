@@ -3,6 +3,7 @@
 // Ties go to the first maximum in row-major window order and NaN wins, as in PyTorch's and MindSpore's kernels.
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 #include "parallel.h"
@@ -16,14 +17,24 @@ Geometry geometry(const float *values) {
   return {static_cast<int64_t>(values[0]), static_cast<int64_t>(values[1]), static_cast<int64_t>(values[2])};
 }
 
-// Whether `value`, met after `best` in window order, takes its place: greater, or the first NaN.
+// Whether `value`, met after `best` in a column's rows, takes its place: greater, or the first NaN.
 inline bool takes(float value, float best) { return value > best || (value != value && best == best); }
+
+// Whether (value, at) beats (best, best_at) where either may come first: greater, or equal (both NaN included) and
+// earlier in the plane's row-major order, or a NaN against a number.
+inline bool beats(float value, int32_t at, float best, int32_t best_at) {
+  const bool nan = value != value, best_nan = best != best, earlier = at < best_at;
+  return (nan && (!best_nan || earlier)) || (!best_nan && (value > best || (value == best && earlier)));
+}
 }  // namespace
 
 // inputs x [N, C, H, W], [kernel, stride, padding]; outputs y [N, C, Ho, Wo], argmax [N, C, Ho, Wo] (int32, the
-// winner's index in its H x W plane). Separable: each input row's winner per output column (the leftmost maximum of
-// its window's part of the row), then per output the first of its rows' winners that no later row beats (the topmost).
-// That is the first maximum in row-major window order; a NaN wins over numbers and the first NaN over later ones.
+// winner's index in its H x W plane). Per output row: first each column's topmost maximum over the window's rows
+// (whole input rows at once: contiguous values), then per output the maximum of its window's columns, ties to the
+// earliest in row-major order. That is the first maximum in row-major window order; a NaN wins over numbers and the
+// first NaN over later ones. The column winners go to `stride` phases of the padded row (phase q holds padded
+// columns q, q + stride, ...; padding cells hold -inf at an index after every real one, so they never win), where
+// each tap of the outputs' windows is a contiguous run: the second pass runs over contiguous values too.
 extern "C" int MaxPoolForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                               void *stream, void *extra) {
   const float *x = static_cast<const float *>(params[0]);
@@ -32,67 +43,58 @@ extern "C" int MaxPoolForward(int nparam, void **params, int *ndims, int64_t **s
   int32_t *argmax = static_cast<int32_t *>(params[3]);
   const int64_t planes = shapes[0][0] * shapes[0][1], h = shapes[0][2], w = shapes[0][3];
   const int64_t ho = shapes[2][2], wo = shapes[2][3];
-  conformer::parallel_for(planes, 1, [=](int64_t begin, int64_t end) {
-    // output columns whose window lies inside the row: from the first with left >= 0 to the last with right <= w
-    const int64_t inner_begin = std::min(wo, (g.padding + g.stride - 1) / g.stride);
-    const int64_t room = w - g.kernel + g.padding;  // inside: j * stride <= room
-    const int64_t inner_end = room < 0 ? inner_begin : std::max(inner_begin, std::min(wo, room / g.stride + 1));
-    std::vector<float> row_best(h * wo);  // per input row and output column: the row's winner in the window
-    std::vector<int32_t> row_where(h * wo);
+  const int64_t padded = std::max(w + 2 * g.padding, (wo - 1) * g.stride + g.kernel);
+  const int64_t length = (padded + g.stride - 1) / g.stride;  // of one phase
+  std::vector<int64_t> slot(w), tap(g.kernel);  // a column's place in the phases; a tap's first place
+  for (int64_t c = 0; c < w; ++c) slot[c] = (c + g.padding) % g.stride * length + (c + g.padding) / g.stride;
+  for (int64_t t = 0; t < g.kernel; ++t) tap[t] = t % g.stride * length + t / g.stride;
+  conformer::parallel_for(planes, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> column_best(w), phase_best(g.stride * length, -std::numeric_limits<float>::infinity());
+    std::vector<int32_t> column_where(w), phase_where(g.stride * length, std::numeric_limits<int32_t>::max());
     for (int64_t plane = begin; plane < end; ++plane) {
       const float *xp = x + plane * h * w;
-      for (int64_t r = 0; r < h; ++r) {
-        const float *row = xp + r * w;
-        float *__restrict best = row_best.data() + r * wo;
-        int32_t *__restrict where = row_where.data() + r * wo;
-        const int32_t offset = static_cast<int32_t>(r * w);
-        // windows inside the row, vectorised over the output columns one tap at a time; the edges one by one
-        const auto edge = [&](int64_t j) {
-          const int64_t left = j * g.stride - g.padding;
-          const int64_t first = std::max<int64_t>(left, 0), last = std::min(left + g.kernel, w);
-          best[j] = row[first];
-          where[j] = static_cast<int32_t>(offset + first);
-          for (int64_t c = first + 1; c < last; ++c) {
-            if (takes(row[c], best[j])) {
-              best[j] = row[c];
-              where[j] = static_cast<int32_t>(offset + c);
-            }
-          }
-        };
-        for (int64_t j = 0; j < inner_begin; ++j) edge(j);
-        for (int64_t j = inner_end; j < wo; ++j) edge(j);
-#pragma omp simd
-        for (int64_t j = inner_begin; j < inner_end; ++j) {
-          best[j] = row[j * g.stride - g.padding];
-          where[j] = static_cast<int32_t>(offset + j * g.stride - g.padding);
-        }
-        for (int64_t tap = 1; tap < g.kernel; ++tap) {
-#pragma omp simd
-          for (int64_t j = inner_begin; j < inner_end; ++j) {
-            const int64_t c = j * g.stride - g.padding + tap;
-            const bool better = takes(row[c], best[j]);
-            best[j] = better ? row[c] : best[j];
-            where[j] = better ? static_cast<int32_t>(offset + c) : where[j];
-          }
-        }
-      }
-      float *yp = y + plane * ho * wo;
-      int32_t *ap = argmax + plane * ho * wo;
       for (int64_t i = 0; i < ho; ++i) {
         const int64_t top = i * g.stride - g.padding;
         const int64_t first = std::max<int64_t>(top, 0), last = std::min(top + g.kernel, h);
-        float *__restrict best = yp + i * wo;
-        int32_t *__restrict where = ap + i * wo;
-        std::copy(row_best.data() + first * wo, row_best.data() + (first + 1) * wo, best);
-        std::copy(row_where.data() + first * wo, row_where.data() + (first + 1) * wo, where);
+        float *__restrict best = column_best.data();
+        int32_t *__restrict where = column_where.data();
+        const int32_t first_at = static_cast<int32_t>(first * w);
+#pragma omp simd
+        for (int64_t c = 0; c < w; ++c) {
+          best[c] = xp[first * w + c];
+          where[c] = first_at + static_cast<int32_t>(c);
+        }
         for (int64_t r = first + 1; r < last; ++r) {
-          const float *__restrict candidate = row_best.data() + r * wo;
-          const int32_t *__restrict candidate_where = row_where.data() + r * wo;
+          const float *__restrict candidate = xp + r * w;
+          const int32_t at = static_cast<int32_t>(r * w);
+#pragma omp simd
+          for (int64_t c = 0; c < w; ++c) {
+            const bool better = takes(candidate[c], best[c]);
+            best[c] = better ? candidate[c] : best[c];
+            where[c] = better ? at + static_cast<int32_t>(c) : where[c];
+          }
+        }
+        for (int64_t c = 0; c < w; ++c) {
+          phase_best[slot[c]] = best[c];
+          phase_where[slot[c]] = where[c];
+        }
+        float *__restrict out = y + (plane * ho + i) * wo;
+        int32_t *__restrict out_at = argmax + (plane * ho + i) * wo;
+        const float *pb = phase_best.data();
+        const int32_t *pw = phase_where.data();
+#pragma omp simd
+        for (int64_t j = 0; j < wo; ++j) {
+          out[j] = pb[tap[0] + j];
+          out_at[j] = pw[tap[0] + j];
+        }
+        for (int64_t t = 1; t < g.kernel; ++t) {
+          const float *__restrict candidate = pb + tap[t];
+          const int32_t *__restrict candidate_at = pw + tap[t];
 #pragma omp simd
           for (int64_t j = 0; j < wo; ++j) {
-            const bool better = takes(candidate[j], best[j]);
-            best[j] = better ? candidate[j] : best[j];
-            where[j] = better ? candidate_where[j] : where[j];
+            const bool better = beats(candidate[j], candidate_at[j], out[j], out_at[j]);
+            out[j] = better ? candidate[j] : out[j];
+            out_at[j] = better ? candidate_at[j] : out_at[j];
           }
         }
       }
