@@ -1,6 +1,6 @@
 // BatchNorm of NCHW float32 in training mode (batch statistics) for MindSpore's CPU (ops.Custom, func_type="aot"):
 // forward and backward, sums in double, vectorised and split over the cores by channels. The same math as
-// nn.BatchNorm2d in training; the forward also returns the updated moving statistics, which the cell assigns.
+// nn.BatchNorm2d in training; the forward also updates the moving statistics, in place (see batch_norm_forward).
 // The *Relu entry points apply a ReLU to the output (y = max(BatchNorm(x), 0)); their backward takes y as one more
 // input and passes the gradient only where y > 0, as MindSpore's ReluGrad does.
 #include <cmath>
@@ -33,22 +33,22 @@ inline float through(const float *__restrict dy, const float *__restrict y, int6
 }  // namespace
 
 // inputs x [N, C, ...], gamma [C], beta [C], moving mean [C], moving variance [C], [eps, momentum];
-// outputs y [N, C, ...], mean [C], rstd [C] (1 / sqrt(biased variance + eps)), the moving mean and variance updated:
-// momentum * moving + (1 - momentum) * batch statistic, with the unbiased batch variance
+// outputs y [N, C, ...], mean [C], rstd [C] (1 / sqrt(biased variance + eps)). The moving mean and variance are
+// updated in their own memory (MindSpore hands a kernel a Parameter's memory on the CPU): momentum * moving +
+// (1 - momentum) * batch statistic, with the unbiased batch variance. Nothing else in a train step reads them, so no
+// other op can see them half-updated, and the step saves the two Assign ops per BatchNorm that would copy them back.
 template <bool relu>
 int batch_norm_forward(void **params, int *ndims, int64_t **shapes) {
   const float *x = static_cast<const float *>(params[0]);
   const float *gamma = static_cast<const float *>(params[1]);
   const float *beta = static_cast<const float *>(params[2]);
-  const float *moving_mean = static_cast<const float *>(params[3]);
-  const float *moving_variance = static_cast<const float *>(params[4]);
+  float *moving_mean = static_cast<float *>(params[3]);
+  float *moving_variance = static_cast<float *>(params[4]);
   const float eps = static_cast<const float *>(params[5])[0];
   const float momentum = static_cast<const float *>(params[5])[1];
   float *y = static_cast<float *>(params[6]);
   float *mean = static_cast<float *>(params[7]);
   float *rstd = static_cast<float *>(params[8]);
-  float *new_mean = static_cast<float *>(params[9]);
-  float *new_variance = static_cast<float *>(params[10]);
   const Layout s = layout(ndims[0], shapes[0]);
   const int64_t count = s.batch * s.plane;
   conformer::parallel_for(s.channels, 1, [=](int64_t begin, int64_t end) {
@@ -80,8 +80,8 @@ int batch_norm_forward(void **params, int *ndims, int64_t **shapes) {
       mean[c] = m;
       rstd[c] = rs;
       const float unbiased = static_cast<float>(squares / (count > 1 ? count - 1 : 1));
-      new_mean[c] = momentum * moving_mean[c] + (1.0f - momentum) * m;
-      new_variance[c] = momentum * moving_variance[c] + (1.0f - momentum) * unbiased;
+      moving_mean[c] = momentum * moving_mean[c] + (1.0f - momentum) * m;
+      moving_variance[c] = momentum * moving_variance[c] + (1.0f - momentum) * unbiased;
     }
   });
   return 0;

@@ -53,8 +53,8 @@ def layer_norm_kernel() -> ops.Custom:
 
 
 def batch_norm_kernel(relu: bool = False) -> ops.Custom:
-    """(x [N, C, ...], gamma, beta, moving mean, moving variance, [eps, momentum]) -> (y, batch mean, rstd, updated
-    moving mean, updated moving variance), differentiable with respect to x, gamma and beta; with `relu`
+    """(x [N, C, ...], gamma, beta, moving mean, moving variance, [eps, momentum]) -> (y, batch mean, rstd), with
+    the moving mean and variance updated in place; differentiable with respect to x, gamma and beta; with `relu`
     y = max(BatchNorm(x), 0)."""
     name = "BatchNormRelu" if relu else "BatchNorm"
     backward = _custom("batch_norm", f"{name}Backward", lambda x, gamma, *_: (x, gamma, gamma), outputs=3)
@@ -68,8 +68,7 @@ def batch_norm_kernel(relu: bool = False) -> ops.Custom:
         return (dx, dgamma, dbeta, ops.zeros_like(moving_mean), ops.zeros_like(moving_variance),
                 ops.zeros_like(constants))
 
-    return _custom("batch_norm", f"{name}Forward", lambda x, gamma, *_: (x, gamma, gamma, gamma, gamma),
-                   outputs=5, bprop=bprop)
+    return _custom("batch_norm", f"{name}Forward", lambda x, gamma, *_: (x, gamma, gamma), outputs=3, bprop=bprop)
 
 
 def batch_norm_inference_kernel(relu: bool = False) -> ops.Custom:
@@ -278,10 +277,7 @@ class CpuBatchNorm2d(nn.BatchNorm2d):
         if not batch_statistics:
             return self.inference_kernel(x, self.gamma, self.beta, self.moving_mean, self.moving_variance,
                                          self.constants)
-        y, _, _, moving_mean, moving_variance = self.kernel(x, self.gamma, self.beta, self.moving_mean,
-                                                            self.moving_variance, self.constants)
-        y = ops.depend(y, ops.assign(self.moving_mean, moving_mean))
-        return ops.depend(y, ops.assign(self.moving_variance, moving_variance))
+        return self.kernel(x, self.gamma, self.beta, self.moving_mean, self.moving_variance, self.constants)[0]
 
 
 class CpuDense(nn.Dense):
