@@ -22,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import log_to_mlflow, write_result  # noqa: E402
+from conformer.paths import git_commit  # noqa: E402
 
 HERE = Path(__file__).resolve().parents[1]
 FIGURES = ("train_img_per_s", "eval_img_per_s", "train_first_call_s", "eval_first_call_s")
@@ -103,14 +104,17 @@ def main() -> dict:
         print(f"{figure:>20}: A {row['a_median']:8.2f}  B {row['b_median']:8.2f}  B vs A x{row['ratio']:.3f} "
               f"(rounds x{row['ratio_min']:.3f}..x{row['ratio_max']:.3f})")
     name = args.name or "_".join(arg.lstrip("-").replace("_", "-") for arg in model_args) or "default"
-    result = {"benchmark": "compare", "a": {"checkout": str(checkouts["a"]), "env": envs["a"], "args": args.a_arg},
-              "b": {"checkout": str(checkouts["b"]), "env": envs["b"], "args": args.b_arg}, "model_args": model_args,
-              "rounds": args.rounds, "summary": summary, "runs": sides}
+    # the commit names what was compared: a worktree's path says nothing once it is gone
+    commits = {side: git_commit(checkout) for side, checkout in checkouts.items()}
+    result = {"benchmark": "compare", **{side: {
+        "checkout": str(checkouts[side]), "commit": commits[side], "env": envs[side],
+        "args": args.a_arg if side == "a" else args.b_arg} for side in checkouts},
+        "model_args": model_args, "rounds": args.rounds, "summary": summary, "runs": sides}
     path = write_result(f"compare_{name}", result)
     print(f"-> {path}")
     if args.mlflow_uri:
         log_to_mlflow(args.mlflow_uri, f"compare {name}", {"model_args": " ".join(model_args), **{
-            f"{side}.checkout": checkouts[side].name for side in checkouts}},
+            f"{side}.commit": commits[side] or checkouts[side].name for side in checkouts}},
             {f"{figure}.ratio": row["ratio"] for figure, row in summary.items()})
     return result
 
