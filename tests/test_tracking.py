@@ -36,7 +36,7 @@ from conformer.tracking import (
     run_tags,
 )
 from conformer.tracking.store import EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND
-from conformer.train.curves import plot_curves
+from conformer.train.curves import curves_figure, plot_curves
 
 from .helpers import compose_config, mlflow_server, run_py_to_end
 
@@ -428,6 +428,24 @@ def test_plot_curves_writes_a_png(tmp_path):
         plot_curves({}, tmp_path / "empty.png")
     with pytest.raises(ValueError, match="pairs"):
         plot_curves({"loss": [(1, 2.0, 3)]}, tmp_path / "bad.png")
+
+
+def test_curves_fit_their_figure_without_overlaps() -> None:
+    """Each subplot's labels (ticks, offset text, title, x label) lie inside the figure and apart from the others'."""
+    steps = range(0, 3000, 25)
+    history = {"train/loss": [(s, 7.0 / (s + 1)) for s in steps], "train/lr": [(s, 1e-6 + 1e-5 * s) for s in steps],
+               "train/img_per_s": [(s, 12000.0 + s) for s in steps], "train/grad_norm": [(s, 1e-4 * s) for s in steps],
+               "val/top1_conv": [(s, 99.5) for s in steps[::10]], "val/top1_sum": [(s, 12.5) for s in steps[::10]],
+               "epoch_time_s": [(s, 3600.0 * 24) for s in steps[::10]]}  # 6 groups: 2 rows of 3
+    figure = curves_figure(history)
+    renderer = figure.canvas.get_renderer()
+    page = figure.bbox
+    boxes = [ax.get_tightbbox(renderer) for ax in figure.axes]
+    assert len(boxes) == 6
+    for box in boxes:
+        assert page.x0 <= box.x0 and box.x1 <= page.x1 and page.y0 <= box.y0 and box.y1 <= page.y1, (box, page)
+    for i, box in enumerate(boxes):
+        assert not any(box.overlaps(other) for other in boxes[i + 1:]), box
 
 
 def test_git_commit_and_tags(tmp_path):

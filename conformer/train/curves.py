@@ -4,13 +4,17 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 HEAD_SUFFIXES = ("_conv", "_trans", "_sum")
 SUBPLOT_INCHES = (5.0, 3.6)
 # Fixed margins in inches (tick labels, axis label, title) instead of `tight_layout`, which draws the whole figure
 # once more to measure it: half the plot's time, paid at the end of every run.
-MARGIN_INCHES = {"left": 0.8, "right": 0.2, "bottom": 0.55, "top": 0.4}
-GAP_INCHES = (0.9, 0.85)  # between subplots: across (the next y tick labels), down (x label, the next title)
+LEFT, RIGHT, BOTTOM, TOP = 0.8, 0.2, 0.55, 0.4
+GAP_ACROSS, GAP_DOWN = 0.9, 0.85  # between subplots: the next y tick labels; x label and the next title
 
 
 def metric_group(key: str) -> str:
@@ -24,6 +28,14 @@ def metric_group(key: str) -> str:
 
 def plot_curves(history: Mapping[str, Sequence[tuple[int, float]]], path: Path) -> Path:
     """PNG with one subplot per metric group, each key a line over steps."""
+    figure, path = curves_figure(history), Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, format="png")
+    return path
+
+
+def curves_figure(history: Mapping[str, Sequence[tuple[int, float]]]) -> Figure:
+    """The figure `plot_curves` writes (on its own Agg canvas)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -45,20 +57,12 @@ def plot_curves(history: Mapping[str, Sequence[tuple[int, float]]], path: Path) 
         ax.set_xlabel("step")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize="small")
-    _fixed_layout(fig, ncols, nrows)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
-    return path
-
-
-def _fixed_layout(fig, ncols: int, nrows: int) -> None:
     width, height = fig.get_size_inches()
-    left, right, bottom, top = (MARGIN_INCHES[side] for side in ("left", "right", "bottom", "top"))
-    axes_width = (width - left - right - (ncols - 1) * GAP_INCHES[0]) / ncols
-    axes_height = (height - bottom - top - (nrows - 1) * GAP_INCHES[1]) / nrows
-    fig.subplots_adjust(left=left / width, right=1 - right / width, bottom=bottom / height, top=1 - top / height,
-                        wspace=GAP_INCHES[0] / axes_width, hspace=GAP_INCHES[1] / axes_height)
+    axes_width = (width - LEFT - RIGHT - (ncols - 1) * GAP_ACROSS) / ncols
+    axes_height = (height - BOTTOM - TOP - (nrows - 1) * GAP_DOWN) / nrows
+    fig.subplots_adjust(left=LEFT / width, right=1 - RIGHT / width, bottom=BOTTOM / height, top=1 - TOP / height,
+                        wspace=GAP_ACROSS / axes_width, hspace=GAP_DOWN / axes_height)  # gaps: fractions of an axes
+    return fig
 
 
 def _unzip(points: Iterable[tuple[int, float]], key: str) -> tuple[list[int], list[float]]:
