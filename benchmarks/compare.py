@@ -92,11 +92,11 @@ def main() -> dict:
     model_args = [arg for arg in args.model_args if arg != "--"]
     checkouts = {"a": args.a.resolve(), "b": args.b.resolve()}
     envs = {"a": parse_env(args.a_env), "b": parse_env(args.b_env)}
+    extras = {"a": args.a_arg, "b": args.b_arg}
     sides: dict[str, list[dict]] = {"a": [], "b": []}
     for round_index in range(args.rounds):
         for side in ("a", "b"):
-            extra = args.a_arg if side == "a" else args.b_arg
-            sides[side].append(run_side(checkouts[side], envs[side], model_args + extra))
+            sides[side].append(run_side(checkouts[side], envs[side], model_args + extras[side]))
             print(f"round {round_index + 1}/{args.rounds} {side.upper()}: " + ", ".join(
                 f"{figure} {sides[side][-1][figure]}" for figure in FIGURES if figure in sides[side][-1]))
     summary = summarise(sides)
@@ -106,10 +106,10 @@ def main() -> dict:
     name = args.name or "_".join(arg.lstrip("-").replace("_", "-") for arg in model_args) or "default"
     # the commit names what was compared: a worktree's path says nothing once it is gone
     commits = {side: git_commit(checkout) for side, checkout in checkouts.items()}
-    result = {"benchmark": "compare", **{side: {
-        "checkout": str(checkouts[side]), "commit": commits[side], "env": envs[side],
-        "args": args.a_arg if side == "a" else args.b_arg} for side in checkouts},
-        "model_args": model_args, "rounds": args.rounds, "summary": summary, "runs": sides}
+    described = {side: {"checkout": str(checkouts[side]), "commit": commits[side], "env": envs[side],
+                        "args": extras[side]} for side in checkouts}
+    result = {"benchmark": "compare", **described, "model_args": model_args, "rounds": args.rounds,
+              "summary": summary, "runs": sides}
     path = write_result(f"compare_{name}", result)
     print(f"-> {path}")
     if args.mlflow_uri:
