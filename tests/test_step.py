@@ -1,6 +1,8 @@
 """The compiled train step: learning, clipping, loss scaling/overflow, accumulation, weight decay, live lr."""
 from __future__ import annotations
 
+import gc
+
 import mindspore as ms
 import numpy as np
 import pytest
@@ -8,6 +10,7 @@ from mindspore import Tensor, nn, ops
 
 from conformer.losses import DualHeadLoss
 from conformer.optim import build_optimizer, set_lr
+from conformer.train.graphs import compiling
 from conformer.train.step import StepResult, TrainStep, apply_amp, data_parallel_reducer
 
 IN, HIDDEN, CLASSES = 6, 16, 3
@@ -191,6 +194,29 @@ def test_set_lr_takes_effect_inside_compiled_step() -> None:
     after = weights(net)
     for name, grad in grads.items():
         np.testing.assert_allclose(before[name] - after[name], 0.5 * grad, rtol=1e-4, atol=1e-7)
+
+
+def test_a_step_built_while_an_earlier_one_is_garbage_compiles_once() -> None:
+    """A sweep's next trial: the previous trial's step (cells hold reference cycles) awaits collection when the new
+    step compiles; its second call must not compile the same graph again."""
+    x, y = blobs(8)
+
+    def build() -> TrainStep:
+        net = TwoHeads()
+        return TrainStep(net, DualHeadLoss(), build_optimizer(net, "sgd", lr=0.1))
+
+    gc.disable()  # only explicit collections, so the earlier step is still garbage at the compile
+    try:
+        earlier = build()
+        earlier(x, y)
+        del earlier
+        step = build()
+        with compiling():
+            step(x, y)
+        step(x, y)
+    finally:
+        gc.enable()
+    assert len(step._cell.compile_cache) == 1  # the graphs this cell compiled
 
 
 def test_bad_arguments_fail_early() -> None:

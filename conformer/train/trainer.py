@@ -22,9 +22,10 @@ from mindspore.experimental import optim
 
 from conformer.hardware import ProcessGroup, all_reduce_sum
 from conformer.optim import set_lr
-from conformer.signals import check_interrupted, native_section
+from conformer.signals import check_interrupted
 from conformer.train.checkpoint import CheckpointManager, TrainState, read_checkpoint
 from conformer.train.ema import ModelEma
+from conformer.train.graphs import compiling
 from conformer.train.profiling import StepProfiler
 from conformer.train.progress import ProgressBar, bar_wanted
 from conformer.train.step import TrainStep
@@ -62,7 +63,7 @@ def evaluate_batches(evaluator: EvalStep, batches: Iterable, group: ProcessGroup
     evaluator.set_train(False)
     sums = np.zeros(8, dtype=np.float64)
     for index, (images, labels) in enumerate(batches):
-        with native_section() if index == 0 else nullcontext():  # the first batch compiles the eval graph
+        with compiling() if index == 0 else nullcontext():  # the first batch compiles the eval graph
             sums += evaluator(images, labels).asnumpy().astype(np.float64)
     evaluator.set_train(True)
     sums = all_reduce_sum(sums, group)
@@ -321,7 +322,7 @@ class Trainer:
         """The first call compiles the step graph: its own log line and metric, out of the throughput."""
         log.info("compiling the train step ...")
         start = time.perf_counter()
-        with native_section():
+        with compiling():
             result = self.step(images, targets, self._mask_key(step))
         seconds = time.perf_counter() - start
         log.info("train step compiled and run once in %.1f s", seconds)
