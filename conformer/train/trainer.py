@@ -35,36 +35,56 @@ log = logging.getLogger(__name__)
 
 
 class EvalStep(nn.Cell):
-    """Sums for one eval batch: [loss_sum, count, top1 conv/trans/sum, top5 conv/trans/sum]."""
+    """Sums for one eval batch: [loss_sum, count, top1 conv/trans/sum, top5 conv/trans/sum].
+
+    A label of -1 marks a padding sample (`pad_batch`): it counts nowhere and its target is all zeros, so it adds
+    nothing to the loss sum of a cross entropy.
+    """
 
     def __init__(self, network: nn.Cell, loss_fn: nn.Cell, num_classes: int) -> None:
         super().__init__(auto_prefix=False)  # a prefix would rename the network's parameters ("network.*")
         self.network, self.loss_fn = network, loss_fn
+        self.num_classes = num_classes
         self.k = min(5, num_classes)
 
     def _correct(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         _, top = ops.topk(logits, self.k)
-        hits = (top == labels.reshape(-1, 1)).astype(ms.float32)
+        hits = (top == labels.reshape(-1, 1)).astype(ms.float32)  # a padding label (-1) hits no class
         return hits[:, 0].sum(), hits.sum()
 
     def construct(self, images: Tensor, labels: Tensor) -> Tensor:
         conv, trans = self.network(images)
         labels = labels.astype(ms.int32)
-        batch = ops.cast(labels.shape[0], ms.float32)
-        loss_sum = self.loss_fn((conv, trans), labels) * batch
+        valid = (labels >= 0).astype(ms.float32)
+        on, off = Tensor(1.0, ms.float32), Tensor(0.0, ms.float32)
+        targets = ops.one_hot(ops.maximum(labels, 0), self.num_classes, on, off) * valid.reshape(-1, 1)
+        loss_sum = self.loss_fn((conv, trans), targets) * ops.cast(labels.shape[0], ms.float32)
         c1, c5 = self._correct(conv, labels)
         t1, t5 = self._correct(trans, labels)
         s1, s5 = self._correct(conv + trans, labels)
-        return ops.stack([loss_sum, batch, c1, t1, s1, c5, t5, s5])
+        return ops.stack([loss_sum, valid.sum(), c1, t1, s1, c5, t5, s5])
+
+
+def pad_batch(images: Tensor, labels: Tensor, size: int) -> tuple[Tensor, Tensor]:
+    """A short batch filled up to `size` with zero images labelled -1 (which `EvalStep` leaves out): the graph
+    compiled for full batches serves the last one too, instead of a second compile for its shape."""
+    missing = size - images.shape[0]
+    if missing <= 0:
+        return images, labels
+    images, labels = images.asnumpy(), labels.asnumpy()
+    return (Tensor(np.concatenate([images, np.zeros((missing, *images.shape[1:]), images.dtype)])),
+            Tensor(np.concatenate([labels, np.full(missing, -1, labels.dtype)])))
 
 
 def evaluate_batches(evaluator: EvalStep, batches: Iterable, group: ProcessGroup) -> dict[str, float]:
     """Metrics of `evaluator` over this rank's `batches`, summed over all ranks (every rank gets the same)."""
     evaluator.set_train(False)
     sums = np.zeros(8, dtype=np.float64)
+    full = 0
     for index, (images, labels) in enumerate(batches):
+        full = full or images.shape[0]  # the loader's batch size: only the last batch is shorter
         with compiling() if index == 0 else nullcontext():  # the first batch compiles the eval graph
-            sums += evaluator(images, labels).asnumpy().astype(np.float64)
+            sums += evaluator(*pad_batch(images, labels, full)).asnumpy().astype(np.float64)
     evaluator.set_train(True)
     sums = all_reduce_sum(sums, group)
     if sums[1] == 0:
