@@ -67,6 +67,7 @@ def run(cfg: DictConfig, run_dir: Path, relaunch: Relaunch | None = None, only_t
     if only_task and cfg.task.name == "train" and not group.distributed:
         compile_cache.allow()
     from conformer.tasks.common import RunContext, resolved_yaml, seed_everything
+    from conformer.train.graphs import start_run
 
     run_dir.mkdir(parents=True, exist_ok=True)
     with file_logging(run_dir, group.rank), interruptible():
@@ -75,6 +76,7 @@ def run(cfg: DictConfig, run_dir: Path, relaunch: Relaunch | None = None, only_t
                      cfg.data.name, cfg.hardware.name, run_dir)
             log.debug("composed config:\n%s", resolved_yaml(cfg))
         seed_everything(int(cfg.seed))
+        start_run()  # a sweep's next trial: the previous one's cells go before this one compiles
         ctx = RunContext(cfg=cfg, run_dir=run_dir, project_root=Path(cfg.paths.root), group=group)
         try:
             objective = task_registry()[cfg.task.name](ctx)

@@ -1,23 +1,24 @@
-"""The call that compiles a jit graph."""
+"""Compiled graphs shared by the runs of one process (a sweep's trials, or tests)."""
 from __future__ import annotations
 
 import gc
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 from conformer.signals import native_section
 
+_runs_started = 0
 
-@contextmanager
-def compiling() -> Iterator[None]:
-    """Around the first call of a graph, which compiles it (a native section: see `conformer.signals`).
+
+def start_run() -> None:
+    """A task is about to build and compile its graphs: after an earlier task in this process, collect its garbage.
 
     MindSpore names a compiled graph by an id of its argument types, shared by every cell in the process, and a
-    cell's finalizer forgets that id. A cell of an earlier run in this process (a sweep's previous trial) that is
-    garbage but not yet collected would lend its id to this compile; the collection MindSpore runs inside the
-    compile then frees it, and the next call, finding no id, compiles the same graph once more (5 s for a tiny
-    nano, more for Ti). Collecting before the compile lets it start from a fresh id.
+    cell's finalizer forgets that id. A cell of the earlier run (cells hold reference cycles) that is garbage but
+    not yet collected would lend its id to the new compile; the collection MindSpore runs inside the compile then
+    frees it, and the next call, finding no id, compiles the same graph once more (5 s for a tiny nano, more for Ti).
+    A full collection costs ~0.3 s here, so a process's first task, which has no such garbage, skips it.
     """
-    gc.collect()
-    with native_section():
-        yield
+    global _runs_started
+    if _runs_started:
+        with native_section():  # a signal raised inside a finalizer would be swallowed
+            gc.collect()
+    _runs_started += 1

@@ -22,10 +22,9 @@ from mindspore.experimental import optim
 
 from conformer.hardware import ProcessGroup, all_reduce_sum
 from conformer.optim import set_lr
-from conformer.signals import check_interrupted
+from conformer.signals import check_interrupted, native_section
 from conformer.train.checkpoint import CheckpointManager, TrainState, read_checkpoint
 from conformer.train.ema import ModelEma
-from conformer.train.graphs import compiling
 from conformer.train.profiling import StepProfiler
 from conformer.train.progress import ProgressBar, bar_wanted
 from conformer.train.step import TrainStep
@@ -83,7 +82,7 @@ def evaluate_batches(evaluator: EvalStep, batches: Iterable, group: ProcessGroup
     full = 0
     for index, (images, labels) in enumerate(batches):
         full = full or images.shape[0]  # the loader's batch size: only the last batch is shorter
-        with compiling() if index == 0 else nullcontext():  # the first batch compiles the eval graph
+        with native_section() if index == 0 else nullcontext():  # the first batch compiles the eval graph
             sums += evaluator(*pad_batch(images, labels, full)).asnumpy().astype(np.float64)
     evaluator.set_train(True)
     sums = all_reduce_sum(sums, group)
@@ -342,7 +341,7 @@ class Trainer:
         """The first call compiles the step graph: its own log line and metric, out of the throughput."""
         log.info("compiling the train step ...")
         start = time.perf_counter()
-        with compiling():
+        with native_section():
             result = self.step(images, targets, self._mask_key(step))
         seconds = time.perf_counter() - start
         log.info("train step compiled and run once in %.1f s", seconds)
