@@ -76,10 +76,11 @@ def run(cfg: DictConfig, run_dir: Path, relaunch: Relaunch | None = None, only_t
                      cfg.data.name, cfg.hardware.name, run_dir)
             log.debug("composed config:\n%s", resolved_yaml(cfg))
         seed_everything(int(cfg.seed))
-        start_run()  # a sweep's next trial: the previous one's cells go before this one compiles
         ctx = RunContext(cfg=cfg, run_dir=run_dir, project_root=Path(cfg.paths.root), group=group)
+        task = task_registry()[cfg.task.name]  # imports the tasks (MindSpore, MLflow)
+        start_run()  # frees an earlier task's cells (a sweep's trials), freezes the rest out of later collections
         try:
-            objective = task_registry()[cfg.task.name](ctx)
+            objective = task(ctx)
         except InstantiationException as err:
             raise component_error(err) from err
         compile_cache.finish()  # a finished task's graphs are complete: the next run of this config loads them

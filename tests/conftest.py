@@ -2,6 +2,7 @@
 compile cache for the whole session."""
 from __future__ import annotations
 
+import gc
 import os
 from pathlib import Path
 
@@ -13,6 +14,11 @@ import conformer  # noqa: F401  (sets ONEDNN_MAX_CPU_ISA and GLOG_v before MindS
 # Pin the device before any test runs a kernel: MindSpore refuses `set_device` once its runtime is up, unless the
 # device was already set to the same value (which the tests and conformer.hardware then do harmlessly).
 ms.set_device("CPU")
+
+# MindSpore runs a full gc.collect() before every graph it compiles. In a test worker, whose heap holds every module
+# and test imported, each one walked millions of objects (over 100 s of the suite's CPU time). Frozen objects are left
+# out of collections: the modules imported by now, and the test modules once collected (`pytest_collection_finish`).
+gc.freeze()
 
 TESTS_DIR = Path(__file__).resolve().parent
 DATA_DIR = TESTS_DIR / "data"
@@ -42,6 +48,10 @@ LONGEST_FIRST = ("test_run.py", "test_tasks.py", "test_distributed.py", "test_sw
                  "test_resume.py", "test_tracking.py", "test_debug.py", "test_compile_cache.py", "test_convert.py",
                  "test_amp.py", "test_step.py", "test_serving.py", "test_tracking_outage.py", "test_config.py",
                  "test_model.py", "test_train_parity.py")
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    gc.freeze()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

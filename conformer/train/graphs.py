@@ -1,4 +1,4 @@
-"""Compiled graphs shared by the runs of one process (a sweep's trials, or tests)."""
+"""The garbage collector around graph compilation: what is collected before a run compiles, and what never is."""
 from __future__ import annotations
 
 import gc
@@ -9,16 +9,22 @@ _runs_started = 0
 
 
 def start_run() -> None:
-    """A task is about to build and compile its graphs: after an earlier task in this process, collect its garbage.
+    """A task is about to build and compile its graphs (its modules imported).
 
-    MindSpore names a compiled graph by an id of its argument types, shared by every cell in the process, and a
-    cell's finalizer forgets that id. A cell of the earlier run (cells hold reference cycles) that is garbage but
-    not yet collected would lend its id to the new compile; the collection MindSpore runs inside the compile then
-    frees it, and the next call, finding no id, compiles the same graph once more (5 s for a tiny nano, more for Ti).
-    A full collection costs ~0.3 s here, so a process's first task, which has no such garbage, skips it.
+    After an earlier task in this process, collect its garbage first: MindSpore names a compiled graph by an id of
+    its argument types, shared by every cell in the process, and a cell's finalizer forgets that id. A cell of the
+    earlier run (cells hold reference cycles) that is garbage but not yet collected would lend its id to the new
+    compile; the collection MindSpore runs inside the compile then frees it, and the next call, finding no id,
+    compiles the same graph once more (5 s for a tiny nano, more for Ti).
+
+    Then freeze what lives now (modules, configs, the store client) out of every later collection: MindSpore
+    runs a full `gc.collect()` before each graph it compiles, which otherwise walks the whole heap each time
+    (~0.3 s in `python run.py`, seconds in a long-lived process). A process's first task skips the collection, as it
+    has no earlier cells to free.
     """
     global _runs_started
-    if _runs_started:
-        with native_section():  # a signal raised inside a finalizer would be swallowed
+    with native_section():  # a signal raised inside a finalizer would be swallowed
+        if _runs_started:
             gc.collect()
+        gc.freeze()
     _runs_started += 1
