@@ -43,7 +43,6 @@ class EvalStep(nn.Cell):
     def __init__(self, network: nn.Cell, loss_fn: nn.Cell, num_classes: int) -> None:
         super().__init__(auto_prefix=False)  # a prefix would rename the network's parameters ("network.*")
         self.network, self.loss_fn = network, loss_fn
-        self.num_classes = num_classes
         self.k = min(5, num_classes)
 
     def _correct(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -56,7 +55,7 @@ class EvalStep(nn.Cell):
         labels = labels.astype(ms.int32)
         valid = (labels >= 0).astype(ms.float32)
         on, off = Tensor(1.0, ms.float32), Tensor(0.0, ms.float32)
-        targets = ops.one_hot(ops.maximum(labels, 0), self.num_classes, on, off) * valid.reshape(-1, 1)
+        targets = ops.one_hot(ops.maximum(labels, 0), conv.shape[-1], on, off) * valid.reshape(-1, 1)
         loss_sum = self.loss_fn((conv, trans), targets) * ops.cast(labels.shape[0], ms.float32)
         c1, c5 = self._correct(conv, labels)
         t1, t5 = self._correct(trans, labels)
