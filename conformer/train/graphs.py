@@ -19,12 +19,14 @@ def start_run() -> None:
 
     Then freeze what lives now (modules, configs, the store client) out of every later collection: MindSpore
     runs a full `gc.collect()` before each graph it compiles, which otherwise walks the whole heap each time
-    (~0.3 s in `python run.py`, seconds in a long-lived process). A process's first task skips the collection, as it
-    has no earlier cells to free.
+    (~0.3 s in `python run.py`, seconds in a long-lived process). A later task unfreezes before it collects, so
+    that what an earlier freeze kept and has since become garbage is freed too (a sweep's trials would otherwise
+    keep ~15 MB each). A process's first task skips the collection, as it has no earlier cells to free.
     """
     global _runs_started
     with native_section():  # a signal raised inside a finalizer would be swallowed
         if _runs_started:
+            gc.unfreeze()
             gc.collect()
         gc.freeze()
     _runs_started += 1
