@@ -13,6 +13,12 @@ def soft_target_cross_entropy(logits: Tensor, soft_target: Tensor) -> Tensor:
     return (-soft_target.astype(ms.float32) * log_probs).sum(axis=-1).mean()
 
 
+def one_hot(labels: Tensor, num_classes: int) -> Tensor:
+    """float32 one-hot rows [B, C] for int class indices [B] (graph-mode safe)."""
+    on, off = Tensor(1.0, ms.float32), Tensor(0.0, ms.float32)
+    return ops.one_hot(labels.astype(ms.int32), num_classes, on, off)
+
+
 def cross_entropy(logits: Tensor, target: Tensor, label_smoothing: float = 0.0) -> Tensor:
     """Cross entropy for int class indices [B] or float soft targets [B, C] (graph-mode safe).
 
@@ -22,9 +28,7 @@ def cross_entropy(logits: Tensor, target: Tensor, label_smoothing: float = 0.0) 
     """
     if target.ndim == 1:
         num_classes = logits.shape[-1]
-        on, off = Tensor(1.0, ms.float32), Tensor(0.0, ms.float32)
-        one_hot = ops.one_hot(target.astype(ms.int32), num_classes, on, off)
-        soft = one_hot * (1.0 - label_smoothing) + label_smoothing / num_classes
+        soft = one_hot(target, num_classes) * (1.0 - label_smoothing) + label_smoothing / num_classes
         return soft_target_cross_entropy(logits, soft)
     if target.ndim == 2:
         return soft_target_cross_entropy(logits, target)

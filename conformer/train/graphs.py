@@ -5,7 +5,7 @@ import gc
 
 from conformer.signals import native_section
 
-_runs_started = 0
+_earlier_task = False  # a task ran in this process before
 
 
 def start_run() -> None:
@@ -23,10 +23,10 @@ def start_run() -> None:
     that what an earlier freeze kept and has since become garbage is freed too (a sweep's trials would otherwise
     keep ~15 MB each). A process's first task skips the collection, as it has no earlier cells to free.
     """
-    global _runs_started
+    global _earlier_task
     with native_section():  # a signal raised inside a finalizer would be swallowed
-        if _runs_started:
+        if _earlier_task:
             gc.unfreeze()
             gc.collect()
         gc.freeze()
-    _runs_started += 1
+    _earlier_task = True

@@ -21,6 +21,7 @@ from mindspore import Tensor, nn, ops
 from mindspore.experimental import optim
 
 from conformer.hardware import ProcessGroup, all_reduce_sum
+from conformer.losses import one_hot
 from conformer.optim import set_lr
 from conformer.signals import check_interrupted, native_section
 from conformer.train.checkpoint import CheckpointManager, TrainState, read_checkpoint
@@ -54,8 +55,7 @@ class EvalStep(nn.Cell):
         conv, trans = self.network(images)
         labels = labels.astype(ms.int32)
         valid = (labels >= 0).astype(ms.float32)
-        on, off = Tensor(1.0, ms.float32), Tensor(0.0, ms.float32)
-        targets = ops.one_hot(ops.maximum(labels, 0), conv.shape[-1], on, off) * valid.reshape(-1, 1)
+        targets = one_hot(ops.maximum(labels, 0), conv.shape[-1]) * valid.reshape(-1, 1)
         loss_sum = self.loss_fn((conv, trans), targets) * ops.cast(labels.shape[0], ms.float32)
         c1, c5 = self._correct(conv, labels)
         t1, t5 = self._correct(trans, labels)
