@@ -9,6 +9,7 @@ from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 from mindspore.experimental import optim
 
 from conformer.arguments import check_adamw, check_optimizer
+from conformer.models.cpu_kernels import adamw_kernel
 
 ParamsOrNetwork = Union[nn.Cell, Iterable[Parameter], Iterable[dict]]
 _fused_adamw = ops.MultitypeFuncGraph("fused_adamw")
@@ -23,12 +24,14 @@ def _fused_adamw_update(kernel: ops.Primitive, beta1: Tensor, beta2: Tensor, lr:
 
 
 class FusedAdamW(optim.Optimizer):
-    """torch.optim.AdamW (decoupled decay, bias-corrected) as one `AdamWeightDecay` kernel per parameter.
+    """torch.optim.AdamW (decoupled decay, bias-corrected): on the CPU one launch of the project's kernel per
+    parameter group (`conformer/kernels/adamw.cc`, torch's formula), elsewhere one `AdamWeightDecay` per parameter.
 
-    The kernel lacks Adam's bias correction; with c1 = 1 - beta1^t and c2 = sqrt(1 - beta2^t) it is folded into
-    its scalars: lr' = lr c2 / c1, eps' = eps c2, decay' = decay c1 / c2, which gives torch's update exactly
+    `AdamWeightDecay` lacks Adam's bias correction; with c1 = 1 - beta1^t and c2 = sqrt(1 - beta2^t) it is folded
+    into its scalars: lr' = lr c2 / c1, eps' = eps c2, decay' = decay c1 / c2, which gives torch's update exactly
     (p -= lr decay p + lr m_hat / (sqrt(v_hat) + eps)). `mindspore.experimental.optim.AdamW` issues ~13 ops per
     parameter instead; state names (exp_avg, exp_avg_sq, state_step) are the same, so checkpoints carry over.
+    The result is True, and a step that uses it keeps the update in its graph.
     """
 
     def __init__(self, params: Iterable[Parameter] | Iterable[dict], lr: float = 1e-3,
@@ -40,9 +43,15 @@ class FusedAdamW(optim.Optimizer):
         self.state_step = Parameter(Tensor(0, ms.int32), "state_step")
         self.kernel = ops.AdamWeightDecay()
         self.update = ops.HyperMap()
+        self.group_kernel = adamw_kernel() if all(param.dtype == ms.float32 for param in self.parameters) else None
+        self.group_constants = tuple(Tensor([*group["betas"], group["eps"], group["weight_decay"]], ms.float64)
+                                     for group in self.param_groups)
 
     def construct(self, gradients: tuple[Tensor, ...]) -> bool:
-        step = ops.assign_add(self.state_step, Tensor(1, ms.int32)).astype(ms.float32)
+        step = ops.assign_add(self.state_step, Tensor(1, ms.int32))
+        if self.group_kernel is not None:
+            return self.update_groups(gradients, step)
+        step = step.astype(ms.float32)
         done = True
         for group_id, group in enumerate(self.param_groups):
             beta1, beta2 = group["betas"]
@@ -56,6 +65,16 @@ class FusedAdamW(optim.Optimizer):
             done = ops.depend(done, self.update(
                 ops.partial(_fused_adamw, self.kernel, beta1, beta2, lr, eps, decay), self.parameters[start:end],
                 self.exp_avg[start:end], self.exp_avg_sq[start:end], gradients[start:end]))
+        return done
+
+    def update_groups(self, gradients: tuple[Tensor, ...], step: Tensor) -> Tensor:
+        done = True
+        for group_id in range(len(self.param_groups)):
+            start, end = self.group_start_id[group_id], self.group_start_id[group_id + 1]
+            tensors = self.parameters[start:end] + self.exp_avg[start:end] + self.exp_avg_sq[start:end] \
+                + gradients[start:end]
+            inputs = (self.lrs[group_id], self.group_constants[group_id], step) + tensors
+            done = ops.depend(done, self.group_kernel(*inputs))
         return done
 
 

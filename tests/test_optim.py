@@ -72,10 +72,22 @@ def random_grads(params: tuple[Parameter, ...], steps: int) -> list[list[np.ndar
     return [[rng.normal(0, 1, p.shape).astype(np.float32) for p in params] for _ in range(steps)]
 
 
-def test_adamw_matches_torch_adamw_with_groups() -> None:
-    net = Toy()
+class BigToy(Toy):
+    """Toy with a parameter large enough that the AdamW kernel splits its elements over the cores."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = Parameter(Tensor(np.full((300, 256), 0.1, np.float32)), name="table")
+
+
+@pytest.mark.parametrize("group_kernel", [True, False], ids=["one-kernel-per-group", "one-kernel-per-parameter"])
+def test_adamw_matches_torch_adamw_with_groups(group_kernel: bool) -> None:
+    net = BigToy()
     lr, wd, (b1, b2), eps = 0.01, 0.1, (0.9, 0.999), 1e-8
     opt = build_optimizer(net, "adamw", lr=lr, weight_decay=wd)
+    assert opt.group_kernel is not None  # the CPU kernel serves here; the other case is the AdamWeightDecay path
+    if not group_kernel:
+        opt.group_kernel = None
     params = opt.parameters
     decayed = {p.name for p in opt.param_groups[0]["params"]}
     expected = {p.name: p.asnumpy().astype(np.float64) for p in params}
@@ -91,8 +103,13 @@ def test_adamw_matches_torch_adamw_with_groups() -> None:
             m_hat, v_hat = m[name] / (1 - b1**t), v[name] / (1 - b2**t)
             expected[name] -= lr * m_hat / (np.sqrt(v_hat) + eps)
     run_updates(opt, grads)
-    for p in params:
+    assert int(opt.state_step.asnumpy()) == len(grads)
+    # AdamWeightDecay takes float32 betas: its 1 - beta2 is 1.3e-5 off torch's; the kernel takes them as float64
+    moment_rtol = 1e-6 if group_kernel else 3e-5
+    for p, exp_avg, exp_avg_sq in zip(params, opt.exp_avg, opt.exp_avg_sq):
         np.testing.assert_allclose(p.asnumpy(), expected[p.name], rtol=1e-5, atol=1e-6, err_msg=p.name)
+        np.testing.assert_allclose(exp_avg.asnumpy(), m[p.name], rtol=1e-6, atol=1e-7, err_msg=p.name)
+        np.testing.assert_allclose(exp_avg_sq.asnumpy(), v[p.name], rtol=moment_rtol, atol=1e-9, err_msg=p.name)
 
 
 @pytest.mark.parametrize("nesterov", [False, True])

@@ -461,6 +461,17 @@ class GlobalNorm(nn.Cell):
         return self.kernel(*tensors)[0]
 
 
+def adamw_kernel() -> ops.Custom | None:
+    """(lr, float64 [beta1, beta2, eps, weight decay], int32 step, *params, *exp_avg, *exp_avg_sq, *grads) -> [step]:
+    torch's AdamW update of all the float32 params and moments, in place; None where the kernel cannot serve. A
+    memory side effect to the compiler, so a graph keeps it where nothing uses its output."""
+    if not _on_cpu("adamw"):
+        return None
+    kernel = ops.Custom(f"{library('adamw')}:AdamW", out_shape=_scalar_shape, out_dtype=_float32s, func_type="aot")
+    kernel.add_prim_attr("side_effect_mem", True)
+    return kernel
+
+
 def _scalar_shape(*_: list[int]) -> list[int]:
     return [1]
 
