@@ -31,7 +31,6 @@ class FusedAdamW(optim.Optimizer):
     into its scalars: lr' = lr c2 / c1, eps' = eps c2, decay' = decay c1 / c2, which gives torch's update exactly
     (p -= lr decay p + lr m_hat / (sqrt(v_hat) + eps)). `mindspore.experimental.optim.AdamW` issues ~13 ops per
     parameter instead; state names (exp_avg, exp_avg_sq, state_step) are the same, so checkpoints carry over.
-    The result is True, and a step that uses it keeps the update in its graph.
     """
 
     def __init__(self, params: Iterable[Parameter] | Iterable[dict], lr: float = 1e-3,
@@ -68,6 +67,7 @@ class FusedAdamW(optim.Optimizer):
         return done
 
     def update_groups(self, gradients: tuple[Tensor, ...], step: Tensor) -> Tensor:
+        """The update on the CPU kernel: one launch per parameter group."""
         done = True
         for group_id in range(len(self.param_groups)):
             start, end = self.group_start_id[group_id], self.group_start_id[group_id + 1]

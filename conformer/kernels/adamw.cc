@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "parallel.h"
@@ -27,6 +28,9 @@ extern "C" int AdamW(int nparam, void **params, int *ndims, int64_t **shapes, co
   const float b1 = static_cast<float>(beta1), b2 = static_cast<float>(beta2), e = static_cast<float>(eps);
   const float one_minus_b1 = static_cast<float>(1.0 - beta1), one_minus_b2 = static_cast<float>(1.0 - beta2);
   void **tensors = params + 3;
+  for (int i = 0; i < 4 * count; ++i) {
+    if (std::strcmp(dtypes[3 + i], "float32") != 0) return 1;  // the caller passes float32 tensors only
+  }
   std::vector<int64_t> starts(count + 1, 0);  // where each tensor begins among all elements
   for (int i = 0; i < count; ++i) starts[i + 1] = starts[i] + conformer::elements(ndims[3 + i], shapes[3 + i]);
   conformer::parallel_for(starts[count], 1 << 14, [&](int64_t begin, int64_t end) {
