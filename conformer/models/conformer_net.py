@@ -415,7 +415,9 @@ class Conformer(nn.Cell):
         x, _ = self.conv_1(x_base)
         x_t = self.trans_patch_conv(x_base)
         x_t = x_t.reshape(b, self.embed_dim, -1).transpose(0, 2, 1)
-        cls_tokens = self.cls_token.broadcast_to((b, 1, self.embed_dim)).astype(x_t.dtype)
+        # a Tensor method called on a Parameter attribute (self.cls_token.broadcast_to) makes MindSpore's compiled
+        # graph hold this cell forever: every model called in a process would stay in memory
+        cls_tokens = ops.broadcast_to(self.cls_token, (b, 1, self.embed_dim)).astype(x_t.dtype)
         if drop_path_masks is None:
             x_t = self.trans_1(self.concat((cls_tokens, x_t)))
             for block in self.conv_trans:
