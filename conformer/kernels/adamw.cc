@@ -4,13 +4,11 @@
 //   m = beta1 m + (1 - beta1) g;  v = beta2 v + (1 - beta2) g^2
 //   p = p (1 - lr decay);  p -= lr / c1 * m / (sqrt(v) / sqrt(c2) + eps),  c1 = 1 - beta1^t, c2 = 1 - beta2^t
 // The elements of all tensors are split evenly over the cores.
-#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <vector>
 
-#include "parallel.h"
+#include "tensor_list.h"
 
 // inputs: lr (float32 scalar), constants (float64 [4] = beta1, beta2, eps, weight decay), step t >= 1 (int32
 // scalar), then k parameters, their k exp_avg, their k exp_avg_sq and their k gradients; output [1] = t (what a
@@ -31,12 +29,9 @@ extern "C" int AdamW(int nparam, void **params, int *ndims, int64_t **shapes, co
   for (int i = 0; i < 4 * count; ++i) {
     if (std::strcmp(dtypes[3 + i], "float32") != 0) return 1;  // the caller passes float32 tensors only
   }
-  std::vector<int64_t> starts(count + 1, 0);  // where each tensor begins among all elements
-  for (int i = 0; i < count; ++i) starts[i + 1] = starts[i] + conformer::elements(ndims[3 + i], shapes[3 + i]);
-  conformer::parallel_for(starts[count], 1 << 14, [&](int64_t begin, int64_t end) {
-    int i = static_cast<int>(std::upper_bound(starts.begin(), starts.end(), begin) - starts.begin()) - 1;
-    for (int64_t at = begin; at < end; ++i) {
-      const int64_t stop = std::min(end, starts[i + 1]), offset = at - starts[i], n = stop - at;
+  const conformer::TensorList parameters(count, ndims + 3, shapes + 3);
+  conformer::parallel_for(parameters.elements_in_all(), 1 << 14, [&](int64_t begin, int64_t end) {
+    parameters.for_each_piece(begin, end, [&](int i, int64_t offset, int64_t n) {
       float *__restrict p = static_cast<float *>(tensors[i]) + offset;
       float *__restrict m = static_cast<float *>(tensors[count + i]) + offset;
       float *__restrict v = static_cast<float *>(tensors[2 * count + i]) + offset;
@@ -49,8 +44,7 @@ extern "C" int AdamW(int nparam, void **params, int *ndims, int64_t **shapes, co
         v[j] = vj;
         p[j] = p[j] * keep - step_size * (mj / (std::sqrt(vj) / c2_sqrt + e));
       }
-      at = stop;
-    }
+    });
   });
   static_cast<float *>(params[nparam - 1])[0] = static_cast<float>(t);
   return 0;

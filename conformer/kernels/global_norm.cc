@@ -1,37 +1,27 @@
 // The global L2 norm of many float32 tensors (a train step's gradients) for MindSpore's CPU (ops.Custom,
 // func_type="aot"): one op in place of a square, a sum per tensor and their sum (two launches per parameter).
 // Sums in double, the elements of all tensors split evenly over the cores; inf and NaN propagate.
-#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
 
-#include "parallel.h"
+#include "tensor_list.h"
 
 // inputs any number of float32 tensors; output [1] = sqrt(sum of all squares)
 extern "C" int GlobalNorm(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                           void *stream, void *extra) {
   const int count = nparam - 1;
-  std::vector<int64_t> starts(count + 1, 0);  // where each tensor begins among all elements
-  for (int t = 0; t < count; ++t) {
-    int64_t size = 1;
-    for (int d = 0; d < ndims[t]; ++d) size *= shapes[t][d];
-    starts[t + 1] = starts[t] + size;
-  }
+  const conformer::TensorList tensors(count, ndims, shapes);
   // one partial sum per chunk of elements, added in chunk order: the same norm on every run
-  const int64_t elements = starts[count];
+  const int64_t elements = tensors.elements_in_all();
   std::vector<double> partials(conformer::chunks(elements, 1 << 16), 0.0);
   conformer::parallel_chunks(elements, partials.size(), [&](int64_t chunk, int64_t begin, int64_t end) {
     double sum = 0.0;
-    int t = static_cast<int>(std::upper_bound(starts.begin(), starts.end(), begin) - starts.begin()) - 1;
-    for (int64_t at = begin; at < end; ++t) {
-      const int64_t stop = std::min(end, starts[t + 1]);
-      const float *__restrict values = static_cast<const float *>(params[t]) + (at - starts[t]);
-      const int64_t n = stop - at;
+    tensors.for_each_piece(begin, end, [&](int t, int64_t offset, int64_t n) {
+      const float *__restrict values = static_cast<const float *>(params[t]) + offset;
 #pragma omp simd reduction(+ : sum)
       for (int64_t i = 0; i < n; ++i) sum += static_cast<double>(values[i]) * values[i];
-      at = stop;
-    }
+    });
     partials[chunk] = sum;
   });
   double total = 0.0;
