@@ -72,7 +72,7 @@ def remove_unused_run_dir(run_dir: Path) -> None:
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     from conformer.app import Relaunch, run
-    from conformer.errors import TrackingUnavailable
+    from conformer.errors import PreflightFailed, TrackingUnavailable
     from conformer.launch import LaunchError
     from conformer.signals import Interrupted
     from conformer.validation import ConfigError
@@ -97,7 +97,7 @@ def main(cfg: DictConfig) -> float | None:
             print(f"config error: {err}", file=sys.stderr)
             remove_unused_run_dir(run_dir)
             sys.exit(2)
-        if isinstance(err, (LaunchError, TrackingUnavailable)):
+        if isinstance(err, (LaunchError, TrackingUnavailable, PreflightFailed)):
             print(f"error: {err}", file=sys.stderr)
             sys.exit(getattr(err, "exit_code", 1))
         raise

@@ -44,9 +44,10 @@ def task_registry() -> dict[str, Callable[[RunContext], float | None]]:
     from conformer.tasks.eval import evaluate
     from conformer.tasks.export import export
     from conformer.tasks.predict import predict
+    from conformer.tasks.preflight import preflight
     from conformer.tasks.train import train
 
-    return {"train": train, "eval": evaluate, "export": export, "predict": predict}
+    return {"train": train, "eval": evaluate, "export": export, "predict": predict, "preflight": preflight}
 
 
 def run(cfg: DictConfig, run_dir: Path, relaunch: Relaunch | None = None, only_task: bool = False) -> float | None:
@@ -64,8 +65,8 @@ def run(cfg: DictConfig, run_dir: Path, relaunch: Relaunch | None = None, only_t
         with interruptible():
             return launch_workers(cfg, run_dir, relaunch)
     group = configure_device(cfg.hardware)
-    if only_task and cfg.task.name == "train" and not group.distributed:
-        compile_cache.allow()
+    if only_task and cfg.task.name == "train":
+        compile_cache.allow(group.rank if group.distributed else None)
     from conformer.tasks.common import RunContext, resolved_yaml, seed_everything
     from conformer.train.graphs import start_run
 

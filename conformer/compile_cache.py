@@ -7,8 +7,9 @@ shapes. A run writes into a folder of its own and moves it into place only when
 its task finished, so a killed run never leaves a half-written cache for the next one to load.
 
 MindSpore reads the cache folder once per process and numbers the graphs in the order they compile, so the cache
-serves only a process that runs one training from start to end: `python run.py` with task=train in one process
-(`allow`). Sweeps that run trials in one process, msrun workers, eval, export and predict compile as before.
+serves only a process that runs one training from start to end: `python run.py` with task=train, in one process or
+in each msrun worker (`allow`; a folder per rank, as each rank's graphs hold its own communication ops). Sweeps that
+run trials in one process, eval, export and predict compile as before.
 """
 from __future__ import annotations
 
@@ -41,13 +42,15 @@ KEEP = 16  # cached configs kept; beyond them the least recently used go, once u
 EVICT_AFTER_S = 3600
 BUILDING = ".building-"
 _allowed = False  # set by `allow` for the one task of this process
+_rank: int | None = None  # this msrun worker's rank (its own folder), None in a single process
 _building: Path | None = None  # this process's folder under construction, moved into place by `finish`
 
 
-def allow() -> None:
-    """This process runs one training and nothing else compiles before it: the cache may serve it."""
-    global _allowed
-    _allowed = True
+def allow(rank: int | None = None) -> None:
+    """This process runs one training and nothing else compiles before it: the cache may serve it. `rank`: this
+    process is that rank of a data-parallel job."""
+    global _allowed, _rank
+    _allowed, _rank = True, rank
 
 
 def cache_key(cfg: DictConfig, shapes: Mapping[str, tuple[int, ...]]) -> str:
@@ -102,7 +105,7 @@ def use_compile_cache(cfg: DictConfig, network: Any) -> Path | None:
     _allowed = False  # once per process: MindSpore reads the folder once
     root = Path(cfg.paths.compile_cache_dir)
     shapes = {param.name: tuple(param.shape) for param in network.get_parameters()}
-    final = root / cache_key(cfg, shapes)
+    final = root / (cache_key(cfg, shapes) + ("" if _rank is None else f"-rank{_rank}"))
     _remove_abandoned(root)
     if final.is_dir():
         os.utime(final)  # recently used: kept by the eviction

@@ -10,3 +10,9 @@ class TrackingUnavailable(RuntimeError):
         super().__init__(f"MLflow tracking store {uri} is unreachable ({reason}): start it, point tracking.uri "
                          "(or MLFLOW_TRACKING_URI) at one that answers, set tracking.fallback_to_local=true to log "
                          "to the local store, or run with tracking=disabled")
+
+
+class PreflightFailed(RuntimeError):
+    """A check of `task=preflight` failed; the message names the checks (the table above it says more)."""
+
+    exit_code = 1

@@ -7,11 +7,16 @@ and train data-parallel (gradients all-reduced as a mean, each rank on its own s
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import logging
 import os
+import re
+import shutil
+import subprocess
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,15 +43,25 @@ class ProcessGroup:
 
 
 def configure_device(hardware: Mapping[str, Any]) -> ProcessGroup:
-    """Set MindSpore's device, execution mode and jit level (a checked hardware config, see
-    conformer.validation.check_hardware); join the process group inside msrun workers."""
+    """Set MindSpore's device, execution mode, jit level, device options and kernel path (a checked hardware config,
+    see conformer.validation.check_hardware); join the process group inside msrun workers."""
+    target = hardware.get("device_target", "CPU")
+    os.environ.update(mindspore_log_level(target))  # before MindSpore loads, where it has not yet
+    ascend = hardware.get("ascend") or {}
+    if ascend.get("overflow_mode"):  # read when MindSpore checks for overflows
+        os.environ["MS_ASCEND_CHECK_OVERFLOW_MODE"] = str(ascend["overflow_mode"])
     import mindspore as ms
 
+    from conformer import kernels
+
     ms.set_context(mode=ms.GRAPH_MODE if hardware.get("mode", "graph") == "graph" else ms.PYNATIVE_MODE)
-    ms.set_device(hardware.get("device_target", "CPU"))
+    ms.set_device(target)
     jit_level = hardware.get("jit_level")
     if jit_level:
         ms.set_context(jit_config={"jit_level": jit_level})
+    if target != "CPU":
+        _device_options(hardware)
+    kernels.select(hardware.get("kernels", "auto"), hardware.get("amp_level", "O0"))
     if hardware.get("runtime_num_threads"):
         ms.set_context(runtime_num_threads=int(hardware["runtime_num_threads"]))
     if hardware.get("cpu_affinity"):
@@ -57,6 +72,29 @@ def configure_device(hardware: Mapping[str, Any]) -> ProcessGroup:
     if not in_msrun_worker():
         return ProcessGroup()
     return join_process_group(hardware)
+
+
+def mindspore_log_level(target: str) -> dict[str, str]:
+    """GLOG_v for MindSpore on `target`, unless the user set it: warnings (2) on an accelerator, where they are what a
+    new machine's problems look like; on the CPU the package's default (3: errors only) stands."""
+    import conformer
+
+    return {} if target == "CPU" or conformer.GLOG_V_FROM_USER else {"GLOG_v": "2"}
+
+
+def _device_options(hardware: Mapping[str, Any]) -> None:
+    """An accelerator's memory cap, determinism and (Ascend) operator precision."""
+    import mindspore as ms
+
+    if hardware.get("device_memory"):
+        ms.runtime.set_memory(max_size=str(hardware["device_memory"]))
+    if hardware.get("deterministic"):
+        ms.set_context(deterministic="ON")
+    precision = (hardware.get("ascend") or {}).get("precision_mode")
+    if precision:
+        from mindspore.device_context.ascend.op_precision import precision_mode
+
+        precision_mode(str(precision))
 
 
 def in_msrun_worker() -> bool:
@@ -103,6 +141,51 @@ def all_reduce_sum(values: np.ndarray, group: ProcessGroup) -> np.ndarray:
     from mindspore import ops
 
     return ops.AllReduce(ops.ReduceOp.SUM)(ms.Tensor(values.astype(np.float32))).asnumpy().astype(values.dtype)
+
+
+def all_gather_floats(values: Iterable[float], group: ProcessGroup) -> np.ndarray:
+    """Every rank's float vector (the same length on each), as rows in rank order."""
+    row = np.asarray(list(values), np.float32)
+    if not group.distributed:
+        return row[None]
+    import mindspore as ms
+    from mindspore import ops
+
+    return ops.AllGather()(ms.Tensor(row)).asnumpy().reshape(group.world_size, -1)
+
+
+def device_checks(hardware: Mapping[str, Any]) -> list[tuple[str, str, bool]]:
+    """What this machine offers the config's device, as (check, what was found, passed) rows: the device nodes for
+    every local worker, the vendor's tool answering, and the software stack MindSpore sees (CANN, CUDA)."""
+    target, workers = hardware.get("device_target", "CPU"), int(hardware.get("workers", 1))
+    if target == "CPU":
+        cores = len(os.sched_getaffinity(0))
+        return [("devices", f"CPU, {cores} cores for {workers} worker(s)", True)]
+    prefix, tool = {"Ascend": ("/dev/davinci", "npu-smi"), "GPU": ("/dev/nvidia", "nvidia-smi")}[target]
+    nodes = [path for path in glob.glob(prefix + "*") if path[len(prefix):].isdigit()]  # not davinci_manager
+    rows = [("devices", f"{len(nodes)} x {prefix}<N> for {workers} worker(s)", len(nodes) >= workers)]
+    found = shutil.which(tool)
+    answer = subprocess.run([found, "info" if target == "Ascend" else "-L"], capture_output=True, text=True,
+                            check=False, timeout=60) if found else None
+    rows.append((tool, "not on PATH" if answer is None else f"exit {answer.returncode}",
+                 answer is not None and answer.returncode == 0))
+    rows.append(_stack_version(target))
+    return rows
+
+
+def _stack_version(target: str) -> tuple[str, str, bool]:
+    """The CANN (Ascend) or CUDA (GPU) version, from the toolkit's own files."""
+    if target == "Ascend":
+        home = os.environ.get("ASCEND_HOME_PATH") or "/usr/local/Ascend/ascend-toolkit/latest"
+        for name in ("version.cfg", "compiler/version.info", "runtime/version.info"):
+            path = Path(home) / name
+            if path.is_file():
+                version = re.search(r"[Vv]ersion=([^\s]+)", path.read_text())
+                return "CANN", f"{version[1] if version else 'unknown'} ({path})", True
+        return "CANN", f"not found under {home} (source set_env.sh of the toolkit)", False
+    import mindspore as ms
+
+    return "CUDA", f"MindSpore {ms.__version__} built for CUDA (its GPU plugin)", True
 
 
 def weights_digest(params: Iterable[Any]) -> str:

@@ -26,7 +26,7 @@ from typing import IO, Any
 
 import psutil
 
-from conformer.hardware import SCHEDULER_ROLE, WORKER_ROLE, world_size
+from conformer.hardware import SCHEDULER_ROLE, WORKER_ROLE, mindspore_log_level, world_size
 from conformer.paths import PROJECT_ROOT_ENV
 from conformer.signals import interruptible, signals_ignored
 from conformer.validation import BACKENDS
@@ -185,7 +185,7 @@ def plan_launch(hardware: Mapping[str, Any], script: Path, script_args: Sequence
                f"{'mean' if hardware.get('gradients_mean', True) else 'sum'} over ranks), "
                f"AMP {hardware.get('amp_level', 'O0')}")
     env_changes = {"PATH": str(python_dir or shim.parent), "PYTHONUNBUFFERED": "1",
-                   **kernel_threads(target, workers, msrun.get("bind_core", False)),
+                   **kernel_threads(target, workers, msrun.get("bind_core", False)), **mindspore_log_level(target),
                    **{str(k): str(v) for k, v in (hardware.get("env") or {}).items()}}
     return LaunchPlan(command=tuple(command), env_changes=env_changes, run_dir=run_dir, log_dir=log_dir,
                       workers=workers, nodes=nodes, node_rank=node_rank, master_addr=addr, master_port=int(port),

@@ -15,9 +15,10 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from conformer.kernels import KERNEL_PATHS, kernel_path_problem
 from conformer.models.registry import architecture_problem, model_arguments, nearest_image_size, valid_image_size
 
-TASKS = ("train", "eval", "export", "predict")
+TASKS = ("train", "eval", "export", "predict", "preflight")
 AMP_LEVELS = ("O0", "O1", "O2", "O3")
 PROGRESS_BAR_SETTINGS = ("auto", True, False)
 LOSS_SCALES = ("none", "static", "dynamic")
@@ -25,6 +26,12 @@ DEVICE_TARGETS = ("CPU", "GPU", "Ascend")
 MODES = ("graph", "pynative")
 BACKENDS = {"CPU": "mccl", "GPU": "nccl", "Ascend": "hccl"}  # MindSpore's collective library per device
 PARALLEL_MODES = ("data_parallel",)
+# hardware.jit_level per device (null: MindSpore's default): O2 is CANN's GraphEngine, Ascend only
+JIT_LEVELS = {"CPU": ("O0", "O1"), "GPU": ("O0", "O1"), "Ascend": ("O0", "O1", "O2")}
+ASCEND_PRECISION_MODES = ("force_fp16", "allow_fp32_to_fp16", "allow_mix_precision", "must_keep_origin_dtype",
+                          "force_fp32", "allow_fp32_to_bf16", "allow_mix_precision_fp16", "allow_mix_precision_bf16",
+                          "force_lowerprecision")
+ASCEND_OVERFLOW_MODES = ("INFNAN_MODE", "SATURATION_MODE")
 EXPORT_SUFFIXES = {"MINDIR": ".mindir", "ONNX": ".onnx", "AIR": ".air"}
 EXPORT_OUTPUTS = ("sum", "both")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -101,6 +108,9 @@ def validate_config(cfg: DictConfig) -> None:
         check_weights(cfg, "model.pretrained")
         if _get(cfg, "trainer.resume") != "auto":
             check_weights(cfg, "trainer.resume", checkpoint_only=True)
+    elif task == "preflight":
+        require_int(_get(cfg, "task.steps"), "task.steps", hint="timed training steps")
+        require_int(_get(cfg, "task.pipeline_batches"), "task.pipeline_batches", hint="timed pipeline batches")
     else:
         _check_inference_task(cfg, task)
 
@@ -159,7 +169,6 @@ def _check_trainer(cfg: DictConfig) -> None:
     require_choice(_get(cfg, "trainer.monitor_mode"), "trainer.monitor_mode", MONITOR_MODES)
     require_int(OmegaConf.select(cfg, "trainer.keep_top_k", default=1), "trainer.keep_top_k",
                 hint="1 keeps best.ckpt only")
-    require_choice(_get(cfg, "hardware.amp_level"), "hardware.amp_level", AMP_LEVELS)
     warmup = _get(cfg, "optim.schedule.warmup_epochs")
     if warmup >= epochs > 1:
         raise ConfigError(f"optim.schedule.warmup_epochs={warmup} must be below trainer.epochs={epochs}: set "
@@ -380,6 +389,7 @@ def check_hardware(hardware: Mapping[str, Any]) -> None:
         require_int(hardware.get("runtime_num_threads"), "hardware.runtime_num_threads", hint="or null: the default")
     if not isinstance(hardware.get("cpu_affinity", False), bool):
         raise ConfigError(f"hardware.cpu_affinity={hardware.get('cpu_affinity')!r} must be true or false")
+    _check_device_settings(hardware, target)
     workers = require_int(hardware.get("workers"), "hardware.workers", hint="processes per node, one per device")
     nodes = require_int(hardware.get("nodes", 1), "hardware.nodes", hint="machines in the job")
     if workers * nodes == 1:
@@ -408,6 +418,31 @@ def check_hardware(hardware: Mapping[str, Any]) -> None:
     timeout = (hardware.get("msrun") or {}).get("cluster_time_out")
     require_int(timeout, "hardware.msrun.cluster_time_out",
                 hint="seconds msrun waits for missing workers before it fails")
+
+
+def _check_device_settings(hardware: Mapping[str, Any], target: str) -> None:
+    """The kernel path, jit level, memory cap, determinism and Ascend options of a hardware config."""
+    amp = require_choice(hardware.get("amp_level", "O0"), "hardware.amp_level", AMP_LEVELS)
+    kernels = require_choice(hardware.get("kernels", "auto"), "hardware.kernels", KERNEL_PATHS)
+    problem = kernel_path_problem(kernels, target, amp)
+    if problem:
+        raise ConfigError(f"hardware.kernels={kernels} with hardware.amp_level={amp} on {target}: {problem}")
+    jit_level = hardware.get("jit_level")
+    if jit_level is not None and jit_level not in JIT_LEVELS[target]:
+        raise ConfigError(f"hardware.jit_level={jit_level!r} does not run on {target}: choose one of "
+                          f"{', '.join(JIT_LEVELS[target])} or null (MindSpore's default; O2 is Ascend's GraphEngine)")
+    memory = hardware.get("device_memory")
+    if memory is not None and not (isinstance(memory, str) and re.fullmatch(r"\d+(\.\d+)?GB", memory)):
+        raise ConfigError(f"hardware.device_memory={memory!r} must be a size in GB such as 29GB, or null")
+    if not isinstance(hardware.get("deterministic", False), bool):
+        raise ConfigError(f"hardware.deterministic={hardware.get('deterministic')!r} must be true or false")
+    ascend = {key: value for key, value in (hardware.get("ascend") or {}).items() if value is not None}
+    if ascend and target != "Ascend":
+        raise ConfigError(f"hardware.ascend sets Ascend options, and this config runs on {target}: drop them")
+    if ascend.get("precision_mode") is not None:
+        require_choice(ascend["precision_mode"], "hardware.ascend.precision_mode", ASCEND_PRECISION_MODES)
+    if ascend.get("overflow_mode") is not None:
+        require_choice(ascend["overflow_mode"], "hardware.ascend.overflow_mode", ASCEND_OVERFLOW_MODES)
 
 
 def check_run_dir(run_dir: Path) -> None:

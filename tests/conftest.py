@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import mindspore as ms
@@ -22,6 +23,28 @@ gc.freeze()
 
 TESTS_DIR = Path(__file__).resolve().parent
 DATA_DIR = TESTS_DIR / "data"
+
+
+KERNEL_PATHS = ("project", "mindspore")  # the project's CPU kernels; MindSpore's own ops (what Ascend and GPU run)
+
+
+@pytest.fixture(params=KERNEL_PATHS)
+def kernel_path(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Runs the test once per kernel path: cells built inside it use that path (`conformer.kernels.select`)."""
+    from conformer import kernels
+
+    with kernels.using(request.param) as path:
+        yield path
+
+
+@pytest.fixture(autouse=True)
+def default_kernel_path() -> Iterator[None]:
+    """A run in the test process (`hardware.kernels=...`) selects a kernel path for the whole process: the next test
+    starts on the default again."""
+    from conformer import kernels
+
+    yield
+    kernels.select("auto")
 
 
 @pytest.fixture(autouse=True)

@@ -45,7 +45,7 @@ def test_config_groups_are_the_documented_ones() -> None:
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_group_option_composes_resolves_and_validates(group: str, option: str, tmp_path: Path) -> None:
     needs = []  # what the option itself requires: the weights of an inference task, predict's images
-    if group == "task" and option != "train":
+    if group == "task" and option not in ("train", "preflight"):
         needs.append(f"task.checkpoint={REFERENCE / 'tiny_state.npz'}")
     if (group, option) in (("data", "folder"), ("data", "imagenet"), ("experiment", "conformer_ti_imagenet")):
         for split in ("train", "val"):
@@ -84,6 +84,10 @@ def test_conformer_ti_config_builds_the_official_parameter_count() -> None:
                          "optim.schedule.warmup_epochs=2 or train longer"),
     ("hardware.runtime_num_threads=0", "hardware.runtime_num_threads=0 must be an integer >= 1 (or null: the default)"),
     ("hardware.cpu_affinity=maybe", "hardware.cpu_affinity='maybe' must be true or false"),
+    ("hardware.kernels=fast", "hardware.kernels='fast'; choose one of auto, project, mindspore"),
+    ("hardware.jit_level=O2", "hardware.jit_level='O2' does not run on CPU: choose one of O0, O1 or null (MindSpore's "
+                              "default; O2 is Ascend's GraphEngine)"),
+    ("hardware.device_memory=lots", "hardware.device_memory='lots' must be a size in GB such as 29GB, or null"),
     ("+model.width=7", "model.width is not a Conformer argument; choose from patch_size, in_chans, num_classes, "
                        "base_channel, channel_ratio, num_med_block, embed_dim, depth, num_heads, mlp_ratio, qkv_bias, "
                        "qk_scale, drop_rate, attn_drop_rate, drop_path_rate, img_size (model.name='conformer_nano')"),
@@ -92,6 +96,35 @@ def test_bad_values_are_one_line_config_errors(override: str, message: str) -> N
     with pytest.raises(ConfigError) as info:
         validate_config(compose_config([override]))
     assert str(info.value) == message
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["hardware.kernels=project", "hardware.amp_level=O2"],
+     "hardware.kernels=project with hardware.amp_level=O2 on CPU: the project's kernels compute in float32 and "
+     "MindSpore's mixed-precision rewrite cannot rewrite their cells, so AMP O2 needs MindSpore's ops: use auto or "
+     "mindspore (or amp_level O0)"),
+    (["hardware=gpu", "hardware.kernels=project"],
+     "hardware.kernels=project with hardware.amp_level=O1 on GPU: the project's kernels run on the CPU only, not on "
+     "GPU: use auto or mindspore"),
+    (["hardware=ascend8", "hardware.ascend.precision_mode=fp8"],
+     "hardware.ascend.precision_mode='fp8'; choose one of force_fp16, allow_fp32_to_fp16, allow_mix_precision, "
+     "must_keep_origin_dtype, force_fp32, allow_fp32_to_bf16, allow_mix_precision_fp16, allow_mix_precision_bf16, "
+     "force_lowerprecision"),
+    (["hardware=ascend", "hardware.ascend.overflow_mode=wrap"],
+     "hardware.ascend.overflow_mode='wrap'; choose one of INFNAN_MODE, SATURATION_MODE"),
+    (["hardware=gpu", "+hardware.ascend.overflow_mode=INFNAN_MODE"],
+     "hardware.ascend sets Ascend options, and this config runs on GPU: drop them"),
+])
+def test_device_settings_that_cannot_run_are_one_line_config_errors(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        validate_config(compose_config(overrides))
+    assert str(info.value) == message
+
+
+def test_the_ascend_configs_validate_with_every_device_setting() -> None:
+    validate_config(compose_config(["hardware=ascend8", "hardware.jit_level=O2", "hardware.device_memory=29GB",
+                                    "hardware.deterministic=true", "hardware.ascend.precision_mode=allow_fp32_to_fp16",
+                                    "hardware.ascend.overflow_mode=INFNAN_MODE", "hardware.kernels=mindspore"]))
 
 
 def test_the_cpu_runtime_settings_reach_mindspore() -> None:

@@ -82,6 +82,20 @@ def test_val_shards_cover_the_split_once_with_partial_batches(source: ImageFolde
     assert images.shape == (5, 3, SIZE, SIZE) and images.dtype == np.float32 and targets.dtype == np.int32
 
 
+def test_limited_val_batches_are_the_same_first_ones_in_every_epoch_on_every_rank(source: ImageFolderSource) -> None:
+    """`trainer.limit_val_batches`: each evaluation of a run reads the first k batches of its shard (a pipeline that
+    spans the epochs once cut them from where the last evaluation stopped, and every other one came out empty)."""
+    module = _module(source, eval_batch_size=2)
+    for rank in range(2):
+        full = _epochs(module.val_loader(rank, 2), 1)[0]
+        epochs = _epochs(module.val_loader(rank, 2, limit_batches=2), 3)
+        assert len(full) == 3 and [len(epoch) for epoch in epochs] == [2, 2, 2]
+        for epoch in epochs:
+            for (x, y), (x_full, y_full) in zip(epoch, full[:2]):
+                np.testing.assert_array_equal(x, x_full)
+                np.testing.assert_array_equal(y, y_full)
+
+
 def test_mixup_gives_soft_targets(source: ImageFolderSource) -> None:
     module = _module(source, mixup=Mixup(label_smoothing=0.1))
     images, targets = _epochs(module.train_loader(), 1)[0][0]

@@ -158,6 +158,21 @@ def test_cpu_workers_share_the_cores_among_their_kernel_pools(monkeypatch: pytes
     assert threads == ({} if expected is None else {"CONFORMER_KERNEL_THREADS": expected})
 
 
+@pytest.mark.parametrize("hardware, from_user, expected", [
+    ("ascend8", False, "2"), ("gpu8", False, "2"),  # an accelerator's warnings are what bringing it up needs
+    ("ascend8", True, None),  # the user's own GLOG_v reaches the workers as it is
+    ("cpu_x2", False, None),  # the package's default (3: errors only) stands on the CPU
+])
+def test_mindspores_log_level_is_left_to_the_user_and_warns_on_accelerators(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, hardware: str, from_user: bool, expected: str | None) -> None:
+    import conformer
+    from conformer.launch import plan_launch
+
+    monkeypatch.setattr(conformer, "GLOG_V_FROM_USER", from_user)
+    plan = plan_launch(compose_config([f"hardware={hardware}"]).hardware, RUN_PY, [], tmp_path)
+    assert plan.env_changes.get("GLOG_v") == expected
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["hardware=ascend8", "hardware.nodes=2", "hardware.master_addr=10.0.0.1"], "set hardware.master_port"),
     (["hardware=ascend8", "hardware.nodes=2", "hardware.master_port=8118"], "hardware.master_addr=<IP"),

@@ -169,9 +169,7 @@ class _NormedHeads(nn.Cell):
             assert use_builtin_kernels(self) == 2
 
     def construct(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        h = self.bn1(self.conv1(x))
-        if self.bn1.kernel is None:
-            h = ops.relu(h)
+        h = self.bn1(self.conv1(x))  # relu=True: the cell applies the ReLU on either kernel
         h = self.bn2(self.conv2(h)).mean(axis=(2, 3))
         return self.head_a(h), self.head_b(h)
 

@@ -78,7 +78,7 @@ def test_learns_and_updates_bn_stats_even_after_eval() -> None:
 
 
 @pytest.mark.parametrize("clip", [0.05, 1e3])
-def test_clip_reports_raw_norm_and_scales_update(clip: float) -> None:
+def test_clip_reports_raw_norm_and_scales_update(clip: float, kernel_path: str) -> None:
     ms.set_seed(1)
     net, loss_fn = TwoHeads(), DualHeadLoss()
     opt = build_optimizer(net, "sgd", lr=1.0, momentum=0.0, weight_decay=0.0)
@@ -97,7 +97,7 @@ def test_clip_reports_raw_norm_and_scales_update(clip: float) -> None:
         assert delta == pytest.approx(clip, rel=1e-4)
 
 
-def test_dynamic_overflow_skips_update_and_lowers_scale_then_grows() -> None:
+def test_dynamic_overflow_skips_update_and_lowers_scale_then_grows(kernel_path: str) -> None:
     ms.set_seed(2)
     net = TwoHeads()
     step = TrainStep(net, DualHeadLoss(), build_optimizer(net, "adamw", lr=0.1), loss_scale="dynamic",
@@ -122,7 +122,7 @@ def test_dynamic_overflow_skips_update_and_lowers_scale_then_grows() -> None:
     assert step(x, y).loss_scale == 2.0**10
 
 
-def test_static_scale_unscales_grads_and_overflow_skips() -> None:
+def test_static_scale_unscales_grads_and_overflow_skips(kernel_path: str) -> None:
     ms.set_seed(3)
     x, y = blobs(8, seed=3)
     plain, scaled = TwoHeads(), TwoHeads()
@@ -146,7 +146,7 @@ def test_static_scale_unscales_grads_and_overflow_skips() -> None:
 
 
 @pytest.mark.parametrize("name", ["sgd", "adamw"])
-def test_accumulating_two_half_batches_equals_one_full_batch(name: str) -> None:
+def test_accumulating_two_half_batches_equals_one_full_batch(name: str, kernel_path: str) -> None:
     ms.set_seed(4)
     full_net, accum_net = TwoHeads(), TwoHeads()
     copy_weights(full_net, accum_net)
@@ -165,7 +165,7 @@ def test_accumulating_two_half_batches_equals_one_full_batch(name: str) -> None:
         np.testing.assert_allclose(b.asnumpy(), a.asnumpy(), rtol=1e-5, atol=1e-6, err_msg=a.name)
 
 
-def test_adamw_decays_zero_grad_weight_but_not_bias() -> None:
+def test_adamw_decays_zero_grad_weight_but_not_bias(kernel_path: str) -> None:
     ms.set_seed(5)
     net = TwoHeads()
     lr, wd = 0.1, 0.05

@@ -88,7 +88,7 @@ def test_loss_gradients_and_batchnorm_stats_match_official(anchor: dict[str, np.
     assert max(bn_errors.values()) < TOL, max(bn_errors.items(), key=lambda kv: kv[1])
 
 
-def test_adamw_update_from_official_gradients_matches_official(anchor: dict[str, np.ndarray]) -> None:
+def test_adamw_update_from_official_gradients_matches_official(anchor: dict[str, np.ndarray], kernel_path: str) -> None:
     """Our optimizer, fed the official gradients, lands on the official weights (bias correction included)."""
     model = reference_model(train=True)
     names = set(network_shapes(model))
@@ -103,7 +103,7 @@ def test_adamw_update_from_official_gradients_matches_official(anchor: dict[str,
     assert max(errors.values()) < TOL, max(errors.items(), key=lambda kv: kv[1])
 
 
-def test_train_step_matches_official_loss_and_update_direction(anchor: dict[str, np.ndarray]) -> None:
+def test_train_step_matches_official_loss_and_update_direction(anchor: dict[str, np.ndarray], kernel_path: str) -> None:
     model = reference_model(train=True)
     before = {name: p.asnumpy().copy() for name, p in model.parameters_dict().items()}
     optimizer = build_optimizer(model, name="adamw", lr=1e-3, weight_decay=0.05, betas=(0.9, 0.999), eps=1e-8,

@@ -143,14 +143,16 @@ class DataModule:
                                   num_parallel_workers=1, python_multiprocessing=False)
         return dataset
 
-    def val_loader(self, rank: int = 0, world_size: int = 1) -> ds.Dataset:
-        """Rank ``rank``'s share of the val split (no padding, no duplicates), in file order."""
+    def val_loader(self, rank: int = 0, world_size: int = 1, limit_batches: int | None = None) -> ds.Dataset:
+        """Rank ``rank``'s share of the val split (no padding, no duplicates), in file order; with `limit_batches`
+        its first batches only, the same ones in every epoch (every rank has at least one)."""
         if self.val_size < require_int(world_size, "world_size"):
             raise ValueError(f"the val split of {self.name!r} has {self.val_size} samples, fewer than "
                              f"world_size={world_size}: every device needs at least one")
         sampler = ShardSampler(self.val_size, rank, world_size, train=False)
         dataset = self._map(self._reader("val", sampler), self.eval_transform)
-        return dataset.batch(self.eval_batch_size, drop_remainder=False)
+        dataset = dataset.batch(self.eval_batch_size, drop_remainder=False)
+        return dataset.take(int(limit_batches)) if limit_batches else dataset
 
     def __repr__(self) -> str:
         return (f"DataModule({self.name!r}, {self.source!r}, image_size={self.image_size}, "

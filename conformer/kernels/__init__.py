@@ -7,9 +7,15 @@ wheel where it includes `<cblas.h>`), into
 headers), the compiler and the CPU, and moved into place atomically: concurrent processes build it at most once each
 and never load half a file. Without a compiler, or when the build fails, `library` says why once and returns None,
 and the callers use MindSpore's own kernels.
+
+Which path a process runs is one switch, `select` (the config key `hardware.kernels` calls it): `project` runs these
+kernels, `mindspore` runs MindSpore's own ops (what an Ascend or GPU device runs; on the CPU nothing here is built),
+`auto` the project's on the CPU in float32 and MindSpore's elsewhere. Models, the optimizer, the step and export ask
+`serves(name)` when they build their cells, never the device.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
@@ -19,6 +25,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -28,6 +35,80 @@ SOURCES = Path(__file__).resolve().parent
 # -z defs: a symbol no library provides fails the build (and the caller falls back), not the first call
 FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-pthread", "-shared", "-fPIC", "-Wl,-z,defs")
 VECTOR_MATH = ("-lmvec", "-lm")
+
+
+KERNEL_PATHS = ("auto", "project", "mindspore")  # hardware.kernels
+_selected = "auto"
+
+
+def kernel_path_problem(setting: str, device_target: str, amp_level: str = "O0") -> str | None:
+    """Why `setting` cannot run on `device_target` at `amp_level`, or None (the rule select and the config check
+    share)."""
+    if setting not in KERNEL_PATHS:
+        return f"choose one of {', '.join(KERNEL_PATHS)}"
+    if setting == "project" and device_target != "CPU":
+        return f"the project's kernels run on the CPU only, not on {device_target}: use auto or mindspore"
+    if setting == "project" and amp_level != "O0":
+        return (f"the project's kernels compute in float32 and MindSpore's mixed-precision rewrite cannot rewrite "
+                f"their cells, so AMP {amp_level} needs MindSpore's ops: use auto or mindspore (or amp_level O0)")
+    return None
+
+
+def resolve(setting: str, device_target: str, amp_level: str = "O0") -> str:
+    """`project` or `mindspore` for a `hardware.kernels` setting: auto takes the project's kernels on the CPU at AMP
+    O0 (float32) and MindSpore's ops everywhere else."""
+    problem = kernel_path_problem(setting, device_target, amp_level)
+    if problem:
+        raise ValueError(f"kernels={setting!r}: {problem}")
+    if setting == "auto":
+        return "project" if device_target == "CPU" and amp_level == "O0" else "mindspore"
+    return setting
+
+
+def select(setting: str, amp_level: str = "O0") -> str:
+    """Choose the kernel path for the cells built from now on in this process (`hardware.kernels`); returns the
+    resolved path. A cell keeps the path it was built with. `project` demands the compiled kernels: it fails here,
+    naming the kernels, when they cannot be built."""
+    global _selected
+    path = resolve(setting, _device_target(), amp_level)
+    if path == "project":
+        missing = build_all()
+        if missing:
+            raise RuntimeError(f"kernels=project: the CPU kernels {', '.join(missing)} cannot be built here (see the "
+                               "warnings above: a C++ compiler, g++ or $CXX, is needed): use kernels=auto or mindspore")
+    _selected = path
+    return path
+
+
+def selected() -> str:
+    """The path cells are built with now: `project` or `mindspore` (auto resolved for this process's device)."""
+    return _selected if _selected != "auto" else resolve("auto", _device_target())
+
+
+@contextlib.contextmanager
+def using(setting: str, amp_level: str = "O0") -> Iterator[str]:
+    """`select(setting)` for the cells built inside the block, then the earlier choice again."""
+    global _selected
+    previous = _selected
+    try:
+        yield select(setting, amp_level)
+    finally:
+        _selected = previous
+
+
+def serves(name: str) -> bool:
+    """Whether the project's `<name>` kernel runs in the cells built now: the path is `project` and the kernel could
+    be built (the first call builds all kernels, in parallel)."""
+    if selected() != "project":
+        return False
+    build_all()
+    return library(name) is not None
+
+
+def _device_target() -> str:
+    import mindspore as ms
+
+    return ms.get_context("device_target")
 
 
 def cache_dir() -> Path:

@@ -18,18 +18,16 @@ import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common import initializer as init
 
+from conformer.models import cpu_kernels
 from conformer.models.cpu_kernels import (
     CpuAddReLU,
     CpuAttentionCore,
-    CpuBatchNorm2d,
-    CpuConv2d,
-    CpuConv3x3,
-    CpuDense,
-    CpuGELU,
-    CpuLayerNorm,
-    CpuMaxPool2d,
-    CpuPointwiseConv,
     CpuScaledAdd,
+    conv2d,
+    dense,
+    fuses_relu,
+    gelu,
+    max_pool_after_relu,
     token_conv_kernel,
 )
 from conformer.models.registry import check_architecture, model_arguments, nearest_image_size, valid_image_size
@@ -42,29 +40,17 @@ BN_MOMENTUM = 0.9
 
 
 def batch_norm(channels: int, eps: float = BLOCK_NORM_EPS, relu: bool = False) -> nn.BatchNorm2d:
-    """BatchNorm2d; with `relu` it applies the ReLU after it itself where its kernel serves (the caller's ReLU
-    runs only where `bn.kernel is None`)."""
-    return CpuBatchNorm2d(channels, eps=eps, momentum=BN_MOMENTUM, relu=relu)
+    """BatchNorm2d; with `relu` the project's kernel cell applies the ReLU after it itself (see `relu_after`)."""
+    return cpu_kernels.batch_norm(channels, eps=eps, momentum=BN_MOMENTUM, relu=relu)
+
+
+def relu_after(bn: nn.Cell) -> nn.ReLU | None:
+    """The ReLU a caller applies after `bn` (from `batch_norm(..., relu=True)`), None where `bn` applies it itself."""
+    return None if fuses_relu(bn) else nn.ReLU()
 
 
 def layer_norm(dim: int, eps: float = BLOCK_NORM_EPS) -> nn.LayerNorm:
-    return CpuLayerNorm(dim, epsilon=eps)
-
-
-def conv2d(in_ch: int, out_ch: int, kernel: int, stride: int = 1, padding: int = 0, bias: bool = False,
-           groups: int = 1) -> nn.Conv2d:
-    """nn.Conv2d; on the project's CPU kernels where one is faster than MindSpore's: 1x1 with stride 1, 3x3 with
-    stride 1 and padding 1, and kernels of 4 or more (the stem's 7x7 / 2, the patch embedding). MindSpore's oneDNN
-    keeps the strided 1x1 and 3x3 convolutions, where the im2col kernel measured slower."""
-    if kernel == 1 and stride == 1 and padding == 0 and groups == 1:
-        return CpuPointwiseConv(in_ch, out_ch, has_bias=bias)
-    if kernel == 3 and stride == 1 and padding == 1 and groups == 1 and not bias:
-        return CpuConv3x3(in_ch, out_ch)
-    if kernel >= 4 and groups == 1:
-        return CpuConv2d(in_ch, out_ch, kernel, stride=stride, padding=padding, has_bias=bias)
-    pad_mode = "pad" if padding else "valid"
-    return nn.Conv2d(in_ch, out_ch, kernel, stride=stride, pad_mode=pad_mode, padding=padding, group=groups,
-                     has_bias=bias)
+    return cpu_kernels.layer_norm(dim, epsilon=eps)
 
 
 class DropPath(nn.Cell):
@@ -102,37 +88,15 @@ def drop_path_masks(rates: Sequence[float], batch: int, key: Sequence[int]) -> n
     return np.where(draws < keep, 1.0 / keep, 0.0).astype(np.float32)
 
 
-class ZeroPadMaxPool(nn.Cell):
-    """Max-pool over a zero-padded input: PyTorch's padded max-pool for non-negative inputs."""
-
-    def __init__(self, kernel_size: int, stride: int, padding: int) -> None:
-        super().__init__()
-        self.pad = ops.Pad(((0, 0), (0, 0), (padding, padding), (padding, padding)))
-        self.pool = nn.MaxPool2d(kernel_size=kernel_size, stride=stride, pad_mode="valid")
-
-    def construct(self, x: Tensor) -> Tensor:
-        return self.pool(self.pad(x))
-
-
-class StemMaxPool(CpuMaxPool2d):
-    """The stem's 3x3/2 max-pool with PyTorch's symmetric padding 1 (MindSpore's 'same' pads bottom/right only).
-
-    One padded kernel trains faster than pad + valid pool, but does not export to ONNX; the stem pool follows a
-    ReLU, so `ZeroPadMaxPool(**StemMaxPool.GEOMETRY)` computes the same and is what ONNX exports use.
-    """
-
-    GEOMETRY = {"kernel_size": 3, "stride": 2, "padding": 1}
-
-    def __init__(self) -> None:
-        super().__init__(**self.GEOMETRY)
+STEM_POOL = {"kernel_size": 3, "stride": 2, "padding": 1}  # the stem's max-pool, PyTorch's symmetric padding 1
 
 
 class Mlp(nn.Cell):
     def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0) -> None:
         super().__init__()
-        self.fc1 = CpuDense(dim, hidden_dim)
-        self.act = CpuGELU()
-        self.fc2 = CpuDense(hidden_dim, dim)
+        self.fc1 = dense(dim, hidden_dim)
+        self.act = gelu()
+        self.fc2 = dense(hidden_dim, dim)
         self.drop = nn.Dropout(p=drop)
 
     def construct(self, x: Tensor) -> Tensor:
@@ -147,9 +111,9 @@ class Attention(nn.Cell):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = qk_scale or self.head_dim ** -0.5
-        self.qkv = CpuDense(dim, dim * 3, has_bias=qkv_bias)
+        self.qkv = dense(dim, dim * 3, has_bias=qkv_bias)
         self.core = CpuAttentionCore(num_heads, self.scale, attn_drop)
-        self.proj = CpuDense(dim, dim)
+        self.proj = dense(dim, dim)
         self.proj_drop = nn.Dropout(p=proj_drop)
 
     def construct(self, x: Tensor) -> Tensor:
@@ -193,7 +157,7 @@ class ConvBlock(nn.Cell):
         self.bn2 = batch_norm(med_planes, relu=True)
         self.conv3 = conv2d(med_planes, outplanes, 1)
         self.bn3 = batch_norm(outplanes)
-        self.relu = nn.ReLU()
+        self.relu1, self.relu2 = relu_after(self.bn1), relu_after(self.bn2)
         self.add_relu = CpuAddReLU()
         self.res_conv = res_conv
         if res_conv:
@@ -204,13 +168,13 @@ class ConvBlock(nn.Cell):
         """Return the block output and the activation after the 3x3 conv (the FCUDown input)."""
         residual = x
         x = self.bn1(self.conv1(x))
-        if self.bn1.kernel is None:
-            x = self.relu(x)
+        if self.relu1 is not None:
+            x = self.relu1(x)
         if x_t is not None:
             x = x + x_t
         x2 = self.bn2(self.conv2(x))
-        if self.bn2.kernel is None:
-            x2 = self.relu(x2)
+        if self.relu2 is not None:
+            x2 = self.relu2(x2)
         x = self.bn3(self.conv3(x2))
         if self.res_conv:
             residual = self.residual_bn(self.residual_conv(residual))
@@ -230,13 +194,13 @@ class FCUDown(nn.Cell):
         self.dw_stride = dw_stride
         self.sample_pooling = nn.AvgPool2d(kernel_size=dw_stride, stride=dw_stride)
         self.ln = layer_norm(outplanes)
-        self.act = CpuGELU()
+        self.act = gelu()
         self.concat = ops.Concat(axis=1)
 
     def construct(self, x: Tensor, x_t: Tensor) -> Tensor:
         if self.dw_stride > 1:
             x = self.sample_pooling(x)
-        if self.to_tokens is not None and self.conv_project.kernel is not None and x.dtype == ms.float32:
+        if self.to_tokens is not None and x.dtype == ms.float32:
             x = self.to_tokens(x, self.conv_project.weight, self.conv_project.bias)  # the conv and transpose at once
         else:
             x = self.conv_project(x)
@@ -255,16 +219,16 @@ class FCUUp(nn.Cell):
         self.conv_project = conv2d(inplanes, outplanes, 1, bias=True)
         self.from_tokens = token_conv_kernel(to_tokens=False)
         self.bn = batch_norm(outplanes, relu=True)
-        self.act = nn.ReLU()
+        self.act = relu_after(self.bn)
 
     def construct(self, x: Tensor, h: int, w: int) -> Tensor:
         b, _, c = x.shape
-        if self.from_tokens is not None and self.conv_project.kernel is not None and x.dtype == ms.float32:
+        if self.from_tokens is not None and x.dtype == ms.float32:
             x_r = self.from_tokens(x, self.conv_project.weight, self.conv_project.bias).reshape(b, -1, h, w)
         else:
             x_r = self.conv_project(x[:, 1:].transpose(0, 2, 1).reshape(b, c, h, w))
         x_r = self.bn(x_r)
-        if self.bn.kernel is None:
+        if self.act is not None:
             x_r = self.act(x_r)
         if self.up_stride == 1:
             return x_r
@@ -341,8 +305,8 @@ class Conformer(nn.Cell):
         # Stem: 7x7/2 conv, BN, ReLU, 3x3/2 max-pool with symmetric padding 1 (PyTorch style).
         self.conv1 = conv2d(in_chans, 64, 7, stride=2, padding=3)
         self.bn1 = batch_norm(64, eps=OUTER_NORM_EPS, relu=True)
-        self.act1 = nn.ReLU()
-        self.maxpool = StemMaxPool()
+        self.act1 = relu_after(self.bn1)
+        self.maxpool = max_pool_after_relu(**STEM_POOL)
         self.concat = ops.Concat(axis=1)
 
         stage_1_channel = int(base_channel * channel_ratio)
@@ -409,7 +373,7 @@ class Conformer(nn.Cell):
         """Return the final CNN feature map and the normalised token sequence."""
         b = x.shape[0]
         x_base = self.bn1(self.conv1(x))
-        if self.bn1.kernel is None:
+        if self.act1 is not None:
             x_base = self.act1(x_base)
         x_base = self.maxpool(x_base)
         x, _ = self.conv_1(x_base)

@@ -3,8 +3,13 @@
 MindSpore 2.10's CPU kernels for LayerNorm, exact GELU, softmax and BatchNorm take 3x to 20x PyTorch's time at
 Conformer-Ti's shapes (README "Benchmarks"). Each cell here is the MindSpore cell it subclasses (same parameters, names
 and checkpoints) with a forward and backward on the project's vectorised, multi-core kernel, which computes the same
-to float32 rounding. A cell falls back to MindSpore's kernel off the CPU, for other dtypes than float32, without a C++
-compiler, and where a model must run anywhere (`use_builtin_kernels`, for exports).
+to float32 rounding. A cell falls back to MindSpore's kernel for other dtypes than float32, without a C++ compiler, and
+where `use_builtin_kernels` switched it.
+
+The factories at the end (`layer_norm`, `batch_norm`, `dense`, ...) are what the network builds with: the kernel cell
+on the project's kernel path, MindSpore's own cell on MindSpore's path (`conformer.kernels.select`: what Ascend and
+GPU devices run), so that a network built for MindSpore's ops is made of MindSpore's cells alone (its mixed-precision
+rewrite and its exports then see nothing of ours).
 """
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ from typing import Callable
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
-from conformer.kernels import build_all, library
+from conformer.kernels import library, serves
 
 
 def _float32s(*inputs: object) -> object:
@@ -26,15 +31,6 @@ def _custom(name: str, function: str, out_shape: Callable, outputs: int = 1,
     dtypes = (lambda *_: (ms.float32,) * outputs) if outputs > 1 else _float32s
     return ops.Custom(f"{library(name)}:{function}", out_shape=out_shape, out_dtype=dtypes, func_type="aot",
                       bprop=bprop)
-
-
-def _on_cpu(name: str) -> bool:
-    """Whether the `<name>` kernel serves here: the CPU is the device and the kernel could be built (the first call
-    builds all kernels, in parallel)."""
-    if ms.get_context("device_target") != "CPU":
-        return False
-    build_all()
-    return library(name) is not None
 
 
 def _same_shape(x: list[int], *_: list[int]) -> list[int]:
@@ -140,7 +136,7 @@ def token_conv_kernel(to_tokens: bool) -> ops.Custom | None:
     to_tokens: (x [N, Cin, H, W], w [Cout, Cin, 1, 1], b) -> tokens [N, H * W, Cout] (the conv, then flatten and
     transpose); else (tokens [N, 1 + P, Cin], w, b) -> [N, Cout, P] (the class token skipped, then transpose and
     conv). Differentiable; the class token's gradient is zero."""
-    if not _on_cpu("pointwise_conv"):
+    if not serves("pointwise_conv"):
         return None
     if to_tokens:
         return _weighted_kernel("pointwise_conv", "PointwiseConvToTokens", lambda x, w, b: [x[0], x[2] * x[3], w[0]],
@@ -244,7 +240,7 @@ class CpuLayerNorm(nn.LayerNorm):
 
     def __init__(self, dim: int, epsilon: float) -> None:
         super().__init__((dim,), epsilon=epsilon)
-        self.kernel = layer_norm_kernel() if _on_cpu("layer_norm") else None
+        self.kernel = layer_norm_kernel() if serves("layer_norm") else None
         self.eps = Tensor([epsilon], ms.float32)
 
     def construct(self, x: Tensor) -> Tensor:
@@ -257,12 +253,12 @@ class CpuBatchNorm2d(nn.BatchNorm2d):
     """`nn.BatchNorm2d(channels, eps, momentum)` on the project's CPU kernels where they can run (see the module):
     in training the batch statistics and the moving-statistics update, in inference the moving statistics.
 
-    With `relu`, the ReLU that follows runs inside the cell while its kernel serves; the caller applies its own ReLU
-    where the cell's `kernel` is None (MindSpore's kernels: no compiler, exports, mixed precision)."""
+    With `relu` the cell applies the ReLU that follows (inside the kernel where it serves, else after MindSpore's
+    BatchNorm), whichever kernel runs."""
 
     def __init__(self, channels: int, eps: float, momentum: float, relu: bool = False) -> None:
         super().__init__(channels, eps=eps, momentum=momentum)
-        on_cpu = _on_cpu("batch_norm")
+        on_cpu = serves("batch_norm")
         self.kernel = batch_norm_kernel(relu) if on_cpu else None
         self.inference_kernel = batch_norm_inference_kernel(relu) if on_cpu else None
         self.relu = relu
@@ -273,7 +269,7 @@ class CpuBatchNorm2d(nn.BatchNorm2d):
         batch_statistics = self.training if self.use_batch_statistics is None else self.use_batch_statistics
         if self.kernel is None or x.dtype != ms.float32 or x.ndim != 4:
             y = super().construct(x)
-            return ops.relu(y) if self.relu and self.kernel is not None else y
+            return ops.relu(y) if self.relu else y
         if not batch_statistics:
             return self.inference_kernel(x, self.gamma, self.beta, self.moving_mean, self.moving_variance,
                                          self.constants)
@@ -286,7 +282,7 @@ class CpuDense(nn.Dense):
 
     def __init__(self, in_channels: int, out_channels: int, has_bias: bool = True) -> None:
         super().__init__(in_channels, out_channels, has_bias=has_bias)
-        self.kernel = dense_kernel(has_bias) if _on_cpu("dense") else None
+        self.kernel = dense_kernel(has_bias) if serves("dense") else None
 
     def construct(self, x: Tensor) -> Tensor:
         if self.kernel is None or x.dtype != ms.float32:
@@ -302,7 +298,7 @@ class CpuPointwiseConv(nn.Conv2d):
 
     def __init__(self, in_channels: int, out_channels: int, has_bias: bool = False) -> None:
         super().__init__(in_channels, out_channels, 1, pad_mode="valid", has_bias=has_bias)
-        self.kernel = pointwise_conv_kernel(has_bias) if _on_cpu("pointwise_conv") else None
+        self.kernel = pointwise_conv_kernel(has_bias) if serves("pointwise_conv") else None
 
     def construct(self, x: Tensor) -> Tensor:
         if self.kernel is None or x.dtype != ms.float32:
@@ -318,7 +314,7 @@ class CpuConv3x3(nn.Conv2d):
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__(in_channels, out_channels, 3, pad_mode="pad", padding=1, has_bias=False)
-        self.kernel = conv3x3_kernel() if _on_cpu("conv3x3") else None
+        self.kernel = conv3x3_kernel() if serves("conv3x3") else None
 
     def construct(self, x: Tensor) -> Tensor:
         if self.kernel is None or x.dtype != ms.float32:
@@ -334,7 +330,7 @@ class CpuConv2d(nn.Conv2d):
                  has_bias: bool = False) -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, pad_mode="pad" if padding else "valid",
                          padding=padding, has_bias=has_bias)
-        self.kernel = conv2d_kernel(kernel_size, stride, padding, has_bias) if _on_cpu("conv2d") else None
+        self.kernel = conv2d_kernel(kernel_size, stride, padding, has_bias) if serves("conv2d") else None
         self.geometry = Tensor([stride, padding], ms.float32)
 
     def construct(self, x: Tensor) -> Tensor:
@@ -351,7 +347,7 @@ class CpuMaxPool2d(nn.MaxPool2d):
 
     def __init__(self, kernel_size: int, stride: int, padding: int) -> None:
         super().__init__(kernel_size=kernel_size, stride=stride, pad_mode="pad", padding=padding)
-        self.kernel = max_pool_kernel(kernel_size, stride, padding) if _on_cpu("max_pool") else None
+        self.kernel = max_pool_kernel(kernel_size, stride, padding) if serves("max_pool") else None
         self.geometry = Tensor([kernel_size, stride, padding], ms.float32)
 
     def construct(self, x: Tensor) -> Tensor:
@@ -366,7 +362,7 @@ class CpuGELU(nn.GELU):
 
     def __init__(self) -> None:
         super().__init__(approximate=False)
-        self.kernel = gelu_kernel() if _on_cpu("gelu") else None
+        self.kernel = gelu_kernel() if serves("gelu") else None
 
     def construct(self, x: Tensor) -> Tensor:
         if self.kernel is None or x.dtype != ms.float32:
@@ -380,7 +376,7 @@ class CpuAddReLU(nn.Cell):
 
     def __init__(self) -> None:
         super().__init__()
-        self.kernel = add_relu_kernel() if _on_cpu("add_relu") else None
+        self.kernel = add_relu_kernel() if serves("add_relu") else None
 
     def construct(self, x: Tensor, r: Tensor) -> Tensor:
         if self.kernel is None or x.dtype != ms.float32 or r.dtype != ms.float32 or x.shape != r.shape:
@@ -394,7 +390,7 @@ class CpuScaledAdd(nn.Cell):
 
     def __init__(self) -> None:
         super().__init__()
-        self.kernel = scaled_add_kernel() if _on_cpu("scaled_add") else None
+        self.kernel = scaled_add_kernel() if serves("scaled_add") else None
 
     def construct(self, x: Tensor, branch: Tensor, scale: Tensor) -> Tensor:
         if self.kernel is None or x.dtype != ms.float32 or branch.dtype != ms.float32 or x.shape != branch.shape:
@@ -407,7 +403,7 @@ class CpuSoftmax(nn.Softmax):
 
     def __init__(self) -> None:
         super().__init__(axis=-1)
-        self.kernel = softmax_kernel() if _on_cpu("softmax") else None
+        self.kernel = softmax_kernel() if serves("softmax") else None
 
     def construct(self, x: Tensor) -> Tensor:
         if self.kernel is None or x.dtype != ms.float32:
@@ -424,10 +420,10 @@ class CpuAttentionCore(nn.Cell):
         super().__init__()
         self.num_heads = num_heads
         self.scale = scale
-        self.kernel = attention_kernel(num_heads) if attn_drop == 0 and _on_cpu("attention") else None
+        self.kernel = attention_kernel(num_heads) if attn_drop == 0 and serves("attention") else None
         self.scale_tensor = Tensor([scale], ms.float32)
         self.attn_drop = nn.Dropout(p=attn_drop)
-        self.softmax = CpuSoftmax()
+        self.softmax = softmax()
         self.qk_matmul = ops.BatchMatMul(transpose_b=True)
         self.av_matmul = ops.BatchMatMul()
 
@@ -450,7 +446,7 @@ class GlobalNorm(nn.Cell):
 
     def __init__(self, float32: bool = True) -> None:
         super().__init__()
-        use = float32 and _on_cpu("global_norm")
+        use = float32 and serves("global_norm")
         self.kernel = ops.Custom(f"{library('global_norm')}:GlobalNorm", out_shape=_scalar_shape, out_dtype=_float32s,
                                  func_type="aot") if use else None
         self.hyper_map = ops.HyperMap()
@@ -465,7 +461,7 @@ def adamw_kernel() -> ops.Custom | None:
     """(lr, float64 [beta1, beta2, eps, weight decay], int32 step, *params, *exp_avg, *exp_avg_sq, *grads) -> [step]:
     torch's AdamW update of all the float32 params and moments, in place; None where the kernel cannot serve. A
     memory side effect to the compiler, so a graph keeps it where nothing uses its output."""
-    if not _on_cpu("adamw"):
+    if not serves("adamw"):
         return None
     kernel = ops.Custom(f"{library('adamw')}:AdamW", out_shape=_scalar_shape, out_dtype=_float32s, func_type="aot")
     kernel.add_prim_attr("side_effect_mem", True)
@@ -501,15 +497,72 @@ def use_builtin_kernels(network: nn.Cell) -> int:
     return switched
 
 
-def as_builtin_cells(network: nn.Cell) -> int:
-    """`use_builtin_kernels`, and each kernel cell that subclasses a MindSpore cell becomes that cell (same
-    parameters): MindSpore's mixed-precision rewriter (AMP O1) cannot rewrite such subclasses. Returns how many."""
-    use_builtin_kernels(network)
-    changed = 0
-    for _, cell in network.cells_and_names():
-        if isinstance(cell, KERNEL_CELLS):
-            builtin = next(base for base in type(cell).__mro__ if base.__module__.startswith("mindspore."))
-            if builtin is not nn.Cell:
-                cell.__class__ = builtin
-                changed += 1
-    return changed
+# ---------------------------------------------------------------------------------------------------- factories
+# The cells a network is built from: the project's kernel cell where `conformer.kernels.serves` says its kernel runs,
+# else MindSpore's own cell with the same parameters (names, shapes, checkpoints).
+def layer_norm(dim: int, epsilon: float) -> nn.LayerNorm:
+    return CpuLayerNorm(dim, epsilon) if serves("layer_norm") else nn.LayerNorm((dim,), epsilon=epsilon)
+
+
+def batch_norm(channels: int, eps: float, momentum: float, relu: bool = False) -> nn.BatchNorm2d:
+    """BatchNorm2d; with `relu` on the project's kernel the cell applies the ReLU that follows too (`fuses_relu`)."""
+    if serves("batch_norm"):
+        return CpuBatchNorm2d(channels, eps=eps, momentum=momentum, relu=relu)
+    return nn.BatchNorm2d(channels, eps=eps, momentum=momentum)
+
+
+def fuses_relu(cell: nn.Cell) -> bool:
+    """Whether `cell` (from `batch_norm`) applies the following ReLU itself: the caller then applies none. Decided
+    when the network is built, so it holds under mixed precision, whose wrappers hide the cell's attributes."""
+    return isinstance(cell, CpuBatchNorm2d) and cell.relu
+
+
+def dense(in_channels: int, out_channels: int, has_bias: bool = True) -> nn.Dense:
+    if serves("dense"):
+        return CpuDense(in_channels, out_channels, has_bias=has_bias)
+    return nn.Dense(in_channels, out_channels, has_bias=has_bias)
+
+
+def conv2d(in_ch: int, out_ch: int, kernel: int, stride: int = 1, padding: int = 0, bias: bool = False,
+           groups: int = 1) -> nn.Conv2d:
+    """nn.Conv2d; on the project's CPU kernels where one is faster than MindSpore's: 1x1 with stride 1, 3x3 with
+    stride 1 and padding 1, and kernels of 4 or more (the stem's 7x7 / 2, the patch embedding). MindSpore's oneDNN
+    keeps the strided 1x1 and 3x3 convolutions, where the im2col kernel measured slower."""
+    if groups == 1 and kernel == 1 and stride == 1 and padding == 0 and serves("pointwise_conv"):
+        return CpuPointwiseConv(in_ch, out_ch, has_bias=bias)
+    if groups == 1 and kernel == 3 and stride == 1 and padding == 1 and not bias and serves("conv3x3"):
+        return CpuConv3x3(in_ch, out_ch)
+    if groups == 1 and kernel >= 4 and serves("conv2d"):
+        return CpuConv2d(in_ch, out_ch, kernel, stride=stride, padding=padding, has_bias=bias)
+    return nn.Conv2d(in_ch, out_ch, kernel, stride=stride, pad_mode="pad" if padding else "valid", padding=padding,
+                     group=groups, has_bias=bias)
+
+
+def gelu() -> nn.GELU:
+    return CpuGELU() if serves("gelu") else nn.GELU(approximate=False)
+
+
+def softmax() -> nn.Softmax:
+    return CpuSoftmax() if serves("softmax") else nn.Softmax(axis=-1)
+
+
+class ZeroPadMaxPool(nn.Cell):
+    """Max-pool over a zero-padded input: PyTorch's padded max-pool for non-negative inputs (after a ReLU). Pad + valid
+    pool runs on every device and exports to ONNX; MindSpore's padded MaxPool2d lowers to MaxPool3DWithArgmax on
+    Ascend, which first-generation 910s lack."""
+
+    def __init__(self, kernel_size: int, stride: int, padding: int) -> None:
+        super().__init__()
+        self.pad = ops.Pad(((0, 0), (0, 0), (padding, padding), (padding, padding)))
+        self.pool = nn.MaxPool2d(kernel_size=kernel_size, stride=stride, pad_mode="valid")
+
+    def construct(self, x: Tensor) -> Tensor:
+        return self.pool(self.pad(x))
+
+
+def max_pool_after_relu(kernel_size: int, stride: int, padding: int) -> nn.Cell:
+    """PyTorch's padded max-pool of a non-negative input: the project's padded kernel (faster than pad + pool), else
+    `ZeroPadMaxPool`."""
+    if serves("max_pool"):
+        return CpuMaxPool2d(kernel_size, stride, padding)
+    return ZeroPadMaxPool(kernel_size, stride, padding)

@@ -9,8 +9,7 @@ import numpy as np
 from mindspore import Tensor, nn, ops
 from omegaconf import DictConfig, OmegaConf
 
-from conformer.models.conformer_net import StemMaxPool, ZeroPadMaxPool
-from conformer.models.cpu_kernels import use_builtin_kernels
+from conformer import kernels
 from conformer.tasks.common import RunContext, open_run, task_tracker, trained_network
 from conformer.tasks.predict import class_labels
 from conformer.tracking import Tracker
@@ -58,8 +57,6 @@ class PolyErfGELU(nn.Cell):
 def _onnx_replacement(cell: nn.Cell) -> nn.Cell | None:
     if isinstance(cell, nn.GELU) and cell.approximate == "none":
         return PolyErfGELU()
-    if isinstance(cell, StemMaxPool):
-        return ZeroPadMaxPool(**StemMaxPool.GEOMETRY)
     return None
 
 
@@ -88,9 +85,9 @@ def export(ctx: RunContext) -> None:
     fmt, output = str(cfg.task.format).upper(), cfg.task.output
     if not ctx.group.is_main:
         return None
-    network, weights = trained_network(ctx)  # the class count comes from the weights, not the data
+    with kernels.using("mindspore"):  # the file runs where our compiled CPU kernels do not exist
+        network, weights = trained_network(ctx)  # the class count comes from the weights, not the data
     shape = (cfg.task.batch_size, network.in_chans, cfg.data.image_size, cfg.data.image_size)
-    use_builtin_kernels(network)  # the file must run where our compiled CPU kernels do not exist
     if fmt == "ONNX":
         log.info("ONNX: swapped %d cells for exportable equivalents", make_onnx_compatible(network))
     path = export_path(cfg.task.file, ctx.run_dir, cfg.model.name, fmt)

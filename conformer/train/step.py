@@ -12,7 +12,7 @@ from mindspore import Parameter, Tensor, nn, ops
 from mindspore.experimental import optim
 
 from conformer.models.conformer_net import drop_path_masks
-from conformer.models.cpu_kernels import GlobalNorm, as_builtin_cells
+from conformer.models.cpu_kernels import KERNEL_CELLS, GlobalNorm
 from conformer.train.checkpoint import assign_in_place
 from conformer.validation import AMP_LEVELS, LOSS_SCALES
 
@@ -65,22 +65,42 @@ class StepResult:
 def apply_amp(network: nn.Cell, level: str = "O0", workdir: str | Path | None = None) -> nn.Cell:
     """Mixed precision 'O0' (none) .. 'O3' (all fp16) for the network only.
 
-    The loss stays a separate fp32 cell (logits are cast to fp32 before log-softmax). On CPU keep 'O0': its
-    kernels are fp32, so fp16 only adds casts, and the network leaves the project's CPU kernels for MindSpore's. O1
-    rewrites the network's source into `./rewritten_network/`, which graph compilation reads later: `workdir` (e.g.
-    the run dir) keeps it out of the current directory.
+    The loss stays a separate fp32 cell (logits are cast to fp32 before log-softmax). AMP runs on MindSpore's ops: the
+    network must be built on that path (`conformer.kernels.select("mindspore")`; `hardware.kernels=auto` picks it for
+    any level but O0), as the project's kernels are float32 and O1's rewrite cannot rewrite their cells. O1 rewrites
+    the network's source into `./rewritten_network/`, which graph compilation reads later: `workdir` (e.g. the run
+    dir) keeps it out of the current directory. O2 keeps BatchNorm and LayerNorm in float32; O3 casts everything.
     """
     if level not in AMP_LEVELS:
         raise ValueError(f"amp level {level!r} is unknown; choose one of {AMP_LEVELS}.")
     if level == "O0":
         return network
-    as_builtin_cells(network)  # our kernels are float32 only, and the rewriter cannot rewrite their cells
+    ours = sorted({type(cell).__name__ for _, cell in network.cells_and_names()
+                   if isinstance(cell, KERNEL_CELLS) and cell.kernel is not None})
+    if ours:
+        raise ValueError(f"AMP {level} runs on MindSpore's ops; this network was built on the project's CPU kernels "
+                         f"({', '.join(ours)}): build it after conformer.kernels.select('mindspore') "
+                         "(hardware.kernels=mindspore, or auto)")
     previous = os.getcwd()
     os.chdir(workdir or previous)
     try:
         return ms.amp.auto_mixed_precision(network, level)
     finally:
         os.chdir(previous)
+
+
+class FiniteOnEveryRank(nn.Cell):
+    """The update decision all ranks take together: finite only where no rank saw an overflow. On Ascend the overflow
+    check reads each device's own status register, so ranks may disagree on all-reduced gradients: one would skip an
+    update another applies, and their loss scales drift apart (MindSpore's loss-scale cell all-reduces it too)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.all_reduce = ops.AllReduce(ops.ReduceOp.SUM)
+
+    def construct(self, finite: Tensor) -> Tensor:
+        overflows = self.all_reduce(ops.logical_not(finite).astype(ms.float32).reshape((1,)))
+        return ops.equal(overflows, 0.0).reshape(())
 
 
 def data_parallel_reducer(weights: tuple[Parameter, ...]) -> nn.Cell | None:
@@ -120,6 +140,7 @@ class _StepCell(nn.Cell):
             self.accum_grads = self.weights.clone(prefix="grad_accum", init="zeros")
         self.reducer = data_parallel_reducer(self.weights)
         self.reduce = self.reducer is not None
+        self.finite_on_every_rank = FiniteOnEveryRank() if self.reduce else None
 
     def forward(self, images: Tensor, targets: Tensor, masks: Tensor | None, scale: Tensor) -> tuple[Tensor, Tensor]:
         logits = self.network(images) if masks is None else self.network(images, masks)
@@ -156,6 +177,8 @@ class _StepCell(nn.Cell):
             grads = self.reducer(grads)
         norm = self.global_norm(grads)
         finite = self.all_finite(grads, norm)
+        if self.reduce:
+            finite = self.finite_on_every_rank(finite)
         if self.dynamic:
             self.scaler.adjust(finite)
         if finite:

@@ -213,7 +213,7 @@ class Trainer:
         if start >= epochs:
             log.info("checkpoint is at epoch %d of %d: nothing left to train", start, epochs)
             return state
-        val_loader = self.data.val_loader(self.group.rank, self.group.world_size)
+        val_loader = self.data.val_loader(self.group.rank, self.group.world_size, self.limit_val_batches)
         val_iter = val_loader.create_tuple_iterator(num_epochs=epochs - start)
         step = state.step
         # a resumed run: the killed process may have logged an epoch's metrics and died before its checkpoint; that
@@ -349,9 +349,8 @@ class Trainer:
         return result
 
     def evaluate(self, batches: Iterator) -> dict[str, float]:
-        """Eval every head on this rank's shard, summed over ranks (every rank returns the same numbers)."""
-        if self.limit_val_batches:
-            batches = itertools.islice(batches, int(self.limit_val_batches))
+        """Eval every head on one epoch of this rank's val batches (the loader's first `limit_val_batches` with that
+        limit), summed over ranks (every rank returns the same numbers)."""
         self.bar.start("eval", total=self.limit_val_batches or None)
         try:
             with self.ema.swapped() if self.ema is not None else nullcontext():
