@@ -157,6 +157,140 @@ def test_batch_norm_inference_kernel_equals_mindspores(relu: bool) -> None:
         np.testing.assert_allclose(mine, want, rtol=1e-5, atol=2e-5 * np.abs(want).max(), err_msg=name)
 
 
+# Normalisation inputs where a misplaced constant shows: one row (LayerNorm) or channel (BatchNorm) per (mean, std).
+# Variances from 1e-8 to 1e4: at 1e-6 and 1e-5 the epsilon is as large as the variance (eps outside the square root,
+# or added twice, is off by tens of percent), at the top it is nothing; means up to 1e3 times the std (a variance as
+# E[x^2] - E[x]^2 in float32 cancels). Means above ~1e3 std are not used: float32 cannot hold their mean to better
+# than ~6e-8 * |mean| / std of the normalised output on any path.
+NORM_STATS = ((0.0, 1e-4), (0.01, 3e-4), (0.0, 1e-3), (-0.02, 3e-3), (0.0, 1e-2), (1.0, 1.0), (30.0, 0.3), (30.0, 3.0),
+              (-300.0, 3.0), (-300.0, 30.0), (1000.0, 10.0), (1000.0, 100.0))
+# Both paths against the float64 definition, each output relative to its row's / channel's largest value. Measured on
+# both paths: LayerNorm <= 1.4e-6 (y), BatchNorm <= 1.8e-6 (dgamma), the moving statistics <= 1.5e-7: ~10x margin.
+# (LayerNorm's eps moved outside the square root in the kernel: 0.94.)
+NORM_TOL = 2e-5
+
+
+def _relative_errors(got: np.ndarray, want: np.ndarray, axis: int | tuple[int, ...]) -> np.ndarray:
+    """|got - want| at its largest per row (LayerNorm) or channel (BatchNorm), over that slice's largest |want|."""
+    return np.abs(got - want).max(axis=axis) / np.abs(want).max(axis=axis)
+
+
+def _layer_norm_definition(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, dy: np.ndarray,
+                           eps: float) -> list[np.ndarray]:
+    """y, dx, dgamma, dbeta of LayerNorm over the last axis, in float64: (x - mean) / sqrt(var + eps) * gamma + beta."""
+    x, gamma, dy = x.astype(np.float64), gamma.astype(np.float64), dy.astype(np.float64)
+    centred = x - x.mean(-1, keepdims=True)
+    rstd = 1.0 / np.sqrt((centred ** 2).mean(-1, keepdims=True) + eps)
+    xhat = centred * rstd
+    g = dy * gamma
+    dx = rstd * (g - g.mean(-1, keepdims=True) - xhat * (g * xhat).mean(-1, keepdims=True))
+    rows = tuple(range(x.ndim - 1))
+    return [xhat * gamma + beta, dx, (dy * xhat).sum(rows), dy.sum(rows)]
+
+
+@pytest.mark.parametrize("builtin", [False, True], ids=["kernel", "mindspore"])
+@pytest.mark.parametrize("eps", [1e-6, 1e-5])
+def test_layer_norm_equals_its_definition_at_low_variance_and_large_mean(eps: float, builtin: bool) -> None:
+    """Forward and backward of CpuLayerNorm, on the project's kernel and on MindSpore's op, against the float64
+    definition on rows whose variance ranges from far below eps to far above, and whose mean is up to 1e3 stds."""
+    rng = np.random.default_rng(8)
+    d = 96
+    x = np.stack([mean + std * rng.standard_normal(d) for mean, std in NORM_STATS]).reshape(2, 6, d)
+    x = x.astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    gamma = (0.5 * rng.standard_normal(d) + 1).astype(np.float32)
+    beta = rng.standard_normal(d).astype(np.float32)
+    cell = CpuLayerNorm(d, eps)
+    assert cell.kernel is not None
+    if builtin:
+        assert use_builtin_kernels(cell) == 1
+    cell.gamma.set_data(Tensor(gamma))
+    cell.beta.set_data(Tensor(beta))
+    _, y, dx, dgamma, dbeta = _value_and_grads(cell, Tensor(x), Tensor(dy))
+    want = _layer_norm_definition(x, gamma, beta, dy, eps)
+    errors = {"y": _relative_errors(y, want[0], -1).max(), "dx": _relative_errors(dx, want[1], -1).max(),
+              "dgamma": _relative_errors(dgamma, want[2], 0), "dbeta": _relative_errors(dbeta, want[3], 0)}
+    assert max(errors.values()) < NORM_TOL, errors
+
+
+def _batch_norm_definition(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, dy: np.ndarray, eps: float,
+                           statistics: tuple[np.ndarray, np.ndarray] | None = None) -> list[np.ndarray]:
+    """y, dx, dgamma, dbeta of BatchNorm over N, H, W in float64: with the batch's mean and biased variance, or with
+    the given (mean, variance) held fixed (inference)."""
+    x, gamma, dy = x.astype(np.float64), gamma.astype(np.float64)[:, None, None], dy.astype(np.float64)
+    axes = (0, 2, 3)
+    if statistics is None:
+        mean, variance = x.mean(axes, keepdims=True), x.var(axes, keepdims=True)
+    else:
+        mean, variance = (s.astype(np.float64)[:, None, None] for s in statistics)
+    rstd = 1.0 / np.sqrt(variance + eps)
+    xhat = (x - mean) * rstd
+    g = dy * gamma
+    if statistics is None:
+        dx = rstd * (g - g.mean(axes, keepdims=True) - xhat * (g * xhat).mean(axes, keepdims=True))
+    else:
+        dx = rstd * g
+    return [xhat * gamma + beta[:, None, None], dx, (dy * xhat).sum(axes), dy.sum(axes)]
+
+
+def _batch_norm_case(builtin: bool, eps: float, rng: np.random.Generator) -> tuple:
+    """A CpuBatchNorm2d (momentum 0.9; on MindSpore's op with `builtin`) with random gamma and beta and moving
+    statistics away from their defaults; x [4, C, 6, 5] with one (mean, std) of NORM_STATS per channel, and an
+    upstream gradient."""
+    channels = len(NORM_STATS)
+    mean, std = (np.array(column, np.float64) for column in zip(*NORM_STATS))
+    x = (mean[:, None, None] + std[:, None, None] * rng.standard_normal((4, channels, 6, 5))).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    cell = CpuBatchNorm2d(channels, eps, 0.9)
+    assert cell.kernel is not None and cell.inference_kernel is not None
+    if builtin:
+        assert use_builtin_kernels(cell) == 1
+    values = {"gamma": 0.5 * rng.standard_normal(channels) + 1, "beta": rng.standard_normal(channels),
+              # near the true statistics, not at 0 and 1: a swapped or missing moving statistic shows
+              "moving_mean": mean + std * rng.uniform(-0.5, 0.5, channels),
+              "moving_variance": std ** 2 * rng.uniform(0.5, 2.0, channels)}
+    for name, value in values.items():
+        getattr(cell, name).set_data(Tensor(value.astype(np.float32)))
+    return cell, x, dy, *(values[name].astype(np.float32) for name in values)
+
+
+@pytest.mark.parametrize("builtin", [False, True], ids=["kernel", "mindspore"])
+@pytest.mark.parametrize("eps", [1e-6, 1e-5])
+def test_batch_norm_training_equals_its_definition_at_low_variance_and_large_mean(eps: float, builtin: bool) -> None:
+    """Training mode on the project's kernel and on MindSpore's op: forward and backward with the batch statistics
+    against the float64 definition, and the moving statistics' update with momentum 0.9 (the moving value's weight;
+    the batch variance unbiased) from values away from their defaults."""
+    cell, x, dy, gamma, beta, moving_mean, moving_variance = _batch_norm_case(builtin, eps, np.random.default_rng(9))
+    cell.set_train()
+    _, y, dx, dgamma, dbeta = _value_and_grads(cell, Tensor(x), Tensor(dy))  # two forward passes: two updates
+    want = _batch_norm_definition(x, gamma, beta, dy, eps)
+    errors = {"y": _relative_errors(y, want[0], (0, 2, 3)).max(), "dx": _relative_errors(dx, want[1], (0, 2, 3)).max(),
+              "dgamma": _relative_errors(dgamma, want[2], 0), "dbeta": _relative_errors(dbeta, want[3], 0)}
+    batch_mean = x.astype(np.float64).mean((0, 2, 3))
+    batch_variance = x.astype(np.float64).var((0, 2, 3), ddof=1)
+    for name, moving, batch in (("moving_mean", moving_mean, batch_mean),
+                                ("moving_variance", moving_variance, batch_variance)):
+        want_moving = 0.81 * moving + 0.19 * batch  # 0.9 * (0.9 * moving + 0.1 * batch) + 0.1 * batch
+        errors[name] = (np.abs(getattr(cell, name).asnumpy() - want_moving) / np.abs(want_moving)).max()
+    assert max(errors.values()) < NORM_TOL, errors
+
+
+@pytest.mark.parametrize("builtin", [False, True], ids=["kernel", "mindspore"])
+@pytest.mark.parametrize("eps", [1e-6, 1e-5])
+def test_batch_norm_inference_equals_its_definition_at_low_variance_and_large_mean(eps: float, builtin: bool) -> None:
+    """Eval mode on the project's kernel and on MindSpore's op: the moving statistics (shifted means, variances from
+    1e-8 up) normalise, forward and backward, against the float64 definition; they stay as they were."""
+    cell, x, dy, gamma, beta, moving_mean, moving_variance = _batch_norm_case(builtin, eps, np.random.default_rng(10))
+    cell.set_train(False)
+    _, y, dx, dgamma, dbeta = _value_and_grads(cell, Tensor(x), Tensor(dy))
+    want = _batch_norm_definition(x, gamma, beta, dy, eps, (moving_mean, moving_variance))
+    errors = {"y": _relative_errors(y, want[0], (0, 2, 3)).max(), "dx": _relative_errors(dx, want[1], (0, 2, 3)).max(),
+              "dgamma": _relative_errors(dgamma, want[2], 0), "dbeta": _relative_errors(dbeta, want[3], 0)}
+    assert max(errors.values()) < NORM_TOL, errors
+    np.testing.assert_array_equal(cell.moving_mean.asnumpy(), moving_mean)
+    np.testing.assert_array_equal(cell.moving_variance.asnumpy(), moving_variance)
+
+
 class _NormedHeads(nn.Cell):
     """conv -> BatchNorm + ReLU -> conv -> BatchNorm -> two heads: a train step with two moving-statistics updates."""
 
