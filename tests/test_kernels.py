@@ -104,6 +104,13 @@ CASES = {
 }
 
 
+# Ours against MindSpore's op, each output's largest error relative to its largest value. Measured here: attention
+# 3.0e-6 (y), max pool exactly 0, every other case <= 1.0e-6: ~10x margin. The moving statistics: at most 3% of
+# rtol=1e-5, atol=1e-6, so 10x tighter than that.
+KERNEL_TOL = {"attention": 3e-5, "max_pool": 1e-7, "max_pool_odd": 1e-7, "max_pool_ties": 1e-7}
+DEFAULT_KERNEL_TOL = 1e-5
+
+
 @NEEDS_COMPILER
 @pytest.mark.parametrize("case", CASES)
 def test_kernel_equals_mindspores_forward_and_backward(case: str) -> None:
@@ -118,12 +125,13 @@ def test_kernel_equals_mindspores_forward_and_backward(case: str) -> None:
     expected = _value_and_grads(builtin, x, weights)
     got = _value_and_grads(ours, x, weights)
     assert len(got) == len(expected)
+    tol = KERNEL_TOL.get(case, DEFAULT_KERNEL_TOL)
     for name, mine, want in zip(("loss", "y", "dx", "dparam0", "dparam1"), got, expected):
-        np.testing.assert_allclose(mine, want, rtol=1e-5, atol=2e-5 * np.abs(want).max(), err_msg=name)
+        np.testing.assert_allclose(mine, want, rtol=0, atol=tol * np.abs(want).max(), err_msg=name)
     for moving in ("moving_mean", "moving_variance") if isinstance(ours, CpuBatchNorm2d) else ():  # two updates each
         want = getattr(builtin, moving).asnumpy()
         assert not np.allclose(want, 0.0 if moving == "moving_mean" else 1.0)
-        np.testing.assert_allclose(getattr(ours, moving).asnumpy(), want, rtol=1e-5, atol=1e-6, err_msg=moving)
+        np.testing.assert_allclose(getattr(ours, moving).asnumpy(), want, rtol=1e-6, atol=1e-7, err_msg=moving)
     assert [p.name for p in ours.get_parameters()] == [p.name for p in builtin.get_parameters()]  # checkpoints
 
     portable, builtin = make_ours().set_train(), make_builtin().set_train()  # what an export does, before compiling
