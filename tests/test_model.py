@@ -247,6 +247,19 @@ def test_drop_path_applies_a_given_mask_per_sample_in_training_only() -> None:
     np.testing.assert_array_equal(cell(x, mask).asnumpy(), 1.0)
 
 
+def test_drop_path_without_a_mask_keeps_a_sample_with_the_keep_probability_scaled_by_its_inverse() -> None:
+    """The in-graph draw (no mask given) at drop_prob 0.25, not 0.5: kept samples are scaled by 1 / 0.75 (not 1 / 0.25)
+    and about 75% are kept (not 25%), every element of a sample alike."""
+    ms.set_seed(3)
+    cell = DropPath(0.25)
+    cell.set_train(True)
+    out = cell(ms.Tensor(np.ones((4000, 3, 2), np.float32))).asnumpy()
+    per_sample = out[:, 0, 0]
+    np.testing.assert_array_equal(out, np.broadcast_to(per_sample[:, None, None], out.shape))
+    assert set(np.unique(per_sample)) == {0.0, np.float32(1.0 / 0.75)}
+    assert abs((per_sample > 0).mean() - 0.75) < 0.03, (per_sample > 0).mean()
+
+
 def test_a_model_that_ran_is_freed_once_dropped() -> None:
     """A sweep builds a model per trial in one process: its compiled graph must not keep the model alive. (A Tensor
     method called on a Parameter attribute inside construct made MindSpore hold the cell: ~50 MB per trial.)"""
