@@ -1,5 +1,8 @@
 """Shared test setup: CPU tuning and device before MindSpore runs any kernel, graph mode per test, data paths, one
-compile cache for the whole session."""
+compile cache for the whole session.
+
+tests/README.md names, for each numeric component (EMA, mixup, losses, loss scale, clipping, schedules, optimizers,
+the kernels, the model's parity), the test that fails when its math breaks; keep it true when you add one."""
 from __future__ import annotations
 
 import gc

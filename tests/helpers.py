@@ -80,14 +80,18 @@ def clean_env(project_root: Path) -> dict[str, str]:
     return {**env, "CONFORMER_PROJECT_ROOT": str(project_root)}
 
 
-def run_py(args: Sequence[str], project_root: Path, **popen) -> subprocess.Popen:
-    """Start `python run.py <args>` in `project_root` (so MindSpore's stray dirs land there, not in the repo)."""
-    return subprocess.Popen([sys.executable, str(RUN_PY), *args], cwd=project_root, env=clean_env(project_root),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+def run_py(args: Sequence[str], project_root: Path, env: dict[str, str] | None = None,
+           **popen) -> subprocess.Popen:
+    """Start `python run.py <args>` in `project_root` (so MindSpore's stray dirs land there, not in the repo), with
+    `env` on top of `clean_env`."""
+    return subprocess.Popen([sys.executable, str(RUN_PY), *args], cwd=project_root,
+                            env={**clean_env(project_root), **(env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **popen)
 
 
-def run_py_to_end(args: Sequence[str], project_root: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    proc = run_py(args, project_root)
+def run_py_to_end(args: Sequence[str], project_root: Path, timeout: float = 300,
+                  env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    proc = run_py(args, project_root, env)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

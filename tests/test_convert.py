@@ -20,7 +20,7 @@ from conformer.convert import (
 )
 from conformer.models import create_model
 
-from .parity import REFERENCE, max_rel_error
+from .parity import EVAL_LOGITS_TOL, REFERENCE, max_rel_error
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -92,8 +92,8 @@ def test_cli_writes_a_checkpoint_that_reproduces_the_reference(tmp_path: Path) -
     model.set_train(False)
     io = np.load(REFERENCE / "tiny_io.npz")
     conv, trans = model(ms.Tensor(io["x"]))
-    assert max_rel_error(conv.asnumpy(), io["conv_logits"]) < 1e-4
-    assert max_rel_error(trans.asnumpy(), io["trans_logits"]) < 1e-4
+    assert max_rel_error(conv.asnumpy(), io["conv_logits"]) < EVAL_LOGITS_TOL
+    assert max_rel_error(trans.asnumpy(), io["trans_logits"]) < EVAL_LOGITS_TOL
 
 
 def test_cli_reports_a_mismatch_with_exit_code_2(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ import mindspore as ms
 import numpy as np
 import pytest
 
-from conformer.data.mixup import Mixup
+from conformer.data.mixup import Mixup, smooth_one_hot
 from conformer.data.module import DataModule
 from conformer.data.sampler import repeated_aug_shard, train_shard
 from conformer.data.sources import ImageFolderSource, SyntheticSource, write_image_folder
@@ -103,6 +103,29 @@ def test_mixup_gives_soft_targets(source: ImageFolderSource) -> None:
     assert targets.shape == (4, 4) and targets.dtype == np.float32
     np.testing.assert_allclose(targets.sum(axis=1), 1.0, rtol=1e-5)
     assert targets.min() >= 0.1 / 4 - 1e-6
+
+
+def test_loader_mixes_each_batch_with_its_own_seeded_lambda(source: ImageFolderSource) -> None:
+    """Through the loader (the wiring a training uses): batch k's targets carry the k-th Beta(0.8, 0.8) draw of the
+    stream seeded by (seed, rank, start epoch), over two epochs, and the lams spread."""
+    module = _module(source, seed=3, mixup=Mixup(mixup_alpha=0.8, cutmix_alpha=0.0, label_smoothing=0.1))
+    stream = np.random.default_rng([3, 0, 0])
+    lams, expected = [], []
+    for epoch, batches in enumerate(_epochs(module.train_loader(), 2)):
+        order = train_shard(24, 0, 1, 3, epoch)
+        for index, (_, targets) in enumerate(batches):
+            stream.random()  # the `prob` draw
+            expected.append(stream.beta(0.8, 0.8))
+            labels = np.array([source.train_samples[i][1] for i in order[4 * index:4 * index + 4]])
+            mixed = smooth_one_hot(labels, 4, 0.1), smooth_one_hot(labels[::-1], 4, 0.1)
+            differs = labels != labels[::-1]  # there the own label's mass tells lam
+            assert differs.any()
+            own = np.arange(4)[differs][0]
+            on, off = mixed[0][own].max(), mixed[0][own].min()
+            lams.append((targets[own, labels[own]] - off) / (on - off))
+            np.testing.assert_allclose(targets, lams[-1] * mixed[0] + (1 - lams[-1]) * mixed[1], atol=1e-6)
+    np.testing.assert_allclose(lams, expected, atol=1e-5)
+    assert len(lams) == 12 and np.std(lams) > 0.15, lams
 
 
 def test_same_seed_same_batches_with_full_augmentation(source: ImageFolderSource) -> None:

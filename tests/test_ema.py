@@ -1,4 +1,5 @@
-"""ModelEma: numeric update with decay 0.5, swapping for evaluation, checkpoints, the train-step hook."""
+"""ModelEma: numeric update (an asymmetric decay, where shadow and live weights cannot trade places unseen),
+swapping for evaluation, checkpoints, the train-step hook."""
 from __future__ import annotations
 
 import mindspore as ms
@@ -48,6 +49,24 @@ def test_update_with_decay_half_covers_params_and_bn_stats() -> None:
         np.testing.assert_allclose(shadow.asnumpy(), 3.5, err_msg=name)  # 0.5 * (0.5 * 1 + 0.5 * 3) + 0.5 * 5
 
 
+def test_update_weights_the_shadow_by_the_decay_and_the_live_weights_by_the_rest() -> None:
+    """decay 0.9, not 0.5: `shadow * (1 - d) + live * d` gives 2.8 here instead of 1.2 after the first update."""
+    net = Net()
+    fill(net, 1.0)
+    ema = ModelEma(net, decay=0.9)
+    fill(net, 3.0)
+    ema.update()
+    for name, shadow in ema.parameters_dict().items():
+        np.testing.assert_allclose(shadow.asnumpy(), 0.9 * 1.0 + 0.1 * 3.0, rtol=1e-6, err_msg=name)
+    fill(net, 11.0)
+    ema.update()
+    for name, shadow in ema.parameters_dict().items():
+        np.testing.assert_allclose(shadow.asnumpy(), 0.9 * 1.2 + 0.1 * 11.0, rtol=1e-6, err_msg=name)  # 2.18
+    with ema.swapped(net):  # the evaluated weights are the shadow ones, not the live ones
+        for name, value in values(net).items():
+            np.testing.assert_allclose(value, 2.18, rtol=1e-6, err_msg=name)
+
+
 def test_swapped_evaluates_with_ema_weights_and_restores() -> None:
     net = Net()
     fill(net, 2.0)
@@ -86,7 +105,7 @@ def test_checkpoint_round_trip(tmp_path) -> None:
 def test_train_step_updates_ema_only_after_applied_updates() -> None:
     ms.set_seed(0)
     net = Net()
-    ema = ModelEma(net, decay=0.5)
+    ema = ModelEma(net, decay=0.75)
     initial = values(net)
     step = TrainStep(net, DualHeadLoss(), build_optimizer(net, "adamw", lr=0.1), grad_accum_steps=2, ema=ema)
     x = Tensor(np.random.default_rng(0).normal(0, 1, (8, 3)).astype(np.float32))
@@ -98,5 +117,5 @@ def test_train_step_updates_ema_only_after_applied_updates() -> None:
     live = values(net)
     assert not np.allclose(live["dense.weight"], initial["dense.weight"])
     for name, shadow in ema.parameters_dict().items():
-        np.testing.assert_allclose(shadow.asnumpy(), 0.5 * initial[name] + 0.5 * live[name], rtol=1e-6,
+        np.testing.assert_allclose(shadow.asnumpy(), 0.75 * initial[name] + 0.25 * live[name], rtol=1e-6,
                                    err_msg=name)

@@ -8,12 +8,14 @@ import weakref
 import mindspore as ms
 import numpy as np
 import pytest
-from mindspore import ops
+from mindspore import Tensor, nn, ops
 
+from conformer import kernels
 from conformer.models import Conformer, create_model, model_names
-from conformer.models.conformer_net import DropPath, drop_path_masks
+from conformer.models.conformer_net import BLOCK_NORM_EPS, DropPath, FCUUp, drop_path_masks
+from conformer.models.cpu_kernels import use_builtin_kernels
 
-from .parity import REFERENCE, max_rel_error, reference_model
+from .parity import EVAL_LOGITS_TOL, FEATURES_TOL, REFERENCE, max_rel_error, reference_model
 
 OFFICIAL = {"conformer_ti": "Conformer_tiny_patch16", "conformer_s": "Conformer_small_patch16",
             "conformer_s32": "Conformer_small_patch32", "conformer_b": "Conformer_base_patch16"}
@@ -52,22 +54,40 @@ def test_unknown_variant_lists_the_choices() -> None:
         create_model("conformer_xl")
 
 
-def test_eval_logits_match_official(kernel_path: str) -> None:
+PATHS = ("project", "mindspore")  # the project's CPU kernels; MindSpore's ops (what runs off the CPU and in exports)
+
+
+@pytest.fixture(scope="module")
+def reference_models() -> dict[str, Conformer]:
+    """The reference model in eval mode on each kernel path, compiled once for the tests that read its logits (a test
+    that changes its parameters puts them back)."""
+    models = {}
+    for path in PATHS:
+        with kernels.using(path):
+            models[path] = reference_model()
+    return models
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_eval_logits_match_official(reference_models: dict[str, Conformer], path: str) -> None:
     io = np.load(REFERENCE / "tiny_io.npz")
-    conv, trans = reference_model()(ms.Tensor(io["x"]))
-    assert max_rel_error(conv.asnumpy(), io["conv_logits"]) < 1e-4
-    assert max_rel_error(trans.asnumpy(), io["trans_logits"]) < 1e-4
-    assert max_rel_error((conv + trans).asnumpy(), io["sum_logits"]) < 1e-4
-    np.testing.assert_allclose(trans.asnumpy(), io["trans_logits"], rtol=1e-4, atol=1e-5)
+    conv, trans = reference_models[path](ms.Tensor(io["x"]))
+    assert max_rel_error(conv.asnumpy(), io["conv_logits"]) < EVAL_LOGITS_TOL
+    assert max_rel_error(trans.asnumpy(), io["trans_logits"]) < EVAL_LOGITS_TOL
+    assert max_rel_error((conv + trans).asnumpy(), io["sum_logits"]) < EVAL_LOGITS_TOL
+    # element by element (measured: at most 0.0094 of what rtol=1e-4, atol=1e-5 allows; 10x tighter here)
+    np.testing.assert_allclose(trans.asnumpy(), io["trans_logits"], rtol=1e-5, atol=1e-6)
 
 
-def test_intermediate_features_match_official(kernel_path: str) -> None:
+@pytest.mark.parametrize("path", PATHS)
+def test_intermediate_features_match_official(path: str) -> None:
     """Walk the network block by block (PyNative) and compare every recorded intermediate."""
     feats = np.load(REFERENCE / "tiny_feats.npz")
     x = ms.Tensor(np.load(REFERENCE / "tiny_io.npz")["x"])
     ms.set_context(mode=ms.PYNATIVE_MODE)
     try:
-        model = reference_model()
+        with kernels.using(path):
+            model = reference_model()
         stem = model.bn1(model.conv1(x))
         got = {"x_base": model.maxpool(stem if model.act1 is None else model.act1(stem))}  # None: bn1 fuses it
         got["conv_1"], _ = model.conv_1(got["x_base"])
@@ -91,7 +111,108 @@ def test_intermediate_features_match_official(kernel_path: str) -> None:
         ms.set_context(mode=ms.GRAPH_MODE)
     assert set(got) == set(feats.files)
     errors = {name: max_rel_error(got[name].asnumpy(), feats[name]) for name in feats.files}
-    assert max(errors.values()) < 1e-4, errors
+    assert max(errors.values()) < FEATURES_TOL, errors
+
+
+def _fcu_up_definition(tokens: np.ndarray, params: dict[str, np.ndarray], h: int, w: int, stride: int,
+                       training: bool) -> np.ndarray:
+    """FCUUp in float64: the patch tokens (class token dropped) as an h x w map, 1x1 conv with bias, BatchNorm (batch
+    statistics in training, else the moving ones), ReLU, nearest upsampling by `stride`."""
+    b = tokens.shape[0]
+    weight = params["conv_project.weight"].astype(np.float64)[:, :, 0, 0]
+    y = np.einsum("bpc,oc->bop", tokens[:, 1:].astype(np.float64), weight) + params["conv_project.bias"][:, None]
+    y = y.reshape(b, -1, h, w)
+    if training:
+        mean, variance = y.mean((0, 2, 3)), y.var((0, 2, 3))
+    else:
+        mean, variance = params["bn.moving_mean"], params["bn.moving_variance"]
+    y = (y - mean[:, None, None]) / np.sqrt(variance[:, None, None] + BLOCK_NORM_EPS)
+    y = np.maximum(y * params["bn.gamma"][:, None, None] + params["bn.beta"][:, None, None], 0.0)
+    return np.repeat(np.repeat(y, stride, axis=2), stride, axis=3)
+
+
+# FCUUp against its float64 definition, relative to the largest output (measured <= 1.6e-7 on both paths, in both
+# modes: ~10x margin)
+FCU_UP_TOL = 2e-6
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("builtin", [False, True], ids=["kernel", "mindspore"])
+def test_fcu_up_is_conv_batch_norm_relu_and_upsampling(builtin: bool, training: bool) -> None:
+    """Tokens -> feature map on both kernel paths, with its BatchNorm's gamma, beta and moving statistics away from
+    their defaults (the reference weights leave them at 1, 0, 0, 1, where an eval-mode BatchNorm is the identity):
+    a missing BatchNorm, ReLU or class-token skip shows in either mode."""
+    rng = np.random.default_rng(12)
+    cell = FCUUp(12, 16, up_stride=2)
+    if builtin:
+        assert use_builtin_kernels(cell) == 2  # the 1x1 conv and the BatchNorm
+    else:
+        assert cell.from_tokens is not None and cell.bn.kernel is not None
+    params = {"conv_project.weight": rng.standard_normal((16, 12, 1, 1)) * 0.3,
+              "conv_project.bias": rng.standard_normal(16),
+              "bn.gamma": rng.uniform(0.5, 2.0, 16), "bn.beta": rng.standard_normal(16),
+              "bn.moving_mean": rng.standard_normal(16), "bn.moving_variance": rng.uniform(0.2, 3.0, 16)}
+    params = {name: value.astype(np.float32) for name, value in params.items()}
+    named = dict(cell.parameters_and_names())
+    assert set(named) == set(params)
+    for name, value in params.items():
+        named[name].set_data(Tensor(value))
+    h, w = 4, 3  # not square: a transposed map shows
+    tokens = rng.standard_normal((3, 1 + h * w, 12)).astype(np.float32)
+    cell.set_train(training)
+    got = cell(Tensor(tokens), h, w).asnumpy()
+    want = _fcu_up_definition(tokens, params, h, w, 2, training)
+    assert got.shape == want.shape == (3, 16, 8, 6)
+    assert 0.2 < (want == 0).mean() < 0.8  # the ReLU cuts
+    assert max_rel_error(got, want) < FCU_UP_TOL, max_rel_error(got, want)
+
+
+def _shift_batch_norms(model: nn.Cell, rng: np.random.Generator) -> list[str]:
+    """Give every BatchNorm of `model` its own gamma, beta, moving mean and variance near (not at) the defaults;
+    return their names."""
+    names = []
+    for name, cell in model.cells_and_names():
+        if isinstance(cell, nn.BatchNorm2d):
+            c = cell.gamma.shape[0]
+            for param, value in ((cell.gamma, rng.uniform(0.8, 1.25, c)), (cell.beta, 0.1 * rng.standard_normal(c)),
+                                 (cell.moving_mean, 0.1 * rng.standard_normal(c)),
+                                 (cell.moving_variance, rng.uniform(0.7, 1.4, c))):
+                param.set_data(Tensor(value.astype(np.float32)))
+            names.append(name)
+    return names
+
+
+def test_every_batch_norm_of_the_reference_model_normalises_with_its_own_statistics(
+        reference_models: dict[str, Conformer]) -> None:
+    """The reference model with every BatchNorm's statistics shifted (the official weights leave them at the defaults,
+    where eval parity cannot tell a BatchNorm from none): the kernel path equals MindSpore's ops, and each BatchNorm's
+    moving mean reaches the logits (one that is skipped, like FCUUp's without its BatchNorm, does not)."""
+    x = ms.Tensor(np.load(REFERENCE / "tiny_io.npz")["x"])
+    models = [reference_models[path] for path in PATHS]
+    saved = [{name: p.asnumpy().copy() for name, p in model.parameters_and_names()} for model in models]
+    try:
+        for model in models:
+            names = _shift_batch_norms(model, np.random.default_rng(13))
+        assert len(names) == 43 and sum(".expand_block.bn" in name for name in names) == 5
+        base = [np.concatenate([t.asnumpy() for t in model(x)], axis=1) for model in models]
+        # kernel path vs MindSpore's ops (measured 3.6e-7: ~10x margin)
+        assert max_rel_error(base[0], base[1]) < 4e-6, max_rel_error(base[0], base[1])
+        model, unmoved = models[0], []
+        cells = dict(model.cells_and_names())
+        for name in names:
+            moving_mean = cells[name].moving_mean
+            before = moving_mean.asnumpy()
+            moving_mean.set_data(Tensor(before + 0.5))
+            logits = np.concatenate([t.asnumpy() for t in model(x)], axis=1)
+            moving_mean.set_data(Tensor(before))
+            # measured: the smallest change is 1.7e-3 (conv_trans.4.fusion_block.bn1); a skipped BatchNorm's is 0
+            if max_rel_error(logits, base[0]) < 1e-5:
+                unmoved.append(name)
+        assert not unmoved, unmoved
+    finally:
+        for model, values in zip(models, saved):
+            for name, param in model.parameters_and_names():
+                param.set_data(Tensor(values[name]))
 
 
 def test_input_of_wrong_size_is_refused_before_compiling() -> None:
@@ -127,6 +248,19 @@ def test_drop_path_applies_a_given_mask_per_sample_in_training_only() -> None:
     np.testing.assert_array_equal(out[1], 0.0)
     cell.set_train(False)
     np.testing.assert_array_equal(cell(x, mask).asnumpy(), 1.0)
+
+
+def test_drop_path_without_a_mask_keeps_a_sample_with_the_keep_probability_scaled_by_its_inverse() -> None:
+    """The in-graph draw (no mask given) at drop_prob 0.25, not 0.5: kept samples are scaled by 1 / 0.75 (not 1 / 0.25)
+    and about 75% are kept (not 25%), every element of a sample alike."""
+    ms.set_seed(3)
+    cell = DropPath(0.25)
+    cell.set_train(True)
+    out = cell(ms.Tensor(np.ones((4000, 3, 2), np.float32))).asnumpy()
+    per_sample = out[:, 0, 0]
+    np.testing.assert_array_equal(out, np.broadcast_to(per_sample[:, None, None], out.shape))
+    assert set(np.unique(per_sample)) == {0.0, np.float32(1.0 / 0.75)}
+    assert abs((per_sample > 0).mean() - 0.75) < 0.03, (per_sample > 0).mean()
 
 
 def test_a_model_that_ran_is_freed_once_dropped() -> None:

@@ -26,6 +26,8 @@ def test_key_points_of_warmup_and_cosine() -> None:
     assert len(schedule) == 35
     assert schedule(0) == pytest.approx(WARM)
     assert schedule(5) == pytest.approx(WARM + (BASE - WARM) * 0.5)
+    assert schedule(3) == pytest.approx(WARM + (BASE - WARM) * 0.3)  # off the midpoint: a reversed ramp shows
+    assert schedule(8) == pytest.approx(WARM + (BASE - WARM) * 0.8)
     assert schedule(10) == pytest.approx(BASE)
     assert schedule(22) == pytest.approx((BASE + MIN) / 2)  # halfway through the 24 cosine intervals
     assert schedule(16) == pytest.approx(MIN + 0.5 * (BASE - MIN) * (1 + math.cos(math.pi * 0.25)))

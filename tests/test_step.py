@@ -122,6 +122,29 @@ def test_dynamic_overflow_skips_update_and_lowers_scale_then_grows(kernel_path: 
     assert step(x, y).loss_scale == 2.0**10
 
 
+def test_dynamic_scale_shrinks_and_grows_by_its_own_factor_and_unscales_the_gradients() -> None:
+    """scale_factor 4 and scale_window 3 (not the defaults 2 and 2): an overflow divides the scale by 4, three finite
+    updates multiply it by 4, and every applied update is the unscaled one (equal to an unscaled step's)."""
+    ms.set_seed(5)
+    x, y = blobs(8, seed=5)
+    plain, scaled = TwoHeads(), TwoHeads()
+    copy_weights(plain, scaled)
+    steps = [TrainStep(plain, DualHeadLoss(), build_optimizer(plain, "sgd", lr=0.3, momentum=0.0)),
+             TrainStep(scaled, DualHeadLoss(), build_optimizer(scaled, "sgd", lr=0.3, momentum=0.0),
+                       loss_scale="dynamic", init_loss_scale=2.0**12, scale_factor=4, scale_window=3)]
+    bad = x.asnumpy().copy()
+    bad[3, 1] = np.inf
+    assert steps[1](Tensor(bad), y).loss_scale == 2.0**10
+    scales = []
+    for _ in range(4):
+        results = [step(x, y) for step in steps]
+        assert results[1].applied and results[1].grad_norm == pytest.approx(results[0].grad_norm, rel=1e-5)
+        scales.append(results[1].loss_scale)
+    assert scales == [2.0**10, 2.0**10, 2.0**12, 2.0**12]
+    for name, value in weights(plain).items():
+        np.testing.assert_allclose(weights(scaled)[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
 def test_static_scale_unscales_grads_and_overflow_skips(kernel_path: str) -> None:
     ms.set_seed(3)
     x, y = blobs(8, seed=3)

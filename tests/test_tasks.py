@@ -32,7 +32,7 @@ from conformer.train.checkpoint import CheckpointManager, load_weights, save_che
 from conformer.train.ema import ModelEma
 from conformer.validation import ConfigError
 
-from .parity import REFERENCE, max_rel_error, reference_model
+from .parity import EVAL_LOGITS_TOL, REFERENCE, max_rel_error, reference_model
 from .test_data_sources import write_corrupt_jpeg, write_truncated
 
 REPO = Path(__file__).resolve().parents[1]
@@ -213,8 +213,8 @@ def test_export_mindir_round_trip_gives_the_reference_logits(root: Path) -> None
     path = run_dir / "conformer_nano.mindir"
     assert path.is_file()
     conv, trans = (t.asnumpy() for t in nn.GraphCell(ms.load(str(path)))(ms.Tensor(io["x"])))
-    assert max_rel_error(conv, io["conv_logits"]) < 1e-4
-    assert max_rel_error(trans, io["trans_logits"]) < 1e-4
+    assert max_rel_error(conv, io["conv_logits"]) < EVAL_LOGITS_TOL
+    assert max_rel_error(trans, io["trans_logits"]) < EVAL_LOGITS_TOL
     live_conv, live_trans = (t.asnumpy() for t in reference_model()(ms.Tensor(io["x"])))
     np.testing.assert_allclose(conv, live_conv, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(trans, live_trans, rtol=1e-5, atol=1e-5)
