@@ -13,7 +13,7 @@ from conformer import kernels
 from conformer.losses import DualHeadLoss
 from conformer.models import Conformer, create_model
 from conformer.optim import build_optimizer
-from conformer.train.step import TrainStep, apply_amp
+from conformer.train.step import DEFAULT_INIT_LOSS_SCALE, TrainStep, apply_amp
 
 
 def tiny_conformer() -> Conformer:
@@ -48,6 +48,19 @@ def test_every_amp_level_with_dynamic_loss_scale_trains_the_conformer(level: str
     applied = [r for r in results if r.applied]
     assert len(applied) >= 2 and all(math.isfinite(r.loss) for r in results)
     assert all(not r.overflow for r in applied) and applied[-1].loss < results[0].loss  # the updates fit the batch
+
+
+def test_the_default_initial_loss_scale_applies_the_first_update(tmp_path: Path) -> None:
+    """The recipe's first AMP steps apply their updates (a debug=fdr run has one step): Conformer-Ti's first step fits
+    up to 2^14 (benchmarks/loss_scale.py), the default starts at 2^12."""
+    with kernels.using("mindspore"):
+        network = apply_amp(tiny_conformer(), "O1", workdir=tmp_path)
+    step = TrainStep(network, DualHeadLoss(label_smoothing=0.1), build_optimizer(network, lr=1e-3),
+                     loss_scale="dynamic", clip_grad_norm=5.0)
+    rng = np.random.default_rng(1)
+    first = step(ms.Tensor(rng.standard_normal((8, 3, 16, 16)).astype(np.float32)),
+                 ms.Tensor(np.arange(8, dtype=np.int32)))
+    assert first.applied and not first.overflow and first.loss_scale == DEFAULT_INIT_LOSS_SCALE == 2.0**12
 
 
 @pytest.mark.parametrize("level", ["O1", "O2", "O3"])

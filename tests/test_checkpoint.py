@@ -71,7 +71,7 @@ def optimizer_state(opt: AdamW, net: nn.Cell) -> dict[str, np.ndarray]:
     return {n: p.asnumpy().copy() for n, p in opt.parameters_dict().items() if id(p) not in own}
 
 
-def test_round_trip_network_adamw_ema_and_extra(tmp_path):
+def test_round_trip_network_adamw_ema_and_extra(tmp_path, kernel_path: str):
     net, opt, step = make_trainer(seed=0)
     ema = ModelEma(net, decay=0.5)
     for i in range(2):

@@ -28,7 +28,7 @@ from conformer.train.checkpoint import CheckpointManager, TrainState, read_check
 from conformer.train.ema import ModelEma
 from conformer.train.profiling import StepProfiler
 from conformer.train.progress import ProgressBar, bar_wanted
-from conformer.train.step import TrainStep
+from conformer.train.step import DEFAULT_INIT_LOSS_SCALE, TrainStep
 from conformer.validation import HEADS
 
 log = logging.getLogger(__name__)
@@ -135,8 +135,9 @@ class Trainer:
     def __init__(self, *, network: nn.Cell, loss_fn: nn.Cell, eval_loss_fn: nn.Cell,
                  optimizer: Callable[..., optim.Optimizer], schedule: Callable[..., Any], data: Any,
                  group: ProcessGroup, run_dir: Path, tracker: Any, epochs: int, grad_accum_steps: int = 1,
-                 clip_grad_norm: float | None = None, loss_scale: str = "none", init_loss_scale: float = 65536,
-                 scale_factor: int = 2, scale_window: int = 2000, ema_decay: float | None = None,
+                 clip_grad_norm: float | None = None, loss_scale: str = "none",
+                 init_loss_scale: float = DEFAULT_INIT_LOSS_SCALE, scale_factor: int = 2, scale_window: int = 2000,
+                 ema_decay: float | None = None,
                  monitor: str = "val/top1_sum", monitor_mode: str = "max", log_every_n_steps: int = 10,
                  resume: str | Path | None = None, checkpoint_meta: Mapping[str, Any] | None = None,
                  keep_top_k: int = 1, limit_train_batches: int | None = None,
@@ -301,7 +302,7 @@ class Trainer:
         self.bar.stop()
         if n == 0:
             raise RuntimeError(f"no update was applied in epoch {epoch + 1}: the loader gave no batches or every "
-                               "step overflowed (see train/loss_scale)")
+                               "step overflowed (see train/loss_scale; under AMP, lower trainer.init_loss_scale)")
         return step, epoch_loss / n
 
     def _epoch_batches(self, epoch: int, done: int = 0) -> Iterator:
