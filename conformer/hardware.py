@@ -61,7 +61,6 @@ def configure_device(hardware: Mapping[str, Any]) -> ProcessGroup:
         ms.set_context(jit_config={"jit_level": jit_level})
     if target != "CPU":
         _device_options(hardware)
-    kernels.select(hardware.get("kernels", "auto"), hardware.get("amp_level", "O0"))
     if hardware.get("runtime_num_threads"):
         ms.set_context(runtime_num_threads=int(hardware["runtime_num_threads"]))
     if hardware.get("cpu_affinity"):
@@ -69,6 +68,8 @@ def configure_device(hardware: Mapping[str, Any]) -> ProcessGroup:
     if in_msrun_scheduler():
         join_process_group(hardware)  # serves the cluster until the workers are done
         raise SystemExit(0)
+    # msrun's scheduler never gets here: it builds no network, so it needs no kernel built
+    kernels.select(hardware.get("kernels", "auto"), hardware.get("amp_level", "O0"))
     if not in_msrun_worker():
         return ProcessGroup()
     return join_process_group(hardware)
