@@ -74,31 +74,34 @@ def main(cfg: DictConfig) -> float | None:
     from conformer.app import Relaunch, run
     from conformer.errors import TrackingUnavailable
     from conformer.launch import LaunchError
+    from conformer.secrets import redact, redact_files, redact_handlers
     from conformer.signals import Interrupted
     from conformer.validation import ConfigError
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
+    redact_handlers()  # Hydra's console and train.log handlers: no URI's user info in a log line
+    redact_files([*run_dir.glob(".hydra/*.yaml"), Path(hydra_cfg.sweep.dir) / "multirun.yaml"])  # Hydra wrote them
     relaunch = Relaunch(Path(__file__).resolve(), worker_args(hydra_cfg, run_dir) + sweep_parent(cfg, hydra_cfg))
     try:
         return run(cfg, run_dir, relaunch, only_task=hydra_cfg.mode == RunMode.RUN)
     except Interrupted as err:
         last = run_dir / "checkpoints" / "last.ckpt"
         hint = f"continue with trainer.resume={last}" if last.is_file() else f"run dir {run_dir}"
-        print(f"interrupted ({err}): {hint}", file=sys.stderr)
+        print(redact(f"interrupted ({err}): {hint}"), file=sys.stderr)
         sys.exit(err.exit_code)
     except Exception as err:
         if hydra_cfg.mode == RunMode.MULTIRUN:  # a failed trial is recorded, and the sweep goes on
             from conformer.sweep import fail_trial
 
-            print(f"trial {hydra_cfg.job.num} failed: {err}".splitlines()[0], file=sys.stderr)
+            print(redact(f"trial {hydra_cfg.job.num} failed: {err}".splitlines()[0]), file=sys.stderr)
             return fail_trial(cfg, run_dir, err, overrides=list(hydra_cfg.overrides.task))
         if isinstance(err, ConfigError):
-            print(f"config error: {err}", file=sys.stderr)
+            print(redact(f"config error: {err}"), file=sys.stderr)
             remove_unused_run_dir(run_dir)
             sys.exit(2)
         if isinstance(err, (LaunchError, TrackingUnavailable)):
-            print(f"error: {err}", file=sys.stderr)
+            print(redact(f"error: {err}"), file=sys.stderr)
             sys.exit(getattr(err, "exit_code", 1))
         raise
 
