@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 
 from hydra.utils import instantiate
@@ -22,7 +23,7 @@ from conformer.tasks.common import (
     run_params,
     task_tracker,
 )
-from conformer.train.checkpoint import read_checkpoint_meta
+from conformer.train.checkpoint import CheckpointError, read_checkpoint_meta
 from conformer.train.curves import plot_curves
 from conformer.train.step import apply_amp
 from conformer.train.trainer import Trainer
@@ -85,15 +86,30 @@ def _resume_from(ctx: RunContext, fingerprint: str) -> Path | None:
         return None
     if spec != "auto":
         return resolve_weights(ctx, spec, "last.ckpt")
-    candidates = sorted(ctx.project_root.glob(f"{OUTPUTS_DIR}/**/checkpoints/last.ckpt"),
-                        key=lambda path: path.stat().st_mtime, reverse=True)
-    for path in candidates:
-        if read_checkpoint_meta(path).get("config_fingerprint") == fingerprint:
+    candidates = sorted(_modified(ctx.project_root.glob(f"{OUTPUTS_DIR}/**/checkpoints/last.ckpt")), reverse=True)
+    for _, path in candidates:
+        try:
+            meta = read_checkpoint_meta(path)
+        except (CheckpointError, OSError) as err:  # one broken file must not stop the search (nor be resumed)
+            log.warning("trainer.resume=auto: skipping %s: %s", path, str(err).splitlines()[0])
+            continue
+        if meta.get("config_fingerprint") == fingerprint:
             log.info("trainer.resume=auto: resuming the newest checkpoint of this config, %s", path)
             return path
     log.info("trainer.resume=auto: no checkpoint of this config under %s: starting afresh",
              ctx.project_root / OUTPUTS_DIR)
     return None
+
+
+def _modified(paths: Iterable[Path]) -> list[tuple[float, Path]]:
+    """(modification time, path) of the files that still exist (another run may remove one meanwhile)."""
+    found = []
+    for path in paths:
+        try:
+            found.append((path.stat().st_mtime, path))
+        except OSError:
+            continue
+    return found
 
 
 def _warmup_epochs(cfg: DictConfig) -> float:

@@ -153,19 +153,45 @@ def _link_checkpoint(source: Path, path: Path) -> Path:
     return path
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read (empty, truncated, not a checkpoint): one line naming it."""
+
+
+_NOTHING_SELECTED = "parameter dict is empty after filter"  # MindSpore's words for "no entry was chosen"
+
+
+def load_raw(path: Path | str, choice_func: Any = None) -> dict[str, Any]:
+    """`ms.load_checkpoint` that says what is wrong with a bad file in one line (`CheckpointError`); a file none of
+    whose entries `choice_func` picks is an empty dict, not MindSpore's misleading `filter_prefix` message."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"cannot read checkpoint {path}: the file is empty (0 bytes; a write cut short?)")
+    try:
+        return ms.load_checkpoint(str(path), choice_func=choice_func)
+    except (ValueError, RuntimeError, OSError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if _NOTHING_SELECTED in reason:
+            if choice_func is not None:
+                return {}
+            reason = "it holds no tensors"
+        raise CheckpointError(f"cannot read checkpoint {path}: {reason}") from err
+
+
 def read_checkpoint_meta(path: Path | str) -> dict[str, Any]:
     """The extra dict of a checkpoint, without reading its tensors."""
-    raw = ms.load_checkpoint(str(path), choice_func=lambda name: name == META_JSON)
+    raw = load_raw(path, choice_func=lambda name: name == META_JSON)
     meta = raw.get(META_JSON)
-    return json.loads(meta) if isinstance(meta, str) else {}
+    try:
+        return json.loads(meta) if isinstance(meta, str) else {}
+    except ValueError as err:
+        raise CheckpointError(f"cannot read checkpoint {path}: its {META_JSON} is not JSON ({err})") from err
 
 
 def read_checkpoint(path: Path | str) -> tuple[dict[str, Parameter], dict[str, Any]]:
     """(tensors by name without `meta.*` entries, extra dict) of a checkpoint file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    raw = ms.load_checkpoint(str(path))
+    raw = load_raw(path)
     meta = raw.get(META_JSON)
     extra = json.loads(meta) if isinstance(meta, str) else {}
     tensors = {k: v for k, v in raw.items() if not k.startswith(META_PREFIX)}
