@@ -18,6 +18,7 @@ from conformer.hardware import ProcessGroup
 from conformer.launch import free_port
 from conformer.tasks.common import RunContext
 from conformer.tasks.train import _resume_from, config_fingerprint
+from conformer.tracking.store import close_runs_of_dead_processes
 from conformer.tracking.tracker import FALLBACK_TAG
 from conformer.train.checkpoint import save_checkpoint
 
@@ -131,3 +132,44 @@ def test_resume_auto_skips_unreadable_checkpoints_naming_them(tmp_path: Path, ca
     assert len(skipped) == 2, skipped
     assert f"skipping {empty}: cannot read checkpoint {empty}: the file is empty" in skipped[1]
     assert f"skipping {junk}: cannot read checkpoint {junk}: Failed to read the checkpoint file" in skipped[0]
+
+
+# ---------------------------------------------------------------------------------------------------- one owner
+def test_a_training_in_progress_has_one_owner_that_the_orphan_check_and_a_second_resume_respect(
+        tmp_path: Path, tmp_path_factory) -> None:
+    """A training killed (SIGKILL) and resumed continues its MLflow run, whose start time is older than the resuming
+    process: the orphan check every start makes leaves it RUNNING (it asks the run dir's lock, held by the live
+    owner); a second trainer.resume=auto of the same config stops with one line naming the owner's pid."""
+    data_root = tiny_folder(tmp_path_factory.getbasetemp())
+    args = tiny_overrides(tmp_path, data_root, "trainer.epochs=50")
+    first = run_py(args, tmp_path, start_new_session=True)
+    try:
+        wait_until(lambda: any(tmp_path.glob("outputs/*/*/checkpoints/last.ckpt")), first, "a last.ckpt")
+    finally:
+        stop(first, signal.SIGKILL, group=True)
+    resumed = run_py([*args, "trainer.resume=auto"], tmp_path, start_new_session=True)
+    try:
+        wait_until(lambda: sum(_training_started_in(log) for log in tmp_path.glob("outputs/*/*/train.log")) == 2,
+                   resumed, "the resumed training running", timeout=300)
+        client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+        run = _only_run(client)
+        assert run.data.tags["pid"] == str(resumed.pid) and run.data.tags.get("resumed") == "true"
+        assert close_runs_of_dead_processes(client) == []  # what every run's start does
+        assert client.get_run(run.info.run_id).info.status == "RUNNING"
+
+        second = run_py_to_end([*args, "trainer.resume=auto"], tmp_path, timeout=300)
+        assert second.returncode == 2, second.stderr[-3000:]
+        last = second.stderr.strip().splitlines()[-1]
+        assert last.startswith("config error: trainer.resume=auto: the training in ") and \
+            f"is in progress (pid {resumed.pid} owns it)" in last, last
+        assert "Traceback" not in second.stderr
+        assert resumed.poll() is None
+    finally:
+        stop(resumed, signal.SIGTERM)
+    assert resumed.returncode == 143
+    run = client.get_run(run.info.run_id)
+    assert run.info.status == "KILLED" and "error" not in run.data.tags
+
+
+def _training_started_in(log: Path) -> bool:
+    return "train step compiled and run once" in log.read_text()

@@ -5,6 +5,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Iterable
+from contextlib import ExitStack
 from pathlib import Path
 
 from hydra.utils import instantiate
@@ -13,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from conformer import weights
 from conformer.hardware import replicas_in_sync
 from conformer.logs import log_path
+from conformer.runlock import RunInUse, RunLock
 from conformer.tasks.common import (
     RunContext,
     build_data,
@@ -27,6 +29,7 @@ from conformer.train.checkpoint import CheckpointError, read_checkpoint_meta
 from conformer.train.curves import plot_curves
 from conformer.train.step import apply_amp
 from conformer.train.trainer import Trainer
+from conformer.validation import ConfigError
 
 log = logging.getLogger(__name__)
 OUTPUTS_DIR = "outputs"  # run dirs under the project root (conf/config.yaml: hydra.run.dir, hydra.sweep.dir)
@@ -35,14 +38,29 @@ OUTPUTS_DIR = "outputs"  # run dirs under the project root (conf/config.yaml: hy
 def train(ctx: RunContext) -> float:
     """Train as configured; returns the best value of `trainer.monitor` (the sweepers' objective)."""
     cfg, group = ctx.cfg, ctx.group
+    fingerprint = config_fingerprint(cfg)
+    with ExitStack() as owned:
+        resume = _resume_from(ctx, fingerprint)
+        if group.is_main:  # one owner per training: this run dir, and the one it continues (conformer.runlock)
+            try:
+                owned.enter_context(RunLock(ctx.run_dir))
+                if resume is not None and resume.parent.name == "checkpoints" and resume.parent.parent != ctx.run_dir:
+                    lock = _lock_if_writable(resume.parent.parent)
+                    if lock is not None:
+                        owned.callback(lock.release)
+            except RunInUse as err:
+                raise ConfigError(f"trainer.resume={cfg.trainer.resume}: {err}") from err
+        return _train(ctx, fingerprint, resume)
+
+
+def _train(ctx: RunContext, fingerprint: str, resume: Path | None) -> float:
+    cfg, group = ctx.cfg, ctx.group
     data = build_data(cfg)
     network = build_network(cfg, data.num_classes)
     if cfg.model.pretrained:
         pretrained = resolve_weights(ctx, cfg.model.pretrained)
         weights.load_into(network, pretrained, fine_tune=not cfg.model.pretrained_strict)
     network = apply_amp(network, cfg.hardware.amp_level, workdir=ctx.run_dir)
-    fingerprint = config_fingerprint(cfg)
-    resume = _resume_from(ctx, fingerprint)
     tracker = task_tracker(ctx)
     trainer: Trainer = instantiate(cfg.trainer)(
         network=network, loss_fn=instantiate(cfg.loss), eval_loss_fn=instantiate(cfg.loss, label_smoothing=0.0),
@@ -99,6 +117,15 @@ def _resume_from(ctx: RunContext, fingerprint: str) -> Path | None:
     log.info("trainer.resume=auto: no checkpoint of this config under %s: starting afresh",
              ctx.project_root / OUTPUTS_DIR)
     return None
+
+
+def _lock_if_writable(folder: Path) -> RunLock | None:
+    """The lock of the run dir a training continues, acquired; None where it cannot be written (read-only
+    storage)."""
+    try:
+        return RunLock(folder).acquire()
+    except PermissionError:
+        return None
 
 
 def _modified(paths: Iterable[Path]) -> list[tuple[float, Path]]:

@@ -104,6 +104,7 @@ TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
 # experiment opens on its runs table, not under "Evaluation runs" of the GenAI view.
 EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
 HOST_TAG, PID_TAG = "host", "pid"  # where a run's process lives: stale RUNNING runs are found by them
+PID_STARTED_TAG = "pid_started"  # when that process started (epoch s): a pid reused by another process is not it
 PROBE_TIMEOUT_S = 5.0
 
 
@@ -223,14 +224,16 @@ def end_unfinished_runs(tracking_cfg: Mapping[str, Any], project_root: Path, run
 def close_runs_of_dead_processes(client: MlflowClient) -> list[str]:
     """End FAILED the RUNNING runs of this host whose process is gone (SIGKILL, OOM killer, power loss): their ids.
 
-    Called whenever a run starts. A run of another host is left alone (its process cannot be seen from here); a
-    pid that now belongs to a younger process counts as gone. Store errors only warn: they must not stop a start.
+    Called whenever a run starts. Whether a run's owner lives is asked of the owner itself: the lock a training
+    holds on its run dir (conformer.runlock), else the process of the run's `pid` tag, which must be the one that
+    started (or continued) the run (tag `pid_started`: its start time; a pid now used by another process counts as
+    gone). A run of another host is left alone (its process cannot be seen from here). Store errors only warn: they
+    must not stop a start.
     """
     host = socket.gethostname()
     try:
         runs = search_all_runs(client, f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{host}'")
-        dead = [run for run in runs
-                if not _alive_since(int(run.data.tags.get(PID_TAG, -1)), run.info.start_time / 1000.0)]
+        dead = [run for run in runs if not _owner_alive(run)]
         for run in dead:
             terminate(client, run.info.run_id, "FAILED", f"process {run.data.tags.get(PID_TAG)} on {host} ended "
                                                           "without ending this run (killed?)")
@@ -240,11 +243,29 @@ def close_runs_of_dead_processes(client: MlflowClient) -> list[str]:
     return [run.info.run_id for run in dead]
 
 
-def _alive_since(pid: int, started: float) -> bool:
-    """Process `pid` runs and is not younger than `started` (epoch seconds; 1 s of clock slack)."""
+def _owner_alive(run: Any) -> bool:
+    from conformer.runlock import owner
+
+    tags = run.data.tags
+    held = owner(tags["run_dir"]) if tags.get("run_dir") else None
+    if held is not None:  # the run dir's lock says it: held (a pid or 0) or not (False)
+        return held is not False
+    try:
+        pid = int(tags.get(PID_TAG, -1))
+        started = float(tags[PID_STARTED_TAG]) if PID_STARTED_TAG in tags else None
+    except ValueError:
+        return False
+    if started is not None:
+        return _alive(pid, lambda created: abs(created - started) <= 1.0)
+    # runs of older versions: the process must not be younger than the run
+    return _alive(pid, lambda created: created <= run.info.start_time / 1000.0 + 1.0)
+
+
+def _alive(pid: int, same_process: Callable[[float], bool]) -> bool:
+    """Process `pid` runs, and its start time (epoch seconds) passes `same_process`."""
     try:
         process = psutil.Process(pid)
-        return process.status() != psutil.STATUS_ZOMBIE and process.create_time() <= started + 1.0
+        return process.status() != psutil.STATUS_ZOMBIE and same_process(process.create_time())
     except (psutil.Error, ValueError):
         return False
 

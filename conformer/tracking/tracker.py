@@ -15,6 +15,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import psutil
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID, MLFLOW_SOURCE_NAME, MLFLOW_USER
@@ -33,6 +34,7 @@ from conformer.signals import on_forced_exit
 from conformer.tracking.outbox import Batch, Call, Inputs, Outbox, Terminate, Text, Upload, store_calls, transient
 from conformer.tracking.store import (
     HOST_TAG,
+    PID_STARTED_TAG,
     PID_TAG,
     TERMINAL_STATUSES,
     TrackingUnavailable,
@@ -172,7 +174,8 @@ class Tracker:
         if self.run_id is not None:
             raise RuntimeError(f"tracker already started run {self.run_id}; create a new Tracker per run")
         run_tags_ = {MLFLOW_SOURCE_NAME: sys.argv[0] or "python", HOST_TAG: socket.gethostname(),
-                     PID_TAG: os.getpid(), **self._check_store(), **(tags or {})}
+                     PID_TAG: os.getpid(), PID_STARTED_TAG: f"{psutil.Process().create_time():.3f}",
+                     **self._check_store(), **(tags or {})}
         user = _user()
         if user:
             run_tags_.setdefault(MLFLOW_USER, user)
