@@ -1,6 +1,7 @@
 """Entry point: `python run.py [overrides]` (single run) or `python run.py -m [sweep overrides]`."""
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -72,7 +73,7 @@ def remove_unused_run_dir(run_dir: Path) -> None:
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     from conformer.app import Relaunch, run
-    from conformer.errors import TrackingUnavailable
+    from conformer.errors import FULL_ERROR_ENV, TrackingUnavailable, one_line
     from conformer.launch import LaunchError
     from conformer.secrets import redact, redact_files, redact_handlers
     from conformer.signals import Interrupted
@@ -103,7 +104,15 @@ def main(cfg: DictConfig) -> float | None:
         if isinstance(err, (LaunchError, TrackingUnavailable)):
             print(redact(f"error: {err}"), file=sys.stderr)
             sys.exit(getattr(err, "exit_code", 1))
-        raise
+        line = one_line(err)
+        if line is None or os.environ.get(FULL_ERROR_ENV) == "1":  # a bug, or asked for the traceback
+            raise
+        record = logging.LogRecord("run", logging.ERROR, __file__, 0, redact(line), None, None)
+        for handler in logging.getLogger().handlers:  # train.log too (the console gets it below, once)
+            if isinstance(handler, logging.FileHandler):
+                handler.handle(record)
+        print(redact(line) + f" ({FULL_ERROR_ENV}=1 shows the traceback)", file=sys.stderr)
+        sys.exit(1)
 
 
 def sweep_group_argument(args: list[str]) -> list[str]:

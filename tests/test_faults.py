@@ -6,6 +6,7 @@ import logging
 import os
 import re
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -173,3 +174,46 @@ def test_a_training_in_progress_has_one_owner_that_the_orphan_check_and_a_second
 
 def _training_started_in(log: Path) -> bool:
     return "train step compiled and run once" in log.read_text()
+
+
+# ---------------------------------------------------------------------------------------------------- one line
+def test_an_empty_checkpoint_and_a_nan_loss_are_one_line_also_in_train_log(tmp_path: Path, tmp_path_factory) -> None:
+    """Faults of the run, not bugs: one `error:` line (no traceback; HYDRA_FULL_ERROR=1 shows it), also in
+    train.log. An empty .ckpt used to get MindSpore's misleading `filter_prefix` message."""
+    empty = tmp_path / "empty.ckpt"
+    empty.write_bytes(b"")
+    result = run_py_to_end(["task=eval", f"task.checkpoint={empty}", "tracking=disabled",
+                            f"hydra.run.dir={tmp_path / 'eval'}"], tmp_path, timeout=300)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: cannot read checkpoint {empty}: the file is empty (0 bytes; a write cut short?) "
+        "(HYDRA_FULL_ERROR=1 shows the traceback)")
+    assert "Traceback" not in result.stderr and "filter_prefix" not in result.stderr
+    assert f"cannot read checkpoint {empty}" in (tmp_path / "eval" / "train.log").read_text()
+
+    data_root = tiny_folder(tmp_path_factory.getbasetemp())
+    result = run_py_to_end(tiny_overrides(tmp_path, data_root, "trainer.epochs=2", "optim.schedule.base_lr=1e30",
+                                          "optim.schedule.warmup_epochs=0", f"hydra.run.dir={tmp_path / 'nan'}"),
+                           tmp_path, timeout=400)
+    assert result.returncode == 1, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: loss is nan at epoch 1, step ") and last.endswith("shows the traceback)"), last
+    assert "Traceback" not in result.stderr
+    assert last.split(" (HYDRA_FULL_ERROR")[0] in (tmp_path / "nan" / "train.log").read_text()
+    assert _only_run(MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")).info.status == "FAILED"
+
+
+def test_a_run_folder_that_cannot_be_written_is_one_line_before_hydra_makes_it(tmp_path: Path) -> None:
+    """Hydra's own failure to make the run dir was ~40 lines of traceback."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    as_root = os.geteuid() == 0  # root writes through permissions: the folder is made immutable instead
+    subprocess.run(["chattr", "+i", str(locked)], check=True) if as_root else locked.chmod(0o555)
+    try:
+        result = run_py_to_end(["tracking=disabled"], locked, timeout=120)
+    finally:
+        subprocess.run(["chattr", "-i", str(locked)], check=True) if as_root else locked.chmod(0o755)
+    assert result.returncode == 2, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"config error: cannot write the run dir {locked}/outputs/"), last
+    assert "Traceback" not in result.stderr

@@ -1,9 +1,11 @@
 """task=train: fit the model, evaluate every epoch, checkpoint, record the run in MLflow."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
+import shutil
 from collections.abc import Iterable
 from contextlib import ExitStack
 from pathlib import Path
@@ -12,6 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from conformer import weights
+from conformer.errors import InsufficientSpace
 from conformer.hardware import replicas_in_sync
 from conformer.logs import log_path
 from conformer.runlock import RunInUse, RunLock
@@ -69,6 +72,8 @@ def _train(ctx: RunContext, fingerprint: str, resume: Path | None) -> float:
         data=data, group=group, run_dir=ctx.run_dir, tracker=tracker, resume=resume,
         checkpoint_meta={"config_fingerprint": fingerprint, "params": run_params(cfg, group.world_size)})
 
+    if group.is_main:
+        check_free_space(ctx.run_dir, network, ema=bool(cfg.trainer.get("ema_decay")))
     log.info("%s | %s | %d params | %d train / %d val images | %d steps/epoch | global batch %d | base lr %.3g",
              cfg.model.name, data, sum(p.size for p in network.trainable_params()), data.train_size,
              data.val_size, trainer.steps_per_epoch, trainer.global_batch, trainer.schedule.base_lr)
@@ -86,6 +91,24 @@ def _train(ctx: RunContext, fingerprint: str, resume: Path | None) -> float:
         finally:
             _log_outputs(tracker, ctx, trainer, cfg.tracking.log_checkpoints)
     return float(best)
+
+
+SPACE_MARGIN_BYTES = 64 * 2**20
+
+
+def check_free_space(run_dir: Path, network, ema: bool = False) -> None:
+    """Before the first step: the run dir's file system holds two checkpoints (last.ckpt and its atomic temp copy;
+    best.ckpt shares last's bytes) plus a margin, or `InsufficientSpace` says how much is missing. A checkpoint holds
+    the weights, AdamW's two moments and the EMA copy: ~4 (or 3) float32 per parameter."""
+    copies = 4 if ema else 3
+    checkpoint = sum(p.size for p in network.get_parameters()) * 4 * copies
+    needed = 2 * checkpoint + SPACE_MARGIN_BYTES
+    free = shutil.disk_usage(run_dir if run_dir.exists() else run_dir.parent).free
+    if free < needed:
+        raise InsufficientSpace(errno.ENOSPC, f"not enough free space for the checkpoints in {run_dir}: "
+                                f"{free / 2**20:.0f} MB free, the training needs about {needed / 2**20:.0f} MB "
+                                f"(two checkpoints of ~{checkpoint / 2**20:.0f} MB and a margin): free some space or "
+                                "point hydra.run.dir (or paths.root) elsewhere", str(run_dir))
 
 
 def config_fingerprint(cfg: DictConfig) -> str:

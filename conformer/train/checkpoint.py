@@ -8,6 +8,7 @@ entries are readable copies for other tools. The epoch always comes from the fil
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -23,6 +24,8 @@ import mindspore as ms
 import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
+from conformer.errors import CheckpointError
+
 log = logging.getLogger(__name__)
 
 OPTIMIZER_PREFIX = "optimizer."
@@ -32,6 +35,7 @@ EMA_PREFIX = "ema."
 STEP_PREFIX = "train_step."  # the train step's own state: the loss scale and its counter
 META_PREFIX = "meta."
 META_JSON = META_PREFIX + "json"
+DISK_FULL_BYTES = 64 * 2**20  # a failed save with less free space than this was a full disk
 
 
 class HasParameters(Protocol):
@@ -117,7 +121,12 @@ def save_checkpoint(params: nn.Cell | list[dict[str, Any]] | Mapping[str, Tensor
     # MindSpore writes "<stem>.tmp" next to the name it is given, then renames it: both are ours to clean.
     tmp = _temp_name(path)
     try:
-        ms.save_checkpoint(_entries(params), str(tmp), append_dict=_meta_entries(extra or {}))
+        try:
+            ms.save_checkpoint(_entries(params), str(tmp), append_dict=_meta_entries(extra or {}))
+        except (RuntimeError, ValueError) as err:  # MindSpore's words for a full disk: said as the OSError it is
+            if "space" in str(err).lower() or shutil.disk_usage(path.parent).free < DISK_FULL_BYTES:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from err
+            raise
         _publish(tmp, path)
     finally:
         _remove(tmp)
@@ -151,10 +160,6 @@ def _link_checkpoint(source: Path, path: Path) -> Path:
     finally:
         _remove(tmp)
     return path
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be read (empty, truncated, not a checkpoint): one line naming it."""
 
 
 _NOTHING_SELECTED = "parameter dict is empty after filter"  # MindSpore's words for "no entry was chosen"
