@@ -88,8 +88,11 @@ def _train(ctx: RunContext, fingerprint: str, resume: Path | None) -> float:
             if group.is_main:  # before the log is uploaded: the train.log artifact ends with this summary
                 log.info("done: %s %.2f (best %.2f at epoch %s) | run dir %s", monitor,
                          state.metrics.get(monitor, float("nan")), best, checkpoints.best_epoch, ctx.run_dir)
+            if group.is_main and resume is not None and not trainer.checkpoints.last_path.is_file():
+                # nothing was left to train: the run's checkpoints stay where they are (mlflow:<run_id> finds them)
+                tracker.set_tags({"run_dir": str(resume.parent.parent)})
         finally:
-            _log_outputs(tracker, ctx, trainer, cfg.tracking.log_checkpoints)
+            _log_outputs(tracker, ctx, trainer, cfg.tracking.log_checkpoints, resume)
     return float(best)
 
 
@@ -172,13 +175,36 @@ def _warmup_epochs(cfg: DictConfig) -> float:
     return 0
 
 
-def _log_outputs(tracker, ctx: RunContext, trainer: Trainer, with_checkpoints: bool) -> None:
+WHOLE_LOG = Path(".resumed") / "train.log"  # in a resumed training's run dir: the log of all its parts
+
+
+def whole_log(run_dir: Path, resume: Path | None) -> Path:
+    """This run's `train.log`, or for a resumed training the log of every part so far (the part it resumes first,
+    itself whole when that part was resumed too), so the MLflow artifact `train.log` is never only the last part."""
+    log_file = log_path(run_dir)
+    if resume is None or resume.parent.name != "checkpoints" or not log_file.is_file():
+        return log_file
+    before = resume.parent.parent
+    previous = before / WHOLE_LOG if (before / WHOLE_LOG).is_file() else log_path(before)
+    if before == run_dir or not previous.is_file():
+        return log_file
+    whole = run_dir / WHOLE_LOG
+    whole.parent.mkdir(parents=True, exist_ok=True)
+    with whole.open("wb") as out:
+        out.write(previous.read_bytes())
+        out.write(f"---- resumed from {resume} in {run_dir} ----\n".encode())
+        out.write(log_file.read_bytes())
+    return whole
+
+
+def _log_outputs(tracker, ctx: RunContext, trainer: Trainer, with_checkpoints: bool, resume: Path | None = None
+                 ) -> None:
     """Curves, log and checkpoints as artifacts: also after a failure, so a broken run can be inspected."""
     if not ctx.group.is_main:
         return
     if trainer.history:
         tracker.log_artifact(plot_curves(trainer.history, ctx.run_dir / "curves.png"))
-    log_file = log_path(ctx.run_dir)
+    log_file = whole_log(ctx.run_dir, resume)
     if log_file.is_file():
         tracker.log_artifact(log_file)
     if with_checkpoints:
