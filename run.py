@@ -42,10 +42,23 @@ def worker_args(hydra_cfg: DictConfig, run_dir: Path) -> list[str]:
             args.append(f"--config-path={source.path}")
         elif source.provider == "command-line":
             args.append(f"--config-dir={source.path}")
-    args += [o for o in hydra_cfg.overrides.task if not o.lstrip("~+").startswith(PARENT_ONLY_TASK)]
+    args += [o for o in hydra_cfg.overrides.task if not o.lstrip("~+").startswith(PARENT_ONLY_TASK)
+             and not _secret_uri_to_environment(o)]
     args += [o for o in hydra_cfg.overrides.hydra if not o.lstrip("~+").startswith(PARENT_ONLY)]
     return args + [f"hydra.run.dir={_override_value(run_dir)}", "hydra.output_subdir=null",
                    f"hydra.job_logging.handlers.file.filename={os.devnull}"]
+
+
+def _secret_uri_to_environment(override: str) -> bool:
+    """A `tracking.uri=` override with user info (a password) goes to the workers as MLFLOW_TRACKING_URI, which they
+    read when tracking.uri is unset, not on their command line (msrun prints and logs it): True when it did."""
+    from conformer.secrets import has_secret
+
+    key, sep, value = override.partition("=")
+    if not sep or key.lstrip("~+") != "tracking.uri" or not has_secret(value):
+        return False
+    os.environ["MLFLOW_TRACKING_URI"] = value.strip("'\"")  # the launcher runs no MindSpore threads yet
+    return True
 
 
 def sweep_parent(cfg: DictConfig, hydra_cfg: DictConfig) -> list[str]:

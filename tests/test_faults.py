@@ -78,6 +78,18 @@ def test_a_password_in_the_tracking_uri_reaches_no_log_tag_artifact_or_file(tmp_
     assert not _files_with(fallback_root, SECRET)
 
 
+def test_msrun_workers_get_a_secret_tracking_uri_from_the_environment_not_their_command_line(tmp_path: Path) -> None:
+    """msrun prints and logs each worker's command line: a tracking URI with a password goes to them as
+    MLFLOW_TRACKING_URI instead (shown redacted by the dry run)."""
+    result = run_py_to_end(["hardware=cpu_x2", "hardware.dry_run=true", "tracking.fallback_to_local=true",
+                            f"tracking.uri=http://alice:{SECRET}@127.0.0.1:{free_port()}"], tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert SECRET not in result.stdout + result.stderr
+    assert "MLFLOW_TRACKING_URI=http://***@127.0.0.1:" in result.stdout
+    command = next(line for line in result.stdout.splitlines() if "msrun --worker_num=2" in line)
+    assert "tracking.uri" not in command
+
+
 # ---------------------------------------------------------------------------------------------------- signals
 def _training_started(root: Path) -> bool:
     return any("train step compiled and run once" in log.read_text() for log in root.glob("outputs/*/*/train.log"))
