@@ -1,6 +1,7 @@
 """Entry point: `python run.py [overrides]` (single run) or `python run.py -m [sweep overrides]`."""
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -41,10 +42,23 @@ def worker_args(hydra_cfg: DictConfig, run_dir: Path) -> list[str]:
             args.append(f"--config-path={source.path}")
         elif source.provider == "command-line":
             args.append(f"--config-dir={source.path}")
-    args += [o for o in hydra_cfg.overrides.task if not o.lstrip("~+").startswith(PARENT_ONLY_TASK)]
+    args += [o for o in hydra_cfg.overrides.task if not o.lstrip("~+").startswith(PARENT_ONLY_TASK)
+             and not _secret_uri_to_environment(o)]
     args += [o for o in hydra_cfg.overrides.hydra if not o.lstrip("~+").startswith(PARENT_ONLY)]
     return args + [f"hydra.run.dir={_override_value(run_dir)}", "hydra.output_subdir=null",
                    f"hydra.job_logging.handlers.file.filename={os.devnull}"]
+
+
+def _secret_uri_to_environment(override: str) -> bool:
+    """A `tracking.uri=` override with user info (a password) goes to the workers as MLFLOW_TRACKING_URI, which they
+    read when tracking.uri is unset, not on their command line (msrun prints and logs it): True when it did."""
+    from conformer.secrets import has_secret
+
+    key, sep, value = override.partition("=")
+    if not sep or key.lstrip("~+") != "tracking.uri" or not has_secret(value):
+        return False
+    os.environ["MLFLOW_TRACKING_URI"] = value.strip("'\"")  # the launcher runs no MindSpore threads yet
+    return True
 
 
 def sweep_parent(cfg: DictConfig, hydra_cfg: DictConfig) -> list[str]:
@@ -72,35 +86,46 @@ def remove_unused_run_dir(run_dir: Path) -> None:
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     from conformer.app import Relaunch, run
-    from conformer.errors import PreflightFailed, TrackingUnavailable
+    from conformer.errors import FULL_ERROR_ENV, PreflightFailed, TrackingUnavailable, one_line
     from conformer.launch import LaunchError
+    from conformer.secrets import redact, redact_files, redact_handlers
     from conformer.signals import Interrupted
     from conformer.validation import ConfigError
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
+    redact_handlers()  # Hydra's console and train.log handlers: no URI's user info in a log line
+    redact_files([*run_dir.glob(".hydra/*.yaml"), Path(hydra_cfg.sweep.dir) / "multirun.yaml"])  # Hydra wrote them
     relaunch = Relaunch(Path(__file__).resolve(), worker_args(hydra_cfg, run_dir) + sweep_parent(cfg, hydra_cfg))
     try:
         return run(cfg, run_dir, relaunch, only_task=hydra_cfg.mode == RunMode.RUN)
     except Interrupted as err:
         last = run_dir / "checkpoints" / "last.ckpt"
         hint = f"continue with trainer.resume={last}" if last.is_file() else f"run dir {run_dir}"
-        print(f"interrupted ({err}): {hint}", file=sys.stderr)
+        print(redact(f"interrupted ({err}): {hint}"), file=sys.stderr)
         sys.exit(err.exit_code)
     except Exception as err:
         if hydra_cfg.mode == RunMode.MULTIRUN:  # a failed trial is recorded, and the sweep goes on
             from conformer.sweep import fail_trial
 
-            print(f"trial {hydra_cfg.job.num} failed: {err}".splitlines()[0], file=sys.stderr)
+            print(redact(f"trial {hydra_cfg.job.num} failed: {err}".splitlines()[0]), file=sys.stderr)
             return fail_trial(cfg, run_dir, err, overrides=list(hydra_cfg.overrides.task))
         if isinstance(err, ConfigError):
-            print(f"config error: {err}", file=sys.stderr)
+            print(redact(f"config error: {err}"), file=sys.stderr)
             remove_unused_run_dir(run_dir)
             sys.exit(2)
         if isinstance(err, (LaunchError, TrackingUnavailable, PreflightFailed)):
-            print(f"error: {err}", file=sys.stderr)
+            print(redact(f"error: {err}"), file=sys.stderr)
             sys.exit(getattr(err, "exit_code", 1))
-        raise
+        line = one_line(err)
+        if line is None or os.environ.get(FULL_ERROR_ENV) == "1":  # a bug, or asked for the traceback
+            raise
+        record = logging.LogRecord("run", logging.ERROR, __file__, 0, redact(line), None, None)
+        for handler in logging.getLogger().handlers:  # train.log too (the console gets it below, once)
+            if isinstance(handler, logging.FileHandler):
+                handler.handle(record)
+        print(redact(line) + f" ({FULL_ERROR_ENV}=1 shows the traceback)", file=sys.stderr)
+        sys.exit(1)
 
 
 def sweep_group_argument(args: list[str]) -> list[str]:

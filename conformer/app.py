@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 from conformer import compile_cache
 from conformer.hardware import configure_device, in_launcher, world_size
 from conformer.logs import file_logging
+from conformer.secrets import redact
 from conformer.signals import interruptible
 from conformer.validation import (
     check_devices,
@@ -106,7 +107,7 @@ def launch_workers(cfg: DictConfig, run_dir: Path, relaunch: Relaunch | None) ->
                           "`python run.py ...` (it re-launches itself under msrun)")
     plan = plan_launch(hardware, relaunch.script, relaunch.args, run_dir)
     if hardware.get("dry_run"):
-        print(plan.describe())
+        print(redact(plan.describe()))  # the workers' overrides may hold a tracking URI's password
         return None
     root = Path(cfg.paths.root)
     return launch(plan, lambda status, reason: end_unfinished_runs(cfg.tracking, root, plan.run_dir, status,

@@ -6,6 +6,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from conformer.secrets import redact_handlers
+
 LOG_FILE = "train.log"
 
 
@@ -28,6 +30,7 @@ def file_logging(run_dir: Path, rank: int = 0) -> Iterator[Path]:
         handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
         root.addHandler(handler)
     root.setLevel(min(root.level or logging.INFO, logging.INFO))
+    redact_handlers(root)  # no URI's user info in any log line (console, train.log)
     try:
         yield path
     finally:

@@ -1,7 +1,12 @@
-"""Ctrl-C and SIGTERM: the project's one handler for both, raising `Interrupted` in the main thread.
+"""Ctrl-C, SIGTERM and SIGHUP (a closed terminal): the project's one handler for all three, raising `Interrupted` in
+the main thread.
 
-Inside `interruptible()` either signal raises `Interrupted` (a KeyboardInterrupt that knows its signal), so every
+Inside `interruptible()` each signal raises `Interrupted` (a KeyboardInterrupt that knows its signal), so every
 layer unwinds as for Ctrl-C: the MLflow run ends KILLED, msrun workers are stopped, the exit code is 128 + signal.
+MindSpore sets its own SIGINT handler (C level) on every graph run, and it answers a Ctrl-C with a SIGTERM (a Ctrl-C
+in training exited 143): `reclaim_handlers` (called from `check_interrupted`, every training step) stops it from
+doing so and installs ours again. The first signal decides: one that follows while the process stops changes neither the
+exit code nor the message, and is not raised again inside the clean-up.
 The signal is also remembered: Python drops an exception raised inside a finalizer or weakref callback
 ("Exception ignored in ..."), so the training loop calls `check_interrupted()` to raise it again.
 
@@ -23,15 +28,16 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
-HANDLED = (signal.SIGINT, signal.SIGTERM)
+HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 FORCED_EXIT_AFTER_S = 3.0
 _forced_exit_callbacks: list[Callable[[], None]] = []
 
 
 class Interrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM arrived; `exit_code` is the shell convention 128 + signal number (130, 143)."""
+    """SIGINT, SIGTERM or SIGHUP arrived; `exit_code` is the shell convention 128 + signal number (130, 143, 129)."""
 
     def __init__(self, signum: int) -> None:
         self.signum = int(signum)
@@ -48,9 +54,21 @@ class _Pending:
 
 
 def _raise_interrupted(signum: int, frame: Any) -> None:
+    if _Pending.signum is not None:  # the first signal is the user's; a later one repeats it while the process
+        return                       # stops, and raising again would only break a clean-up (MindSpore's finalizers)
     _Pending.signum = signum
-    if not _Pending.native:
+    if not _Pending.native and not _in_finalizer(frame):
         raise Interrupted(signum)
+
+
+def _in_finalizer(frame: Any) -> bool:
+    """The signal interrupted a `__del__` (MindSpore's dataset pools wait in theirs): an exception raised there is
+    printed and dropped by Python, so the signal is only recorded and `check_interrupted` raises it."""
+    while frame is not None:
+        if frame.f_code.co_name == "__del__":
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _ours(signum: int) -> bool:
@@ -59,7 +77,7 @@ def _ours(signum: int) -> bool:
 
 @contextmanager
 def interruptible() -> Iterator[None]:
-    """SIGINT and SIGTERM raise `Interrupted` while inside; the previous handlers come back on exit.
+    """SIGINT, SIGTERM and SIGHUP raise `Interrupted` while inside; the previous handlers come back on exit.
 
     Does nothing outside the main thread (handlers can only be set there) and leaves an ignored SIGINT alone
     (a background job started with `&`). Nested uses share the outer handlers.
@@ -74,15 +92,80 @@ def interruptible() -> Iterator[None]:
             continue
         installed[signum] = signal.signal(signum, _raise_interrupted)
     watchdog = _Watchdog() if installed else None
+    previous_hook = sys.unraisablehook
+    if installed:
+        sys.unraisablehook = _quiet_interrupts(previous_hook)
     try:
         yield
     finally:
+        if installed:
+            sys.unraisablehook = previous_hook
         if watchdog is not None:
             watchdog.stop()
         for signum, previous in installed.items():
             signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
         if installed:
             _Pending.signum = None
+
+
+def _quiet_interrupts(previous: Callable[[Any], None]) -> Callable[[Any], None]:
+    """An unraisable-exception hook that keeps quiet about `Interrupted` raised inside a finalizer (Python would print
+    its traceback): the signal is remembered and `check_interrupted` raises it again."""
+    def hook(unraisable: Any) -> None:
+        if not isinstance(unraisable.exc_value, Interrupted):
+            previous(unraisable)
+    return hook
+
+
+# MindSpore 2.10's GraphScheduler::Run calls RegisterGlobalSignalHandler(DefaultIntHandler) on every graph run: a
+# sigaction for SIGINT (unseen by Python) whose handler is `kill(getpid(), SIGTERM)`. A Ctrl-C during training thus
+# arrived as SIGTERM (exit 143, "received SIGTERM"). The registration is made a no-op returning true (`mov $1, %eax;
+# ret`) in this process, after checking that the function starts as expected; our Python handler then keeps SIGINT.
+_REGISTER_SIGINT = "_ZN9mindspore27RegisterGlobalSignalHandlerEPFviP9siginfo_tPvE"
+_REGISTER_PROLOGUE = b"\x41\x57\x41\x56"  # push %r15; push %r14
+_RETURN_TRUE = b"\xb8\x01\x00\x00\x00\xc3"
+
+
+class _MindSporeSigint:
+    disarmed = False
+
+
+def _disarm_mindspore_sigint() -> None:
+    """Stop MindSpore from taking SIGINT from us on each graph run (see above); silently nothing where the library or
+    the function is not the one we know."""
+    if _MindSporeSigint.disarmed or "mindspore" not in sys.modules:
+        return
+    _MindSporeSigint.disarmed = True
+    import ctypes
+    import mmap
+
+    try:
+        maps = Path("/proc/self/maps").read_text().split()
+        library = next(path for path in maps if path.endswith("/libmindspore_common.so"))
+        address = ctypes.cast(getattr(ctypes.CDLL(library), _REGISTER_SIGINT), ctypes.c_void_p).value
+    except (OSError, StopIteration, AttributeError):
+        return
+    if ctypes.string_at(address, len(_REGISTER_PROLOGUE)) != _REGISTER_PROLOGUE:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    page = address - address % mmap.PAGESIZE
+    size = address + len(_RETURN_TRUE) - page
+    if libc.mprotect(page, size, mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC) != 0:
+        return
+    ctypes.memmove(address, _RETURN_TRUE, len(_RETURN_TRUE))
+    libc.mprotect(page, size, mmap.PROT_READ | mmap.PROT_EXEC)
+
+
+def reclaim_handlers() -> None:
+    """Install our handlers again at the C level (MindSpore may have set its own SIGINT handler since, see
+    `_disarm_mindspore_sigint`). Main thread, inside `interruptible()` only."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    _disarm_mindspore_sigint()
+    for signum in HANDLED:
+        if _ours(signum):
+            signal.signal(signum, _raise_interrupted)
 
 
 def on_forced_exit(callback: Callable[[], None]) -> Callable[[], None]:
@@ -111,7 +194,7 @@ class _Watchdog(threading.Thread):
             while (_Pending.signum is None or _Pending.native) and time.monotonic() < deadline:
                 time.sleep(0.05)
             if (_Pending.signum is None or _Pending.native) and not self._stopping:  # stuck in MindSpore
-                _force_exit(data[0])
+                _force_exit(_Pending.signum or data[0])
 
     def stop(self) -> None:
         self._stopping = True
@@ -146,14 +229,17 @@ def native_section() -> Iterator[None]:
 
 
 def check_interrupted() -> None:
-    """Raise `Interrupted` when a signal arrived but its exception got swallowed on the way."""
+    """Raise `Interrupted` when a signal arrived but its exception got swallowed on the way; our handlers are made
+    sure of again (`reclaim_handlers`), as a data pipeline may have replaced one since the last call."""
+    reclaim_handlers()
     if _Pending.signum is not None:
         raise Interrupted(_Pending.signum)
 
 
 @contextmanager
 def signals_ignored() -> Iterator[None]:
-    """SIGINT and SIGTERM are ignored while inside: for a cleanup that must not be cut short (main thread only)."""
+    """SIGINT, SIGTERM and SIGHUP are ignored while inside: for a cleanup that must not be cut short (main thread
+    only)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return

@@ -14,12 +14,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import mindspore as ms
 from mindspore import nn
 
 from conformer.convert import infer_num_classes, load_official_weights, read_state_dict
 from conformer.tracking import run_checkpoint
-from conformer.train.checkpoint import load_weights
+from conformer.train.checkpoint import load_raw, load_weights
 from conformer.validation import CHECKPOINT_SUFFIXES, MLFLOW_PREFIX
 
 log = logging.getLogger(__name__)
@@ -38,7 +37,7 @@ def num_classes(path: Path) -> int:
     """Class count of a weights file, read from its conv classifier head."""
     if path.suffix not in CHECKPOINT_SUFFIXES:
         return infer_num_classes(read_state_dict(path))
-    head = ms.load_checkpoint(str(path), choice_func=lambda name: name == "conv_cls_head.bias")
+    head = load_raw(path, choice_func=lambda name: name == "conv_cls_head.bias")
     if not head:
         raise ValueError(f"{path} has no conv_cls_head.bias: is it a Conformer checkpoint?")
     return int(head["conv_cls_head.bias"].shape[0])

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -236,13 +235,11 @@ def test_unknown_group_option_lists_the_choices(group: str, listed: list[str], t
 
 @pytest.mark.slow
 def test_cli_rejects_a_bad_value_before_building_anything(tmp_path: Path) -> None:
-    start = time.monotonic()
+    """How fast is benchmarks/startup.py's business (a busy machine must not fail a test): here, that nothing ran."""
     result = run_py_to_end(["data.batch_size=0"], tmp_path, timeout=120)
-    elapsed = time.monotonic() - start
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == "config error: data.batch_size=0 must be an integer >= 1"
     assert "Traceback" not in result.stderr
-    assert elapsed < 15, f"the config error took {elapsed:.1f} s: something was built before validation"
     # nothing ran: no data written, no MLflow store, and the run dir Hydra made is gone again
     assert not (tmp_path / ".cache").exists() and not (tmp_path / "mlflow.db").exists()
     assert not list((tmp_path / "outputs").glob("*/*"))
@@ -252,14 +249,11 @@ def test_cli_rejects_a_bad_value_before_building_anything(tmp_path: Path) -> Non
 @pytest.mark.slow
 @pytest.mark.skipif(devices_present("Ascend"), reason="this machine has Ascend devices")
 def test_a_missing_device_is_one_line_before_any_process_starts(tmp_path: Path) -> None:
-    start = time.monotonic()
     result = run_py_to_end(["hardware=ascend8"], tmp_path, timeout=120)
-    elapsed = time.monotonic() - start
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1] == (
         "config error: hardware=ascend8 needs Ascend devices, and this machine has none (/dev/davinci* not found): "
         "use hardware=cpu, or hardware.dry_run=true to only print the launch plan")
-    assert elapsed < 15, f"took {elapsed:.1f} s"
     assert not list((tmp_path / "outputs").rglob("msrun")) and not (tmp_path / "mlflow.db").exists()
 
 
@@ -286,13 +280,16 @@ def test_a_value_a_component_refuses_is_one_line_naming_the_config_node(tmp_path
 
 
 @pytest.mark.slow
-def test_an_unreachable_tracking_server_is_one_line_within_seconds(tmp_path: Path) -> None:
-    uri = f"http://127.0.0.1:{free_port()}"  # nobody listens there
-    start = time.monotonic()
-    result = run_py_to_end([f"tracking.uri={uri}"], tmp_path, timeout=120)
-    elapsed = time.monotonic() - start
+def test_an_unreachable_tracking_server_is_one_line_naming_it_without_its_password(tmp_path: Path) -> None:
+    """Connection refused, one line, nothing built; the URI's user info (a password) is not printed nor left in a
+    file. (How fast it answers is benchmarks/startup.py's: a busy machine must not fail a test.)"""
+    port = free_port()  # nobody listens there
+    result = run_py_to_end([f"tracking.uri=http://alice:pw-s3cret@127.0.0.1:{port}"], tmp_path, timeout=120)
     assert result.returncode == 2, result.stderr[-2000:]
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"config error: the MLflow store {uri} is unreachable (") and "tracking=disabled" in last
-    assert elapsed < 10, f"took {elapsed:.1f} s"
+    assert last.startswith(f"config error: the MLflow store http://***@127.0.0.1:{port} is unreachable (GET "
+                           f"http://127.0.0.1:{port}/health: [Errno 111] Connection refused)"), last
+    assert "tracking=disabled" in last
+    assert "pw-s3cret" not in result.stderr + result.stdout
+    assert not [p for p in tmp_path.rglob("*") if p.is_file() and b"pw-s3cret" in p.read_bytes()]
     assert "Traceback" not in result.stderr and not (tmp_path / ".cache").exists()

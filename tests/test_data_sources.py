@@ -53,6 +53,30 @@ def test_class_index_follows_sorted_train_folders(tmp_path: Path) -> None:
     assert label.dtype == np.int32 and int(label) == 2
 
 
+def test_links_into_loops_are_not_followed_and_each_image_counts_once(tmp_path: Path,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """`train/0/up -> ..` (a loop), a second link to a folder already scanned and a linked file: each image once,
+    one warning naming the links; a link to a folder outside the tree is followed as before."""
+    for name in ("0", "1"):
+        _image(tmp_path / "train" / name / "a.png", fmt="PNG")
+        _image(tmp_path / "val" / name / "a.png", fmt="PNG")
+    _image(tmp_path / "train" / "0" / "sub" / "b.png", fmt="PNG")
+    _image(tmp_path / "elsewhere" / "c.png", fmt="PNG")
+    (tmp_path / "train" / "0" / "up").symlink_to("..")  # train/0/up/0/up/0/... without end
+    (tmp_path / "train" / "0" / "again").symlink_to("sub")
+    (tmp_path / "train" / "0" / "z.png").symlink_to("a.png")
+    (tmp_path / "train" / "1" / "outside").symlink_to(tmp_path / "elsewhere")
+    with caplog.at_level(logging.WARNING):
+        source = ImageFolderSource(tmp_path)
+    train = sorted((Path(p).relative_to(tmp_path).as_posix(), y) for p, y in source.train_samples)
+    assert train == [("train/0/a.png", 0), ("train/0/again/b.png", 0), ("train/1/a.png", 1),  # sub/ after again/
+                     ("train/1/outside/c.png", 1)]
+    [warning] = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert "skipped 3 links" in warning
+    for link in ("train/0/up", "train/0/sub", "train/0/z.png"):
+        assert str(tmp_path / link) in warning
+
+
 @pytest.mark.parametrize(
     ("layout", "message"),
     [

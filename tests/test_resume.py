@@ -110,6 +110,20 @@ def test_a_run_killed_with_sigkill_resumes_to_bit_identical_weights(tmp_path: Pa
     assert sorted(lrs) == list(range(1, 3 * STEPS_PER_EPOCH + 1))
     assert [lrs[step] for step in sorted(lrs)] == pytest.approx([1e-6] * 12 + [1e-5 + 0.99e-3 * 0.75] * 6)
     assert client.list_artifacts(run.info.run_id, "checkpoints") == []  # stored once: in the run dirs
+    # as one uninterrupted training would have left it: no step logged twice (the killed process had logged epoch 2's
+    # first steps), and the train.log artifact holds both parts
+    losses = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert sorted(losses) == list(range(1, 3 * STEPS_PER_EPOCH + 1)), losses
+    log = Path(client.download_artifacts(run.info.run_id, "train.log", str(tmp_path))).read_text()
+    assert "epoch 1/3" in log and "resumed from" in log and "done: epoch 3.00" in log
+    assert log.index("epoch 1/3") < log.index("resumed from") < log.index("done: epoch 3.00")
+
+    # resuming the finished training again: nothing left to train, and the run still points at its checkpoints
+    again = run_py_to_end(overrides(killed, "trainer.resume=auto"), killed)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "nothing left to train" in again.stdout + again.stderr
+    run = client.get_run(run.info.run_id)
+    assert (Path(run.data.tags["run_dir"]) / "checkpoints" / "last.ckpt").is_file()
 
 
 def test_a_kill_after_a_step_checkpoint_resumes_mid_epoch_to_bit_identical_weights(

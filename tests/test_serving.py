@@ -148,3 +148,32 @@ def test_the_registered_model_loads_in_process(root: Path, exported: Path, image
     for column in (arrays, [a / 255.0 for a in arrays], [p.read_bytes() for p in images]):
         frame = model.predict(pd.DataFrame({"image": column}))
         check_answers(frame.to_dict("records"), images, predicted)
+
+
+def test_a_model_folder_names_no_code_and_a_planted_target_is_refused(root: Path, exported: Path,
+                                                                       tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The model is logged from code (no pickle) and its conformer.json is data: a `_target_` planted there (an
+    `open(victim, "w")` that would truncate a file if instantiated) is refused on load, and the victim is intact."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", default_tracking_uri(root))
+    folder = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}/1", dst_path=str(tmp_path / "model")))
+    assert not list(folder.rglob("*.pkl")), "a pickled model runs code on load"
+    assert "model_code_path" in (folder / "MLmodel").read_text()
+    meta_path = next(folder.rglob("conformer.json"))
+    meta = json.loads(meta_path.read_text())
+    assert "_target_" not in json.dumps(meta) and meta["eval_transform"]["image_size"] == 32
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    for planted in ({"_target_": "builtins.open", "file": str(victim), "mode": "w"},
+                    {**meta["eval_transform"], "_target_": "builtins.open", "file": str(victim), "mode": "w"}):
+        meta_path.write_text(json.dumps({**meta, "eval_transform": planted}))
+        with pytest.raises(Exception, match=r"conformer.json: eval_transform names code to run \(_target_="
+                                             r"'builtins.open'\)"):
+            mlflow.pyfunc.load_model(str(folder))
+        assert victim.read_text() == "precious"
+    meta_path.write_text(json.dumps({**meta, "eval_transform": {**meta["eval_transform"], "file": "x"}}))
+    with pytest.raises(Exception, match=r"eval_transform has unknown keys \['file'\]"):
+        mlflow.pyfunc.load_model(str(folder))
+    meta_path.write_text(json.dumps(meta))  # the untouched file still loads
+    assert mlflow.pyfunc.load_model(str(folder)).metadata.flavors["python_function"]["code"] == "code"

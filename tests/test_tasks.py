@@ -293,6 +293,30 @@ def test_predict_cli_writes_the_top_k_of_the_summed_logits(root: Path, checkpoin
         np.testing.assert_allclose([float(row[f"prob_{i}"]) for i in (1, 2, 3)], probs[top], rtol=1e-4)
 
 
+def test_predict_survives_any_file_name_and_escapes_it_in_what_it_writes(root: Path, checkpoint: Path,
+                                                                         tmp_path: Path) -> None:
+    """A name that is not UTF-8 and one with a newline (which would forge an output line): both predicted, printed
+    and written to the CSV escaped, one line each."""
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    names = [b"good.png", b"odd-\xff\xfe.png", b"two\nforged: 9 100.0%.png"]
+    for index, name in enumerate(names):
+        Image.new("L", (8, 8), 60 * index).save(os.fsdecode(os.fsencode(folder) + b"/" + name), format="PNG")
+    env = {**os.environ, "CONFORMER_PROJECT_ROOT": str(root), "PYTHONIOENCODING": "utf-8"}
+    result = subprocess.run(
+        [sys.executable, "run.py", "task=predict", f"task.checkpoint={checkpoint}", f"task.inputs={folder}",
+         "task.topk=1", f"data.image_size={SIZE}", f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=REPO, env=env, capture_output=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout.decode().splitlines()
+    shown = [f"{folder}/good.png", f"{folder}/odd-\\xff\\xfe.png", f"{folder}/two\\nforged: 9 100.0%.png"]
+    assert [line.rsplit(": ", 1)[0] for line in out if line.startswith(str(folder))] == shown
+    assert not any(line.startswith("forged") for line in out)
+    with (tmp_path / "run" / "predictions.csv").open(encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["path"] for row in rows] == shown and all(row["label_1"] and not row["error"] for row in rows)
+
+
 def test_class_names_come_from_a_file_the_data_source_or_nowhere(root: Path, tmp_path: Path) -> None:
     names = tmp_path / "names.txt"
     names.write_text("cat\ndog\n\nbird\n")

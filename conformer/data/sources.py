@@ -51,12 +51,52 @@ def _check_split(split: str) -> str:
 
 
 def _image_files(folder: Path) -> list[str]:
-    """Image files under ``folder``: recursive, sorted, hidden entries skipped, extension case-insensitive."""
+    """Image files under ``folder``: recursive (following links to folders), sorted, hidden entries skipped,
+    extension case-insensitive. Each folder and each file counts once: a link back up the tree (a loop, e.g.
+    ``up -> ..``) or to a folder or file already found is skipped, with one warning naming the links."""
     found: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found.extend(os.path.join(dirpath, f) for f in sorted(filenames)
-                     if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS))
+    root = os.stat(folder)
+    seen_dirs = {(root.st_dev, root.st_ino)}
+    seen_files: set[tuple[int, int]] = set()
+    skipped: list[str] = []
+    pending = [str(folder)]
+    while pending:
+        directory = pending.pop()
+        try:
+            entries = sorted(os.scandir(directory), key=lambda e: e.name)
+        except OSError as err:
+            log.warning("cannot list %s (%s): its images are left out", directory, err.strerror or err)
+            continue
+        here = os.path.realpath(directory)
+        subdirs = []
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            try:
+                is_dir = entry.is_dir()
+                if not is_dir and not entry.name.lower().endswith(IMAGE_EXTENSIONS):
+                    continue
+                info = entry.stat()
+            except OSError:  # a dangling link
+                continue
+            key = (info.st_dev, info.st_ino)
+            if is_dir:
+                target = os.path.realpath(entry.path) if entry.is_symlink() else None
+                if key in seen_dirs or (target and (here + os.sep).startswith(target.rstrip(os.sep) + os.sep)):
+                    skipped.append(f"{entry.path} -> {target or entry.path}")
+                    continue
+                seen_dirs.add(key)
+                subdirs.append(entry.path)
+            elif key in seen_files:  # a link to an image already found (or the image a link found first)
+                skipped.append(f"{entry.path} -> {os.path.realpath(entry.path)}")
+            else:
+                seen_files.add(key)
+                found.append(entry.path)
+        pending.extend(reversed(subdirs))  # depth first, in name order (as os.walk)
+    if skipped:
+        more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+        log.warning("%s: skipped %d links back up the tree (a loop) or to folders or files already scanned, so that "
+                    "each image counts once: %s%s", folder, len(skipped), "; ".join(skipped[:5]), more)
     return found
 
 

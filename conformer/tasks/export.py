@@ -95,6 +95,7 @@ def export(ctx: RunContext) -> None:
     register = cfg.task.get("register")
     serve = bool(cfg.task.get("log_model") or register)
     labels = class_labels(cfg, network.num_classes) if serve else None  # fails before the export's compile
+    served = served_eval_transform(cfg) if serve else None  # so does a transform a served model cannot hold
 
     tracker = task_tracker(ctx)
     with tracker:
@@ -105,7 +106,7 @@ def export(ctx: RunContext) -> None:
         if not path.is_file():
             raise RuntimeError(f"MindSpore reported no error but wrote no {path}")
         if serve:  # the model's artifacts hold the MINDIR: not stored twice
-            log_served_model(tracker, cfg, path, labels, register)
+            log_served_model(tracker, cfg, path, labels, served, register)
         else:
             tracker.log_artifact(path, "export")
     print(f"exported {cfg.model.name} ({output} logits, input {list(shape)}) to {path}")
@@ -113,11 +114,18 @@ def export(ctx: RunContext) -> None:
     return None
 
 
-def log_served_model(tracker: Tracker, cfg: DictConfig, path: Path, labels: list[str], register: str | None) -> None:
-    """The MINDIR as the run's MLflow pyfunc model (registered as `register`); prints how to serve it."""
-    from conformer.tracking.pyfunc_model import log_pyfunc_model  # pandas, the pyfunc flavor: only when asked
+def served_eval_transform(cfg: DictConfig) -> dict:
+    """`data.eval_transform` as the plain parameters a served model stores (ValueError for a transform it cannot)."""
+    from conformer.tracking.pyfunc_model import served_transform  # pandas, the pyfunc flavor: only when asked
 
-    eval_transform = OmegaConf.to_container(cfg.data.eval_transform, resolve=True)
+    return served_transform(OmegaConf.to_container(cfg.data.eval_transform, resolve=True))
+
+
+def log_served_model(tracker: Tracker, cfg: DictConfig, path: Path, labels: list[str], eval_transform: dict,
+                     register: str | None) -> None:
+    """The MINDIR as the run's MLflow pyfunc model (registered as `register`); prints how to serve it."""
+    from conformer.tracking.pyfunc_model import log_pyfunc_model
+
     info = log_pyfunc_model(tracker.uri, tracker.run_id, path, labels, eval_transform, cfg.task.batch_size,
                             registered_name=register)
     uri = info.model_uri

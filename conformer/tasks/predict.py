@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -59,6 +60,13 @@ def class_labels(cfg: DictConfig, num_classes: int) -> list[str]:
     return names or [str(i) for i in range(num_classes)]
 
 
+def shown(path: Path | str) -> str:
+    """A file name as it may be printed or written to the CSV: bytes that are not UTF-8 as `\\xNN`, control
+    characters (a newline would forge an output line) escaped as in Python, the rest as is."""
+    text = os.fsencode(str(path)).decode("utf-8", "backslashreplace")
+    return "".join(char if char.isprintable() or char == " " else ascii(char)[1:-1] for char in text)
+
+
 def write_predictions(handle, paths: Sequence[Path], problems: dict[Path, str],
                       probabilities: Iterable[np.ndarray], labels: Sequence[str], topk: int) -> None:
     """One CSV row per input, in input order: the top-k of a predicted image, or the reason a bad one was skipped.
@@ -70,14 +78,16 @@ def write_predictions(handle, paths: Sequence[Path], problems: dict[Path, str],
     writer.writerow(["path", *columns, "error"])
     predicted = iter(probabilities)
     for image_path in paths:
+        name = shown(image_path)
         if image_path in problems:
-            writer.writerow([str(image_path), *[""] * len(columns), problems[image_path]])
-            print(f"{image_path}: skipped ({problems[image_path]})")
+            problem = shown(problems[image_path])  # names the file too
+            writer.writerow([name, *[""] * len(columns), problem])
+            print(f"{name}: skipped ({problem})")
             continue
         row = next(predicted)
         best = np.argsort(-row, kind="stable")[:topk]
-        writer.writerow([str(image_path), *[v for c in best for v in (labels[c], float(row[c]))], ""])
-        print(f"{image_path}: " + ", ".join(f"{labels[c]} {row[c]:.1%}" for c in best))
+        writer.writerow([name, *[v for c in best for v in (labels[c], float(row[c]))], ""])
+        print(f"{name}: " + ", ".join(f"{labels[c]} {row[c]:.1%}" for c in best))
 
 
 def predict(ctx: RunContext) -> None:

@@ -1,17 +1,23 @@
 """task=train: fit the model, evaluate every epoch, checkpoint, record the run in MLflow."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
+import shutil
+from collections.abc import Iterable
+from contextlib import ExitStack
 from pathlib import Path
 
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from conformer import weights
+from conformer.errors import InsufficientSpace
 from conformer.hardware import replicas_in_sync
 from conformer.logs import log_path
+from conformer.runlock import RunInUse, RunLock
 from conformer.tasks.common import (
     RunContext,
     build_data,
@@ -22,10 +28,11 @@ from conformer.tasks.common import (
     run_params,
     task_tracker,
 )
-from conformer.train.checkpoint import read_checkpoint_meta
+from conformer.train.checkpoint import CheckpointError, read_checkpoint_meta
 from conformer.train.curves import plot_curves
 from conformer.train.step import apply_amp
 from conformer.train.trainer import Trainer
+from conformer.validation import ConfigError
 
 log = logging.getLogger(__name__)
 OUTPUTS_DIR = "outputs"  # run dirs under the project root (conf/config.yaml: hydra.run.dir, hydra.sweep.dir)
@@ -34,14 +41,29 @@ OUTPUTS_DIR = "outputs"  # run dirs under the project root (conf/config.yaml: hy
 def train(ctx: RunContext) -> float:
     """Train as configured; returns the best value of `trainer.monitor` (the sweepers' objective)."""
     cfg, group = ctx.cfg, ctx.group
+    fingerprint = config_fingerprint(cfg)
+    with ExitStack() as owned:
+        resume = _resume_from(ctx, fingerprint)
+        if group.is_main:  # one owner per training: this run dir, and the one it continues (conformer.runlock)
+            try:
+                owned.enter_context(RunLock(ctx.run_dir))
+                if resume is not None and resume.parent.name == "checkpoints" and resume.parent.parent != ctx.run_dir:
+                    lock = _lock_if_writable(resume.parent.parent)
+                    if lock is not None:
+                        owned.callback(lock.release)
+            except RunInUse as err:
+                raise ConfigError(f"trainer.resume={cfg.trainer.resume}: {err}") from err
+        return _train(ctx, fingerprint, resume)
+
+
+def _train(ctx: RunContext, fingerprint: str, resume: Path | None) -> float:
+    cfg, group = ctx.cfg, ctx.group
     data = build_data(cfg)
     network = build_network(cfg, data.num_classes)
     if cfg.model.pretrained:
         pretrained = resolve_weights(ctx, cfg.model.pretrained)
         weights.load_into(network, pretrained, fine_tune=not cfg.model.pretrained_strict)
     network = apply_amp(network, cfg.hardware.amp_level, workdir=ctx.run_dir)
-    fingerprint = config_fingerprint(cfg)
-    resume = _resume_from(ctx, fingerprint)
     tracker = task_tracker(ctx)
     trainer: Trainer = instantiate(cfg.trainer)(
         network=network, loss_fn=instantiate(cfg.loss), eval_loss_fn=instantiate(cfg.loss, label_smoothing=0.0),
@@ -50,6 +72,8 @@ def train(ctx: RunContext) -> float:
         data=data, group=group, run_dir=ctx.run_dir, tracker=tracker, resume=resume,
         checkpoint_meta={"config_fingerprint": fingerprint, "params": run_params(cfg, group.world_size)})
 
+    if group.is_main:
+        check_free_space(ctx.run_dir, network, ema=bool(cfg.trainer.get("ema_decay")))
     log.info("%s | %s | %d params | %d train / %d val images | %d steps/epoch | global batch %d | base lr %.3g",
              cfg.model.name, data, sum(p.size for p in network.trainable_params()), data.train_size,
              data.val_size, trainer.steps_per_epoch, trainer.global_batch, trainer.schedule.base_lr)
@@ -64,9 +88,30 @@ def train(ctx: RunContext) -> float:
             if group.is_main:  # before the log is uploaded: the train.log artifact ends with this summary
                 log.info("done: %s %.2f (best %.2f at epoch %s) | run dir %s", monitor,
                          state.metrics.get(monitor, float("nan")), best, checkpoints.best_epoch, ctx.run_dir)
+            if group.is_main and resume is not None and not trainer.checkpoints.last_path.is_file():
+                # nothing was left to train: the run's checkpoints stay where they are (mlflow:<run_id> finds them)
+                tracker.set_tags({"run_dir": str(resume.parent.parent)})
         finally:
-            _log_outputs(tracker, ctx, trainer, cfg.tracking.log_checkpoints)
+            _log_outputs(tracker, ctx, trainer, cfg.tracking.log_checkpoints, resume)
     return float(best)
+
+
+SPACE_MARGIN_BYTES = 64 * 2**20
+
+
+def check_free_space(run_dir: Path, network, ema: bool = False) -> None:
+    """Before the first step: the run dir's file system holds two checkpoints (last.ckpt and its atomic temp copy;
+    best.ckpt shares last's bytes) plus a margin, or `InsufficientSpace` says how much is missing. A checkpoint holds
+    the weights, AdamW's two moments and the EMA copy: ~4 (or 3) float32 per parameter."""
+    copies = 4 if ema else 3
+    checkpoint = sum(p.size for p in network.get_parameters()) * 4 * copies
+    needed = 2 * checkpoint + SPACE_MARGIN_BYTES
+    free = shutil.disk_usage(run_dir if run_dir.exists() else run_dir.parent).free
+    if free < needed:
+        raise InsufficientSpace(errno.ENOSPC, f"not enough free space for the checkpoints in {run_dir}: "
+                                f"{free / 2**20:.0f} MB free, the training needs about {needed / 2**20:.0f} MB "
+                                f"(two checkpoints of ~{checkpoint / 2**20:.0f} MB and a margin): free some space or "
+                                "point hydra.run.dir (or paths.root) elsewhere", str(run_dir))
 
 
 def config_fingerprint(cfg: DictConfig) -> str:
@@ -85,15 +130,39 @@ def _resume_from(ctx: RunContext, fingerprint: str) -> Path | None:
         return None
     if spec != "auto":
         return resolve_weights(ctx, spec, "last.ckpt")
-    candidates = sorted(ctx.project_root.glob(f"{OUTPUTS_DIR}/**/checkpoints/last.ckpt"),
-                        key=lambda path: path.stat().st_mtime, reverse=True)
-    for path in candidates:
-        if read_checkpoint_meta(path).get("config_fingerprint") == fingerprint:
+    candidates = sorted(_modified(ctx.project_root.glob(f"{OUTPUTS_DIR}/**/checkpoints/last.ckpt")), reverse=True)
+    for _, path in candidates:
+        try:
+            meta = read_checkpoint_meta(path)
+        except (CheckpointError, OSError) as err:  # one broken file must not stop the search (nor be resumed)
+            log.warning("trainer.resume=auto: skipping %s: %s", path, str(err).splitlines()[0])
+            continue
+        if meta.get("config_fingerprint") == fingerprint:
             log.info("trainer.resume=auto: resuming the newest checkpoint of this config, %s", path)
             return path
     log.info("trainer.resume=auto: no checkpoint of this config under %s: starting afresh",
              ctx.project_root / OUTPUTS_DIR)
     return None
+
+
+def _lock_if_writable(folder: Path) -> RunLock | None:
+    """The lock of the run dir a training continues, acquired; None where it cannot be written (read-only
+    storage)."""
+    try:
+        return RunLock(folder).acquire()
+    except PermissionError:
+        return None
+
+
+def _modified(paths: Iterable[Path]) -> list[tuple[float, Path]]:
+    """(modification time, path) of the files that still exist (another run may remove one meanwhile)."""
+    found = []
+    for path in paths:
+        try:
+            found.append((path.stat().st_mtime, path))
+        except OSError:
+            continue
+    return found
 
 
 def _warmup_epochs(cfg: DictConfig) -> float:
@@ -106,13 +175,36 @@ def _warmup_epochs(cfg: DictConfig) -> float:
     return 0
 
 
-def _log_outputs(tracker, ctx: RunContext, trainer: Trainer, with_checkpoints: bool) -> None:
+WHOLE_LOG = Path(".resumed") / "train.log"  # in a resumed training's run dir: the log of all its parts
+
+
+def whole_log(run_dir: Path, resume: Path | None) -> Path:
+    """This run's `train.log`, or for a resumed training the log of every part so far (the part it resumes first,
+    itself whole when that part was resumed too), so the MLflow artifact `train.log` is never only the last part."""
+    log_file = log_path(run_dir)
+    if resume is None or resume.parent.name != "checkpoints" or not log_file.is_file():
+        return log_file
+    before = resume.parent.parent
+    previous = before / WHOLE_LOG if (before / WHOLE_LOG).is_file() else log_path(before)
+    if before == run_dir or not previous.is_file():
+        return log_file
+    whole = run_dir / WHOLE_LOG
+    whole.parent.mkdir(parents=True, exist_ok=True)
+    with whole.open("wb") as out:
+        out.write(previous.read_bytes())
+        out.write(f"---- resumed from {resume} in {run_dir} ----\n".encode())
+        out.write(log_file.read_bytes())
+    return whole
+
+
+def _log_outputs(tracker, ctx: RunContext, trainer: Trainer, with_checkpoints: bool, resume: Path | None = None
+                 ) -> None:
     """Curves, log and checkpoints as artifacts: also after a failure, so a broken run can be inspected."""
     if not ctx.group.is_main:
         return
     if trainer.history:
         tracker.log_artifact(plot_curves(trainer.history, ctx.run_dir / "curves.png"))
-    log_file = log_path(ctx.run_dir)
+    log_file = whole_log(ctx.run_dir, resume)
     if log_file.is_file():
         tracker.log_artifact(log_file)
     if with_checkpoints:

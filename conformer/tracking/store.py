@@ -1,6 +1,7 @@
 """The MLflow store: where it is, its experiments, and the runs no process ends any more (killed, gone)."""
 from __future__ import annotations
 
+import base64
 import http.client
 import logging
 import os
@@ -22,11 +23,13 @@ from mlflow.environment_variables import (
     MLFLOW_HTTP_REQUEST_BACKOFF_JITTER,
     MLFLOW_HTTP_REQUEST_MAX_RETRIES,
     MLFLOW_HTTP_REQUEST_TIMEOUT,
+    MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT,
 )
 from mlflow.exceptions import MlflowException
 from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
 
 from conformer.errors import TrackingUnavailable  # noqa: F401  (raised here, caught by run.py)
+from conformer.secrets import has_secret, redact
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +59,29 @@ for _variable in _HTTP_VARIABLES:
     _variable.get_raw = _read_with_overrides(_variable)
 
 
+class _UrlPrinting:
+    """MLflow prints `View run <name> at: <store URL>` when a run on a server ends, user info (a password)
+    included: once this process uses a store with user info, that line is off (MLflow's own switch, answered here,
+    never written to the environment); the run's start log gives the redacted link."""
+
+    secret = False
+    read_environment = MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT.get
+
+    @classmethod
+    def get(cls) -> bool:
+        return True if cls.secret else cls.read_environment()
+
+
+MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT.get = _UrlPrinting.get
+
+
+def client(uri: str) -> MlflowClient:
+    """An MlflowClient for `uri`; a URI with user info turns off MLflow's printing of the store's URL."""
+    if has_secret(uri):
+        _UrlPrinting.secret = True
+    return MlflowClient(tracking_uri=uri)
+
+
 @contextmanager
 def short_requests(timeout: int | None, retries: int = 0) -> Iterator[None]:
     """MLflow HTTP calls inside, on this thread, get `retries` quick retries (MLflow's default, 7 with exponential
@@ -78,17 +104,39 @@ TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
 # experiment opens on its runs table, not under "Evaluation runs" of the GenAI view.
 EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
 HOST_TAG, PID_TAG = "host", "pid"  # where a run's process lives: stale RUNNING runs are found by them
+PID_STARTED_TAG = "pid_started"  # when that process started (epoch s): a pid reused by another process is not it
 PROBE_TIMEOUT_S = 5.0
+
+
+def _authorization(parsed: Any) -> str | None:
+    """The Authorization header MLflow sends to this store: the URI's user info (as `requests` reads it), else
+    MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, else MLFLOW_TRACKING_TOKEN."""
+    user, password = parsed.username, parsed.password
+    if user is None:
+        user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    else:
+        user, password = unquote(user), unquote(password or "")
+    if user is not None and password is not None:
+        return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
+    return f"Bearer {token}" if token else None
 
 
 def unreachable(uri: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
     """Why the HTTP(S) store `uri` does not answer `GET <uri>/health` within `timeout` s; None when it answers
-    (any status below 500: a server that answers is up) or when `uri` is not HTTP(S)."""
-    if urlparse(uri).scheme not in ("http", "https"):
+    (any status below 500: a server that answers is up) or when `uri` is not HTTP(S). Credentials go as MLflow
+    sends them (`_authorization`), never in the URL, and the reason names the store without them."""
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("http", "https"):
         return None
-    url = f"{uri.rstrip('/')}/health"
+    host = parsed.netloc.rpartition("@")[2]
+    url = f"{parsed._replace(netloc=host).geturl().rstrip('/')}/health"
+    request = urllib.request.Request(url)
+    authorization = _authorization(parsed)
+    if authorization:
+        request.add_header("Authorization", authorization)
     try:
-        with urllib.request.urlopen(url, timeout=timeout):
+        with urllib.request.urlopen(request, timeout=timeout):
             return None
     except urllib.error.HTTPError as err:
         return None if err.code < 500 else f"GET {url}: HTTP {err.code}"
@@ -154,7 +202,7 @@ def experiment_id(client: MlflowClient, name: str, artifact_root: str | Path | N
 
 
 def client_for(tracking_cfg: Mapping[str, Any], project_root: Path) -> MlflowClient:
-    return MlflowClient(tracking_uri=resolve_tracking_uri(tracking_cfg.get("uri"), project_root))
+    return client(resolve_tracking_uri(tracking_cfg.get("uri"), project_root))
 
 
 def end_unfinished_runs(tracking_cfg: Mapping[str, Any], project_root: Path, run_dir: Path | str,
@@ -176,14 +224,16 @@ def end_unfinished_runs(tracking_cfg: Mapping[str, Any], project_root: Path, run
 def close_runs_of_dead_processes(client: MlflowClient) -> list[str]:
     """End FAILED the RUNNING runs of this host whose process is gone (SIGKILL, OOM killer, power loss): their ids.
 
-    Called whenever a run starts. A run of another host is left alone (its process cannot be seen from here); a
-    pid that now belongs to a younger process counts as gone. Store errors only warn: they must not stop a start.
+    Called whenever a run starts. Whether a run's owner lives is asked of the owner itself: the lock a training
+    holds on its run dir (conformer.runlock), else the process of the run's `pid` tag, which must be the one that
+    started (or continued) the run (tag `pid_started`: its start time; a pid now used by another process counts as
+    gone). A run of another host is left alone (its process cannot be seen from here). Store errors only warn: they
+    must not stop a start.
     """
     host = socket.gethostname()
     try:
         runs = search_all_runs(client, f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{host}'")
-        dead = [run for run in runs
-                if not _alive_since(int(run.data.tags.get(PID_TAG, -1)), run.info.start_time / 1000.0)]
+        dead = [run for run in runs if not _owner_alive(run)]
         for run in dead:
             terminate(client, run.info.run_id, "FAILED", f"process {run.data.tags.get(PID_TAG)} on {host} ended "
                                                           "without ending this run (killed?)")
@@ -193,11 +243,29 @@ def close_runs_of_dead_processes(client: MlflowClient) -> list[str]:
     return [run.info.run_id for run in dead]
 
 
-def _alive_since(pid: int, started: float) -> bool:
-    """Process `pid` runs and is not younger than `started` (epoch seconds; 1 s of clock slack)."""
+def _owner_alive(run: Any) -> bool:
+    from conformer.runlock import owner
+
+    tags = run.data.tags
+    held = owner(tags["run_dir"]) if tags.get("run_dir") else None
+    if held is not None:  # the run dir's lock says it: held (a pid or 0) or not (False)
+        return held is not False
+    try:
+        pid = int(tags.get(PID_TAG, -1))
+        started = float(tags[PID_STARTED_TAG]) if PID_STARTED_TAG in tags else None
+    except ValueError:
+        return False
+    if started is not None:
+        return _alive(pid, lambda created: abs(created - started) <= 1.0)
+    # runs of older versions: the process must not be younger than the run
+    return _alive(pid, lambda created: created <= run.info.start_time / 1000.0 + 1.0)
+
+
+def _alive(pid: int, same_process: Callable[[float], bool]) -> bool:
+    """Process `pid` runs, and its start time (epoch seconds) passes `same_process`."""
     try:
         process = psutil.Process(pid)
-        return process.status() != psutil.STATUS_ZOMBIE and process.create_time() <= started + 1.0
+        return process.status() != psutil.STATUS_ZOMBIE and same_process(process.create_time())
     except (psutil.Error, ValueError):
         return False
 
@@ -215,7 +283,7 @@ def terminate(client: MlflowClient, run_id: str, status: str, reason: str | None
     with short_requests(REQUEST_TIMEOUT_S, retries=2):
         log.warning("MLflow run %s: marked %s (%s)", run_id, status, reason or "no reason given")
         if reason:
-            client.set_tag(run_id, "error", reason[:MAX_TAG_VAL_LENGTH])
+            client.set_tag(run_id, "error", redact(reason)[:MAX_TAG_VAL_LENGTH])
         client.set_terminated(run_id, status)
 
 

@@ -15,7 +15,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from mlflow import MlflowClient
+import psutil
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID, MLFLOW_SOURCE_NAME, MLFLOW_USER
@@ -29,10 +29,12 @@ from mlflow.utils.validation import (
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
+from conformer.secrets import redact
 from conformer.signals import on_forced_exit
 from conformer.tracking.outbox import Batch, Call, Inputs, Outbox, Terminate, Text, Upload, store_calls, transient
 from conformer.tracking.store import (
     HOST_TAG,
+    PID_STARTED_TAG,
     PID_TAG,
     TERMINAL_STATUSES,
     TrackingUnavailable,
@@ -45,6 +47,7 @@ from conformer.tracking.store import (
     terminate,
     unreachable,
 )
+from conformer.tracking.store import client as store_client
 from conformer.tracking.system_metrics import start_system_metrics
 
 log = logging.getLogger(__name__)
@@ -54,6 +57,8 @@ SYSTEM_METRICS_INTERVAL_S = 10.0
 
 # ---------------------------------------------------------------------------------------------------- values
 def _truncate(value: str, limit: int) -> str:
+    """`value` as MLflow may store it: no URI's user info (a secret), at most `limit` characters."""
+    value = redact(value)
     return value if len(value) <= limit else value[: limit - 3] + "..."
 
 
@@ -169,7 +174,8 @@ class Tracker:
         if self.run_id is not None:
             raise RuntimeError(f"tracker already started run {self.run_id}; create a new Tracker per run")
         run_tags_ = {MLFLOW_SOURCE_NAME: sys.argv[0] or "python", HOST_TAG: socket.gethostname(),
-                     PID_TAG: os.getpid(), **self._check_store(), **(tags or {})}
+                     PID_TAG: os.getpid(), PID_STARTED_TAG: f"{psutil.Process().create_time():.3f}",
+                     **self._check_store(), **(tags or {})}
         user = _user()
         if user:
             run_tags_.setdefault(MLFLOW_USER, user)
@@ -199,7 +205,7 @@ class Tracker:
             raise
         if self.system_metrics:
             self._monitor = start_system_metrics(self, self.system_metrics, resumed=resume_run_id == self.run_id)
-        log.info("MLflow run %s (%s) in %s%s", self.run_id, run.info.run_name, self.uri, self._ui_link())
+        log.info("MLflow run %s (%s) in %s%s", self.run_id, run.info.run_name, redact(self.uri), self._ui_link())
         return self.run_id
 
     def _ui_link(self) -> str:
@@ -207,7 +213,8 @@ class Tracker:
         unless told `workflowType=machine_learning`)."""
         if not self.uri.startswith(("http://", "https://")):
             return ""
-        return f" | {self.uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs?workflowType=machine_learning"
+        base = redact(self.uri).rstrip("/")
+        return f" | {base}/#/experiments/{self.experiment_id}/runs?workflowType=machine_learning"
 
     def _continue(self, run_id: str, tags: Mapping[str, str]) -> Any:
         """The run `run_id`, RUNNING again with this process's tags; None when it cannot be continued here."""
@@ -313,7 +320,7 @@ class Tracker:
 
     def log_text(self, text: str, artifact_file: str) -> None:
         """Store `text` as the artifact `artifact_file` (e.g. "config.yaml")."""
-        self._send(Text(text, artifact_file))
+        self._send(Text(redact(text), artifact_file))
 
     def log_inputs(self, datasets: Sequence[Any], context: str) -> None:
         """Record `mlflow.entities.Dataset`s as the run's inputs, tagged with `context` ("train", "validation")."""
@@ -332,7 +339,7 @@ class Tracker:
     def _use_store(self, uri: str) -> None:
         self.uri = uri
         self.artifact_root = self._artifact_root if self._artifact_root is not None else default_artifact_root(uri)
-        self._client = MlflowClient(tracking_uri=uri)
+        self._client = store_client(uri)
 
     def _check_store(self) -> dict[str, str]:
         """Fail fast on an HTTP(S) store that does not answer, or switch to `fallback_uri`: the tags saying so."""
@@ -342,8 +349,8 @@ class Tracker:
         if self.fallback_uri is None:
             raise TrackingUnavailable(self.uri, reason)
         log.warning("MLflow store %s is unreachable (%s): this run goes to %s instead (tracking.fallback_to_local)",
-                    self.uri, reason, self.fallback_uri)
-        unavailable = self.uri
+                    redact(self.uri), redact(reason), self.fallback_uri)
+        unavailable = redact(self.uri)
         self._use_store(self.fallback_uri)
         return {FALLBACK_TAG: unavailable}
 

@@ -8,6 +8,7 @@ entries are readable copies for other tools. The epoch always comes from the fil
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -23,6 +24,8 @@ import mindspore as ms
 import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
+from conformer.errors import CheckpointError
+
 log = logging.getLogger(__name__)
 
 OPTIMIZER_PREFIX = "optimizer."
@@ -32,6 +35,7 @@ EMA_PREFIX = "ema."
 STEP_PREFIX = "train_step."  # the train step's own state: the loss scale and its counter
 META_PREFIX = "meta."
 META_JSON = META_PREFIX + "json"
+DISK_FULL_BYTES = 64 * 2**20  # a failed save with less free space than this was a full disk
 
 
 class HasParameters(Protocol):
@@ -117,7 +121,12 @@ def save_checkpoint(params: nn.Cell | list[dict[str, Any]] | Mapping[str, Tensor
     # MindSpore writes "<stem>.tmp" next to the name it is given, then renames it: both are ours to clean.
     tmp = _temp_name(path)
     try:
-        ms.save_checkpoint(_entries(params), str(tmp), append_dict=_meta_entries(extra or {}))
+        try:
+            ms.save_checkpoint(_entries(params), str(tmp), append_dict=_meta_entries(extra or {}))
+        except (RuntimeError, ValueError) as err:  # MindSpore's words for a full disk: said as the OSError it is
+            if "space" in str(err).lower() or shutil.disk_usage(path.parent).free < DISK_FULL_BYTES:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from err
+            raise
         _publish(tmp, path)
     finally:
         _remove(tmp)
@@ -153,19 +162,41 @@ def _link_checkpoint(source: Path, path: Path) -> Path:
     return path
 
 
+_NOTHING_SELECTED = "parameter dict is empty after filter"  # MindSpore's words for "no entry was chosen"
+
+
+def load_raw(path: Path | str, choice_func: Any = None) -> dict[str, Any]:
+    """`ms.load_checkpoint` that says what is wrong with a bad file in one line (`CheckpointError`); a file none of
+    whose entries `choice_func` picks is an empty dict, not MindSpore's misleading `filter_prefix` message."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"cannot read checkpoint {path}: the file is empty (0 bytes; a write cut short?)")
+    try:
+        return ms.load_checkpoint(str(path), choice_func=choice_func)
+    except (ValueError, RuntimeError, OSError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if _NOTHING_SELECTED in reason:
+            if choice_func is not None:
+                return {}
+            reason = "it holds no tensors"
+        raise CheckpointError(f"cannot read checkpoint {path}: {reason}") from err
+
+
 def read_checkpoint_meta(path: Path | str) -> dict[str, Any]:
     """The extra dict of a checkpoint, without reading its tensors."""
-    raw = ms.load_checkpoint(str(path), choice_func=lambda name: name == META_JSON)
+    raw = load_raw(path, choice_func=lambda name: name == META_JSON)
     meta = raw.get(META_JSON)
-    return json.loads(meta) if isinstance(meta, str) else {}
+    try:
+        return json.loads(meta) if isinstance(meta, str) else {}
+    except ValueError as err:
+        raise CheckpointError(f"cannot read checkpoint {path}: its {META_JSON} is not JSON ({err})") from err
 
 
 def read_checkpoint(path: Path | str) -> tuple[dict[str, Parameter], dict[str, Any]]:
     """(tensors by name without `meta.*` entries, extra dict) of a checkpoint file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    raw = ms.load_checkpoint(str(path))
+    raw = load_raw(path)
     meta = raw.get(META_JSON)
     extra = json.loads(meta) if isinstance(meta, str) else {}
     tensors = {k: v for k, v in raw.items() if not k.startswith(META_PREFIX)}

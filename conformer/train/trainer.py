@@ -176,6 +176,7 @@ class Trainer:
         self.evaluator = EvalStep(network, eval_loss_fn, data.num_classes)
         self.history: dict[str, list[tuple[int, float]]] = defaultdict(list)
         self._compiled = False
+        self._logged_train_step: int | None = None  # the last step of train/* a resumed run's MLflow run holds
 
     def _resume(self, path: Path, network: nn.Cell) -> TrainState:
         """Restore a `last.ckpt` (the compiled step would not see later assignments), and carry its run's best."""
@@ -220,6 +221,9 @@ class Trainer:
         # a resumed run: the killed process may have logged an epoch's metrics and died before its checkpoint; that
         # epoch is trained again to the same values, which are not logged twice
         logged = self.tracker.last_step("epoch") if step > 0 else None
+        # ... and so were the per-step metrics of the epoch it was in, and perhaps not the best/* of its last epoch
+        self._logged_train_step = self.tracker.last_step("train/loss") if step > 0 else None
+        best_logged = self.tracker.last_step(f"best/{self.monitor}") if step > 0 else None
         for epoch in range(start, epochs):
             t0 = time.perf_counter()
             done = state.epoch_step if epoch == start else 0  # a mid-epoch checkpoint's batches
@@ -234,7 +238,8 @@ class Trainer:
             # the global step, so val curves line up with the train curves
             self._log(metrics, step=step, to_tracker=not repeated)
             saved = self._checkpoint(epoch + 1, step, metrics)
-            if "best" in saved and not repeated:  # the runs table's column of the best value, and when it came
+            best_missing = not repeated or best_logged is None or best_logged < step  # (killed before logging it)
+            if "best" in saved and best_missing:  # the runs table's column of the best value, and when it came
                 self.tracker.log_metrics({f"best/{self.monitor}": self.checkpoints.best_metric,
                                           "best/epoch": float(self.checkpoints.best_epoch)}, step=step)
             state = self.state = TrainState(epoch=epoch + 1, step=step, best_metric=self.checkpoints.best_metric,
@@ -285,7 +290,8 @@ class Trainer:
                            "train/grad_norm": window_norm / max(norm_n, 1), "train/loss_scale": result.loss_scale}
                 if compiling:  # a window of the compile step alone has no throughput to report
                     del metrics["train/img_per_s"]
-                self._log(metrics, step=step)
+                logged = self._logged_train_step  # a resumed run: steps the killed process logged are not repeated
+                self._log(metrics, step=step, to_tracker=logged is None or step > logged)
                 left_in_epoch = self.steps_per_epoch - i - 1
                 left_total = left_in_epoch + (self.epochs - epoch - 1) * self.steps_per_epoch
                 per_step = self.images_per_step / rate if rate > 0 else math.nan
