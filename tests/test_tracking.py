@@ -464,7 +464,7 @@ def test_tracking_config_group(tmp_path):
         on = compose(config_name="config").tracking
         off = compose(config_name="config", overrides=["tracking=disabled"]).tracking
     assert OmegaConf.to_container(on) == {"enabled": True, "uri": None, "experiment_name": "conformer",
-                                          "run_name": None, "parent_run_id": None, "log_checkpoints": False,
+                                          "run_name": None, "parent_run_id": None, "log_checkpoints": True,
                                           "system_metrics": False, "fallback_to_local": False}
     assert OmegaConf.to_container(off) == {**OmegaConf.to_container(on), "enabled": False}
 

@@ -26,6 +26,7 @@ from conformer.train.checkpoint import read_checkpoint_meta
 from conformer.train.curves import plot_curves
 from conformer.train.step import apply_amp
 from conformer.train.trainer import Trainer
+from conformer.validation import MLFLOW_PREFIX
 
 log = logging.getLogger(__name__)
 OUTPUTS_DIR = "outputs"  # run dirs under the project root (conf/config.yaml: hydra.run.dir, hydra.sweep.dir)
@@ -65,7 +66,7 @@ def train(ctx: RunContext) -> float:
                 log.info("done: %s %.2f (best %.2f at epoch %s) | run dir %s", monitor,
                          state.metrics.get(monitor, float("nan")), best, checkpoints.best_epoch, ctx.run_dir)
         finally:
-            _log_outputs(tracker, ctx, trainer, cfg.tracking.log_checkpoints)
+            _log_outputs(tracker, ctx, trainer)
     return float(best)
 
 
@@ -84,7 +85,13 @@ def _resume_from(ctx: RunContext, fingerprint: str) -> Path | None:
     if not spec:
         return None
     if spec != "auto":
-        return resolve_weights(ctx, spec, "last.ckpt")
+        last = resolve_weights(ctx, spec, "last.ckpt")
+        if str(spec).startswith(MLFLOW_PREFIX) and not (last.parent / "best.ckpt").is_file():
+            try:  # next to it, so the resumed run keeps its best weights (Trainer._carry_best)
+                resolve_weights(ctx, spec, "best.ckpt")
+            except LookupError:
+                log.warning("%s has no best.ckpt: the resumed run's best.ckpt starts from its next improvement", spec)
+        return last
     candidates = sorted(ctx.project_root.glob(f"{OUTPUTS_DIR}/**/checkpoints/last.ckpt"),
                         key=lambda path: path.stat().st_mtime, reverse=True)
     for path in candidates:
@@ -106,8 +113,9 @@ def _warmup_epochs(cfg: DictConfig) -> float:
     return 0
 
 
-def _log_outputs(tracker, ctx: RunContext, trainer: Trainer, with_checkpoints: bool) -> None:
-    """Curves, log and checkpoints as artifacts: also after a failure, so a broken run can be inspected."""
+def _log_outputs(tracker, ctx: RunContext, trainer: Trainer) -> None:
+    """Curves and log as artifacts (the checkpoints went in as they were saved): also after a failure, so a broken
+    run can be inspected."""
     if not ctx.group.is_main:
         return
     if trainer.history:
@@ -115,7 +123,3 @@ def _log_outputs(tracker, ctx: RunContext, trainer: Trainer, with_checkpoints: b
     log_file = log_path(ctx.run_dir)
     if log_file.is_file():
         tracker.log_artifact(log_file)
-    if with_checkpoints:
-        for path in (trainer.checkpoints.last_path, trainer.checkpoints.best_path):
-            if path.is_file():
-                tracker.log_artifact(path, "checkpoints")

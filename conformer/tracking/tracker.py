@@ -30,7 +30,19 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
 from conformer.signals import on_forced_exit
-from conformer.tracking.outbox import Batch, Call, Inputs, Outbox, Terminate, Text, Upload, store_calls, transient
+from conformer.tracking.checkpoints import CHECKPOINT_ARTIFACTS, link_artifact, local_artifact_dir, unlink_artifact
+from conformer.tracking.outbox import (
+    Batch,
+    Call,
+    CheckpointUpload,
+    Inputs,
+    Outbox,
+    Terminate,
+    Text,
+    Upload,
+    store_calls,
+    transient,
+)
 from conformer.tracking.store import (
     HOST_TAG,
     PID_TAG,
@@ -142,7 +154,8 @@ class Tracker:
     def __init__(self, uri: str, experiment_name: str, run_name: str | None = None,
                  artifact_root: str | Path | None = None, parent_run_id: str | None = None, *,
                  fallback_uri: str | None = None, end_timeout: float = 30.0, retry_interval: float = 5.0,
-                 max_buffered: int = 20_000, system_metrics: float | None = None) -> None:
+                 max_buffered: int = 20_000, system_metrics: float | None = None,
+                 log_checkpoints: bool = True) -> None:
         if not experiment_name:
             raise ValueError("tracking.experiment_name must be a non-empty string")
         self.experiment_name = experiment_name
@@ -158,6 +171,7 @@ class Tracker:
         self.active = False  # between start() and end()
         self._nonfinite: set[str] = set()
         self._outbox: Outbox | None = None
+        self.log_checkpoints = bool(log_checkpoints)  # log_checkpoint stores checkpoints in the run
         self.system_metrics = system_metrics  # sampling interval (s) of MLflow's system metrics; None: off
         self._monitor: Any = None
 
@@ -311,6 +325,29 @@ class Tracker:
             raise FileNotFoundError(f"cannot log artifact {local}: no such file or directory")
         self._send(Upload(local, artifact_path))
 
+    def log_checkpoint(self, path: Path | str) -> None:
+        """Store the checkpoint file `path` as the artifact `checkpoints/<name>` (see conformer.tracking.checkpoints):
+        linked at once into a local artifact store, else uploaded in the background. Off with `log_checkpoints`
+        false; never raises (a checkpoint that cannot be stored warns: the training goes on)."""
+        if not (self.active and self.log_checkpoints):
+            return
+        path = Path(path)
+        local = local_artifact_dir(self.artifact_uri)
+        if local is None:
+            self._send(CheckpointUpload(path, CHECKPOINT_ARTIFACTS))
+            return
+        try:
+            link_artifact(path, local / CHECKPOINT_ARTIFACTS)
+        except OSError as err:
+            log.warning("MLflow run %s: could not store %s as an artifact (%s)", self.run_id, path, err)
+
+    def forget_checkpoint(self, name: str) -> None:
+        """Drop the artifact `checkpoints/<name>` of a local artifact store (a top-k file pushed out of the run dir);
+        a remote store keeps what it received."""
+        local = local_artifact_dir(self.artifact_uri) if self.active and self.log_checkpoints else None
+        if local is not None:
+            unlink_artifact(name, local / CHECKPOINT_ARTIFACTS)
+
     def log_text(self, text: str, artifact_file: str) -> None:
         """Store `text` as the artifact `artifact_file` (e.g. "config.yaml")."""
         self._send(Text(text, artifact_file))
@@ -387,6 +424,7 @@ class NullTracker:
         return None
 
     start = end = log_params = set_tags = log_metrics = log_artifact = log_text = log_inputs = last_step = _ignore
+    log_checkpoint = forget_checkpoint = _ignore
 
     def __enter__(self) -> NullTracker:
         return self
@@ -407,7 +445,8 @@ def create_tracker(tracking_cfg: Mapping[str, Any], project_root: Path, *, is_ma
                    tracking_cfg.get("experiment_name", "conformer"),
                    run_name=tracking_cfg.get("run_name") or default_run_name,
                    parent_run_id=tracking_cfg.get("parent_run_id"), fallback_uri=fallback,
-                   system_metrics=_interval(tracking_cfg.get("system_metrics", False)))
+                   system_metrics=_interval(tracking_cfg.get("system_metrics", False)),
+                   log_checkpoints=bool(tracking_cfg.get("log_checkpoints", True)))
 
 
 def _interval(system_metrics: Any) -> float | None:

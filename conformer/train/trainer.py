@@ -219,6 +219,8 @@ class Trainer:
         # a resumed run: the killed process may have logged an epoch's metrics and died before its checkpoint; that
         # epoch is trained again to the same values, which are not logged twice
         logged = self.tracker.last_step("epoch") if step > 0 else None
+        if start > 0 and self.checkpoints.best_path.is_file():  # carried over from the resumed run
+            self.tracker.log_checkpoint(self.checkpoints.best_path)
         for epoch in range(start, epochs):
             t0 = time.perf_counter()
             done = state.epoch_step if epoch == start else 0  # a mid-epoch checkpoint's batches
@@ -233,6 +235,7 @@ class Trainer:
             # the global step, so val curves line up with the train curves
             self._log(metrics, step=step, to_tracker=not repeated)
             saved = self._checkpoint(epoch + 1, step, metrics)
+            self._track_checkpoints(saved)
             if "best" in saved and not repeated:  # the runs table's column of the best value, and when it came
                 self.tracker.log_metrics({f"best/{self.monitor}": self.checkpoints.best_metric,
                                           "best/epoch": float(self.checkpoints.best_epoch)}, step=step)
@@ -374,7 +377,16 @@ class Trainer:
         meta = {**self.checkpoint_meta, "mlflow_run_id": self.tracker.run_id}
         path = self.checkpoints.save_last(self.step.network, self.step.optimizer, self.ema, epoch=epoch,
                                           epoch_step=done, step=step, step_state=self.step, meta=meta)
+        self.tracker.log_checkpoint(path)
         log.info("step checkpoint: epoch %d step %d/%d -> %s", epoch + 1, done, self.steps_per_epoch, path.name)
+
+    def _track_checkpoints(self, saved: Mapping[str, Path]) -> None:
+        """The files this save wrote into the MLflow run (best first), the ranked ones it removed out of it."""
+        for key in ("best", "last", "ranked"):
+            if key in saved:
+                self.tracker.log_checkpoint(saved[key])
+        for path in self.checkpoints.dropped:
+            self.tracker.forget_checkpoint(path.name)
 
     def _checkpoint(self, epoch: int, step: int, metrics: dict[str, float]) -> dict:
         if not self.group.is_main:
