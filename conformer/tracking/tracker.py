@@ -18,7 +18,13 @@ from typing import Any
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
-from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID, MLFLOW_SOURCE_NAME, MLFLOW_USER
+from mlflow.utils.mlflow_tags import (
+    MLFLOW_GIT_COMMIT,
+    MLFLOW_PARENT_RUN_ID,
+    MLFLOW_RUN_NOTE,
+    MLFLOW_SOURCE_NAME,
+    MLFLOW_USER,
+)
 from mlflow.utils.time import get_current_time_millis
 from mlflow.utils.validation import (
     MAX_METRICS_PER_BATCH,
@@ -31,6 +37,7 @@ from omegaconf.errors import InterpolationResolutionError
 
 from conformer.signals import on_forced_exit
 from conformer.tracking.checkpoints import CHECKPOINT_ARTIFACTS, link_artifact, local_artifact_dir, unlink_artifact
+from conformer.tracking.links import describe_model_version, training_link
 from conformer.tracking.outbox import (
     Batch,
     Call,
@@ -62,6 +69,8 @@ from conformer.tracking.system_metrics import start_system_metrics
 log = logging.getLogger(__name__)
 FALLBACK_TAG = "tracking.unavailable_store"  # the store a run fell back from (tracking.fallback_to_local)
 SYSTEM_METRICS_INTERVAL_S = 10.0
+# on a sweep's trials: their parent's id and name, and the sweep's name (the parent's own tag of that name)
+SWEEP_PARENT_TAGS = ("sweep.parent_id", "sweep.parent", "sweep.name")
 
 
 # ---------------------------------------------------------------------------------------------------- values
@@ -191,7 +200,7 @@ class Tracker:
             self.experiment_id = experiment_id(self._client, self.experiment_name, self.artifact_root)
             close_runs_of_dead_processes(self._client)
             if self.parent_run_id:
-                self._check_parent()
+                run_tags_.update(self._check_parent())
                 run_tags_[MLFLOW_PARENT_RUN_ID] = self.parent_run_id
             tags_ = {k: _truncate(str(v), MAX_TAG_VAL_LENGTH) for k, v in run_tags_.items()}
             run = self._continue(resume_run_id, tags_) if resume_run_id else None
@@ -348,6 +357,16 @@ class Tracker:
         if local is not None:
             unlink_artifact(name, local / CHECKPOINT_ARTIFACTS)
 
+    def link_training(self, run_id: str) -> None:
+        """This run's description (shown on its page): the training run that wrote its weights, as a link."""
+        self.set_tags({MLFLOW_RUN_NOTE: f"Weights of the {training_link(self._client, run_id)}."})
+
+    def describe_model_version(self, name: str, version: str, *, source_run_id: str | None, served_by: str,
+                               details: Mapping[str, Any]) -> None:
+        """Description and tags of a registered model version (conformer.tracking.links)."""
+        describe_model_version(self._client, name, version, source_run_id=source_run_id, served_by=served_by,
+                               details=details)
+
     def log_text(self, text: str, artifact_file: str) -> None:
         """Store `text` as the artifact `artifact_file` (e.g. "config.yaml")."""
         self._send(Text(text, artifact_file))
@@ -394,7 +413,9 @@ class Tracker:
             raise RuntimeError(f"the MLflow run {state}: call Tracker.start() first and log before end()")
         return self.run_id
 
-    def _check_parent(self) -> None:
+    def _check_parent(self) -> dict[str, str]:
+        """The parent run exists; the tags naming it on a child (`SWEEP_PARENT_TAGS`: its id, name and sweep name),
+        which the UI groups and filters a sweep's trials by."""
         try:
             parent = self._client.get_run(self.parent_run_id)
         except MlflowException as err:
@@ -405,6 +426,9 @@ class Tracker:
         if parent.info.experiment_id != self.experiment_id:
             log.warning("parent run %s is in another experiment: MLflow only nests runs of one experiment",
                         self.parent_run_id)
+        id_tag, name_tag, sweep_tag = SWEEP_PARENT_TAGS
+        tags = {id_tag: self.parent_run_id, name_tag: parent.info.run_name, sweep_tag: parent.data.tags.get(sweep_tag)}
+        return {key: value for key, value in tags.items() if value}
 
     def _end_at_exit(self) -> None:
         # Reached only when the run was neither ended nor closed by `with`: the program stopped without us.
@@ -424,7 +448,7 @@ class NullTracker:
         return None
 
     start = end = log_params = set_tags = log_metrics = log_artifact = log_text = log_inputs = last_step = _ignore
-    log_checkpoint = forget_checkpoint = _ignore
+    log_checkpoint = forget_checkpoint = link_training = describe_model_version = _ignore
 
     def __enter__(self) -> NullTracker:
         return self
