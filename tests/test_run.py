@@ -208,6 +208,8 @@ def test_an_mlflow_run_id_names_its_checkpoints(trained: Trained, tmp_path_facto
     assert eval_run.data.tags["weights"] == str(checkpoints / "best.ckpt") and eval_run.info.status == "FINISHED"
     # linked to its training run, with the config the weights were trained with (not this eval's defaults)
     assert eval_run.data.tags["trained_by_run_id"] == run_id
+    link = f"[train-conformer_nano-folder](#/experiments/{trained.run.info.experiment_id}/runs/{run_id})"
+    assert eval_run.data.tags["mlflow.note.content"].startswith(f"Weights of the training run {link} (best ")
     assert eval_run.info.run_name == "eval-conformer_nano-folder"
     assert eval_run.data.params == {**trained.run.data.params, "task.checkpoint": f"mlflow:{run_id}",
                                     "task.ema": "False"}
