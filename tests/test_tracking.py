@@ -554,3 +554,34 @@ def test_short_requests_override_mlflow_per_thread_without_touching_the_environm
             assert name not in os.environ and libc_getenv(name.encode()) is None
     assert seen_elsewhere == [defaults]
     assert (MLFLOW_HTTP_REQUEST_MAX_RETRIES.get(), MLFLOW_HTTP_REQUEST_TIMEOUT.get()) == defaults
+
+
+def test_checkpoints_in_a_local_store_are_the_run_dirs_files_relinked_at_each_save(store, experiment, tmp_path):
+    """A local artifact store: each logged checkpoint is the same file as the run dir's (one copy on disk), a save
+    renamed over the name is linked again, a forgotten one (a top-k file pushed out) leaves the artifacts, and with
+    log_checkpoints off nothing is stored."""
+    root, uri = store
+    checkpoints = tmp_path / "run" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    last, ranked = checkpoints / "last.ckpt", checkpoints / "epoch001-val_top1_sum-50.0000.ckpt"
+    last.write_bytes(b"epoch 1")
+    ranked.write_bytes(b"epoch 1")
+    with Tracker(uri, experiment) as tracker:
+        tracker.start()
+        artifacts = Path(tracker.artifact_uri.removeprefix("file://")) / "checkpoints"
+        tracker.log_checkpoint(last)
+        tracker.log_checkpoint(ranked)
+        assert os.path.samefile(artifacts / "last.ckpt", last) and os.path.samefile(artifacts / ranked.name, ranked)
+        replacement = last.with_name("next")
+        replacement.write_bytes(b"epoch 2")
+        replacement.replace(last)  # the next save
+        tracker.log_checkpoint(last)
+        tracker.forget_checkpoint(ranked.name)
+    assert os.path.samefile(artifacts / "last.ckpt", last) and (artifacts / "last.ckpt").read_bytes() == b"epoch 2"
+    assert sorted(p.name for p in artifacts.iterdir()) == ["last.ckpt"]
+    listed = MlflowClient(uri).list_artifacts(tracker.run_id, "checkpoints")
+    assert [a.path for a in listed] == ["checkpoints/last.ckpt"]
+    with Tracker(uri, experiment, log_checkpoints=False) as off:
+        off.start()
+        off.log_checkpoint(last)
+    assert MlflowClient(uri).list_artifacts(off.run_id, "checkpoints") == []
