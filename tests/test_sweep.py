@@ -298,10 +298,15 @@ def test_optuna_study_killed_and_continued_by_the_same_command(tmp_path: Path) -
     # The same parent, continued and finished, holds all three trials.
     [same] = sweep.parents()
     assert same.info.run_id == parent.info.run_id == study.user_attrs["mlflow_parent_run_id"]
-    assert re.fullmatch(r"optuna_lr \d{4}-\d\d-\d\d \d\d:\d\d", same.info.run_name)
+    assert re.fullmatch(r"optuna_lr \d\d-\d\d \d\d:\d\d:\d\d", same.info.run_name)
+    # its search space, as the sweep config writes it; each trial tagged with its sweep and named short
+    assert same.data.params["sweep.optim.schedule.base_lr"] == "tag(log, interval(1e-4, 3e-3))"
     assert (same.info.status, same.data.tags["sweeper"], same.data.tags["resumed"]) == ("FINISHED", "optuna", "true")
     children = sweep.children(same.info.run_id)
     assert [children[n].info.status for n in (0, 1, 2)] == ["FINISHED", "FAILED", "FINISHED"]
+    for child in children.values():
+        assert (child.data.tags["sweep.parent_id"], child.data.tags["sweep.name"]) == (same.info.run_id, "optuna_lr")
+        assert re.fullmatch(r"base_lr=\S{1,9} drop_path_rate=\S+ weight_decay=\S{1,9}", child.info.run_name)
     assert Path(children[2].data.tags["run_dir"]).parent != Path(children[0].data.tags["run_dir"]).parent
     # MLflow and Optuna agree on trial 2, and the continued sampler did not draw trial 0 again.
     params = {t.number: t.params for t in study.trials}
