@@ -25,6 +25,17 @@ def decode_image(data: bytes, origin: str = "image") -> np.ndarray:
         raise ValueError(f"cannot read {origin}: {type(err).__name__}: {err}") from err
 
 
+def image_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) of an encoded image, read from its header without decoding it; None when PIL cannot tell."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:  # lazy: reads the header only
+            return image.size
+    except Exception:  # noqa: BLE001 (decode_image says why, naming the image)
+        return None
+
+
 def load_image(path: Path) -> np.ndarray:
     """RGB uint8 HWC pixels of an image file."""
     try:

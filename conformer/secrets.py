@@ -23,6 +23,12 @@ def redact(text: str) -> str:
     return _USER_INFO.sub(lambda m: f"{m.group('scheme')}{MASK}@", text)
 
 
+def without_user_info(uri: str) -> str:
+    """`uri` with its user info left out (not masked): a URI a printed command can use as it is, the credentials
+    coming from MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD instead."""
+    return _USER_INFO.sub(lambda m: m.group("scheme"), uri)
+
+
 def has_secret(text: str) -> bool:
     return redact(text) != text
 

@@ -93,6 +93,17 @@ def swept_keys(config: DictConfig) -> list[str]:
     return list(dict.fromkeys(keys))
 
 
+def search_space(config: DictConfig) -> dict[str, str]:
+    """What a sweep searches, key -> values as written: `hydra.sweeper.params`, then the command line's sweep
+    overrides (a `-m` grid's `trainer.epochs=1,2`)."""
+    params = OmegaConf.select(config, "hydra.sweeper.params", default=None) or {}
+    overrides = OmegaConf.select(config, "hydra.overrides.task", default=None) or []
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    space = {str(key): str(value) for key, value in params.items()}
+    space.update({o.key_or_group: o.input_line.split("=", 1)[1] for o in parsed if o.is_sweep_override()})
+    return space
+
+
 def sweeper_kind(target: str | None) -> str:
     """"...BasicSweeper" -> "basic", any Optuna sweeper -> "optuna"."""
     name = (target or "").rsplit(".", 1)[-1].lower()
@@ -112,8 +123,8 @@ def sweep_name(config: DictConfig, keys: Sequence[str]) -> str:
 class SweepParentCallback(Callback):
     """Hydra callback: one MLflow parent run per multirun, summarising the trials when the sweep ends.
 
-    on_multirun_end ends the parent FAILED if any trial of this run failed (Hydra job status or child run status),
-    else FINISHED. When a failed trial aborts the sweep before on_multirun_end, or Ctrl-C stops it, an exit hook
+    on_multirun_end ends the parent FINISHED when a trial finished or none failed, else FAILED (failed trials still
+    make run.py exit 1). When a failed trial aborts the sweep before on_multirun_end, or Ctrl-C stops it, an exit hook
     ends (and summarises) the parent instead: FAILED, or KILLED when a trial was killed. `project_root` is the root
     the jobs use for the default store (conf/config.yaml passes paths.root).
     """
@@ -136,7 +147,7 @@ class SweepParentCallback(Callback):
         tracking = OmegaConf.select(config, "tracking")
         if tracking is None or not tracking.get("enabled", True):
             return
-        from conformer.tracking import Tracker, flatten_config, resolve_tracking_uri, run_tags
+        from conformer.tracking import Tracker, resolve_tracking_uri, run_tags
         from conformer.tracking.sweep_store import share_runs_view
 
         self._sweep_dir = Path(OmegaConf.select(config, "hydra.sweep.dir", default="multirun"))
@@ -147,18 +158,18 @@ class SweepParentCallback(Callback):
         kind = sweeper_kind(OmegaConf.select(config, "hydra.sweeper._target_", default=None))
         self._tracker = Tracker(resolve_tracking_uri(tracking.get("uri"), self.project_root),
                                 tracking.get("experiment_name", "conformer"),
-                                run_name=self.run_name or f"{name} {datetime.now():%Y-%m-%d %H:%M}")
-        space = OmegaConf.select(config, "hydra.sweeper.params", default=None)
+                                run_name=self.run_name or f"{name} {datetime.now():%m-%d %H:%M:%S}")
+        space = search_space(config)
         overrides = OmegaConf.select(config, "hydra.overrides.task", default=None)
         run_id = self._tracker.start(
-            params=flatten_config({"sweep": space}) if space else {},
+            params={f"sweep.{key}": value for key, value in space.items()},
             tags=run_tags(overrides=list(overrides or []), run_dir=self._sweep_dir.resolve(), extra={
                 "sweep": "parent", "sweep.name": name, "sweeper": kind, "sweep.keys": ",".join(self._keys)}),
             resume_run_id=self._stored_parent(config, kind))
         self._sweep_dir.mkdir(parents=True, exist_ok=True)
         (self._sweep_dir / PARENT_FILE).write_text(run_id + "\n")
-        self._view = share_runs_view(self._tracker.uri, self._tracker.experiment_id,
-                                     [f"best/{self._monitor}", self._monitor, "sweep/failed"])
+        self._view = share_runs_view(self._tracker.uri, self._tracker.experiment_id, f"best/{self._monitor}",
+                                     self._keys, self._mode)
         # Registered after the tracker's own hook, so it runs first (atexit is LIFO) with the sweep's status.
         atexit.register(self._finish, aborted=True)
 
@@ -188,14 +199,18 @@ class SweepParentCallback(Callback):
         status = "FAILED"
         try:
             statuses = tracker.close_children()
-            if not self._summarize(tracker):
-                status = ("KILLED" if "KILLED" in statuses else "FAILED") if aborted else "FINISHED"
+            failed, finished = self._summarize(tracker)
+            if aborted:
+                status = "KILLED" if "KILLED" in statuses and not failed else "FAILED"
+            elif finished or not failed:  # FAILED only when no trial finished (the exit status counts failures)
+                status = "FINISHED"
         finally:
             tracker.end(status)
 
-    def _summarize(self, tracker: Tracker) -> int:
+    def _summarize(self, tracker: Tracker) -> tuple[int, int]:
         """Print the trials table and log the sweep's summary on the parent. Returns how many trials of this run
-        failed (a continued Optuna parent also holds the trials of earlier runs: they count in the table only)."""
+        failed (a continued Optuna parent also holds the trials of earlier runs: they count in the table only) and
+        how many trials finished."""
         from conformer.sweep_report import (
             best_trial,
             format_table,
@@ -236,7 +251,7 @@ class SweepParentCallback(Callback):
             tracker.log_artifact(plot)
         if (self._sweep_dir / OPTUNA_RESULTS).is_file():
             tracker.log_artifact(self._sweep_dir / OPTUNA_RESULTS)
-        return failed_now
+        return failed_now, sum(trial.finished for trial in trials)
 
     def _earlier(self, run_dir: str | None) -> bool:
         """A trial run dir outside this sweep's dir: a trial of an earlier run of a continued study."""

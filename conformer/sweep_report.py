@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from conformer.tracking.summary import short_value
 from conformer.tracking.sweep_store import ChildRun
 
 FINISHED = "FINISHED"
@@ -83,16 +84,8 @@ def short_labels(keys: Sequence[str]) -> dict[str, str]:
     return {key: leaf if unique else key for key, leaf in zip(keys, leaves)}
 
 
-def _short(value: str) -> str:
-    """Long floats (Optuna's draws) to 4 significant digits; other values as they are."""
-    try:
-        return f"{float(value):.4g}" if len(value) > 8 else value
-    except ValueError:
-        return value
-
-
 def overrides_text(trial: Trial, labels: dict[str, str]) -> str:
-    return " ".join(f"{labels.get(key, key)}={_short(value)}" for key, value in trial.values.items())
+    return " ".join(f"{labels.get(key, key)}={short_value(value)}" for key, value in trial.values.items())
 
 
 def _objective_text(value: float | None) -> str:
@@ -124,15 +117,17 @@ def format_table(trials: Sequence[Trial], objective: str, labels: dict[str, str]
 
 
 def write_csv(trials: Sequence[Trial], path: Path, objective: str, keys: Sequence[str]) -> Path:
-    """`trials` as CSV: trial, run_id, status, <objective>, wall_time_s and one column per swept key."""
+    """`trials` as CSV: one column per swept key first (the values as the sweep spelt them, long floats as run names
+    show them), then <objective>, status, trial, wall_time_s and run_id (the columns a preview shows first)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["trial", "run_id", "status", objective, "wall_time_s", *keys])
+        writer.writerow([*keys, objective, "status", "trial", "wall_time_s", "run_id"])
         for t in trials:
-            writer.writerow(["" if t.number is None else t.number, t.run_id, t.status,
-                             "" if t.objective is None else repr(t.objective),
-                             "" if t.wall_s is None else f"{t.wall_s:.3f}", *(t.values.get(k, "") for k in keys)])
+            writer.writerow([*(short_value(t.values.get(k, "")) for k in keys),
+                             "" if t.objective is None else repr(t.objective), t.status,
+                             "" if t.number is None else t.number,
+                             "" if t.wall_s is None else f"{t.wall_s:.3f}", t.run_id])
     return path
 
 

@@ -150,8 +150,10 @@ class MlflowServer:
     """A real `mlflow server` on 127.0.0.1, on one fixed port with its store and artifacts in `workdir` (or serving
     the existing `store`): killed and started again, it serves the same runs at the same URL."""
 
-    def __init__(self, workdir: Path, store: str | None = None) -> None:
+    def __init__(self, workdir: Path, store: str | None = None, proxy_artifacts: bool = False) -> None:
         self.workdir = workdir
+        # proxied: clients see `mlflow-artifacts:` URIs and move every artifact over HTTP, as from another machine
+        self.proxy_artifacts = proxy_artifacts
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.store = store or sqlite_uri(workdir / "server.db")  # readable while the server is down
@@ -163,7 +165,8 @@ class MlflowServer:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
              "--backend-store-uri", self.store,
-             "--default-artifact-root", str(self.workdir / "server-artifacts"), "--workers", "1"],
+             *(("--artifacts-destination", str(self.workdir / "server-artifacts")) if self.proxy_artifacts else
+               ("--default-artifact-root", str(self.workdir / "server-artifacts"))), "--workers", "1"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=self.workdir, start_new_session=True,
             # No background job runner: it costs a process and leaves a directory in /dev/shm.
             env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
@@ -178,9 +181,9 @@ class MlflowServer:
 
 
 @contextmanager
-def mlflow_server(workdir: Path, store: str | None = None) -> Iterator[MlflowServer]:
+def mlflow_server(workdir: Path, store: str | None = None, proxy_artifacts: bool = False) -> Iterator[MlflowServer]:
     """A started `MlflowServer` in `workdir` (serving `store` if given), killed at the end."""
-    server = MlflowServer(workdir, store)
+    server = MlflowServer(workdir, store, proxy_artifacts)
     try:
         server.start()
         yield server

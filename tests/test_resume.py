@@ -3,6 +3,7 @@ was never interrupted (drop path included), and the epoch, global step, optimize
 checkpoint and MLflow run carry on."""
 from __future__ import annotations
 
+import os
 import signal
 from pathlib import Path
 
@@ -109,7 +110,11 @@ def test_a_run_killed_with_sigkill_resumes_to_bit_identical_weights(tmp_path: Pa
     lrs = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train/lr")}
     assert sorted(lrs) == list(range(1, 3 * STEPS_PER_EPOCH + 1))
     assert [lrs[step] for step in sorted(lrs)] == pytest.approx([1e-6] * 12 + [1e-5 + 0.99e-3 * 0.75] * 6)
-    assert client.list_artifacts(run.info.run_id, "checkpoints") == []  # stored once: in the run dirs
+    # its checkpoints are the run's artifacts, stored once: the resumed run dir's files under a second name
+    artifacts = Path(run.info.artifact_uri.removeprefix("file://")) / "checkpoints"
+    assert sorted(p.name for p in artifacts.iterdir()) == ["best.ckpt", "last.ckpt"]
+    for name in ("best.ckpt", "last.ckpt"):
+        assert os.path.samefile(artifacts / name, second / "checkpoints" / name), name
     # as one uninterrupted training would have left it: no step logged twice (the killed process had logged epoch 2's
     # first steps), and the train.log artifact holds both parts
     losses = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]

@@ -131,10 +131,18 @@ def test_metric_histories_follow_the_global_step(trained: Trained) -> None:
     assert logged["system/system_memory_usage_megabytes"] > 0
 
 
-def test_artifacts_are_the_config_log_and_curves_not_the_checkpoints(trained: Trained, tmp_path: Path) -> None:
+def test_artifacts_are_the_config_log_curves_and_the_checkpoints_stored_once(trained: Trained,
+                                                                              tmp_path: Path) -> None:
     client, run_id = trained.client, trained.run.info.run_id
     listed = {a.path for a in client.list_artifacts(run_id)}
-    assert listed == {"config.yaml", "overrides.txt", "train.log", "curves.png"}  # checkpoints: in the run dir
+    assert listed == {"config.yaml", "overrides.txt", "train.log", "curves.png", "checkpoints"}
+    # the run dir's checkpoints (last, best, the keep_top_k=2 epochs) are the artifacts: the same files on disk
+    in_run_dir = sorted(p.name for p in (trained.run_dir / "checkpoints").glob("*.ckpt"))
+    assert len(in_run_dir) == 4 and {"best.ckpt", "last.ckpt"} <= set(in_run_dir)
+    assert sorted(Path(a.path).name for a in client.list_artifacts(run_id, "checkpoints")) == in_run_dir
+    artifacts = Path(trained.run.info.artifact_uri.removeprefix("file://")) / "checkpoints"
+    for name in in_run_dir:
+        assert os.path.samefile(artifacts / name, trained.run_dir / "checkpoints" / name), name
     local = Path(client.download_artifacts(run_id, "", str(tmp_path)))
     assert OmegaConf.load(local / "config.yaml") == OmegaConf.to_container(trained.cfg, resolve=True)
     assert (local / "overrides.txt").read_text() == "\n"  # composed in-process: no command line
@@ -174,12 +182,18 @@ def test_an_mlflow_run_id_names_its_checkpoints(trained: Trained, tmp_path_facto
     checkpoints = trained.run_dir / "checkpoints"
     assert weights.resolve(f"mlflow:{run_id}", tracking, root) == checkpoints / "best.ckpt"
     assert weights.resolve(f"mlflow:{run_id}", tracking, root, "last.ckpt") == checkpoints / "last.ckpt"
-    hidden = checkpoints.with_name("moved-away")  # a run dir that is gone, checkpoints not uploaded: a clear error
+    hidden = checkpoints.with_name("moved-away")  # a run dir that is gone: the artifact, the same file
+    artifacts = Path(trained.run.info.artifact_uri.removeprefix("file://")) / "checkpoints"
     checkpoints.rename(hidden)
     try:
-        with pytest.raises(LookupError, match=f"no checkpoints/best.ckpt: not in its run dir {checkpoints} .* nor "
-                                              r"among its artifacts \(logged only with tracking.log_checkpoints"):
-            weights.resolve(f"mlflow:{run_id}", tracking, root)
+        assert weights.resolve(f"mlflow:{run_id}", tracking, root, "last.ckpt") == artifacts / "last.ckpt"
+        artifacts.rename(artifacts.with_name("gone"))  # and neither: a clear error
+        try:
+            with pytest.raises(LookupError, match=f"no checkpoints/best.ckpt: not in its run dir {checkpoints} .* "
+                                                  r"nor among its artifacts \(stored there unless tracking.log_chec"):
+                weights.resolve(f"mlflow:{run_id}", tracking, root)
+        finally:
+            artifacts.with_name("gone").rename(artifacts)
     finally:
         hidden.rename(checkpoints)
 
@@ -193,6 +207,8 @@ def test_an_mlflow_run_id_names_its_checkpoints(trained: Trained, tmp_path_facto
     assert eval_run.data.tags["weights"] == str(checkpoints / "best.ckpt") and eval_run.info.status == "FINISHED"
     # linked to its training run, with the config the weights were trained with (not this eval's defaults)
     assert eval_run.data.tags["trained_by_run_id"] == run_id
+    link = f"[train-conformer_nano-folder](#/experiments/{trained.run.info.experiment_id}/runs/{run_id})"
+    assert eval_run.data.tags["mlflow.note.content"].startswith(f"Weights of the training run {link} (best ")
     assert eval_run.info.run_name == "eval-conformer_nano-folder"
     assert eval_run.data.params == {**trained.run.data.params, "task.checkpoint": f"mlflow:{run_id}",
                                     "task.ema": "False"}
@@ -319,7 +335,9 @@ def test_cli_trains_digits_into_one_run_dir_and_a_tracking_server(tmp_path: Path
         [top1] = client.get_metric_history(run_id, "val/top1_sum")
         assert top1.step == 1437 // 64  # digits: 1,437 train images, batches of 64
         artifacts = {a.path for a in client.list_artifacts(run_id)}
-        assert artifacts == {"config.yaml", "overrides.txt", "train.log", "curves.png"}
+        assert artifacts == {"config.yaml", "overrides.txt", "train.log", "curves.png", "checkpoints"}
+        assert {a.path for a in client.list_artifacts(run_id, "checkpoints")} == {"checkpoints/best.ckpt",
+                                                                                  "checkpoints/last.ckpt"}
         assert (run_.info.run_name, run_.data.tags["owner"], run_.data.tags["ticket"]) == (
             "train-conformer_nano-digits", "ci", "8")  # tags= from the command line
         overrides = Path(client.download_artifacts(run_id, "overrides.txt", str(tmp_path))).read_text()

@@ -4,9 +4,12 @@ answers with task=predict's probabilities (the untrained nano checkpoint of test
 from __future__ import annotations
 
 import base64
+import contextlib
 import csv
+import io
 import json
 import os
+import re
 import subprocess
 import sys
 import urllib.error
@@ -19,23 +22,51 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+from mlflow import MlflowClient
 from PIL import Image
 
 from conformer.launch import free_port
 from conformer.tracking import default_tracking_uri
+from conformer.tracking.pyfunc_model import MAX_PIXELS_ENV
+from conformer.train.checkpoint import read_checkpoint, save_checkpoint
 
 from .helpers import stop, wait_until
 from .test_tasks import checkpoint, images, mlflow_run, root, run_task  # noqa: F401  (module fixtures)
 
 NAME = "conformer-digits"
+BUDGET = 5000  # decoded pixels per request the server allows: the six test images hold 1,280
 CLASSES = [str(d) for d in range(10)]
 
 
 @pytest.fixture(scope="module")
-def exported(root: Path, checkpoint: Path) -> Path:
-    """The export run that logged and registered the model (batch 4: six images need a padded batch)."""
-    _, run_dir = run_task(root, "export", f"task.checkpoint={checkpoint}", f"task.register={NAME}",
-                          "task.batch_size=4")
+def training_run(root: Path) -> tuple[str, str]:
+    """(experiment id, run id) of a training run in the project's store, as a training leaves it for its weights."""
+    client = MlflowClient(default_tracking_uri(root))
+    experiment = client.get_experiment_by_name("conformer")
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment("conformer")
+    run = client.create_run(experiment_id, run_name="train-conformer_nano-digits")
+    client.log_metric(run.info.run_id, "best/val/top1_sum", 91.5)
+    client.set_terminated(run.info.run_id)
+    return experiment_id, run.info.run_id
+
+
+@pytest.fixture(scope="module")
+def trained_checkpoint(root: Path, checkpoint: Path, training_run: tuple[str, str]) -> Path:
+    """The same weights, with the meta a training writes: its MLflow run and best value."""
+    tensors, _ = read_checkpoint(checkpoint)
+    meta = {"epoch": 3, "mlflow_run_id": training_run[1], "monitor": "val/top1_sum", "best_metric": 91.5}
+    return save_checkpoint(tensors, root / "weights" / "nano-trained.ckpt", extra=meta)
+
+
+@pytest.fixture(scope="module")
+def exported(root: Path, trained_checkpoint: Path) -> Path:
+    """The export run that logged and registered the model (batch 4: six images need a padded batch); what it
+    printed is kept as `<run dir>/printed.txt` (the server below runs the command it prints)."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        _, run_dir = run_task(root, "export", f"task.checkpoint={trained_checkpoint}", f"task.register={NAME}",
+                              "task.batch_size=4")
+    (run_dir / "printed.txt").write_text(printed.getvalue())
     return run_dir
 
 
@@ -53,11 +84,15 @@ def predicted(root: Path, checkpoint: Path, images: list[Path]) -> dict[Path, np
 
 @pytest.fixture(scope="module")
 def server(root: Path, exported: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """`mlflow models serve -m models:/<NAME>/1 --env-manager local` on 127.0.0.1, from the test's SQLite store."""
+    """The command the export printed, `MLFLOW_TRACKING_URI=<the store> mlflow models serve -m models:/<NAME>/1
+    --env-manager local`, on 127.0.0.1, from another directory."""
+    hint = re.search(r"serve it with: MLFLOW_TRACKING_URI=(\S+) mlflow models serve -m (\S+) --env-manager local$",
+                     (exported / "printed.txt").read_text(), re.M)
+    assert hint and hint.groups() == (default_tracking_uri(root), f"models:/{NAME}/1"), (exported / "printed.txt")
     port = free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": default_tracking_uri(root),
+    env = {**os.environ, "MLFLOW_TRACKING_URI": hint.group(1), MAX_PIXELS_ENV: str(BUDGET),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # uvicorn
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{NAME}/1",
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", hint.group(2),
                              "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
                             cwd=tmp_path_factory.mktemp("serve"), env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -104,6 +139,7 @@ def check_answers(rows: list[dict], paths: list[Path], predicted: dict[Path, np.
 
 
 def test_export_registers_a_model_whose_server_answers_like_predict(root: Path, exported: Path, server: str,
+                                                                    training_run: tuple[str, str],
                                                                     images: list[Path],
                                                                     predicted: dict[Path, np.ndarray]) -> None:
     client, run = mlflow_run(root, exported)
@@ -112,6 +148,16 @@ def test_export_registers_a_model_whose_server_answers_like_predict(root: Path, 
     assert (run.data.tags["registered_model"], run.data.tags["registered_model_version"]) == (NAME, "1")
     model = client.get_logged_model(run.data.tags["model_uri"].removeprefix("models:/"))
     assert model.source_run_id == run.info.run_id and model.experiment_id == run.info.experiment_id
+    # linked: the export run's description and the model version name the training run as a link (markdown)
+    experiment_id, trained_id = training_run
+    link = f"[train-conformer_nano-digits](#/experiments/{experiment_id}/runs/{trained_id})"
+    assert run.data.tags["mlflow.note.content"] == f"Weights of the training run {link} (best val/top1_sum 91.50)."
+    serve = (f"MLFLOW_TRACKING_URI={default_tracking_uri(root)} mlflow models serve -m models:/{NAME}/1 "
+             "--env-manager local")
+    assert link in version.description and f"Serve it with: `{serve}`" in version.description
+    assert {k: version.tags[k] for k in ("source_run_id", "best val/top1_sum", "serve_command", "classes")} == {
+        "source_run_id": trained_id, "best val/top1_sum": "91.50", "serve_command": serve, "classes": "10"}
+    assert version.tags["input"].startswith("column 'image': base64-encoded image files or H x W x 3 pixel arrays")
 
     # five digits PNGs (grey 8x8) and an RGB JPEG (24x40), as files and as pixel arrays
     status, answer = invoke(server, {"dataframe_split": {"columns": ["image"],
@@ -131,9 +177,35 @@ def test_export_registers_a_model_whose_server_answers_like_predict(root: Path, 
                           ({"dataframe_split": {"columns": ["photo"], "data": [["x"]]}},
                            "missing inputs ['image']"),  # MLflow's signature check
                           ({"inputs": [[[300, 0, 0]]]}, "integer pixels must be in [0, 255]"),
-                          ({"inputs": [[[[1, 2]]]]}, "shape [1, 1, 2]")]:
+                          ({"inputs": [[[[1, 2]]]]}, "shape [1, 1, 2]"),
+                          ({"inputs": {"image": []}}, "no images in the request"),
+                          ({"dataframe_split": {"columns": ["image"], "data": []}}, "no images in the request")]:
         status, answer = invoke(server, body)
         assert status == 400 and message in answer["message"], answer
+
+
+def png(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("L", (width, height)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_a_request_past_its_pixel_budget_is_refused_before_decoding(server: str) -> None:
+    """Encoded files are counted by their header: a 1.3 KB PNG of 3000 x 3000 px, cut after its header so that it
+    cannot even be decoded, is refused for its size; within the budget the same cut file is a decoding error."""
+    big, small = png(3000, 3000), png(60, 60)
+    body = {"inputs": {"image": [base64.b64encode(data).decode() for data in (small, big[:200])]}}
+    status, answer = invoke(server, body)
+    assert status == 400, answer
+    assert ("image 0.1: a 3000 x 3000 image file (9,000,000 pixels) would take the request to 9,003,600 decoded "
+            f"pixels, over its budget of {BUDGET:,}") in answer["message"], answer
+    # the budget counts the whole request: two images that fit alone do not fit together
+    status, answer = invoke(server, {"inputs": {"image": [base64.b64encode(png(60, 60)).decode()] * 2}})
+    assert status == 400 and "image 0.1: a 60 x 60 image file" in answer["message"], answer
+    status, answer = invoke(server, {"inputs": {"image": [base64.b64encode(png(60, 60)).decode()]}})
+    assert status == 200, answer
+    status, answer = invoke(server, {"inputs": [np.zeros((80, 80), np.uint8).tolist()]})  # pixel arrays count too
+    assert status == 400 and "a 80 x 80 pixel array" in answer["message"], answer
 
 
 def test_the_registered_model_loads_in_process(root: Path, exported: Path, images: list[Path],

@@ -244,7 +244,7 @@ def _sweep_config(uri: str, experiment: str, sweep_dir: Path):
     })
 
 
-@pytest.mark.parametrize("child_statuses", [("FINISHED", "FINISHED"), ("FINISHED", "FAILED")])
+@pytest.mark.parametrize("child_statuses", [("FINISHED", "FINISHED"), ("FINISHED", "FAILED"), ("FAILED", "FAILED")])
 def test_sweep_parent_callback(store, experiment, tmp_path, child_statuses):
     root, uri = store
     sweep_dir = tmp_path / "multirun" / "12-00-00"
@@ -267,15 +267,19 @@ def test_sweep_parent_callback(store, experiment, tmp_path, child_statuses):
 
     client = MlflowClient(uri)
     parent = client.get_run(parent_id)
-    assert parent.info.status == ("FAILED" if "FAILED" in child_statuses else "FINISHED")
-    assert re.fullmatch(r"sweep lr \d{4}-\d\d-\d\d \d\d:\d\d", parent.info.run_name)
+    # FAILED only when no trial finished: a failed trial next to a finished one leaves the sweep's result usable
+    assert parent.info.status == ("FINISHED" if "FINISHED" in child_statuses else "FAILED")
+    assert re.fullmatch(r"sweep lr \d\d-\d\d \d\d:\d\d:\d\d", parent.info.run_name)
     assert parent.data.params == {"sweep.optim.lr": "0.1,0.01"}
     assert (parent.data.tags["sweeper"], parent.data.tags["sweep.keys"]) == ("basic", "optim.lr")
     assert parent.data.metrics["sweep/trials"] == 2
     assert parent.data.metrics["sweep/failed"] == child_statuses.count("FAILED")
     assert parent.data.tags["overrides"] == "optim.lr=0.1,0.01"
-    for run_id in children:
-        assert client.get_run(run_id).data.tags["mlflow.parentRunId"] == parent_id
+    for run_id in children:  # nested, and tagged with their sweep for the UI to group and filter by
+        tags = client.get_run(run_id).data.tags
+        assert {k: tags[k] for k in ("mlflow.parentRunId", "sweep.parent_id", "sweep.parent", "sweep.name")} == {
+            "mlflow.parentRunId": parent_id, "sweep.parent_id": parent_id, "sweep.parent": parent.info.run_name,
+            "sweep.name": "sweep lr"}
 
 
 def test_sweep_parent_fails_when_a_job_failed_before_opening_its_run(store, experiment, tmp_path):
@@ -464,7 +468,7 @@ def test_tracking_config_group(tmp_path):
         on = compose(config_name="config").tracking
         off = compose(config_name="config", overrides=["tracking=disabled"]).tracking
     assert OmegaConf.to_container(on) == {"enabled": True, "uri": None, "experiment_name": "conformer",
-                                          "run_name": None, "parent_run_id": None, "log_checkpoints": False,
+                                          "run_name": None, "parent_run_id": None, "log_checkpoints": True,
                                           "system_metrics": False, "fallback_to_local": False}
     assert OmegaConf.to_container(off) == {**OmegaConf.to_container(on), "enabled": False}
 
@@ -502,8 +506,8 @@ def test_sweep_trials_are_named_after_their_swept_overrides(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     cfg = compose_config()
     names = [default_run_name(cfg, sweep_dir / str(job)) for job in range(4)]
-    assert sorted(names) == ["base_lr=2e-3,weight_decay=0.1", "base_lr=2e-3,weight_decay=5e-2",
-                             "base_lr=5e-4,weight_decay=0.1", "base_lr=5e-4,weight_decay=5e-2"]
+    assert sorted(names) == ["base_lr=2e-3 weight_decay=0.1", "base_lr=2e-3 weight_decay=5e-2",
+                             "base_lr=5e-4 weight_decay=0.1", "base_lr=5e-4 weight_decay=5e-2"]
     assert default_run_name(cfg, tmp_path) == "train-conformer_nano-digits"
     assert default_run_name(compose_config(["task=eval", "data=imagenet"]), tmp_path) == "eval-conformer_nano-imagenet"
     assert default_run_name(compose_config(["tracking.run_name=mine"]), sweep_dir / "0") == "mine"
@@ -550,3 +554,34 @@ def test_short_requests_override_mlflow_per_thread_without_touching_the_environm
             assert name not in os.environ and libc_getenv(name.encode()) is None
     assert seen_elsewhere == [defaults]
     assert (MLFLOW_HTTP_REQUEST_MAX_RETRIES.get(), MLFLOW_HTTP_REQUEST_TIMEOUT.get()) == defaults
+
+
+def test_checkpoints_in_a_local_store_are_the_run_dirs_files_relinked_at_each_save(store, experiment, tmp_path):
+    """A local artifact store: each logged checkpoint is the same file as the run dir's (one copy on disk), a save
+    renamed over the name is linked again, a forgotten one (a top-k file pushed out) leaves the artifacts, and with
+    log_checkpoints off nothing is stored."""
+    root, uri = store
+    checkpoints = tmp_path / "run" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    last, ranked = checkpoints / "last.ckpt", checkpoints / "epoch001-val_top1_sum-50.0000.ckpt"
+    last.write_bytes(b"epoch 1")
+    ranked.write_bytes(b"epoch 1")
+    with Tracker(uri, experiment) as tracker:
+        tracker.start()
+        artifacts = Path(tracker.artifact_uri.removeprefix("file://")) / "checkpoints"
+        tracker.log_checkpoint(last)
+        tracker.log_checkpoint(ranked)
+        assert os.path.samefile(artifacts / "last.ckpt", last) and os.path.samefile(artifacts / ranked.name, ranked)
+        replacement = last.with_name("next")
+        replacement.write_bytes(b"epoch 2")
+        replacement.replace(last)  # the next save
+        tracker.log_checkpoint(last)
+        tracker.forget_checkpoint(ranked.name)
+    assert os.path.samefile(artifacts / "last.ckpt", last) and (artifacts / "last.ckpt").read_bytes() == b"epoch 2"
+    assert sorted(p.name for p in artifacts.iterdir()) == ["last.ckpt"]
+    listed = MlflowClient(uri).list_artifacts(tracker.run_id, "checkpoints")
+    assert [a.path for a in listed] == ["checkpoints/last.ckpt"]
+    with Tracker(uri, experiment, log_checkpoints=False) as off:
+        off.start()
+        off.log_checkpoint(last)
+    assert MlflowClient(uri).list_artifacts(off.run_id, "checkpoints") == []

@@ -141,6 +141,8 @@ def open_run(tracker: Tracker | NullTracker, ctx: RunContext, extra_tags: Mappin
         model=cfg.model.name, data=cfg.data.name, hardware=cfg.hardware.name, task=cfg.task.name,
         overrides=overrides, git_commit=git_commit(ctx.project_root), run_dir=ctx.run_dir,
         world_size=ctx.group.world_size, extra={**user_tags(cfg.get("tags")), **tags}))
+    if tags.get(TRAINED_BY_TAG):  # the run's description: a link to the training, on the run's page
+        tracker.link_training(tags[TRAINED_BY_TAG])
     tracker.log_text(resolved_yaml(cfg), "config.yaml")
     tracker.log_text("\n".join(overrides) + "\n", "overrides.txt")
 

@@ -10,9 +10,11 @@ from mindspore import Tensor, nn, ops
 from omegaconf import DictConfig, OmegaConf
 
 from conformer import kernels
-from conformer.tasks.common import RunContext, open_run, task_tracker, trained_network
+from conformer.secrets import without_user_info
+from conformer.tasks.common import RunContext, open_run, task_tracker, trained_network, weights_origin
 from conformer.tasks.predict import class_labels
 from conformer.tracking import Tracker
+from conformer.train.checkpoint import read_checkpoint_meta
 from conformer.validation import EXPORT_OUTPUTS, EXPORT_SUFFIXES
 
 log = logging.getLogger(__name__)
@@ -106,7 +108,9 @@ def export(ctx: RunContext) -> None:
         if not path.is_file():
             raise RuntimeError(f"MindSpore reported no error but wrote no {path}")
         if serve:  # the model's artifacts hold the MINDIR: not stored twice
-            log_served_model(tracker, cfg, path, labels, served, register)
+            version, command = log_served_model(tracker, cfg, path, labels, served, register)
+            if version is not None:
+                describe_version(tracker, cfg, weights, register, version, command, len(labels))
         else:
             tracker.log_artifact(path, "export")
     print(f"exported {cfg.model.name} ({output} logits, input {list(shape)}) to {path}")
@@ -122,8 +126,9 @@ def served_eval_transform(cfg: DictConfig) -> dict:
 
 
 def log_served_model(tracker: Tracker, cfg: DictConfig, path: Path, labels: list[str], eval_transform: dict,
-                     register: str | None) -> None:
-    """The MINDIR as the run's MLflow pyfunc model (registered as `register`); prints how to serve it."""
+                     register: str | None) -> tuple[str | None, str]:
+    """The MINDIR as the run's MLflow pyfunc model (registered as `register`); prints how to serve it. Returns (the
+    registered version or None, the serve command)."""
     from conformer.tracking.pyfunc_model import log_pyfunc_model
 
     info = log_pyfunc_model(tracker.uri, tracker.run_id, path, labels, eval_transform, cfg.task.batch_size,
@@ -133,4 +138,20 @@ def log_served_model(tracker: Tracker, cfg: DictConfig, path: Path, labels: list
         uri = f"models:/{register}/{info.registered_model_version}"
         tracker.set_tags({"registered_model": register, "registered_model_version": info.registered_model_version})
     tracker.set_tags({"model_uri": info.model_uri})
-    print(f"logged the MLflow model {uri}; serve it with: mlflow models serve -m {uri} --env-manager local")
+    command = f"MLFLOW_TRACKING_URI={without_user_info(tracker.uri)} mlflow models serve -m {uri} --env-manager local"
+    print(f"logged the MLflow model {uri}; serve it with: {command}")
+    return (str(info.registered_model_version) if register else None), command
+
+
+def describe_version(tracker: Tracker, cfg: DictConfig, weights: Path, register: str, version: str, command: str,
+                     classes: int) -> None:
+    """The registered version's description and tags: its training run (a link), the checkpoint's best value (val
+    accuracy), what a request sends, the class count and the serve command."""
+    trained_by, _ = weights_origin(cfg.task.checkpoint, weights)
+    meta = read_checkpoint_meta(weights) if weights.suffix == ".ckpt" else {}
+    monitor, best = meta.get("monitor"), meta.get("best_metric")
+    details = {**({f"best {monitor}": f"{best:.2f}"} if monitor and best is not None else {}),
+               "input": f"column 'image': base64-encoded image files or H x W x 3 pixel arrays, evaluated at "
+                        f"{cfg.data.image_size} x {cfg.data.image_size} px",
+               "classes": classes}
+    tracker.describe_model_version(register, version, source_run_id=trained_by, served_by=command, details=details)

@@ -32,7 +32,7 @@ from conformer.train.checkpoint import CheckpointError, read_checkpoint_meta
 from conformer.train.curves import plot_curves
 from conformer.train.step import apply_amp
 from conformer.train.trainer import Trainer
-from conformer.validation import ConfigError
+from conformer.validation import MLFLOW_PREFIX, ConfigError
 
 log = logging.getLogger(__name__)
 OUTPUTS_DIR = "outputs"  # run dirs under the project root (conf/config.yaml: hydra.run.dir, hydra.sweep.dir)
@@ -92,7 +92,7 @@ def _train(ctx: RunContext, fingerprint: str, resume: Path | None) -> float:
                 # nothing was left to train: the run's checkpoints stay where they are (mlflow:<run_id> finds them)
                 tracker.set_tags({"run_dir": str(resume.parent.parent)})
         finally:
-            _log_outputs(tracker, ctx, trainer, cfg.tracking.log_checkpoints, resume)
+            _log_outputs(tracker, ctx, trainer, resume)
     return float(best)
 
 
@@ -129,7 +129,13 @@ def _resume_from(ctx: RunContext, fingerprint: str) -> Path | None:
     if not spec:
         return None
     if spec != "auto":
-        return resolve_weights(ctx, spec, "last.ckpt")
+        last = resolve_weights(ctx, spec, "last.ckpt")
+        if str(spec).startswith(MLFLOW_PREFIX) and not (last.parent / "best.ckpt").is_file():
+            try:  # next to it, so the resumed run keeps its best weights (Trainer._carry_best)
+                resolve_weights(ctx, spec, "best.ckpt")
+            except LookupError:
+                log.warning("%s has no best.ckpt: the resumed run's best.ckpt starts from its next improvement", spec)
+        return last
     candidates = sorted(_modified(ctx.project_root.glob(f"{OUTPUTS_DIR}/**/checkpoints/last.ckpt")), reverse=True)
     for _, path in candidates:
         try:
@@ -197,9 +203,9 @@ def whole_log(run_dir: Path, resume: Path | None) -> Path:
     return whole
 
 
-def _log_outputs(tracker, ctx: RunContext, trainer: Trainer, with_checkpoints: bool, resume: Path | None = None
-                 ) -> None:
-    """Curves, log and checkpoints as artifacts: also after a failure, so a broken run can be inspected."""
+def _log_outputs(tracker, ctx: RunContext, trainer: Trainer, resume: Path | None = None) -> None:
+    """Curves and log as artifacts (the checkpoints went in as they were saved): also after a failure, so a broken
+    run can be inspected."""
     if not ctx.group.is_main:
         return
     if trainer.history:
@@ -207,7 +213,3 @@ def _log_outputs(tracker, ctx: RunContext, trainer: Trainer, with_checkpoints: b
     log_file = whole_log(ctx.run_dir, resume)
     if log_file.is_file():
         tracker.log_artifact(log_file)
-    if with_checkpoints:
-        for path in (trainer.checkpoints.last_path, trainer.checkpoints.best_path):
-            if path.is_file():
-                tracker.log_artifact(path, "checkpoints")

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import tempfile
 import threading
 import time
 from collections import deque
@@ -88,6 +90,32 @@ class Upload:
 
 
 @dataclass(frozen=True)
+class CheckpointUpload:
+    """A checkpoint file as `<artifact_path>/<its name>`, read when it is sent: the newest save of that name goes up
+    (a later save replaces the file by a rename, so a read sees one whole file); a file gone meanwhile (a top-k
+    checkpoint pushed out) is skipped. Queued while the same upload still waits, it is not queued twice."""
+
+    path: Path
+    artifact_path: str = "checkpoints"
+    timeout = None
+
+    def send(self, client: MlflowClient, run_id: str) -> None:
+        # A hard link in a private dir next to it pins this save's bytes while they go up (a save renamed over the
+        # name meanwhile is another file); where links fail, the file is read by its name.
+        if not self.path.parent.is_dir():
+            return
+        with tempfile.TemporaryDirectory(prefix=".upload-", dir=self.path.parent) as pinned:
+            source = Path(pinned) / self.path.name
+            try:
+                os.link(self.path, source)
+            except FileNotFoundError:
+                return
+            except OSError:
+                source = self.path
+            client.log_artifact(run_id, str(source), self.artifact_path)
+
+
+@dataclass(frozen=True)
 class Text:
     text: str
     artifact_file: str
@@ -120,7 +148,7 @@ class Inputs:
         client.log_inputs(run_id, [DatasetInput(dataset, tags) for dataset in self.datasets])
 
 
-Call = Batch | Upload | Text | Inputs | Terminate
+Call = Batch | Upload | CheckpointUpload | Text | Inputs | Terminate
 
 
 def _metrics_only(call: Call) -> bool:
@@ -152,6 +180,8 @@ class Outbox:
     def put(self, call: Call) -> None:
         """Queue `call`; returns at once. Metric calls beyond `max_buffered` waiting calls are dropped."""
         with self._cond:
+            if isinstance(call, CheckpointUpload) and call in self._queue:  # the queued one will read the newest
+                return
             if _metrics_only(call) and len(self._queue) >= self.max_buffered:
                 self._dropped += 1
                 if self._dropped == 1:

@@ -19,6 +19,7 @@ import binascii
 import json
 import logging
 import math
+import os
 import threading
 from collections.abc import Mapping, Sequence
 from importlib.metadata import PackageNotFoundError, version
@@ -38,7 +39,7 @@ from mlflow.pyfunc import PythonModel, PythonModelContext
 from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 from mlflow.types.schema import AnyType, ColSpec, Schema
 
-from conformer.inference import decode_image, predict_probabilities
+from conformer.inference import decode_image, image_size, predict_probabilities
 from conformer.paths import PACKAGE_DIR
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,38 @@ class BadInput(MlflowException):
 
 
 # ---------------------------------------------------------------------------------------------------- input
+MAX_PIXELS_ENV = "CONFORMER_MAX_REQUEST_PIXELS"  # the served model's budget of decoded pixels per request
+DEFAULT_MAX_REQUEST_PIXELS = 50_000_000  # ~150 MB of RGB pixels: about 1,000 images of 224 x 224
+
+
+def max_request_pixels() -> int:
+    """The budget of decoded pixels per request: env `CONFORMER_MAX_REQUEST_PIXELS` (of the serving process), else
+    `DEFAULT_MAX_REQUEST_PIXELS`."""
+    value = os.environ.get(MAX_PIXELS_ENV, "").strip()
+    try:
+        budget = int(value) if value else DEFAULT_MAX_REQUEST_PIXELS
+    except ValueError:
+        budget = 0
+    if budget < 1:
+        raise BadInput(f"{MAX_PIXELS_ENV}={value!r} must be a whole number of pixels > 0")
+    return budget
+
+
+class _Budget:
+    """The pixels a request may still decode: each image is checked (an encoded file by its header) before it is
+    decoded, so a request past the budget is answered before the memory is spent."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.used = limit, 0
+
+    def take(self, pixels: int, index: int | str, shape: str) -> None:
+        if self.used + pixels > self.limit:
+            raise BadInput(f"image {index}: {shape} ({pixels:,} pixels) would take the request to "
+                           f"{self.used + pixels:,} decoded pixels, over its budget of {self.limit:,} "
+                           f"({MAX_PIXELS_ENV}): send fewer or smaller images per request")
+        self.used += pixels
+
+
 def _pixels(array: np.ndarray, index: int) -> np.ndarray:
     """RGB uint8 H x W x 3 from a grey or RGB pixel array (integers 0-255 or floats 0-1)."""
     if array.ndim == 3 and array.shape[2] == 1:
@@ -83,37 +116,45 @@ def _pixels(array: np.ndarray, index: int) -> np.ndarray:
     raise BadInput(f"image {index}: pixels of type {array.dtype}; send integers 0-255 or floats 0-1")
 
 
-def _encoded(data: str | bytes, index: int | str) -> np.ndarray:
+def _encoded(data: str | bytes, index: int | str, budget: _Budget) -> np.ndarray:
     if isinstance(data, str):
         try:
             data = base64.b64decode(data, validate=True)
         except (binascii.Error, ValueError) as err:
             raise BadInput(f"image {index}: a string that is not base64 ({err})") from err
+    size = image_size(bytes(data))
+    if size is not None:
+        budget.take(size[0] * size[1], index, f"a {size[0]} x {size[1]} image file")
     try:
         return decode_image(bytes(data), f"image {index}")
     except ValueError as err:
         raise BadInput(f"{err}: send a PNG, JPEG, BMP or WebP file, base64-encoded") from err
 
 
-def _cell_images(cell: Any, index: int) -> list[np.ndarray]:
+def _cell_images(cell: Any, index: int, budget: _Budget) -> list[np.ndarray]:
     """The images of one input cell: an encoded file, a pixel array, or a list of encoded files (the request
-    `{"inputs": {"image": [...]}}` arrives as one such cell)."""
+    `{"inputs": {"image": [...]}}` arrives as one such cell; an empty list holds none)."""
     if isinstance(cell, (str, bytes, bytearray)):
-        return [_encoded(cell, index)]
+        return [_encoded(cell, index, budget)]
     if isinstance(cell, (list, tuple, np.ndarray)):
-        if len(cell) and all(isinstance(item, (str, bytes, bytearray)) for item in cell):
-            return [_encoded(item, f"{index}.{i}") for i, item in enumerate(cell)]
+        if not len(cell):
+            return []
+        if all(isinstance(item, (str, bytes, bytearray)) for item in cell):
+            return [_encoded(item, f"{index}.{i}", budget) for i, item in enumerate(cell)]
         try:
             array = np.asarray(cell)
         except ValueError as err:
             raise BadInput(f"image {index}: rows of different lengths are not a pixel array ({err})") from err
-        return [_pixels(array, index)]
+        image = _pixels(array, index)
+        budget.take(image.shape[0] * image.shape[1], index, f"a {image.shape[1]} x {image.shape[0]} pixel array")
+        return [image]
     raise BadInput(f"image {index}: a {type(cell).__name__}; send a base64-encoded image file or a pixel array")
 
 
-def input_images(model_input: Any) -> list[np.ndarray]:
+def input_images(model_input: Any, max_pixels: int | None = None) -> list[np.ndarray]:
     """RGB uint8 images of a request: a DataFrame (or mapping) with a column `image`, a batch array N x H x W x C,
-    or a list of cells."""
+    or a list of cells; at most `max_pixels` decoded pixels in all (None: `max_request_pixels()`), else BadInput
+    before the image that would pass it is decoded."""
     if isinstance(model_input, pd.DataFrame):
         if IMAGE_COLUMN not in model_input.columns:
             raise BadInput(f"expected a column {IMAGE_COLUMN!r} (base64-encoded image files or pixel arrays), got "
@@ -125,9 +166,11 @@ def input_images(model_input: Any) -> list[np.ndarray]:
         cells = list(model_input)
     else:
         raise BadInput(f"cannot read images from a {type(model_input).__name__}: send a column {IMAGE_COLUMN!r}")
-    images = [image for index, cell in enumerate(cells) for image in _cell_images(cell, index)]
+    budget = _Budget(max_pixels or max_request_pixels())
+    images = [image for index, cell in enumerate(cells) for image in _cell_images(cell, index, budget)]
     if not images:
-        raise BadInput("the request holds no images")
+        raise BadInput("no images in the request: send a column 'image' of base64-encoded image files or pixel "
+                       "arrays")
     return images
 
 

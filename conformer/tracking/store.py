@@ -288,8 +288,11 @@ def terminate(client: MlflowClient, run_id: str, status: str, reason: str | None
 
 
 def run_checkpoint(tracking_cfg: Mapping[str, Any], project_root: Path, run_id: str, name: str = "best.ckpt") -> Path:
-    """The checkpoint `name` of training run `run_id`: in its run dir (tag `run_dir`), else downloaded from its
-    artifacts into `<project root>/.cache/mlflow/<run_id>/`. LookupError (saying what is missing) otherwise."""
+    """The checkpoint `name` of training run `run_id`: in its run dir (tag `run_dir`), else among its artifacts (a
+    local artifact store's file itself; a remote store's downloaded into `<project root>/.cache/mlflow/<run_id>/`).
+    LookupError (saying what is missing) otherwise."""
+    from conformer.tracking.checkpoints import CHECKPOINT_ARTIFACTS, local_artifact_dir
+
     client = client_for(tracking_cfg, project_root)
     try:
         with short_requests(REQUEST_TIMEOUT_S, retries=2):
@@ -299,10 +302,13 @@ def run_checkpoint(tracking_cfg: Mapping[str, Any], project_root: Path, run_id: 
     local = Path(run.data.tags.get("run_dir", "")) / "checkpoints" / name
     if run.data.tags.get("run_dir") and local.is_file():
         return local
+    artifacts = local_artifact_dir(run.info.artifact_uri)
+    if artifacts is not None and (artifacts / CHECKPOINT_ARTIFACTS / name).is_file():
+        return artifacts / CHECKPOINT_ARTIFACTS / name
     target = Path(project_root) / ".cache" / "mlflow" / run_id
     try:
-        return Path(client.download_artifacts(run_id, f"checkpoints/{name}", str(target)))
+        return Path(client.download_artifacts(run_id, f"{CHECKPOINT_ARTIFACTS}/{name}", str(target)))
     except (MlflowException, OSError) as err:
         raise LookupError(f"MLflow run {run_id} has no checkpoints/{name}: not in its run dir {local.parent} (moved "
-                          "or deleted?) nor among its artifacts (logged only with tracking.log_checkpoints=true); "
+                          "or deleted?) nor among its artifacts (stored there unless tracking.log_checkpoints=false); "
                           "give the checkpoint's path instead") from err

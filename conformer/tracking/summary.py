@@ -32,12 +32,12 @@ def comparable_params(cfg: DictConfig | Mapping[str, Any], world_size: int) -> d
 
 # ---------------------------------------------------------------------------------------------------- names
 def default_run_name(cfg: DictConfig, run_dir: Path | str) -> str:
-    """`tracking.run_name` when set; a sweep trial after its swept overrides (`base_lr=0.002,weight_decay=0.1`);
+    """`tracking.run_name` when set; a sweep trial after its swept overrides (`base_lr=2e-3 weight_decay=0.1`);
     else `<task>-<model>-<data>`."""
     if cfg.tracking.get("run_name"):
         return str(cfg.tracking.run_name)
     swept = swept_overrides(Path(run_dir))
-    return ",".join(swept) if swept else f"{cfg.task.name}-{cfg.model.name}-{cfg.data.name}"
+    return " ".join(swept) if swept else f"{cfg.task.name}-{cfg.model.name}-{cfg.data.name}"
 
 
 def swept_overrides(run_dir: Path) -> list[str]:
@@ -64,8 +64,16 @@ def swept_overrides(run_dir: Path) -> list[str]:
                 space.pop(override.key_or_group, None)
     trial = [o for o in parser.parse_overrides(hydra["overrides"]["task"]) if o.key_or_group in space]
     names = _short_keys([o.key_or_group for o in trial])
-    return sorted(f"{names[o.key_or_group]}={_as_given(o.get_value_element_as_str(), space[o.key_or_group])}"
-                  for o in trial)
+    values = {o.key_or_group: _as_given(o.get_value_element_as_str(), space[o.key_or_group]) for o in trial}
+    return sorted(f"{names[key]}={short_value(value)}" for key, value in values.items())
+
+
+def short_value(value: str) -> str:
+    """A swept value as runs show it: long floats (Optuna's draws) to 4 significant digits, others as spelt."""
+    try:
+        return f"{float(value):.4g}" if len(value) > 8 else value
+    except ValueError:
+        return value
 
 
 def _unresolved(node: Any) -> Any:

@@ -42,23 +42,26 @@ def child_runs(uri: str, parent_run_id: str, monitor: str, mode: str) -> list[Ch
     return children
 
 
-VIEW_KEY = "sweeps"  # MLflow UI: <ui>/#/experiments/<id>/runs?viewStateShareKey=sweeps
+VIEW_KEY = "sweeps"  # MLflow UI: <ui>/#/experiments/<id>/runs?viewStateShareKey=sweeps&workflowType=...
 VIEW_TAG = "mlflow.sharedViewState."  # the experiment tag the UI reads a shared runs-table view from
 
 
-def share_runs_view(uri: str, experiment_id: str, metrics: list[str]) -> str:
-    """Store a runs-table view of the experiment that shows `metrics` as columns, sorted by the first (best
-    first); returns its URL path ("" when the store refused it: a convenience, the sweep goes on). The UI keeps
-    column choices per browser: this view is the way to share them."""
-    view = {"orderByKey": f"metrics.`{metrics[0]}`", "orderByAsc": False,
-            "selectedColumns": ["attributes.`Dataset`", *(f"metrics.`{key}`" for key in metrics)]}
+def share_runs_view(uri: str, experiment_id: str, objective: str, params: list[str], mode: str = "max") -> str:
+    """Store a runs-table view of the experiment: runs grouped by their sweep (tag `sweep.parent`, the parent run's
+    name; each group row shows its best value), best first inside each group, the swept `params` and the `objective`
+    metric as the first columns. Returns its URL path, in MLflow 3's model-training mode ("" when the store refused
+    it: a convenience, the sweep goes on). The UI keeps column choices per browser: this view is the way to share
+    them. MLflow nests children under their parent only in its start-time order, so a sweep's trials are grouped."""
+    view = {"orderByKey": f"metrics.`{objective}`", "orderByAsc": mode == "min",
+            "selectedColumns": [*(f"params.`{key}`" for key in params), f"metrics.`{objective}`"],
+            "groupBy": {"aggregateFunction": mode, "groupByKeys": [{"mode": "tag", "groupByData": "sweep.parent"}]}}
     try:
         with short_requests(REQUEST_TIMEOUT_S, retries=2):
             MlflowClient(tracking_uri=uri).set_experiment_tag(experiment_id, VIEW_TAG + VIEW_KEY, json.dumps(view))
     except MlflowException as err:
         log.warning("could not store the sweep's runs-table view in experiment %s: %s", experiment_id, err)
         return ""
-    return f"#/experiments/{experiment_id}/runs?viewStateShareKey={VIEW_KEY}"
+    return f"#/experiments/{experiment_id}/runs?viewStateShareKey={VIEW_KEY}&workflowType=machine_learning"
 
 
 def ui_hint(uri: str, path: str) -> str:

@@ -18,7 +18,13 @@ from typing import Any
 import psutil
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
-from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID, MLFLOW_SOURCE_NAME, MLFLOW_USER
+from mlflow.utils.mlflow_tags import (
+    MLFLOW_GIT_COMMIT,
+    MLFLOW_PARENT_RUN_ID,
+    MLFLOW_RUN_NOTE,
+    MLFLOW_SOURCE_NAME,
+    MLFLOW_USER,
+)
 from mlflow.utils.time import get_current_time_millis
 from mlflow.utils.validation import (
     MAX_METRICS_PER_BATCH,
@@ -31,7 +37,20 @@ from omegaconf.errors import InterpolationResolutionError
 
 from conformer.secrets import redact
 from conformer.signals import on_forced_exit
-from conformer.tracking.outbox import Batch, Call, Inputs, Outbox, Terminate, Text, Upload, store_calls, transient
+from conformer.tracking.checkpoints import CHECKPOINT_ARTIFACTS, link_artifact, local_artifact_dir, unlink_artifact
+from conformer.tracking.links import describe_model_version, training_link
+from conformer.tracking.outbox import (
+    Batch,
+    Call,
+    CheckpointUpload,
+    Inputs,
+    Outbox,
+    Terminate,
+    Text,
+    Upload,
+    store_calls,
+    transient,
+)
 from conformer.tracking.store import (
     HOST_TAG,
     PID_STARTED_TAG,
@@ -53,6 +72,8 @@ from conformer.tracking.system_metrics import start_system_metrics
 log = logging.getLogger(__name__)
 FALLBACK_TAG = "tracking.unavailable_store"  # the store a run fell back from (tracking.fallback_to_local)
 SYSTEM_METRICS_INTERVAL_S = 10.0
+# on a sweep's trials: their parent's id and name, and the sweep's name (the parent's own tag of that name)
+SWEEP_PARENT_TAGS = ("sweep.parent_id", "sweep.parent", "sweep.name")
 
 
 # ---------------------------------------------------------------------------------------------------- values
@@ -147,7 +168,8 @@ class Tracker:
     def __init__(self, uri: str, experiment_name: str, run_name: str | None = None,
                  artifact_root: str | Path | None = None, parent_run_id: str | None = None, *,
                  fallback_uri: str | None = None, end_timeout: float = 30.0, retry_interval: float = 5.0,
-                 max_buffered: int = 20_000, system_metrics: float | None = None) -> None:
+                 max_buffered: int = 20_000, system_metrics: float | None = None,
+                 log_checkpoints: bool = True) -> None:
         if not experiment_name:
             raise ValueError("tracking.experiment_name must be a non-empty string")
         self.experiment_name = experiment_name
@@ -163,6 +185,7 @@ class Tracker:
         self.active = False  # between start() and end()
         self._nonfinite: set[str] = set()
         self._outbox: Outbox | None = None
+        self.log_checkpoints = bool(log_checkpoints)  # log_checkpoint stores checkpoints in the run
         self.system_metrics = system_metrics  # sampling interval (s) of MLflow's system metrics; None: off
         self._monitor: Any = None
 
@@ -183,7 +206,7 @@ class Tracker:
             self.experiment_id = experiment_id(self._client, self.experiment_name, self.artifact_root)
             close_runs_of_dead_processes(self._client)
             if self.parent_run_id:
-                self._check_parent()
+                run_tags_.update(self._check_parent())
                 run_tags_[MLFLOW_PARENT_RUN_ID] = self.parent_run_id
             tags_ = {k: _truncate(str(v), MAX_TAG_VAL_LENGTH) for k, v in run_tags_.items()}
             run = self._continue(resume_run_id, tags_) if resume_run_id else None
@@ -318,6 +341,39 @@ class Tracker:
             raise FileNotFoundError(f"cannot log artifact {local}: no such file or directory")
         self._send(Upload(local, artifact_path))
 
+    def log_checkpoint(self, path: Path | str) -> None:
+        """Store the checkpoint file `path` as the artifact `checkpoints/<name>` (see conformer.tracking.checkpoints):
+        linked at once into a local artifact store, else uploaded in the background. Off with `log_checkpoints`
+        false; never raises (a checkpoint that cannot be stored warns: the training goes on)."""
+        if not (self.active and self.log_checkpoints):
+            return
+        path = Path(path)
+        local = local_artifact_dir(self.artifact_uri)
+        if local is None:
+            self._send(CheckpointUpload(path, CHECKPOINT_ARTIFACTS))
+            return
+        try:
+            link_artifact(path, local / CHECKPOINT_ARTIFACTS)
+        except OSError as err:
+            log.warning("MLflow run %s: could not store %s as an artifact (%s)", self.run_id, path, err)
+
+    def forget_checkpoint(self, name: str) -> None:
+        """Drop the artifact `checkpoints/<name>` of a local artifact store (a top-k file pushed out of the run dir);
+        a remote store keeps what it received."""
+        local = local_artifact_dir(self.artifact_uri) if self.active and self.log_checkpoints else None
+        if local is not None:
+            unlink_artifact(name, local / CHECKPOINT_ARTIFACTS)
+
+    def link_training(self, run_id: str) -> None:
+        """This run's description (shown on its page): the training run that wrote its weights, as a link."""
+        self.set_tags({MLFLOW_RUN_NOTE: f"Weights of the {training_link(self._client, run_id)}."})
+
+    def describe_model_version(self, name: str, version: str, *, source_run_id: str | None, served_by: str,
+                               details: Mapping[str, Any]) -> None:
+        """Description and tags of a registered model version (conformer.tracking.links)."""
+        describe_model_version(self._client, name, version, source_run_id=source_run_id, served_by=served_by,
+                               details=details)
+
     def log_text(self, text: str, artifact_file: str) -> None:
         """Store `text` as the artifact `artifact_file` (e.g. "config.yaml")."""
         self._send(Text(redact(text), artifact_file))
@@ -364,7 +420,9 @@ class Tracker:
             raise RuntimeError(f"the MLflow run {state}: call Tracker.start() first and log before end()")
         return self.run_id
 
-    def _check_parent(self) -> None:
+    def _check_parent(self) -> dict[str, str]:
+        """The parent run exists; the tags naming it on a child (`SWEEP_PARENT_TAGS`: its id, name and sweep name),
+        which the UI groups and filters a sweep's trials by."""
         try:
             parent = self._client.get_run(self.parent_run_id)
         except MlflowException as err:
@@ -375,6 +433,9 @@ class Tracker:
         if parent.info.experiment_id != self.experiment_id:
             log.warning("parent run %s is in another experiment: MLflow only nests runs of one experiment",
                         self.parent_run_id)
+        id_tag, name_tag, sweep_tag = SWEEP_PARENT_TAGS
+        tags = {id_tag: self.parent_run_id, name_tag: parent.info.run_name, sweep_tag: parent.data.tags.get(sweep_tag)}
+        return {key: value for key, value in tags.items() if value}
 
     def _end_at_exit(self) -> None:
         # Reached only when the run was neither ended nor closed by `with`: the program stopped without us.
@@ -394,6 +455,7 @@ class NullTracker:
         return None
 
     start = end = log_params = set_tags = log_metrics = log_artifact = log_text = log_inputs = last_step = _ignore
+    log_checkpoint = forget_checkpoint = link_training = describe_model_version = _ignore
 
     def __enter__(self) -> NullTracker:
         return self
@@ -414,7 +476,8 @@ def create_tracker(tracking_cfg: Mapping[str, Any], project_root: Path, *, is_ma
                    tracking_cfg.get("experiment_name", "conformer"),
                    run_name=tracking_cfg.get("run_name") or default_run_name,
                    parent_run_id=tracking_cfg.get("parent_run_id"), fallback_uri=fallback,
-                   system_metrics=_interval(tracking_cfg.get("system_metrics", False)))
+                   system_metrics=_interval(tracking_cfg.get("system_metrics", False)),
+                   log_checkpoints=bool(tracking_cfg.get("log_checkpoints", True)))
 
 
 def _interval(system_metrics: Any) -> float | None:

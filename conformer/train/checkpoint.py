@@ -336,6 +336,7 @@ class CheckpointManager:
         self.best_metric: float | None = None
         self.best_epoch: int | None = None
         self.ranked: list[tuple[float, int, Path]] = self._ranked_on_disk()  # best first
+        self.dropped: list[Path] = []  # the ranked files the last save removed
 
     def ranked_path(self, epoch: int, value: float) -> Path:
         return self.directory / f"epoch{int(epoch):03d}-{self.monitor.replace('/', '_')}-{value:.4f}.ckpt"
@@ -372,6 +373,7 @@ class CheckpointManager:
         self.ranked = self._sorted([*(r for r in self.ranked if r[2] != path), (value, int(epoch), path)])
         for _, _, dropped in self.ranked[self.keep_top_k:]:
             _remove(dropped)
+            self.dropped.append(dropped)
         del self.ranked[self.keep_top_k:]
         return path
 
@@ -404,6 +406,7 @@ class CheckpointManager:
                            "set the checkpoint monitor to one of them")
         value = float(metrics[self.monitor])
         improved = self.is_improvement(value)
+        self.dropped = []
         best_metric, best_epoch = (value, int(epoch)) if improved else (self.best_metric, self.best_epoch)
         tensors = _training_tensors(network, optimizer, ema, step_state)
         extra = {**(meta or {}), "epoch": int(epoch), "step": int(step), "best_metric": best_metric,

@@ -224,6 +224,8 @@ class Trainer:
         # ... and so were the per-step metrics of the epoch it was in, and perhaps not the best/* of its last epoch
         self._logged_train_step = self.tracker.last_step("train/loss") if step > 0 else None
         best_logged = self.tracker.last_step(f"best/{self.monitor}") if step > 0 else None
+        if start > 0 and self.checkpoints.best_path.is_file():  # carried over from the resumed run
+            self.tracker.log_checkpoint(self.checkpoints.best_path)
         for epoch in range(start, epochs):
             t0 = time.perf_counter()
             done = state.epoch_step if epoch == start else 0  # a mid-epoch checkpoint's batches
@@ -238,6 +240,7 @@ class Trainer:
             # the global step, so val curves line up with the train curves
             self._log(metrics, step=step, to_tracker=not repeated)
             saved = self._checkpoint(epoch + 1, step, metrics)
+            self._track_checkpoints(saved)
             best_missing = not repeated or best_logged is None or best_logged < step  # (killed before logging it)
             if "best" in saved and best_missing:  # the runs table's column of the best value, and when it came
                 self.tracker.log_metrics({f"best/{self.monitor}": self.checkpoints.best_metric,
@@ -381,7 +384,16 @@ class Trainer:
         meta = {**self.checkpoint_meta, "mlflow_run_id": self.tracker.run_id}
         path = self.checkpoints.save_last(self.step.network, self.step.optimizer, self.ema, epoch=epoch,
                                           epoch_step=done, step=step, step_state=self.step, meta=meta)
+        self.tracker.log_checkpoint(path)
         log.info("step checkpoint: epoch %d step %d/%d -> %s", epoch + 1, done, self.steps_per_epoch, path.name)
+
+    def _track_checkpoints(self, saved: Mapping[str, Path]) -> None:
+        """The files this save wrote into the MLflow run (best first), the ranked ones it removed out of it."""
+        for key in ("best", "last", "ranked"):
+            if key in saved:
+                self.tracker.log_checkpoint(saved[key])
+        for path in self.checkpoints.dropped:
+            self.tracker.forget_checkpoint(path.name)
 
     def _checkpoint(self, epoch: int, step: int, metrics: dict[str, float]) -> dict:
         if not self.group.is_main:
