@@ -66,18 +66,6 @@ def test_two_workers_on_mindspores_ops_with_amp_pass_and_report_against_the_seed
     assert {"preflight.json", "preflight.txt"} <= artifacts
 
 
-def test_one_process_on_the_projects_kernels_passes(tmp_path: Path) -> None:
-    args = tiny_overrides(tmp_path, tiny_folder(tmp_path), "task=preflight", "hardware.kernels=project",
-                          "task.steps=2", "task.pipeline_batches=2")
-    result = run_py_to_end(args, tmp_path, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    report = the_report(tmp_path)
-    assert report["kernels"] == "project (project)" and len(report["ranks"]) == 1
-    assert 0 < report["ranks"][0]["parity_error"] < 1e-5  # float32, measured 3e-7
-    assert all(ok for *_, ok in report["checks"])
-    assert len(preflight_runs(tmp_path)) == 1
-
-
 def test_a_failed_check_is_named_in_the_table_and_fails_the_report() -> None:
     cfg = compose_config(["task=preflight", "hardware=cpu_x2"])
     good = RankResult(parity_error=3e-7, all_reduce_ok=True, overflow_agreement_ok=True, step_ms=100.0,

@@ -130,7 +130,9 @@ def test_adamw_update_from_official_gradients_matches_official(anchor: dict[str,
     assert max(errors.values()) < ADAMW_TOL, max(errors.items(), key=lambda kv: kv[1])
 
 
-def test_train_step_matches_official_loss_and_update_direction(anchor: dict[str, np.ndarray], kernel_path: str) -> None:
+def test_train_step_matches_official_loss_and_update_direction(anchor: dict[str, np.ndarray]) -> None:
+    """The whole step on the default path (the MindSpore path's forward, backward and optimizer are the tests above
+    on both paths)."""
     model = reference_model(train=True)
     before = {name: p.asnumpy().copy() for name, p in model.parameters_dict().items()}
     optimizer = build_optimizer(model, name="adamw", lr=1e-3, weight_decay=0.05, betas=(0.9, 0.999), eps=1e-8,
