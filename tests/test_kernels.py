@@ -640,6 +640,21 @@ def test_without_a_compiler_the_builtin_kernel_is_used(monkeypatch: pytest.Monke
         kernels.library.cache_clear()
 
 
+def test_without_a_compiler_auto_falls_back_and_project_is_refused_naming_the_kernels(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    kernels.library.cache_clear()
+    kernels.build_all.cache_clear()
+    try:
+        assert kernels.select("auto") == "project" and not kernels.serves("layer_norm")  # each cell: MindSpore's
+        with pytest.raises(RuntimeError, match=r"kernels=project: the CPU kernels .*layer_norm.* cannot be built"):
+            kernels.select("project")
+        assert kernels.select("mindspore") == "mindspore"
+    finally:
+        kernels.library.cache_clear()
+        kernels.build_all.cache_clear()
+
+
 @NEEDS_COMPILER
 def test_the_library_is_built_once_into_the_cache(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))

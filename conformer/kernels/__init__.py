@@ -71,7 +71,7 @@ def select(setting: str, amp_level: str = "O0") -> str:
     naming the kernels, when they cannot be built."""
     global _selected
     path = resolve(setting, _device_target(), amp_level)
-    if path == "project":
+    if setting == "project":  # asked for by name (auto falls back per kernel, with a warning, where one cannot build)
         missing = build_all()
         if missing:
             raise RuntimeError(f"kernels=project: the CPU kernels {', '.join(missing)} cannot be built here (see the "
