@@ -157,7 +157,7 @@ def all_gather_floats(values: Iterable[float], group: ProcessGroup) -> np.ndarra
 
 def device_checks(hardware: Mapping[str, Any]) -> list[tuple[str, str, bool]]:
     """What this machine offers the config's device, as (check, what was found, passed) rows: the device nodes for
-    every local worker, the vendor's tool answering, and the software stack MindSpore sees (CANN, CUDA)."""
+    every local worker, the vendor's tool answering, and (Ascend) the CANN toolkit."""
     target, workers = hardware.get("device_target", "CPU"), int(hardware.get("workers", 1))
     if target == "CPU":
         cores = len(os.sched_getaffinity(0))
@@ -170,23 +170,20 @@ def device_checks(hardware: Mapping[str, Any]) -> list[tuple[str, str, bool]]:
                             check=False, timeout=60) if found else None
     rows.append((tool, "not on PATH" if answer is None else f"exit {answer.returncode}",
                  answer is not None and answer.returncode == 0))
-    rows.append(_stack_version(target))
+    if target == "Ascend":
+        rows.append(_cann_version())
     return rows
 
 
-def _stack_version(target: str) -> tuple[str, str, bool]:
-    """The CANN (Ascend) or CUDA (GPU) version, from the toolkit's own files."""
-    if target == "Ascend":
-        home = os.environ.get("ASCEND_HOME_PATH") or "/usr/local/Ascend/ascend-toolkit/latest"
-        for name in ("version.cfg", "compiler/version.info", "runtime/version.info"):
-            path = Path(home) / name
-            if path.is_file():
-                version = re.search(r"[Vv]ersion=([^\s]+)", path.read_text())
-                return "CANN", f"{version[1] if version else 'unknown'} ({path})", True
-        return "CANN", f"not found under {home} (source set_env.sh of the toolkit)", False
-    import mindspore as ms
-
-    return "CUDA", f"MindSpore {ms.__version__} built for CUDA (its GPU plugin)", True
+def _cann_version() -> tuple[str, str, bool]:
+    """The CANN toolkit's version, from its own files (where `set_env.sh` points ASCEND_HOME_PATH)."""
+    home = os.environ.get("ASCEND_HOME_PATH") or "/usr/local/Ascend/ascend-toolkit/latest"
+    for name in ("version.cfg", "compiler/version.info", "runtime/version.info"):
+        path = Path(home) / name
+        if path.is_file():
+            version = re.search(r"[Vv]ersion=([^\s]+)", path.read_text())
+            return "CANN", f"{version[1] if version else 'unknown'} ({path})", True
+    return "CANN", f"not found under {home} (source set_env.sh of the toolkit)", False
 
 
 def weights_digest(params: Iterable[Any]) -> str:

@@ -15,6 +15,7 @@ from conformer.models import Conformer, create_model, model_names
 from conformer.models.conformer_net import BLOCK_NORM_EPS, DropPath, FCUUp, drop_path_masks
 from conformer.models.cpu_kernels import use_builtin_kernels
 
+from .conftest import KERNEL_PATHS
 from .parity import EVAL_LOGITS_TOL, FEATURES_TOL, REFERENCE, max_rel_error, reference_model
 
 OFFICIAL = {"conformer_ti": "Conformer_tiny_patch16", "conformer_s": "Conformer_small_patch16",
@@ -54,7 +55,6 @@ def test_unknown_variant_lists_the_choices() -> None:
         create_model("conformer_xl")
 
 
-PATHS = ("project", "mindspore")  # the project's CPU kernels; MindSpore's ops (what runs off the CPU and in exports)
 
 
 @pytest.fixture(scope="module")
@@ -62,13 +62,13 @@ def reference_models() -> dict[str, Conformer]:
     """The reference model in eval mode on each kernel path, compiled once for the tests that read its logits (a test
     that changes its parameters puts them back)."""
     models = {}
-    for path in PATHS:
+    for path in KERNEL_PATHS:
         with kernels.using(path):
             models[path] = reference_model()
     return models
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", KERNEL_PATHS)
 def test_eval_logits_match_official(reference_models: dict[str, Conformer], path: str) -> None:
     io = np.load(REFERENCE / "tiny_io.npz")
     conv, trans = reference_models[path](ms.Tensor(io["x"]))
@@ -79,7 +79,7 @@ def test_eval_logits_match_official(reference_models: dict[str, Conformer], path
     np.testing.assert_allclose(trans.asnumpy(), io["trans_logits"], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", KERNEL_PATHS)
 def test_intermediate_features_match_official(path: str) -> None:
     """Walk the network block by block (PyNative) and compare every recorded intermediate."""
     feats = np.load(REFERENCE / "tiny_feats.npz")
@@ -188,7 +188,7 @@ def test_every_batch_norm_of_the_reference_model_normalises_with_its_own_statist
     where eval parity cannot tell a BatchNorm from none): the kernel path equals MindSpore's ops, and each BatchNorm's
     moving mean reaches the logits (one that is skipped, like FCUUp's without its BatchNorm, does not)."""
     x = ms.Tensor(np.load(REFERENCE / "tiny_io.npz")["x"])
-    models = [reference_models[path] for path in PATHS]
+    models = [reference_models[path] for path in KERNEL_PATHS]
     saved = [{name: p.asnumpy().copy() for name, p in model.parameters_and_names()} for model in models]
     try:
         for model in models:

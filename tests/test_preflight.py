@@ -72,7 +72,7 @@ def test_a_failed_check_is_named_in_the_table_and_fails_the_report() -> None:
                       pipeline_images_per_s=500.0)
     bad = RankResult(parity_error=0.3, all_reduce_ok=False, overflow_agreement_ok=False, step_ms=300.0,
                      pipeline_images_per_s=100.0)
-    report = preflight_report(cfg, [good, bad], batch_size=64)
+    report = preflight_report(cfg, [good, bad], batch_size=64, devices=[("devices", "CPU, 2 cores", True)])
     failed = [name for name, _, ok in report["checks"] if not ok]
     assert failed == ["reference logits", "all-reduce", "overflow decision"]
     assert report["step_ms"] == 200.0 and report["images_per_s_per_card"] == pytest.approx(320.0)

@@ -123,7 +123,8 @@ def preflight(ctx: RunContext) -> float:
     ranks = [RankResult(float(row[0]), bool(row[1]), bool(row[2]), float(row[3]), float(row[4]))
              for row in all_gather_floats(mine.row(), group)]
     batch_size = int(batch[0].shape[0])
-    report = preflight_report(cfg, ranks, batch_size)
+    devices = device_checks(cfg.hardware) if group.is_main else []  # the machine's, asked once (rank 0 reports)
+    report = preflight_report(cfg, ranks, batch_size, devices)
     if group.is_main:
         _record(ctx, report)
     failed = [name for name, _, ok in report["checks"] if not ok]
@@ -132,14 +133,16 @@ def preflight(ctx: RunContext) -> float:
     return report["images_per_s_per_card"]
 
 
-def preflight_report(cfg, ranks: list[RankResult], batch_size: int) -> dict:
-    """The checks as (name, finding, passed) rows and the timings against the seed recipe."""
+def preflight_report(cfg, ranks: list[RankResult], batch_size: int,
+                     devices: list[tuple[str, str, bool]]) -> dict:
+    """The checks (`devices`, `conformer.hardware.device_checks`, then the ranks') as (name, finding, passed) rows and
+    the timings against the seed recipe."""
     hardware, amp = cfg.hardware, cfg.hardware.amp_level
     tolerance = PARITY_TOLERANCE[amp]
     worst = max(rank.parity_error for rank in ranks)
     step_ms = float(np.median([rank.step_ms for rank in ranks]))
     images_per_s = batch_size / (step_ms / 1000)
-    checks = [*device_checks(hardware),
+    checks = [*devices,
               ("workers", f"{len(ranks)} of {hardware.workers * hardware.nodes} answered", True),
               ("reference logits", f"max rel. error {worst:.2e} (tolerance {tolerance:.0e} at AMP {amp})",
                bool(worst <= tolerance)),
