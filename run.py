@@ -32,7 +32,7 @@ def worker_args(hydra_cfg: DictConfig, run_dir: Path) -> list[str]:
     """Arguments that make an msrun worker compose this run's config and share its run dir.
 
     Workers write no `.hydra/` (the parent did) and log through their own files (`train.log` for rank 0,
-    `worker_<rank>.log` for the others, see conformer.logs), not through Hydra's file handler.
+    `worker_<rank>.log` for the others, see conformer.runtime.logs), not through Hydra's file handler.
     """
     args = []
     if hydra_cfg.job.config_name != "config":
@@ -66,7 +66,7 @@ def sweep_parent(cfg: DictConfig, hydra_cfg: DictConfig) -> list[str]:
     msrun workers the same."""
     if hydra_cfg.mode != RunMode.MULTIRUN:
         return []
-    from conformer.sweep import sweep_parent_run_id
+    from conformer.sweeps.callback import sweep_parent_run_id
 
     parent = sweep_parent_run_id(hydra_cfg.sweep.dir)
     if parent is None:
@@ -86,11 +86,8 @@ def remove_unused_run_dir(run_dir: Path) -> None:
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     from conformer.app import Relaunch, run
-    from conformer.errors import FULL_ERROR_ENV, PreflightFailed, TrackingUnavailable, one_line
-    from conformer.launch import LaunchError
+    from conformer.errors import FULL_ERROR_ENV, ConfigError, Interrupted, failure
     from conformer.secrets import redact, redact_files, redact_handlers
-    from conformer.signals import Interrupted
-    from conformer.validation import ConfigError
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
@@ -99,33 +96,42 @@ def main(cfg: DictConfig) -> float | None:
     relaunch = Relaunch(Path(__file__).resolve(), worker_args(hydra_cfg, run_dir) + sweep_parent(cfg, hydra_cfg))
     try:
         return run(cfg, run_dir, relaunch, only_task=hydra_cfg.mode == RunMode.RUN)
-    except Interrupted as err:
-        last = run_dir / "checkpoints" / "last.ckpt"
-        hint = f"continue with trainer.resume={last}" if last.is_file() else f"run dir {run_dir}"
-        print(redact(f"interrupted ({err}): {hint}"), file=sys.stderr)
-        sys.exit(err.exit_code)
-    except Exception as err:
-        if hydra_cfg.mode == RunMode.MULTIRUN:  # a failed trial is recorded, and the sweep goes on
-            from conformer.sweep import fail_trial
+    except (Exception, Interrupted) as err:
+        if hydra_cfg.mode == RunMode.MULTIRUN and not isinstance(err, Interrupted):  # recorded; the sweep goes on
+            from conformer.sweeps.callback import fail_trial
 
             print(redact(f"trial {hydra_cfg.job.num} failed: {err}".splitlines()[0]), file=sys.stderr)
             return fail_trial(cfg, run_dir, err, overrides=list(hydra_cfg.overrides.task))
+        fault = failure(err)
+        if fault is None or (fault.traceback_helps and os.environ.get(FULL_ERROR_ENV) == "1"):
+            raise  # a bug, or its traceback asked for
+        hint = f" ({FULL_ERROR_ENV}=1 shows the traceback)" if fault.traceback_helps else _next_step(err, run_dir)
+        _report(fault.line + hint, log_to_file=fault.traceback_helps)
         if isinstance(err, ConfigError):
-            print(redact(f"config error: {err}"), file=sys.stderr)
             remove_unused_run_dir(run_dir)
-            sys.exit(2)
-        if isinstance(err, (LaunchError, TrackingUnavailable, PreflightFailed)):
-            print(redact(f"error: {err}"), file=sys.stderr)
-            sys.exit(getattr(err, "exit_code", 1))
-        line = one_line(err)
-        if line is None or os.environ.get(FULL_ERROR_ENV) == "1":  # a bug, or asked for the traceback
-            raise
+        sys.exit(fault.exit_code)
+
+
+def _next_step(err: BaseException, run_dir: Path) -> str:
+    """How to continue an interrupted training (the error cannot know its run dir)."""
+    from conformer.errors import Interrupted
+
+    if not isinstance(err, Interrupted):
+        return ""
+    last = run_dir / "checkpoints" / "last.ckpt"
+    return f": continue with trainer.resume={last}" if last.is_file() else f": run dir {run_dir}"
+
+
+def _report(line: str, log_to_file: bool) -> None:
+    """The error's one line on stderr, and in train.log too (written by the file handlers, once)."""
+    from conformer.secrets import redact
+
+    if log_to_file:
         record = logging.LogRecord("run", logging.ERROR, __file__, 0, redact(line), None, None)
-        for handler in logging.getLogger().handlers:  # train.log too (the console gets it below, once)
+        for handler in logging.getLogger().handlers:
             if isinstance(handler, logging.FileHandler):
                 handler.handle(record)
-        print(redact(line) + f" ({FULL_ERROR_ENV}=1 shows the traceback)", file=sys.stderr)
-        sys.exit(1)
+    print(redact(line), file=sys.stderr)
 
 
 def sweep_group_argument(args: list[str]) -> list[str]:
@@ -136,7 +142,7 @@ def sweep_group_argument(args: list[str]) -> list[str]:
 if __name__ == "__main__":
     sys.argv[1:] = sweep_group_argument(sys.argv[1:])
     main()
-    from conformer.sweep import failed_trials
+    from conformer.sweeps.callback import failed_trials
 
     if failed_trials():  # a sweep ran all its trials, and some failed
         print(f"{failed_trials()} trial(s) failed", file=sys.stderr)

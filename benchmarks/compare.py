@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import log_to_mlflow, write_result  # noqa: E402
-from conformer.paths import git_commit  # noqa: E402
+from conformer.runtime.paths import git_commit  # noqa: E402
 
 HERE = Path(__file__).resolve().parents[1]
 FIGURES = ("train_img_per_s", "eval_img_per_s", "train_first_call_s", "eval_first_call_s")

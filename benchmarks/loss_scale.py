@@ -25,9 +25,9 @@ import numpy as np  # noqa: E402
 import conformer  # noqa: E402,F401  (process defaults MindSpore needs)
 from benchmarks.common import write_result  # noqa: E402
 from conformer import kernels  # noqa: E402
-from conformer.losses import DualHeadLoss  # noqa: E402
 from conformer.models import create_model  # noqa: E402
-from conformer.optim import build_optimizer  # noqa: E402
+from conformer.train.losses import DualHeadLoss  # noqa: E402
+from conformer.train.optim import build_optimizer  # noqa: E402
 from conformer.train.step import DEFAULT_INIT_LOSS_SCALE, TrainStep, apply_amp  # noqa: E402
 
 START = 2.0**24

@@ -21,9 +21,9 @@ import numpy as np  # noqa: E402
 
 import conformer  # noqa: E402,F401  (process defaults MindSpore needs: ONEDNN_MAX_CPU_ISA, GLOG_v)
 from benchmarks.common import log_to_mlflow, write_result  # noqa: E402
-from conformer.losses import DualHeadLoss  # noqa: E402
 from conformer.models import create_model  # noqa: E402
-from conformer.optim import build_optimizer  # noqa: E402
+from conformer.train.losses import DualHeadLoss  # noqa: E402
+from conformer.train.optim import build_optimizer  # noqa: E402
 from conformer.train.step import TrainStep  # noqa: E402
 
 # MindSpore CPU runtime settings to compare with the default (`--runtime`; benchmarks/compare.py --b-arg=...).

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # name: (input shape, what it is in Conformer-Ti)
 OPS = {
     "gelu": ((8, 197, 1536), "exact GELU of an MLP hidden layer (12 of 23 per forward), MindSpore's kernel"),
-    "gelu_ours": ((8, 197, 1536), "the same on the project's C++ kernel (conformer.models.cpu_kernels)"),
+    "gelu_ours": ((8, 197, 1536), "the same on the project's C++ kernel (conformer.kernels.cells)"),
     "layer_norm": ((8, 197, 384), "LayerNorm of the tokens (38 per forward), MindSpore's kernel"),
     "layer_norm_ours": ((8, 197, 384), "the same on the project's C++ kernel"),
     "dense": ((8, 197, 384), "the MLP's first Linear 384 -> 1536, MindSpore's kernel"),
@@ -53,7 +53,7 @@ def mindspore_ops() -> dict:
     from mindspore import nn
 
     import conformer  # noqa: F401  (ONEDNN_MAX_CPU_ISA and the other process defaults)
-    from conformer.models.cpu_kernels import (
+    from conformer.kernels.cells import (
         CpuAttentionCore,
         CpuBatchNorm2d,
         CpuConv2d,

@@ -29,7 +29,7 @@ from omegaconf import OmegaConf  # noqa: E402
 
 import conformer  # noqa: E402,F401  (process defaults MindSpore needs: ONEDNN_MAX_CPU_ISA, GLOG_v)
 from benchmarks.common import machine  # noqa: E402
-from conformer.data.sources import write_image_folder  # noqa: E402
+from conformer.data.generated import write_image_folder  # noqa: E402
 
 CLASSES = 8
 SEED_RECIPE_IMG_PER_S_PER_CARD = 128 / 0.3887  # ModelZoo Conformer-Ti: 128 images per card every 388.7 ms

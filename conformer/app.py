@@ -14,18 +14,15 @@ from typing import TYPE_CHECKING
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig
 
-from conformer import compile_cache
-from conformer.hardware import configure_device, in_launcher, world_size
-from conformer.logs import file_logging
+from conformer.config.validation import check_tracking_store, component_error, validate_config
+from conformer.models.registry import model_name
+from conformer.runtime import compile_cache
+from conformer.runtime.hardware import configure_device, in_launcher, world_size
+from conformer.runtime.hardware_checks import check_devices
+from conformer.runtime.logs import file_logging
+from conformer.runtime.rundir import check_run_dir
+from conformer.runtime.signals import interruptible
 from conformer.secrets import redact
-from conformer.signals import interruptible
-from conformer.validation import (
-    check_devices,
-    check_run_dir,
-    check_tracking_store,
-    component_error,
-    validate_config,
-)
 
 if TYPE_CHECKING:
     from conformer.tasks.common import RunContext
@@ -74,7 +71,7 @@ def run(cfg: DictConfig, run_dir: Path, relaunch: Relaunch | None = None, only_t
     run_dir.mkdir(parents=True, exist_ok=True)
     with file_logging(run_dir, group.rank), interruptible():
         if group.is_main:  # the whole config is in .hydra/ and MLflow's config.yaml: one line on the console
-            log.info("task=%s model=%s data=%s hardware=%s | run dir %s", cfg.task.name, cfg.model.name,
+            log.info("task=%s model=%s data=%s hardware=%s | run dir %s", cfg.task.name, model_name(cfg.model),
                      cfg.data.name, cfg.hardware.name, run_dir)
             log.debug("composed config:\n%s", resolved_yaml(cfg))
         seed_everything(int(cfg.seed))
@@ -87,7 +84,7 @@ def run(cfg: DictConfig, run_dir: Path, relaunch: Relaunch | None = None, only_t
             raise component_error(err) from err
         compile_cache.finish()  # a finished task's graphs are complete: the next run of this config loads them
     if group.distributed and group.is_main:
-        from conformer.launch import write_result
+        from conformer.runtime.launch import write_result
 
         write_result(run_dir, objective)
     return objective
@@ -95,7 +92,8 @@ def run(cfg: DictConfig, run_dir: Path, relaunch: Relaunch | None = None, only_t
 
 def launch_workers(cfg: DictConfig, run_dir: Path, relaunch: Relaunch | None) -> float | None:
     """The parent of a multi-worker job: msrun re-runs `relaunch`; rank 0's objective comes back."""
-    from conformer.launch import LaunchError, launch, plan_launch
+    from conformer.errors import LaunchError
+    from conformer.runtime.launch import launch, plan_launch
     from conformer.tracking import end_unfinished_runs
 
     hardware = cfg.hardware

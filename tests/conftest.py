@@ -16,7 +16,7 @@ import pytest
 import conformer  # noqa: F401  (sets ONEDNN_MAX_CPU_ISA and GLOG_v before MindSpore loads)
 
 # Pin the device before any test runs a kernel: MindSpore refuses `set_device` once its runtime is up, unless the
-# device was already set to the same value (which the tests and conformer.hardware then do harmlessly).
+# device was already set to the same value (which the tests and conformer.runtime.hardware then do harmlessly).
 ms.set_device("CPU")
 
 # MindSpore runs a full gc.collect() before every graph it compiles. In a test worker, whose heap holds every module

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from conformer.launch import free_port
+from conformer.runtime.launch import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "conf"
@@ -27,7 +27,7 @@ TINY_TRAIN, TINY_VAL, TINY_CLASSES, TINY_BATCH = 32, 8, 3, 16  # per class: 6 st
 
 def tiny_folder(base: Path) -> Path:
     """An ImageFolder of 3 classes x (32 train + 8 val) 16x16 PNGs under `base`, written once per base dir."""
-    from conformer.data.sources import write_image_folder
+    from conformer.data.generated import write_image_folder
 
     root = base / "tiny-folder"
     done = root / ".complete"

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from conformer.convert import load_official_weights
 from conformer.models import Conformer, create_model
+from conformer.models.convert import load_official_weights
 
 from .conftest import DATA_DIR
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from conformer import kernels
-from conformer.losses import DualHeadLoss
 from conformer.models import Conformer, create_model
-from conformer.optim import build_optimizer
+from conformer.train.losses import DualHeadLoss
+from conformer.train.optim import build_optimizer
 from conformer.train.step import DEFAULT_INIT_LOSS_SCALE, TrainStep, apply_amp
 
 

@@ -10,15 +10,10 @@ import pytest
 from mindspore import Parameter, Tensor, nn
 from mindspore.experimental.optim import AdamW
 
-from conformer.optim import FusedAdamW
-from conformer.train.checkpoint import (
-    CheckpointManager,
-    TrainState,
-    load_weights,
-    read_checkpoint,
-    save_checkpoint,
-)
+from conformer.models.checkpoint_file import load_weights, read_checkpoint, save_checkpoint
+from conformer.train.checkpoint import CheckpointManager, TrainState
 from conformer.train.ema import ModelEma
+from conformer.train.optim import FusedAdamW
 
 
 class TinyNet(nn.Cell):

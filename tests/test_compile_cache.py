@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conformer.compile_cache import cache_key
-from conformer.train.checkpoint import read_checkpoint
+from conformer.models.checkpoint_file import read_checkpoint
+from conformer.runtime.compile_cache import cache_key
 
 from .helpers import compose_config, run_py, run_py_to_end, tiny_folder, tiny_overrides, wait_until
 
@@ -63,9 +63,9 @@ def test_the_key_follows_what_reaches_a_graph_and_nothing_else() -> None:
 
 def test_the_key_follows_the_source_of_a_users_own_component(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     module = tmp_path / "my_losses.py"
-    module.write_text("from conformer.losses import DualHeadLoss as MyLoss\n")
+    module.write_text("from conformer.train.losses import DualHeadLoss as MyLoss\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     cfg = compose_config(["loss._target_=my_losses.MyLoss"])
     before = cache_key(cfg, SHAPES)
-    module.write_text("from conformer.losses import DualHeadLoss as MyLoss  # edited: another graph, maybe\n")
+    module.write_text("from conformer.train.losses import DualHeadLoss as MyLoss  # edited: another graph, maybe\n")
     assert cache_key(cfg, SHAPES) != before

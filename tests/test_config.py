@@ -13,9 +13,11 @@ from hydra.utils import get_method
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from PIL import Image
 
-from conformer.launch import free_port
+from conformer.config.validation import validate_config
+from conformer.errors import ConfigError
+from conformer.runtime.hardware_checks import devices_present
+from conformer.runtime.launch import free_port
 from conformer.tasks.common import build_network
-from conformer.validation import ConfigError, devices_present, validate_config
 
 from .helpers import CONF_DIR, compose_config, run_py_to_end
 
@@ -128,7 +130,7 @@ def test_the_ascend_configs_validate_with_every_device_setting() -> None:
 
 def test_the_cpu_runtime_settings_reach_mindspore() -> None:
     script = ("import mindspore as ms\n"
-              "from conformer.hardware import configure_device\n"
+              "from conformer.runtime.hardware import configure_device\n"
               "configure_device({'device_target': 'CPU', 'runtime_num_threads': 1, 'workers': 1})\n"
               "print(ms.get_context('runtime_num_threads'))\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
@@ -189,7 +191,7 @@ def test_a_value_a_component_would_refuse_is_a_config_error_before_it_is_built(
 
 
 def test_every_component_the_configs_build_has_an_up_front_check() -> None:
-    from conformer.arguments import CHECKS
+    from conformer.config.components import CHECKS
 
     checked_elsewhere = {"conformer.models.create_model"}  # validate_config checks the architecture itself
     groups = ("model", "data", "optim", "loss", "trainer")
@@ -203,7 +205,7 @@ def test_the_component_checks_run_without_importing_mindspore(image_folder_root:
     script = (
         "import json, sys\n"
         "from tests.helpers import compose_config\n"
-        "from conformer.validation import ConfigError, validate_config\n"
+        "from conformer.config.validation import validate_config\nfrom conformer.errors import ConfigError\n"
         "answers = []\n"
         f"for overrides in {[o for o, _ in COMPONENT_ERRORS]!r}:\n"
         "    try:\n"

@@ -11,14 +11,14 @@ import mindspore as ms
 import numpy as np
 import pytest
 
-from conformer.convert import (
+from conformer.models import create_model
+from conformer.models.convert import (
     ConversionError,
     convert_state_dict,
     model_shapes,
     network_shapes,
     read_state_dict,
 )
-from conformer.models import create_model
 
 from .parity import EVAL_LOGITS_TOL, REFERENCE, max_rel_error
 
@@ -82,7 +82,7 @@ def test_pth_without_torch_explains_the_extra(tmp_path: Path) -> None:
 def test_cli_writes_a_checkpoint_that_reproduces_the_reference(tmp_path: Path) -> None:
     dst = tmp_path / "tiny.ckpt"
     proc = subprocess.run(
-        [sys.executable, "-m", "conformer.convert", str(REFERENCE / "tiny_state.npz"), str(dst),
+        [sys.executable, "-m", "conformer.models.convert", str(REFERENCE / "tiny_state.npz"), str(dst),
          "--model", "conformer_nano"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert dst.is_file()
@@ -98,7 +98,7 @@ def test_cli_writes_a_checkpoint_that_reproduces_the_reference(tmp_path: Path) -
 
 def test_cli_reports_a_mismatch_with_exit_code_2(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "conformer.convert", str(REFERENCE / "tiny_state.npz"), str(tmp_path / "x.ckpt"),
+        [sys.executable, "-m", "conformer.models.convert", str(REFERENCE / "tiny_state.npz"), str(tmp_path / "x.ckpt"),
          "--model", "conformer_ti"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert "shapes differ" in proc.stderr and not (tmp_path / "x.ckpt").exists()

@@ -10,9 +10,10 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
+from conformer.config.validation import validate_config
+from conformer.data.generated import SyntheticSource, write_image_folder
 from conformer.data.module import DataModule
-from conformer.data.sources import SyntheticSource, write_image_folder
-from conformer.validation import ConfigError, validate_config
+from conformer.errors import ConfigError
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "data"
 

@@ -11,10 +11,11 @@ import mindspore as ms
 import numpy as np
 import pytest
 
+from conformer.data.generated import SyntheticSource, write_image_folder
 from conformer.data.mixup import Mixup, smooth_one_hot
 from conformer.data.module import DataModule
 from conformer.data.sampler import repeated_aug_shard, train_shard
-from conformer.data.sources import ImageFolderSource, SyntheticSource, write_image_folder
+from conformer.data.sources import ImageFolderSource
 from conformer.data.transforms import EvalTransform, TrainTransform
 
 from .test_data_sources import write_corrupt_jpeg, write_truncated

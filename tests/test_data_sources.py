@@ -14,17 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conformer.data.sources import (
-    BadImageError,
-    CheckedReader,
-    DigitsSource,
-    FileReader,
-    ImageFolderSource,
-    SyntheticSource,
-    file_problem,
-    write_image_folder,
-)
-from conformer.validation import ConfigError
+from conformer.data.generated import DigitsSource, SyntheticSource, write_image_folder
+from conformer.data.sources import BadImageError, CheckedReader, FileReader, ImageFolderSource, file_problem
+from conformer.errors import ConfigError
 
 
 def _image(path: Path, colour: int = 0, fmt: str | None = None) -> None:
@@ -130,7 +122,7 @@ def test_digits_materialised_once_with_stratified_split(tmp_path: Path) -> None:
 
 def test_digits_concurrent_processes_agree(tmp_path: Path) -> None:
     root = tmp_path / "digits"
-    code = ("import sys, json; from conformer.data.sources import DigitsSource; "
+    code = ("import sys, json; from conformer.data.generated import DigitsSource; "
             "s = DigitsSource(sys.argv[1]); print(json.dumps([s.train_size, s.val_size]))")
     procs = [subprocess.Popen([sys.executable, "-c", code, str(root)], stdout=subprocess.PIPE, text=True,
                               cwd=Path(__file__).resolve().parents[1]) for _ in range(2)]

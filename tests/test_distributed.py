@@ -26,13 +26,15 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.entities import Run
 
+from conformer.data.generated import write_image_folder
 from conformer.data.module import DataModule
-from conformer.data.sources import ImageFolderSource, write_image_folder
+from conformer.data.sources import ImageFolderSource
 from conformer.data.transforms import EvalTransform, TrainTransform
-from conformer.hardware import weights_digest
-from conformer.launch import RESULT_FILE, kernel_threads, read_result
-from conformer.train.checkpoint import read_checkpoint
-from conformer.validation import ConfigError, check_hardware
+from conformer.errors import ConfigError
+from conformer.models.checkpoint_file import read_checkpoint
+from conformer.runtime.hardware import weights_digest
+from conformer.runtime.hardware_checks import check_hardware
+from conformer.runtime.launch import RESULT_FILE, kernel_threads, read_result
 
 from .helpers import RUN_PY, clean_env, compose_config, stop, wait_until
 
@@ -165,10 +167,10 @@ def test_cpu_workers_share_the_cores_among_their_kernel_pools(monkeypatch: pytes
 ])
 def test_mindspores_log_level_is_left_to_the_user_and_warns_on_accelerators(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path, hardware: str, from_user: bool, expected: str | None) -> None:
-    import conformer
-    from conformer.launch import plan_launch
+    from conformer.runtime import process_defaults
+    from conformer.runtime.launch import plan_launch
 
-    monkeypatch.setattr(conformer, "GLOG_V_FROM_USER", from_user)
+    monkeypatch.setattr(process_defaults, "GLOG_V_FROM_USER", from_user)
     plan = plan_launch(compose_config([f"hardware={hardware}"]).hardware, RUN_PY, [], tmp_path)
     assert plan.env_changes.get("GLOG_v") == expected
 

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from mindspore import Tensor, nn, ops
 
-from conformer.losses import DualHeadLoss
-from conformer.optim import build_optimizer
 from conformer.train.ema import ModelEma
+from conformer.train.losses import DualHeadLoss
+from conformer.train.optim import build_optimizer
 from conformer.train.step import TrainStep
 
 

@@ -5,8 +5,8 @@ import mindspore as ms
 import numpy as np
 import pytest
 
-from conformer.hardware import ProcessGroup
-from conformer.losses import DualHeadLoss
+from conformer.runtime.hardware import ProcessGroup
+from conformer.train.losses import DualHeadLoss
 from conformer.train.trainer import EvalStep, evaluate_batches
 
 from .test_step import CLASSES, TwoHeads, blobs

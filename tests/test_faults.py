@@ -15,13 +15,13 @@ import pytest
 from mindspore import nn
 from mlflow import MlflowClient
 
-from conformer.hardware import ProcessGroup
-from conformer.launch import free_port
+from conformer.models.checkpoint_file import save_checkpoint
+from conformer.runtime.hardware import ProcessGroup
+from conformer.runtime.launch import free_port
 from conformer.tasks.common import RunContext
 from conformer.tasks.train import _resume_from, config_fingerprint
 from conformer.tracking.store import close_runs_of_dead_processes
 from conformer.tracking.tracker import FALLBACK_TAG
-from conformer.train.checkpoint import save_checkpoint
 
 from .helpers import compose_config, mlflow_server, run_py, run_py_to_end, stop, tiny_folder, tiny_overrides, wait_until
 

@@ -17,8 +17,7 @@ import pytest
 from mindspore import Tensor, nn, ops
 
 from conformer import kernels
-from conformer.models.conformer_net import DropPath, FCUDown, FCUUp
-from conformer.models.cpu_kernels import (
+from conformer.kernels.cells import (
     CpuAddReLU,
     CpuAttentionCore,
     CpuBatchNorm2d,
@@ -33,6 +32,7 @@ from conformer.models.cpu_kernels import (
     GlobalNorm,
     use_builtin_kernels,
 )
+from conformer.models.conformer_net import DropPath, FCUDown, FCUUp
 
 from .parity import max_rel_error
 
@@ -389,8 +389,8 @@ class _NormedHeads(nn.Cell):
 def test_batch_norm_kernel_updates_the_moving_statistics_over_train_steps_like_mindspores() -> None:
     """The forward kernel updates the moving statistics in place: over several compiled train steps, with an eval
     pass between them that reads them, they follow MindSpore's BatchNorm (and so do the losses)."""
-    from conformer.losses import DualHeadLoss
-    from conformer.optim import build_optimizer
+    from conformer.train.losses import DualHeadLoss
+    from conformer.train.optim import build_optimizer
     from conformer.train.step import TrainStep
 
     rng = np.random.default_rng(6)

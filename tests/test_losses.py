@@ -9,7 +9,7 @@ from hydra.utils import instantiate
 from mindspore import Tensor
 from omegaconf import OmegaConf
 
-from conformer.losses import DualHeadLoss, cross_entropy
+from conformer.train.losses import DualHeadLoss, cross_entropy
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 B, C = 6, 5

@@ -8,10 +8,9 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from conformer import weights
-from conformer.tracking import Tracker
-from conformer.train.checkpoint import read_checkpoint_meta
-from conformer.validation import validate_config
+from conformer.config.validation import validate_config
+from conformer.models.checkpoint_file import read_checkpoint_meta
+from conformer.tracking import Tracker, local_weights
 
 from .helpers import compose_config, mlflow_server, tiny_folder, tiny_overrides
 
@@ -73,7 +72,7 @@ def test_mlflow_run_weights_from_a_fresh_project_root(tmp_path: Path, tmp_path_f
         cfg = compose_config(tiny_overrides(fresh, data_root, f"tracking.uri={server.url}",
                                             f"model.pretrained=mlflow:{run_id}"))
         validate_config(cfg)
-        best = weights.resolve(f"mlflow:{run_id}", cfg.tracking, fresh)
+        best = local_weights(f"mlflow:{run_id}", cfg.tracking, fresh)
         assert best.is_relative_to(fresh) and read_checkpoint_meta(best)["mlflow_run_id"] == run_id
         # trainer.resume=mlflow:<id>: its last.ckpt (and best.ckpt) continue the same MLflow run to epoch 2
         run_in(fresh, data_root, server.url, "resumed", "trainer.epochs=2", "optim.schedule.warmup_epochs=0",

@@ -11,9 +11,9 @@ import pytest
 from mindspore import Tensor, nn, ops
 
 from conformer import kernels
+from conformer.kernels.cells import use_builtin_kernels
 from conformer.models import Conformer, create_model, model_names
 from conformer.models.conformer_net import BLOCK_NORM_EPS, DropPath, FCUUp, drop_path_masks
-from conformer.models.cpu_kernels import use_builtin_kernels
 
 from .conftest import KERNEL_PATHS
 from .parity import EVAL_LOGITS_TOL, FEATURES_TOL, REFERENCE, max_rel_error, reference_model

@@ -10,7 +10,7 @@ from mindspore import Parameter, Tensor, nn
 from mindspore.experimental import optim
 from omegaconf import OmegaConf
 
-from conformer.optim import FusedAdamW, build_optimizer, param_groups, set_lr
+from conformer.train.optim import FusedAdamW, build_optimizer, param_groups, set_lr
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 

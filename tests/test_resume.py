@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from conformer.train.checkpoint import read_checkpoint
+from conformer.models.checkpoint_file import read_checkpoint
 
 from .helpers import run_py, run_py_to_end, store_uri, tiny_folder, tiny_overrides, wait_until
 

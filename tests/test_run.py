@@ -17,13 +17,13 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 from omegaconf import DictConfig, OmegaConf
 
-from conformer import weights
+from conformer.config.validation import validate_config
+from conformer.errors import ConfigError
 from conformer.models import create_model
-from conformer.signals import check_interrupted, interruptible
-from conformer.tracking import comparable_params
+from conformer.models.checkpoint_file import load_weights, read_checkpoint, read_checkpoint_meta, save_checkpoint
+from conformer.runtime.signals import check_interrupted, interruptible
+from conformer.tracking import comparable_params, local_weights
 from conformer.tracking.store import EXPERIMENT_KIND_TAG
-from conformer.train.checkpoint import load_weights, read_checkpoint, read_checkpoint_meta, save_checkpoint
-from conformer.validation import ConfigError, validate_config
 
 from .helpers import (
     compose_config,
@@ -180,18 +180,18 @@ def test_checkpoints_hold_the_training_state(trained: Trained) -> None:
 def test_an_mlflow_run_id_names_its_checkpoints(trained: Trained, tmp_path_factory) -> None:
     run_id, root, tracking = trained.run.info.run_id, Path(trained.cfg.paths.root), trained.cfg.tracking
     checkpoints = trained.run_dir / "checkpoints"
-    assert weights.resolve(f"mlflow:{run_id}", tracking, root) == checkpoints / "best.ckpt"
-    assert weights.resolve(f"mlflow:{run_id}", tracking, root, "last.ckpt") == checkpoints / "last.ckpt"
+    assert local_weights(f"mlflow:{run_id}", tracking, root) == checkpoints / "best.ckpt"
+    assert local_weights(f"mlflow:{run_id}", tracking, root, "last.ckpt") == checkpoints / "last.ckpt"
     hidden = checkpoints.with_name("moved-away")  # a run dir that is gone: the artifact, the same file
     artifacts = Path(trained.run.info.artifact_uri.removeprefix("file://")) / "checkpoints"
     checkpoints.rename(hidden)
     try:
-        assert weights.resolve(f"mlflow:{run_id}", tracking, root, "last.ckpt") == artifacts / "last.ckpt"
+        assert local_weights(f"mlflow:{run_id}", tracking, root, "last.ckpt") == artifacts / "last.ckpt"
         artifacts.rename(artifacts.with_name("gone"))  # and neither: a clear error
         try:
             with pytest.raises(LookupError, match=f"no checkpoints/best.ckpt: not in its run dir {checkpoints} .* "
                                                   r"nor among its artifacts \(stored there unless tracking.log_chec"):
-                weights.resolve(f"mlflow:{run_id}", tracking, root)
+                local_weights(f"mlflow:{run_id}", tracking, root)
         finally:
             artifacts.with_name("gone").rename(artifacts)
     finally:

@@ -9,7 +9,7 @@ import pytest
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from conformer.schedules import INTERVALS, LR_SCALING_MODES, WarmupCosineSchedule, scale_lr
+from conformer.train.schedules import INTERVALS, LR_SCALING_MODES, WarmupCosineSchedule, scale_lr
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 BASE, WARM, MIN = 1e-3, 1e-6, 1e-5

@@ -25,10 +25,10 @@ import pytest
 from mlflow import MlflowClient
 from PIL import Image
 
-from conformer.launch import free_port
+from conformer.models.checkpoint_file import read_checkpoint, save_checkpoint
+from conformer.runtime.launch import free_port
+from conformer.serving.pyfunc_model import MAX_PIXELS_ENV
 from conformer.tracking import default_tracking_uri
-from conformer.tracking.pyfunc_model import MAX_PIXELS_ENV
-from conformer.train.checkpoint import read_checkpoint, save_checkpoint
 
 from .helpers import stop, wait_until
 from .test_tasks import checkpoint, images, mlflow_run, root, run_task  # noqa: F401  (module fixtures)

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from mindspore import Tensor, nn, ops
 
-from conformer.losses import DualHeadLoss
-from conformer.optim import build_optimizer, set_lr
 from conformer.train import graphs
+from conformer.train.losses import DualHeadLoss
+from conformer.train.optim import build_optimizer, set_lr
 from conformer.train.step import StepResult, TrainStep, apply_amp, data_parallel_reducer
 
 IN, HIDDEN, CLASSES = 6, 16, 3

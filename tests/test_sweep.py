@@ -21,8 +21,8 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from conformer.sweep import PARENT_FILE
-from conformer.sweep_report import Trial, best_trial, format_table, parse_overrides, short_labels, sort_trials
+from conformer.sweeps.callback import PARENT_FILE
+from conformer.sweeps.report import Trial, best_trial, format_table, parse_overrides, short_labels, sort_trials
 
 from .helpers import (
     REPO,
@@ -270,7 +270,7 @@ def study_trials(root: Path) -> list[tuple[int, str]]:
 
 def test_optuna_study_killed_and_continued_by_the_same_command(tmp_path: Path) -> None:
     pytest.importorskip("optuna", reason="the [sweep] extra (optuna) is not installed")
-    from conformer.sweep_optuna import load_study
+    from conformer.sweeps.optuna_store import load_study
 
     args = sweep_overrides(tmp_path, "trainer.epochs=1", "optim.schedule.warmup_epochs=0", "hydra.sweeper.n_trials=2")
     sweep = Sweep(tmp_path, 0, "", "")

@@ -20,17 +20,18 @@ from PIL import Image
 
 from conformer import kernels
 from conformer.app import run
-from conformer.convert import load_official_weights
-from conformer.data.sources import DigitsSource
+from conformer.data.generated import DigitsSource
 from conformer.data.transforms import EvalTransform
+from conformer.errors import ConfigError
 from conformer.models import create_model
+from conformer.models.checkpoint_file import load_weights, save_checkpoint
+from conformer.models.convert import load_official_weights
 from conformer.tasks.common import build_data
 from conformer.tasks.export import ExportNetwork, make_onnx_compatible
 from conformer.tasks.predict import class_names
 from conformer.tracking import default_tracking_uri
-from conformer.train.checkpoint import CheckpointManager, load_weights, save_checkpoint
+from conformer.train.checkpoint import CheckpointManager
 from conformer.train.ema import ModelEma
-from conformer.validation import ConfigError
 
 from .parity import EVAL_LOGITS_TOL, REFERENCE, max_rel_error, reference_model
 from .test_data_sources import write_corrupt_jpeg, write_truncated

@@ -21,9 +21,9 @@ from mlflow import MlflowClient
 from omegaconf import OmegaConf
 from PIL import Image
 
-from conformer.paths import git_commit
-from conformer.signals import Interrupted
-from conformer.sweep import PARENT_FILE, SweepParentCallback, sweep_parent_run_id
+from conformer.errors import Interrupted
+from conformer.runtime.paths import git_commit
+from conformer.sweeps.callback import PARENT_FILE, SweepParentCallback, sweep_parent_run_id
 from conformer.tracking import (
     NullTracker,
     Tracker,
@@ -182,7 +182,7 @@ def test_sigterm_to_a_real_process_ends_its_run_killed(store, experiment, tmp_pa
     script = tmp_path / "worker.py"
     script.write_text(textwrap.dedent(f"""
         import time
-        from conformer.signals import interruptible
+        from conformer.runtime.signals import interruptible
         from conformer.tracking import Tracker
         with interruptible(), Tracker({uri!r}, {experiment!r}) as tracker:
             print(tracker.start({{"lr": 0.1}}, {{}}), flush=True)
@@ -374,7 +374,7 @@ def test_real_hydra_multirun_aborted_by_a_failing_trial(store, experiment, tmp_p
         tracking: {{enabled: true, uri: "{uri}", experiment_name: {experiment}}}
         hydra:
           callbacks:
-            mlflow_sweep: {{_target_: conformer.sweep.SweepParentCallback, project_root: "{root}"}}
+            mlflow_sweep: {{_target_: conformer.sweeps.callback.SweepParentCallback, project_root: "{root}"}}
           sweep: {{dir: {tmp_path / "multirun"}}}
     """))
     proc = _python("""
@@ -383,7 +383,7 @@ def test_real_hydra_multirun_aborted_by_a_failing_trial(store, experiment, tmp_p
         import hydra
         from hydra.core.hydra_config import HydraConfig
         from omegaconf import OmegaConf
-        from conformer.sweep import sweep_parent_run_id
+        from conformer.sweeps.callback import sweep_parent_run_id
         from conformer.tracking import create_tracker
 
         @hydra.main(config_path="conf", config_name="config", version_base="1.3")

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 import pytest
 from mlflow import MlflowClient
 
-from conformer.launch import free_port
+from conformer.runtime.launch import free_port
 from conformer.tracking import Tracker, TrackingUnavailable, create_tracker, default_tracking_uri
 
 from .helpers import MlflowServer

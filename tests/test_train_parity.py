@@ -16,9 +16,9 @@ import mindspore as ms
 import numpy as np
 import pytest
 
-from conformer.convert import mindspore_name, network_shapes
-from conformer.losses import DualHeadLoss
-from conformer.optim import build_optimizer
+from conformer.models.convert import mindspore_name, network_shapes
+from conformer.train.losses import DualHeadLoss
+from conformer.train.optim import build_optimizer
 from conformer.train.step import TrainStep
 
 from .parity import REFERENCE, max_rel_error, reference_model

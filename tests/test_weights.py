@@ -1,4 +1,4 @@
-"""conformer.weights: loading by file type, and fine-tuning onto another class count (the heads start fresh)."""
+"""conformer.models.weights: loading by file type, and fine-tuning onto another class count (the heads start fresh)."""
 from __future__ import annotations
 
 import logging
@@ -8,9 +8,8 @@ import mindspore as ms
 import numpy as np
 import pytest
 
-from conformer import weights
-from conformer.models import create_model
-from conformer.train.checkpoint import save_checkpoint
+from conformer.models import create_model, weights
+from conformer.models.checkpoint_file import save_checkpoint
 
 from .parity import REFERENCE
 
@@ -37,7 +36,7 @@ def test_fine_tuning_loads_everything_but_the_heads_of_another_class_count(kind:
     ms.set_seed(1)
     network = create_model("conformer_nano", num_classes=3, depth=depth, img_size=16)
     fresh = _params(network)
-    with caplog.at_level(logging.WARNING, logger="conformer.weights"):
+    with caplog.at_level(logging.WARNING, logger="conformer.models.weights"):
         assert set(weights.load_into(network, path, fine_tune=True)) == HEADS
     assert "10 classes, the model 3: its classifier heads are not loaded" in caplog.text
     loaded = _params(network)

@@ -15,12 +15,13 @@ from typing import Any, Union
 
 import mindspore.dataset as ds
 
-from conformer.arguments import check_mixup_batches, check_transform_size
+from conformer.checks import require_choice, require_int
+from conformer.data.arguments import check_mixup_batches, check_transform_size
 from conformer.data.mixup import Mixup
 from conformer.data.sampler import ShardSampler, train_shard_length
 from conformer.data.sources import SPLITS, CheckedReader, Source
 from conformer.data.transforms import EvalTransform, Stage, TrainTransform
-from conformer.validation import BAD_IMAGE_POLICIES, require_choice, require_int
+from conformer.vocabulary import BAD_IMAGE_POLICIES
 
 __all__ = ["DataModule"]
 

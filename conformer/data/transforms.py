@@ -19,7 +19,7 @@ import mindspore.dataset.vision as vision
 import numpy as np
 from mindspore.dataset.vision import Inter
 
-from conformer.arguments import (
+from conformer.data.arguments import (
     INTERPOLATION_NAMES,
     check_eval_transform,
     check_interpolation,

@@ -12,8 +12,12 @@ __all__ = ["VARIANTS", "Conformer", "create_model", "model_names", "variant_kwar
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("Conformer", "create_model"):
-        from conformer.models import conformer_net
+    if name == "Conformer":
+        from conformer.models.conformer_net import Conformer
 
-        return getattr(conformer_net, name)
+        return Conformer
+    if name == "create_model":
+        from conformer.models.factory import create_model
+
+        return create_model
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -5,21 +5,20 @@ in every block (FCUDown: feature map -> patch tokens, FCUUp: tokens -> feature m
 classifier; the prediction is the sum of the two heads' logits.
 
 The structure, parameter shapes, norm epsilons and activation functions follow the official PyTorch code, so its
-released weights load one to one (see `conformer.convert`).
+released weights load one to one (see `conformer.models.convert`).
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
 
 import mindspore as ms
 import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common import initializer as init
 
-from conformer.models import cpu_kernels
-from conformer.models.cpu_kernels import (
+from conformer.kernels import cells
+from conformer.kernels.cells import (
     CpuAddReLU,
     CpuAttentionCore,
     CpuScaledAdd,
@@ -28,9 +27,9 @@ from conformer.models.cpu_kernels import (
     fuses_relu,
     gelu,
     max_pool_after_relu,
-    token_conv_kernel,
 )
-from conformer.models.registry import check_architecture, model_arguments, nearest_image_size, valid_image_size
+from conformer.kernels.ops import token_conv_kernel
+from conformer.models.registry import check_architecture, nearest_image_size, valid_image_size
 
 # BatchNorm and LayerNorm inside the blocks use eps 1e-6; the stem BN and the final LayerNorm use 1e-5.
 BLOCK_NORM_EPS = 1e-6
@@ -41,7 +40,7 @@ BN_MOMENTUM = 0.9
 
 def batch_norm(channels: int, eps: float = BLOCK_NORM_EPS, relu: bool = False) -> nn.BatchNorm2d:
     """BatchNorm2d; with `relu` the project's kernel cell applies the ReLU after it itself (see `relu_after`)."""
-    return cpu_kernels.batch_norm(channels, eps=eps, momentum=BN_MOMENTUM, relu=relu)
+    return cells.batch_norm(channels, eps=eps, momentum=BN_MOMENTUM, relu=relu)
 
 
 def relu_after(bn: nn.Cell) -> nn.ReLU | None:
@@ -50,7 +49,7 @@ def relu_after(bn: nn.Cell) -> nn.ReLU | None:
 
 
 def layer_norm(dim: int, eps: float = BLOCK_NORM_EPS) -> nn.LayerNorm:
-    return cpu_kernels.layer_norm(dim, epsilon=eps)
+    return cells.layer_norm(dim, epsilon=eps)
 
 
 class DropPath(nn.Cell):
@@ -400,9 +399,3 @@ class Conformer(nn.Cell):
         conv_logits = self.conv_cls_head(x.mean(axis=(2, 3)))
         trans_logits = self.trans_cls_head(x_t[:, 0])
         return conv_logits, trans_logits
-
-
-def create_model(name: str, **overrides: Any) -> Conformer:
-    """Build a named variant (conformer.models.registry); keyword arguments override its constructor arguments
-    (num_classes, img_size, drop_path_rate, ...). The Hydra target of `conf/model/*.yaml`."""
-    return Conformer(**model_arguments(name, overrides))

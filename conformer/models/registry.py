@@ -29,6 +29,18 @@ VARIANTS: dict[str, dict[str, Any]] = {
                         qkv_bias=True),
 }
 PATCH_SIZES = (16, 32)
+# The `_target_` of a Conformer model config: the architecture checks and the weights keys apply to these; any
+# other target is the user's own network (its config keys are its constructor's).
+CONFORMER_TARGETS = ("conformer.models.create_model", "conformer.models.factory.create_model")
+
+
+def is_conformer(model_cfg: Mapping[str, Any]) -> bool:
+    return model_cfg.get("_target_") in CONFORMER_TARGETS
+
+
+def model_name(model_cfg: Mapping[str, Any]) -> str:
+    """What runs, tags and files call the model: `model.name`, else the class (or factory) of a custom `_target_`."""
+    return str(model_cfg.get("name") or str(model_cfg.get("_target_", "model")).rpartition(".")[2])
 
 
 def model_names() -> list[str]:

@@ -14,10 +14,13 @@ from hydra.utils import instantiate
 from mindspore import nn
 from omegaconf import DictConfig, OmegaConf
 
-from conformer import weights
-from conformer.compile_cache import use_compile_cache
-from conformer.hardware import ProcessGroup
-from conformer.paths import git_commit
+from conformer.config.validation import model_config_arguments
+from conformer.models import weights
+from conformer.models.checkpoint_file import read_checkpoint_meta
+from conformer.models.registry import is_conformer, model_name
+from conformer.runtime.compile_cache import use_compile_cache
+from conformer.runtime.hardware import ProcessGroup
+from conformer.runtime.paths import git_commit
 from conformer.tracking import (
     NullTracker,
     Tracker,
@@ -26,11 +29,11 @@ from conformer.tracking import (
     default_run_name,
     flatten_config,
     image_dataset,
+    local_weights,
     run_tags,
     user_tags,
 )
-from conformer.train.checkpoint import read_checkpoint_meta
-from conformer.validation import CHECKPOINT_SUFFIXES, MLFLOW_PREFIX, model_config_arguments
+from conformer.vocabulary import CHECKPOINT_SUFFIXES, MLFLOW_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -56,19 +59,20 @@ def build_data(cfg: DictConfig) -> Any:
     return instantiate(cfg.data, _convert_="all")
 
 
-def build_network(cfg: DictConfig, num_classes: int) -> nn.Cell:
-    """The configured network with `num_classes` outputs (the data's, or the weights'); no weights loaded. Its graphs
-    come from the compile cache when this config ran before (`conformer.compile_cache`)."""
+def build_network(cfg: DictConfig, num_classes: int, pretrained: Path | None = None) -> nn.Cell:
+    """The configured network (`instantiate(cfg.model)`) with `num_classes` outputs (the data's, or the weights'),
+    and for a Conformer the weights of `pretrained`, a file the task resolved from `model.pretrained` (an
+    `mlflow:` spec needs the tracking store). Its graphs come from the compile cache when this config ran before."""
     model = OmegaConf.to_container(cfg.model, resolve=True)
-    for key in ("pretrained", "pretrained_strict"):  # weights are the task's business (conformer.weights)
-        model.pop(key, None)
+    if is_conformer(model):
+        model["pretrained"] = str(pretrained) if pretrained else None
     network = instantiate(model, num_classes=num_classes)
     use_compile_cache(cfg, network)  # its key includes the network's shapes, known now
     return network
 
 
 def resolve_weights(ctx: RunContext, spec: str, checkpoint: str = "best.ckpt") -> Path:
-    return weights.resolve(spec, ctx.cfg.tracking, ctx.project_root, checkpoint)
+    return local_weights(spec, ctx.cfg.tracking, ctx.project_root, checkpoint)
 
 
 def trained_network(ctx: RunContext, num_classes: int | None = None) -> tuple[nn.Cell, Path]:
@@ -138,7 +142,7 @@ def open_run(tracker: Tracker | NullTracker, ctx: RunContext, extra_tags: Mappin
             task = {key: value for key, value in flatten_config({"task": cfg.task}).items() if key != "task.name"}
             params = {**trained_params, **task}
     tracker.start(resume_run_id=resume_run_id, params=params, tags=run_tags(
-        model=cfg.model.name, data=cfg.data.name, hardware=cfg.hardware.name, task=cfg.task.name,
+        model=model_name(cfg.model), data=cfg.data.name, hardware=cfg.hardware.name, task=cfg.task.name,
         overrides=overrides, git_commit=git_commit(ctx.project_root), run_dir=ctx.run_dir,
         world_size=ctx.group.world_size, extra={**user_tags(cfg.get("tags")), **tags}))
     if tags.get(TRAINED_BY_TAG):  # the run's description: a link to the training, on the run's page

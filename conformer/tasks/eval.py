@@ -8,9 +8,10 @@ from pathlib import Path
 
 from hydra.utils import instantiate
 
+from conformer.models.registry import model_name
 from conformer.tasks.common import RunContext, build_data, log_datasets, open_run, task_tracker, trained_network
 from conformer.train.trainer import EvalStep, evaluate_batches
-from conformer.validation import HEADS
+from conformer.vocabulary import HEADS
 
 log = logging.getLogger(__name__)
 METRICS_FILE = "eval_metrics.json"
@@ -43,10 +44,10 @@ def evaluate(ctx: RunContext) -> float:
         tracker.log_metrics({**metrics, "eval_time_s": seconds}, step=0)
         if group.is_main:
             path = _write_report(ctx.run_dir / METRICS_FILE, metrics, weights=weights, ema=ema, seconds=seconds,
-                                 model=cfg.model.name, data=cfg.data.name, images=data.val_size,
+                                 model=model_name(cfg.model), data=cfg.data.name, images=data.val_size,
                                  image_size=data.image_size)
             tracker.log_artifact(path)
-            print(f"{cfg.model.name} on {cfg.data.name} val ({data.val_size} images, {data.image_size} px), "
+            print(f"{model_name(cfg.model)} on {cfg.data.name} val ({data.val_size} images, {data.image_size} px), "
                   f"weights {weights}{' (EMA)' if ema else ''}:\n{format_metrics(metrics)}")
             log.info("eval: top-1 sum %.2f%% conv %.2f%% trans %.2f%% loss %.4f (%.1f s) -> %s",
                      metrics["val/top1_sum"], metrics["val/top1_conv"], metrics["val/top1_trans"],

@@ -10,12 +10,13 @@ from mindspore import Tensor, nn, ops
 from omegaconf import DictConfig, OmegaConf
 
 from conformer import kernels
+from conformer.models.checkpoint_file import read_checkpoint_meta
+from conformer.models.registry import model_name
 from conformer.secrets import without_user_info
 from conformer.tasks.common import RunContext, open_run, task_tracker, trained_network, weights_origin
 from conformer.tasks.predict import class_labels
 from conformer.tracking import Tracker
-from conformer.train.checkpoint import read_checkpoint_meta
-from conformer.validation import EXPORT_OUTPUTS, EXPORT_SUFFIXES
+from conformer.vocabulary import EXPORT_OUTPUTS, EXPORT_SUFFIXES
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ def export_path(file: str | None, run_dir: Path, model_name: str | None, fmt: st
 
 
 def export(ctx: RunContext) -> None:
-    """Export `task.checkpoint` as configured (checked by conformer.validation); only the main process writes."""
+    """Export `task.checkpoint` as configured (checked by conformer.config.validation); only the main process writes."""
     cfg = ctx.cfg
     fmt, output = str(cfg.task.format).upper(), cfg.task.output
     if not ctx.group.is_main:
@@ -92,7 +93,7 @@ def export(ctx: RunContext) -> None:
     shape = (cfg.task.batch_size, network.in_chans, cfg.data.image_size, cfg.data.image_size)
     if fmt == "ONNX":
         log.info("ONNX: swapped %d cells for exportable equivalents", make_onnx_compatible(network))
-    path = export_path(cfg.task.file, ctx.run_dir, cfg.model.name, fmt)
+    path = export_path(cfg.task.file, ctx.run_dir, model_name(cfg.model), fmt)
     path.parent.mkdir(parents=True, exist_ok=True)
     register = cfg.task.get("register")
     serve = bool(cfg.task.get("log_model") or register)
@@ -113,14 +114,14 @@ def export(ctx: RunContext) -> None:
                 describe_version(tracker, cfg, weights, register, version, command, len(labels))
         else:
             tracker.log_artifact(path, "export")
-    print(f"exported {cfg.model.name} ({output} logits, input {list(shape)}) to {path}")
-    log.info("exported %s with %s to %s (%.1f MB)", cfg.model.name, weights, path, path.stat().st_size / 2**20)
+    print(f"exported {model_name(cfg.model)} ({output} logits, input {list(shape)}) to {path}")
+    log.info("exported %s with %s to %s (%.1f MB)", model_name(cfg.model), weights, path, path.stat().st_size / 2**20)
     return None
 
 
 def served_eval_transform(cfg: DictConfig) -> dict:
     """`data.eval_transform` as the plain parameters a served model stores (ValueError for a transform it cannot)."""
-    from conformer.tracking.pyfunc_model import served_transform  # pandas, the pyfunc flavor: only when asked
+    from conformer.serving.pyfunc_model import served_transform  # pandas, the pyfunc flavor: only when asked
 
     return served_transform(OmegaConf.to_container(cfg.data.eval_transform, resolve=True))
 
@@ -129,7 +130,7 @@ def log_served_model(tracker: Tracker, cfg: DictConfig, path: Path, labels: list
                      register: str | None) -> tuple[str | None, str]:
     """The MINDIR as the run's MLflow pyfunc model (registered as `register`); prints how to serve it. Returns (the
     registered version or None, the serve command)."""
-    from conformer.tracking.pyfunc_model import log_pyfunc_model
+    from conformer.serving.pyfunc_model import log_pyfunc_model
 
     info = log_pyfunc_model(tracker.uri, tracker.run_id, path, labels, eval_transform, cfg.task.batch_size,
                             registered_name=register)

@@ -17,11 +17,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
+from conformer.data.inputs import check_class_count, class_names_file, image_inputs
 from conformer.data.sources import file_problem
-from conformer.inference import load_image, predict_probabilities
+from conformer.serving.inference import load_image, predict_probabilities
 from conformer.tasks.common import RunContext, open_run, task_tracker, trained_network
 from conformer.tracking.summary import image_dataset
-from conformer.validation import check_class_count, class_names_file, image_inputs
 
 log = logging.getLogger(__name__)
 PREDICTIONS_FILE = "predictions.csv"

@@ -15,10 +15,11 @@ from hydra.utils import instantiate
 from mindspore import Tensor
 
 from conformer import kernels
-from conformer.convert import load_official_weights
 from conformer.errors import PreflightFailed
-from conformer.hardware import ProcessGroup, all_gather_floats, all_reduce_sum, device_checks
 from conformer.models import create_model
+from conformer.models.convert import load_official_weights
+from conformer.models.registry import model_name
+from conformer.runtime.hardware import ProcessGroup, all_gather_floats, all_reduce_sum, device_checks
 from conformer.tasks.common import RunContext, build_data, build_network, open_run, task_tracker
 from conformer.train.step import FiniteOnEveryRank, TrainStep, apply_amp
 
@@ -135,8 +136,8 @@ def preflight(ctx: RunContext) -> float:
 
 def preflight_report(cfg, ranks: list[RankResult], batch_size: int,
                      devices: list[tuple[str, str, bool]]) -> dict:
-    """The checks (`devices`, `conformer.hardware.device_checks`, then the ranks') as (name, finding, passed) rows and
-    the timings against the seed recipe."""
+    """The checks (`devices`, `conformer.runtime.hardware.device_checks`, then the ranks') as (name, finding,
+    passed) rows and the timings against the seed recipe."""
     hardware, amp = cfg.hardware, cfg.hardware.amp_level
     tolerance = PARITY_TOLERANCE[amp]
     worst = max(rank.parity_error for rank in ranks)
@@ -151,7 +152,7 @@ def preflight_report(cfg, ranks: list[RankResult], batch_size: int,
                all(r.all_reduce_ok for r in ranks)),
               ("overflow decision", "shared by every rank" if all(r.overflow_agreement_ok for r in ranks)
                else "ranks disagree", all(r.overflow_agreement_ok for r in ranks))]
-    return {"hardware": hardware.name, "device_target": hardware.device_target, "model": cfg.model.name,
+    return {"hardware": hardware.name, "device_target": hardware.device_target, "model": model_name(cfg.model),
             "image_size": int(cfg.data.image_size), "batch_per_card": batch_size, "amp_level": amp,
             "kernels": f"{hardware.get('kernels', 'auto')} ({kernels.selected()})", "checks": checks,
             "ranks": [vars(r) for r in ranks],

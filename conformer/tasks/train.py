@@ -13,11 +13,12 @@ from pathlib import Path
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from conformer import weights
-from conformer.errors import InsufficientSpace
-from conformer.hardware import replicas_in_sync
-from conformer.logs import log_path
-from conformer.runlock import RunInUse, RunLock
+from conformer.errors import CheckpointError, ConfigError, InsufficientSpace
+from conformer.models.checkpoint_file import read_checkpoint_meta
+from conformer.models.registry import is_conformer, model_name
+from conformer.runtime.hardware import replicas_in_sync
+from conformer.runtime.logs import log_path
+from conformer.runtime.runlock import RunInUse, RunLock
 from conformer.tasks.common import (
     RunContext,
     build_data,
@@ -28,11 +29,10 @@ from conformer.tasks.common import (
     run_params,
     task_tracker,
 )
-from conformer.train.checkpoint import CheckpointError, read_checkpoint_meta
 from conformer.train.curves import plot_curves
 from conformer.train.step import apply_amp
 from conformer.train.trainer import Trainer
-from conformer.validation import MLFLOW_PREFIX, ConfigError
+from conformer.vocabulary import MLFLOW_PREFIX
 
 log = logging.getLogger(__name__)
 OUTPUTS_DIR = "outputs"  # run dirs under the project root (conf/config.yaml: hydra.run.dir, hydra.sweep.dir)
@@ -44,7 +44,7 @@ def train(ctx: RunContext) -> float:
     fingerprint = config_fingerprint(cfg)
     with ExitStack() as owned:
         resume = _resume_from(ctx, fingerprint)
-        if group.is_main:  # one owner per training: this run dir, and the one it continues (conformer.runlock)
+        if group.is_main:  # one owner per training: this run dir, and the one it continues (conformer.runtime.runlock)
             try:
                 owned.enter_context(RunLock(ctx.run_dir))
                 if resume is not None and resume.parent.name == "checkpoints" and resume.parent.parent != ctx.run_dir:
@@ -59,10 +59,8 @@ def train(ctx: RunContext) -> float:
 def _train(ctx: RunContext, fingerprint: str, resume: Path | None) -> float:
     cfg, group = ctx.cfg, ctx.group
     data = build_data(cfg)
-    network = build_network(cfg, data.num_classes)
-    if cfg.model.pretrained:
-        pretrained = resolve_weights(ctx, cfg.model.pretrained)
-        weights.load_into(network, pretrained, fine_tune=not cfg.model.pretrained_strict)
+    spec = cfg.model.get("pretrained") if is_conformer(cfg.model) else None
+    network = build_network(cfg, data.num_classes, resolve_weights(ctx, spec) if spec else None)
     network = apply_amp(network, cfg.hardware.amp_level, workdir=ctx.run_dir)
     tracker = task_tracker(ctx)
     trainer: Trainer = instantiate(cfg.trainer)(
@@ -75,7 +73,7 @@ def _train(ctx: RunContext, fingerprint: str, resume: Path | None) -> float:
     if group.is_main:
         check_free_space(ctx.run_dir, network, ema=bool(cfg.trainer.get("ema_decay")))
     log.info("%s | %s | %d params | %d train / %d val images | %d steps/epoch | global batch %d | base lr %.3g",
-             cfg.model.name, data, sum(p.size for p in network.trainable_params()), data.train_size,
+             model_name(cfg.model), data, sum(p.size for p in network.trainable_params()), data.train_size,
              data.val_size, trainer.steps_per_epoch, trainer.global_batch, trainer.schedule.base_lr)
     monitor, checkpoints = cfg.trainer.monitor, trainer.checkpoints
     with tracker:

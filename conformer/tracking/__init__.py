@@ -2,8 +2,8 @@
 
 `Tracker` (tracker.py) wraps one MLflow run through an explicit `MlflowClient` (no fluent global state), so trackers
 and processes never interfere. As a context manager it always ends its run: FINISHED on success, KILLED on
-KeyboardInterrupt (Ctrl-C and SIGTERM arrive as one, see conformer.signals), FAILED otherwise; an exit hook ends a
-run the program left open, and the next start on the host ends the runs of killed processes (store.py).
+KeyboardInterrupt (Ctrl-C and SIGTERM arrive as one, see conformer.runtime.signals), FAILED otherwise; an exit hook
+ends a run the program left open, and the next start on the host ends the runs of killed processes (store.py).
 A store that goes down mid-run does not stop the training: the logging calls return at once, a background thread
 sends them in order and keeps them while the store fails (outbox.py); an HTTP(S) store that does not answer when the
 run starts is `TrackingUnavailable` (one line), or the run goes to the local SQLite store with
@@ -19,6 +19,7 @@ from conformer.tracking.store import (
     default_artifact_root,
     default_tracking_uri,
     end_unfinished_runs,
+    local_weights,
     resolve_tracking_uri,
     run_checkpoint,
 )
@@ -33,4 +34,5 @@ from conformer.tracking.tracker import (
 
 __all__ = ["NullTracker", "Tracker", "TrackingUnavailable", "close_runs_of_dead_processes", "comparable_params",
            "create_tracker", "default_artifact_root", "default_run_name", "default_tracking_uri", "end_unfinished_runs",
-           "flatten_config", "image_dataset", "resolve_tracking_uri", "run_checkpoint", "run_tags", "user_tags"]
+           "flatten_config", "image_dataset", "local_weights", "resolve_tracking_uri", "run_checkpoint", "run_tags",
+           "user_tags"]

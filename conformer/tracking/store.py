@@ -30,6 +30,7 @@ from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
 
 from conformer.errors import TrackingUnavailable  # noqa: F401  (raised here, caught by run.py)
 from conformer.secrets import has_secret, redact
+from conformer.vocabulary import MLFLOW_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -225,8 +226,8 @@ def close_runs_of_dead_processes(client: MlflowClient) -> list[str]:
     """End FAILED the RUNNING runs of this host whose process is gone (SIGKILL, OOM killer, power loss): their ids.
 
     Called whenever a run starts. Whether a run's owner lives is asked of the owner itself: the lock a training
-    holds on its run dir (conformer.runlock), else the process of the run's `pid` tag, which must be the one that
-    started (or continued) the run (tag `pid_started`: its start time; a pid now used by another process counts as
+    holds on its run dir (conformer.runtime.runlock), else the process of the run's `pid` tag, which must be the one
+    that started (or continued) the run (tag `pid_started`: its start time; a pid now used by another process counts as
     gone). A run of another host is left alone (its process cannot be seen from here). Store errors only warn: they
     must not stop a start.
     """
@@ -244,7 +245,7 @@ def close_runs_of_dead_processes(client: MlflowClient) -> list[str]:
 
 
 def _owner_alive(run: Any) -> bool:
-    from conformer.runlock import owner
+    from conformer.runtime.runlock import owner
 
     tags = run.data.tags
     held = owner(tags["run_dir"]) if tags.get("run_dir") else None
@@ -285,6 +286,14 @@ def terminate(client: MlflowClient, run_id: str, status: str, reason: str | None
         if reason:
             client.set_tag(run_id, "error", redact(reason)[:MAX_TAG_VAL_LENGTH])
         client.set_terminated(run_id, status)
+
+
+def local_weights(spec: str, tracking: Mapping[str, Any], project_root: Path, checkpoint: str = "best.ckpt") -> Path:
+    """The local file of a weights spec; `checkpoint` picks the file of an `mlflow:` run."""
+    spec = str(spec)
+    if spec.startswith(MLFLOW_PREFIX):
+        return run_checkpoint(tracking, project_root, spec[len(MLFLOW_PREFIX):], checkpoint)
+    return Path(spec).expanduser().resolve()
 
 
 def run_checkpoint(tracking_cfg: Mapping[str, Any], project_root: Path, run_id: str, name: str = "best.ckpt") -> Path:

@@ -9,6 +9,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from conformer.models.registry import model_name
 from conformer.tracking.tracker import flatten_config
 
 # Config sections a user compares runs by; of `hardware` only the name and the world size.
@@ -37,7 +38,7 @@ def default_run_name(cfg: DictConfig, run_dir: Path | str) -> str:
     if cfg.tracking.get("run_name"):
         return str(cfg.tracking.run_name)
     swept = swept_overrides(Path(run_dir))
-    return " ".join(swept) if swept else f"{cfg.task.name}-{cfg.model.name}-{cfg.data.name}"
+    return " ".join(swept) if swept else f"{cfg.task.name}-{model_name(cfg.model)}-{cfg.data.name}"
 
 
 def swept_overrides(run_dir: Path) -> list[str]:

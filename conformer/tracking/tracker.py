@@ -35,8 +35,8 @@ from mlflow.utils.validation import (
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
+from conformer.runtime.signals import on_forced_exit
 from conformer.secrets import redact
-from conformer.signals import on_forced_exit
 from conformer.tracking.checkpoints import CHECKPOINT_ARTIFACTS, link_artifact, local_artifact_dir, unlink_artifact
 from conformer.tracking.links import describe_model_version, training_link
 from conformer.tracking.outbox import (

@@ -7,8 +7,8 @@ from contextlib import contextmanager
 import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
-from conformer.arguments import check_ema_decay
-from conformer.train.checkpoint import assign_in_place
+from conformer.models.checkpoint_file import assign_in_place
+from conformer.train.arguments import check_ema_decay
 
 _lerp = ops.MultitypeFuncGraph("ema_lerp")
 _copy = ops.MultitypeFuncGraph("ema_copy")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import gc
 
-from conformer.signals import native_section
+from conformer.runtime.signals import native_section
 
 _earlier_task = False  # a task ran in this process before
 

@@ -11,10 +11,10 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.experimental import optim
 
+from conformer.kernels.cells import KERNEL_CELLS, GlobalNorm
+from conformer.models.checkpoint_file import assign_in_place
 from conformer.models.conformer_net import drop_path_masks
-from conformer.models.cpu_kernels import KERNEL_CELLS, GlobalNorm
-from conformer.train.checkpoint import assign_in_place
-from conformer.validation import AMP_LEVELS, LOSS_SCALES
+from conformer.vocabulary import AMP_LEVELS, LOSS_SCALES
 
 if TYPE_CHECKING:
     from conformer.train.ema import ModelEma
@@ -209,7 +209,7 @@ class TrainStep:
                  grad_accum_steps: int = 1,
                  ema: ModelEma | None = None) -> None:
         if not isinstance(optimizer, optim.Optimizer):
-            raise TypeError(f"TrainStep needs a mindspore.experimental.optim optimizer (conformer.optim."
+            raise TypeError(f"TrainStep needs a mindspore.experimental.optim optimizer (conformer.train.optim."
                             f"build_optimizer), got {type(optimizer)}.")
         if clip_grad_norm is not None and not clip_grad_norm > 0:
             raise ValueError(f"clip_grad_norm must be > 0 or None (no clipping), got {clip_grad_norm}.")

@@ -20,16 +20,17 @@ import numpy as np
 from mindspore import Tensor, nn, ops
 from mindspore.experimental import optim
 
-from conformer.hardware import ProcessGroup, all_reduce_sum
-from conformer.losses import one_hot
-from conformer.optim import set_lr
-from conformer.signals import check_interrupted, native_section
-from conformer.train.checkpoint import CheckpointManager, TrainState, read_checkpoint
+from conformer.models.checkpoint_file import read_checkpoint
+from conformer.runtime.hardware import ProcessGroup, all_reduce_sum
+from conformer.runtime.signals import check_interrupted, native_section
+from conformer.train.checkpoint import CheckpointManager, TrainState
 from conformer.train.ema import ModelEma
+from conformer.train.losses import one_hot
+from conformer.train.optim import set_lr
 from conformer.train.profiling import StepProfiler
 from conformer.train.progress import ProgressBar, bar_wanted
 from conformer.train.step import DEFAULT_INIT_LOSS_SCALE, TrainStep
-from conformer.validation import HEADS
+from conformer.vocabulary import HEADS
 
 log = logging.getLogger(__name__)
 

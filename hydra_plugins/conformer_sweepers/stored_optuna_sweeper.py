@@ -5,7 +5,7 @@
 - Job numbers are the study's trial numbers, so they continue across runs (run dirs, the trials table).
 - The sampler's seed is offset by the trials already in the study, so a continued study does not draw its first
   trials again.
-- The study keeps the sweep's MLflow parent run id, which the continued sweep reuses (conformer.sweep).
+- The study keeps the sweep's MLflow parent run id, which the continued sweep reuses (conformer.sweeps.callback).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from hydra.types import HydraContext, TaskFunction
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from conformer.sweep_optuna import PARENT_ATTR, continue_study, directions, open_storage
+from conformer.sweeps.optuna_store import PARENT_ATTR, continue_study, directions, open_storage
 
 
 class StoredOptunaSweeper(Sweeper):
@@ -35,7 +35,7 @@ class StoredOptunaSweeper(Sweeper):
     def sweep(self, arguments: list[str]) -> Any:
         import optuna
 
-        from conformer.sweep import sweep_parent_run_id
+        from conformer.sweeps.callback import sweep_parent_run_id
 
         impl = self._optuna.sweeper
         if impl.study_name and impl.storage is not None:

@@ -1,36 +1,25 @@
 """Network weights by where they come from: the one place that reads weights into a network.
 
 A weights spec (`model.pretrained`, `task.checkpoint`, `trainer.resume`) is one of
-- a `.ckpt` written by this project (a training checkpoint or `python -m conformer.convert` output);
+- a `.ckpt` written by this project (a training checkpoint or `python -m conformer.models.convert` output);
 - official PyTorch Conformer weights, `.pth` / `.pt` / `.tar` (needs the [torch] extra) or `.npz`, converted on load;
 - `mlflow:<run_id>`: a checkpoint of that training run (`best.ckpt`, or `last.ckpt` to resume), found in the run's
   dir or else downloaded from its artifacts.
-Specs are checked before anything is built (conformer.validation.check_weights).
+Specs are checked before anything is built (conformer.config.validation.check_weights).
 """
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 from mindspore import nn
 
-from conformer.convert import infer_num_classes, load_official_weights, read_state_dict
-from conformer.tracking import run_checkpoint
-from conformer.train.checkpoint import load_raw, load_weights
-from conformer.validation import CHECKPOINT_SUFFIXES, MLFLOW_PREFIX
+from conformer.models.checkpoint_file import load_raw, load_weights
+from conformer.models.convert import infer_num_classes, load_official_weights, read_state_dict
+from conformer.vocabulary import CHECKPOINT_SUFFIXES
 
 log = logging.getLogger(__name__)
 HEAD_PARAMETERS = ("conv_cls_head.weight", "conv_cls_head.bias", "trans_cls_head.weight", "trans_cls_head.bias")
-
-
-def resolve(spec: str, tracking: Mapping[str, Any], project_root: Path, checkpoint: str = "best.ckpt") -> Path:
-    """The local file of a weights spec; `checkpoint` picks the file of an `mlflow:` run."""
-    spec = str(spec)
-    if spec.startswith(MLFLOW_PREFIX):
-        return run_checkpoint(tracking, project_root, spec[len(MLFLOW_PREFIX):], checkpoint)
-    return Path(spec).expanduser().resolve()
 
 
 def num_classes(path: Path) -> int:

@@ -6,8 +6,9 @@ the sweep (`sweep=<name>`, else its swept keys) and the time, and writes its id 
 which works for every launcher, in-process or not. When the sweep ends, the parent gets the best trial (metric
 `best/<trainer.monitor>`, tags `best.*`), the trial counts, and the trials table (printed, and `trials.csv`),
 a plot of the objective against each swept key and Optuna's `optimization_results.yaml` as artifacts. An Optuna
-sweep with a stored study continues the study's parent run (conformer.sweep_optuna). Hydra builds the callback for
-single runs too: MLflow is imported only where a sweep needs it, so a plain run or a config error starts fast.
+sweep with a stored study continues the study's parent run (conformer.sweeps.optuna_store). Hydra builds the
+callback for single runs too: MLflow is imported only where a sweep needs it, so a plain run or a config error
+starts fast.
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+
+from conformer.models.registry import model_name
 
 if TYPE_CHECKING:
     from conformer.tracking import Tracker
@@ -60,7 +63,7 @@ def fail_trial(cfg: DictConfig, run_dir: Path, error: BaseException, overrides: 
             name = default_run_name(cfg, run_dir)
             tracker = create_tracker(tracking, root, default_run_name=name)
             tracker.start(params=_trial_params(cfg), tags=run_tags(
-                model=cfg.model.name, data=cfg.data.name, task=cfg.task.name, overrides=overrides,
+                model=model_name(cfg.model), data=cfg.data.name, task=cfg.task.name, overrides=overrides,
                 run_dir=run_dir, extra={"error": message, **user_tags(cfg.get("tags"))}))
             tracker.end("FAILED")
     return float("-inf") if cfg.trainer.monitor_mode == "max" else float("inf")
@@ -69,7 +72,7 @@ def fail_trial(cfg: DictConfig, run_dir: Path, error: BaseException, overrides: 
 def _trial_params(cfg: DictConfig) -> dict[str, str]:
     """The params a finished trial logs, so that a failed one sits in the same columns; none when the config
     cannot even be read (the error tag says why)."""
-    from conformer.hardware import world_size
+    from conformer.runtime.hardware import world_size
     from conformer.tracking.summary import comparable_params
 
     try:
@@ -115,7 +118,7 @@ def sweep_name(config: DictConfig, keys: Sequence[str]) -> str:
     choice = OmegaConf.select(config, "hydra.runtime.choices.sweep", default=None)
     if choice:
         return str(choice)
-    from conformer.sweep_report import short_labels
+    from conformer.sweeps.report import short_labels
 
     return "sweep " + ",".join(short_labels(keys).values()) if keys else "sweep"
 
@@ -147,8 +150,8 @@ class SweepParentCallback(Callback):
         tracking = OmegaConf.select(config, "tracking")
         if tracking is None or not tracking.get("enabled", True):
             return
+        from conformer.sweeps.runs import share_runs_view
         from conformer.tracking import Tracker, resolve_tracking_uri, run_tags
-        from conformer.tracking.sweep_store import share_runs_view
 
         self._sweep_dir = Path(OmegaConf.select(config, "hydra.sweep.dir", default="multirun"))
         self._keys = swept_keys(config)
@@ -178,7 +181,7 @@ class SweepParentCallback(Callback):
         """The parent run of the stored Optuna study this sweep continues (None: a new sweep)."""
         if kind != "optuna":
             return None
-        from conformer.sweep_optuna import stored_parent_run_id
+        from conformer.sweeps.optuna_store import stored_parent_run_id
 
         return stored_parent_run_id(OmegaConf.select(config, "hydra.sweeper"))
 
@@ -211,7 +214,7 @@ class SweepParentCallback(Callback):
         """Print the trials table and log the sweep's summary on the parent. Returns how many trials of this run
         failed (a continued Optuna parent also holds the trials of earlier runs: they count in the table only) and
         how many trials finished."""
-        from conformer.sweep_report import (
+        from conformer.sweeps.report import (
             best_trial,
             format_table,
             plot_objective,
@@ -220,7 +223,7 @@ class SweepParentCallback(Callback):
             trials_from_runs,
             write_csv,
         )
-        from conformer.tracking.sweep_store import child_runs, ui_hint
+        from conformer.sweeps.runs import child_runs, ui_hint
 
         children = child_runs(tracker.uri, tracker.run_id, self._monitor, self._mode)
         trials = sort_trials(trials_from_runs(children, self._keys), self._mode)

@@ -1,79 +1,45 @@
 """Config checks that run before anything is built or compiled: one clear line per problem.
 
-The only module that raises `ConfigError`, and the home of the choices several modules share. It imports no
-MindSpore: `validate_config` runs before any device or graph work.
+`validate_config` walks the composed config and asks each part's own check: the model's architecture (the
+registry), each component's arguments (`conformer.config.components`), the hardware (`runtime.hardware_checks`),
+the weights files and the task's settings. It imports no MindSpore: it runs before any device or graph work.
 """
 from __future__ import annotations
 
-import glob
-import ipaddress
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from conformer.kernels import KERNEL_PATHS, kernel_path_problem
-from conformer.models.registry import architecture_problem, model_arguments, nearest_image_size, valid_image_size
-
-TASKS = ("train", "eval", "export", "predict", "preflight")
-AMP_LEVELS = ("O0", "O1", "O2", "O3")
-PROGRESS_BAR_SETTINGS = ("auto", True, False)
-LOSS_SCALES = ("none", "static", "dynamic")
-DEVICE_TARGETS = ("CPU", "GPU", "Ascend")
-MODES = ("graph", "pynative")
-BACKENDS = {"CPU": "mccl", "GPU": "nccl", "Ascend": "hccl"}  # MindSpore's collective library per device
-PARALLEL_MODES = ("data_parallel",)
-# hardware.jit_level per device (null: MindSpore's default): O2 is CANN's GraphEngine, Ascend only
-JIT_LEVELS = {"CPU": ("O0", "O1"), "GPU": ("O0", "O1"), "Ascend": ("O0", "O1", "O2")}
-ASCEND_PRECISION_MODES = ("force_fp16", "allow_fp32_to_fp16", "allow_mix_precision", "must_keep_origin_dtype",
-                          "force_fp32", "allow_fp32_to_bf16", "allow_mix_precision_fp16", "allow_mix_precision_bf16",
-                          "force_lowerprecision")
-ASCEND_OVERFLOW_MODES = ("INFNAN_MODE", "SATURATION_MODE")
-EXPORT_SUFFIXES = {"MINDIR": ".mindir", "ONNX": ".onnx", "AIR": ".air"}
-EXPORT_OUTPUTS = ("sum", "both")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-BAD_IMAGE_POLICIES = ("skip", "error")  # data.on_bad_image: what a corrupt or truncated image file does
-CHECKPOINT_SUFFIXES = (".ckpt",)
-OFFICIAL_SUFFIXES = (".pth", ".pt", ".tar", ".npz")  # official PyTorch weights, converted on load
-MLFLOW_PREFIX = "mlflow:"
-HEADS = ("conv", "trans", "sum")  # the two classifier heads and their sum (the prediction)
-# What a training logs once per epoch, and so what trainer.monitor may name.
-EPOCH_METRICS = ("val/loss", *(f"val/top{k}_{head}" for k in (1, 5) for head in HEADS), "train/epoch_loss", "epoch",
-                 "epoch_time_s")
-MONITOR_MODES = ("max", "min")
-TAG_NAME = r"[\w./ -]+"  # what MLflow accepts as a tag key
-# Keys of a model config that are not constructor arguments of the network.
-MODEL_CONFIG_KEYS = ("_target_", "name", "pretrained", "pretrained_strict")
-
-
-class ConfigError(ValueError):
-    """The composed config cannot work; the message says which key and how to fix it."""
-
-
-# ---------------------------------------------------------------------------------------------------- checkers
-def require_int(value: Any, key: str, minimum: int = 1, hint: str = "") -> int:
-    """`value` as an integer >= `minimum`, or a ConfigError naming `key` (the project's one integer check)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{key}={value!r} must be an integer >= {minimum}" + (f" ({hint})" if hint else ""))
-    return value
-
-
-def require_number(value: Any, key: str, minimum: float = 0.0, strict: bool = False, hint: str = "") -> float:
-    """`value` as a number >= `minimum` (> when `strict`), or a ConfigError naming `key`."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-            (value <= minimum if strict else value < minimum):
-        bound = f"{'>' if strict else '>='} {minimum:g}"
-        raise ConfigError(f"{key}={value!r} must be a number {bound}" + (f" ({hint})" if hint else ""))
-    return float(value)
-
-
-def require_choice(value: Any, key: str, choices: Sequence[str]) -> str:
-    if value not in choices:
-        raise ConfigError(f"{key}={value!r}; choose one of {', '.join(choices)}")
-    return value
+from conformer.checks import require_choice, require_int, require_number
+from conformer.data.inputs import class_names_file, image_inputs
+from conformer.errors import STORE_WAYS_OUT, ConfigError
+from conformer.models.registry import (
+    architecture_problem,
+    is_conformer,
+    model_arguments,
+    nearest_image_size,
+    valid_image_size,
+)
+from conformer.runtime.hardware_checks import check_hardware
+from conformer.vocabulary import (
+    BAD_IMAGE_POLICIES,
+    CHECKPOINT_SUFFIXES,
+    EPOCH_METRICS,
+    EXPORT_OUTPUTS,
+    EXPORT_SUFFIXES,
+    LOSS_SCALES,
+    MLFLOW_PREFIX,
+    MODEL_CONFIG_KEYS,
+    MONITOR_MODES,
+    OFFICIAL_SUFFIXES,
+    PROGRESS_BAR_SETTINGS,
+    TAG_NAME,
+    TASKS,
+)
 
 
 def component_error(err: Exception) -> ConfigError:
@@ -105,7 +71,8 @@ def validate_config(cfg: DictConfig) -> None:
     check_hardware(cfg.hardware)
     _check_components(cfg)
     if task == "train":
-        check_weights(cfg, "model.pretrained")
+        if is_conformer(cfg.model):
+            check_weights(cfg, "model.pretrained")
         if _get(cfg, "trainer.resume") != "auto":
             check_weights(cfg, "trainer.resume", checkpoint_only=True)
     elif task == "preflight":
@@ -116,8 +83,11 @@ def validate_config(cfg: DictConfig) -> None:
 
 
 def model_config_arguments(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """The network's constructor arguments for a model config: the variant's, with the config's overrides."""
+    """The network's constructor arguments for a model config: a Conformer variant's, with the config's overrides;
+    a custom `_target_`'s own keys."""
     overrides = {key: value for key, value in model_cfg.items() if key not in MODEL_CONFIG_KEYS}
+    if not is_conformer(model_cfg):
+        return overrides
     try:
         return model_arguments(model_cfg["name"], overrides)
     except ValueError as err:
@@ -132,7 +102,13 @@ def _check_model_and_data(cfg: DictConfig) -> None:
     # absent where no files are read (data=synthetic): the DataModule's default, skip
     policy = OmegaConf.select(cfg, "data.on_bad_image", default="skip")
     require_choice(policy, "data.on_bad_image", BAD_IMAGE_POLICIES)
-    arguments = model_config_arguments(OmegaConf.to_container(_get(cfg, "model"), resolve=True))
+    model = OmegaConf.to_container(_get(cfg, "model"), resolve=True)
+    if not isinstance(model.get("_target_"), str) or "." not in model["_target_"]:
+        raise ConfigError(f"model._target_={model.get('_target_')!r} must name the network's class or factory, "
+                          "e.g. conformer.models.create_model or mypkg.MyNet")
+    if not is_conformer(model):
+        return  # the user's own network: its constructor checks its arguments (a refusal is one line, app.py)
+    arguments = model_config_arguments(model)
     patch = arguments["patch_size"]
     problem = architecture_problem(**{**arguments, "img_size": None})
     if problem:
@@ -190,8 +166,9 @@ def _component_nodes(node: Any, key: str) -> list[tuple[str, dict]]:
 
 
 def _check_components(cfg: DictConfig) -> None:
-    """Each component's own argument check (`conformer.arguments.CHECKS`) on its config node, before any build."""
-    from conformer.arguments import CHECKS  # imports the data modules, which import this one
+    """Each component's own argument check (`conformer.config.components.CHECKS`) on its config node, before any
+    build."""
+    from conformer.config.components import CHECKS  # the data and training components' checks
 
     global_batch = _get(cfg, "data.batch_size") * (cfg.hardware.get("workers", 1) * cfg.hardware.get("nodes", 1)) * \
         _get(cfg, "trainer.grad_accum_steps")
@@ -266,7 +243,7 @@ def check_weights(cfg: DictConfig, key: str, checkpoint_only: bool = False) -> N
 
 
 def _check_inference_task(cfg: DictConfig, task: str) -> None:
-    if _get(cfg, "model.pretrained"):
+    if OmegaConf.select(cfg, "model.pretrained", default=None):
         raise ConfigError(f"model.pretrained is where a training starts; task={task} takes its weights from "
                           f"task.checkpoint=<file or mlflow:<run_id>>: use that instead")
     spec = _get(cfg, "task.checkpoint")
@@ -331,131 +308,6 @@ def _check_logged_model(cfg: DictConfig, fmt: str) -> None:
                           "tracking=disabled / tracking.enabled=false")
 
 
-# ---------------------------------------------------------------------------------------------------- predict
-def _is_image(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
-
-
-def image_inputs(inputs: str | Sequence[str] | None) -> list[Path]:
-    """Image files named by `task.inputs`: files, folders (recursive) or globs, in order, without duplicates."""
-    if not inputs:
-        raise ConfigError("task.inputs is required: an image file, a folder or a glob, e.g. "
-                          "task.inputs=photos/cat.jpg or task.inputs='photos/**/*.png'")
-    if isinstance(inputs, ListConfig):
-        inputs = OmegaConf.to_container(inputs)
-    specs = [inputs] if isinstance(inputs, str) else [str(spec) for spec in inputs]
-    found: dict[Path, None] = {}
-    for spec in specs:
-        path = Path(spec).expanduser()
-        if path.is_file():
-            files = [path]
-        elif path.is_dir():
-            files = sorted(p for p in path.rglob("*") if _is_image(p))
-        else:
-            files = sorted(p for p in map(Path, glob.glob(str(path), recursive=True)) if _is_image(p))
-        if not files:
-            kind = "folder" if path.is_dir() else "glob" if glob.has_magic(spec) else "path"
-            raise ConfigError(f"task.inputs: the {kind} {spec!r} matches no image files "
-                              f"({', '.join(IMAGE_EXTENSIONS)}); check the path (relative to {Path.cwd()})")
-        found.update(dict.fromkeys(files))
-    return list(found)
-
-
-def class_names_file(spec: str) -> list[str]:
-    """The class names of `task.classes`: a text file, one name per line."""
-    path = Path(str(spec)).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"task.classes={spec}: no such file (one class name per line)")
-    names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    if not names:
-        raise ConfigError(f"task.classes={path} holds no class names (one per line)")
-    return names
-
-
-def check_class_count(names: int, num_classes: int, origin: str) -> None:
-    """Class names must match the weights' classifier."""
-    if names != num_classes:
-        raise ConfigError(f"the weights have {num_classes} classes but {names} class names came from {origin}: "
-                          "choose the data config the weights were trained on, or set task.classes=<file with one "
-                          "name per line>")
-
-
-# ---------------------------------------------------------------------------------------------------- hardware
-def check_hardware(hardware: Mapping[str, Any]) -> None:
-    """Raise ConfigError for a hardware config that cannot launch, before any process is started."""
-    target = require_choice(hardware.get("device_target", "CPU"), "hardware.device_target", DEVICE_TARGETS)
-    require_choice(hardware.get("mode", "graph"), "hardware.mode", MODES)
-    if hardware.get("runtime_num_threads") is not None:
-        require_int(hardware.get("runtime_num_threads"), "hardware.runtime_num_threads", hint="or null: the default")
-    if not isinstance(hardware.get("cpu_affinity", False), bool):
-        raise ConfigError(f"hardware.cpu_affinity={hardware.get('cpu_affinity')!r} must be true or false")
-    _check_device_settings(hardware, target)
-    workers = require_int(hardware.get("workers"), "hardware.workers", hint="processes per node, one per device")
-    nodes = require_int(hardware.get("nodes", 1), "hardware.nodes", hint="machines in the job")
-    if workers * nodes == 1:
-        return
-    backend = hardware.get("backend")
-    if backend not in (None, BACKENDS[target]):
-        raise ConfigError(f"hardware.backend={backend!r} does not work on {target}: use "
-                          f"hardware.backend={BACKENDS[target]} (or null to let MindSpore pick it)")
-    mode = hardware.get("parallel_mode", "data_parallel")
-    if mode not in PARALLEL_MODES:
-        raise ConfigError(f"hardware.parallel_mode={mode!r}; only {', '.join(PARALLEL_MODES)} is supported")
-    node_rank = require_int(hardware.get("node_rank"), "hardware.node_rank", minimum=0,
-                            hint="this machine's index in the job")
-    if node_rank >= nodes:
-        raise ConfigError(f"hardware.node_rank={node_rank} must be below hardware.nodes={nodes}")
-    port = hardware.get("master_port")
-    if port is not None and (isinstance(port, bool) or not isinstance(port, int) or not 1024 <= port <= 65535):
-        raise ConfigError(f"hardware.master_port={port!r} must be a port in [1024, 65535], or null for a free one")
-    if nodes > 1:
-        if port is None:
-            raise ConfigError(f"hardware.nodes={nodes} needs one fixed port on every node: set "
-                              "hardware.master_port (e.g. 8118)")
-        if _is_loopback(str(hardware.get("master_addr"))):
-            raise ConfigError(f"hardware.nodes={nodes} needs hardware.master_addr=<IP or host name of node 0>, "
-                              f"got {hardware.get('master_addr')!r} (a loopback address)")
-    timeout = (hardware.get("msrun") or {}).get("cluster_time_out")
-    require_int(timeout, "hardware.msrun.cluster_time_out",
-                hint="seconds msrun waits for missing workers before it fails")
-
-
-def _check_device_settings(hardware: Mapping[str, Any], target: str) -> None:
-    """The kernel path, jit level, memory cap, determinism and Ascend options of a hardware config."""
-    amp = require_choice(hardware.get("amp_level", "O0"), "hardware.amp_level", AMP_LEVELS)
-    kernels = require_choice(hardware.get("kernels", "auto"), "hardware.kernels", KERNEL_PATHS)
-    problem = kernel_path_problem(kernels, target, amp)
-    if problem:
-        raise ConfigError(f"hardware.kernels={kernels} with hardware.amp_level={amp} on {target}: {problem}")
-    jit_level = hardware.get("jit_level")
-    if jit_level is not None and jit_level not in JIT_LEVELS[target]:
-        raise ConfigError(f"hardware.jit_level={jit_level!r} does not run on {target}: choose one of "
-                          f"{', '.join(JIT_LEVELS[target])} or null (MindSpore's default; O2 is Ascend's GraphEngine)")
-    memory = hardware.get("device_memory")
-    if memory is not None and not (isinstance(memory, str) and re.fullmatch(r"\d+(\.\d+)?GB", memory)):
-        raise ConfigError(f"hardware.device_memory={memory!r} must be a size in GB such as 29GB, or null")
-    if not isinstance(hardware.get("deterministic", False), bool):
-        raise ConfigError(f"hardware.deterministic={hardware.get('deterministic')!r} must be true or false")
-    ascend = {key: value for key, value in (hardware.get("ascend") or {}).items() if value is not None}
-    if ascend and target != "Ascend":
-        raise ConfigError(f"hardware.ascend sets Ascend options, and this config runs on {target}: drop them")
-    if ascend.get("precision_mode") is not None:
-        require_choice(ascend["precision_mode"], "hardware.ascend.precision_mode", ASCEND_PRECISION_MODES)
-    if ascend.get("overflow_mode") is not None:
-        require_choice(ascend["overflow_mode"], "hardware.ascend.overflow_mode", ASCEND_OVERFLOW_MODES)
-
-
-def check_run_dir(run_dir: Path) -> None:
-    """The run dir (and its checkpoints/) can be written: found now, not after the first epoch."""
-    existing = next(folder for folder in (run_dir, *run_dir.parents) if folder.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"cannot write the run dir {run_dir}: {existing} is not a writable folder; set "
-                          "hydra.run.dir (or paths.root) to a folder you can write")
-    checkpoints = run_dir / "checkpoints"
-    if checkpoints.exists() and not (checkpoints.is_dir() and os.access(checkpoints, os.W_OK | os.X_OK)):
-        raise ConfigError(f"cannot write checkpoints to {checkpoints}: make it a writable folder")
-
-
 def check_tracking_store(cfg: DictConfig) -> None:
     """An HTTP(S) MLflow store answers within seconds (unless the run may fall back to the local store)."""
     tracking = cfg.tracking
@@ -466,33 +318,4 @@ def check_tracking_store(cfg: DictConfig) -> None:
 
     reason = unreachable(uri)
     if reason:
-        raise ConfigError(f"the MLflow store {uri} is unreachable ({reason}): start it, point tracking.uri (or "
-                          "MLFLOW_TRACKING_URI) at one that answers, set tracking.fallback_to_local=true, or run "
-                          "with tracking=disabled")
-
-
-def check_devices(hardware: Mapping[str, Any]) -> None:
-    """This machine has the configured device (dry runs plan for other machines and skip this)."""
-    target = hardware.get("device_target", "CPU")
-    if hardware.get("dry_run") or devices_present(target):
-        return
-    raise ConfigError(f"hardware={hardware.get('name')} needs {target} devices, and this machine has none "
-                      f"({DEVICE_FILES[target]} not found): use hardware=cpu, or hardware.dry_run=true to only "
-                      "print the launch plan")
-
-
-DEVICE_FILES = {"CPU": "", "GPU": "/dev/nvidia*", "Ascend": "/dev/davinci*"}
-
-
-def devices_present(target: str) -> bool:
-    """Whether the device nodes of `target` exist (the CPU always does)."""
-    return target == "CPU" or bool(glob.glob(DEVICE_FILES[target]))
-
-
-def _is_loopback(address: str) -> bool:
-    if address in ("localhost", "None", ""):
-        return True
-    try:
-        return ipaddress.ip_address(address).is_loopback
-    except ValueError:  # a host name
-        return False
+        raise ConfigError(f"the MLflow store {uri} is unreachable ({reason}): {STORE_WAYS_OUT}")

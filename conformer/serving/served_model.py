@@ -4,6 +4,6 @@ MLflow copies it into the model folder and executes it on load, with the package
 """
 import mlflow
 
-from conformer.tracking.pyfunc_model import ConformerModel
+from conformer.serving.pyfunc_model import ConformerModel
 
 mlflow.models.set_model(ConformerModel())

@@ -1,68 +1,15 @@
-"""The argument checks of the configurable components, runnable before MindSpore is imported.
-
-Each component runs its check when it is built, and `validate_config` runs the same check on the component's
-config node (found by `_target_` in `CHECKS`), so a bad value in any component is one `config error:` line in
-under a second, before MindSpore, a run dir or a graph compile. Checks raise ValueError; the component's message
-is the same whichever caller meets it. Components from modules without MindSpore keep their check next to them.
-"""
+"""The arguments of the data components (transforms, the DataModule), checked without MindSpore: each component
+runs its check when built, and `validate_config` runs it on the config node before anything is built."""
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+from conformer.checks import number as _number
 from conformer.data.erasing import check_erasing
-from conformer.data.mixup import check_mixup
 from conformer.data.randaugment import parse_config
-from conformer.data.sources import check_digits, check_image_folder, check_synthetic
-from conformer.schedules import check_schedule
 
-OPTIMIZERS = ("adamw", "sgd")
 INTERPOLATION_NAMES = ("bicubic", "bilinear", "nearest")
-
-
-def _number(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        raise ValueError(f"{name}={value!r} must be a number")
-    return float(value)
-
-
-def check_label_smoothing(label_smoothing: Any) -> float:
-    """DualHeadLoss: a smoothing in [0, 1)."""
-    if not 0.0 <= _number(label_smoothing, "label_smoothing") < 1.0:
-        raise ValueError(f"DualHeadLoss: label_smoothing must be in [0, 1), got {label_smoothing}.")
-    return float(label_smoothing)
-
-
-def check_loss(label_smoothing: Any = 0.0, **_: Any) -> None:
-    check_label_smoothing(label_smoothing)
-
-
-def check_adamw(betas: Sequence[Any], eps: Any) -> tuple[float, float]:
-    """AdamW's two betas in [0, 1) (as plain floats: jit needs them so) and eps > 0."""
-    betas = tuple(_number(beta, "betas") for beta in betas)
-    if len(betas) != 2:
-        raise ValueError(f"AdamW needs two betas (beta1, beta2), got {betas}.")
-    if not all(0.0 <= beta < 1.0 for beta in betas):
-        raise ValueError(f"AdamW betas must lie in [0, 1), got {betas}.")
-    if not _number(eps, "eps") > 0.0:
-        raise ValueError(f"AdamW eps must be > 0, got {eps}.")
-    return betas  # type: ignore[return-value]
-
-
-def check_optimizer(name: Any = "adamw", lr: Any = None, weight_decay: Any = 0.05,
-                    betas: Sequence[Any] = (0.9, 0.999), eps: Any = 1e-8, momentum: Any = 0.9, **_: Any) -> str:
-    """build_optimizer's arguments (`lr` is the trainer's, None before it is known); the lower-case name."""
-    name = str(name).lower()
-    if name not in OPTIMIZERS:
-        raise ValueError(f"optimizer {name!r} is unknown; choose one of {OPTIMIZERS}.")
-    if (lr is not None and not _number(lr, "lr") >= 0) or not _number(weight_decay, "weight_decay") >= 0:
-        raise ValueError(f"lr and weight_decay must be >= 0, got lr={lr}, weight_decay={weight_decay}.")
-    if name == "adamw":
-        check_adamw(betas, eps)
-    elif not _number(momentum, "momentum") >= 0:
-        raise ValueError(f"SGD momentum must be >= 0, got {momentum}.")
-    return name
 
 
 def check_interpolation(name: Any) -> str:
@@ -159,31 +106,3 @@ def check_data_module(image_size: Any = None, batch_size: Any = 1, train_transfo
             check_transform_size(kind, transform["image_size"], image_size)
     if mixup is not None and isinstance(batch_size, int):
         check_mixup_batches(batch_size, bool(drop_last))
-
-
-def check_ema_decay(decay: Any) -> float:
-    if not 0.0 <= _number(decay, "decay") <= 1.0:
-        raise ValueError(f"ModelEma: decay must be in [0, 1], got {decay}.")
-    return float(decay)
-
-
-def check_trainer(ema_decay: Any = None, **_: Any) -> None:
-    """The Trainer's own arguments beyond `validate_config`'s integers and choices."""
-    if ema_decay:
-        check_ema_decay(ema_decay)
-
-
-# The check of each component, by the `_target_` that builds it.
-CHECKS: dict[str, Callable[..., Any]] = {
-    "conformer.losses.DualHeadLoss": check_loss,
-    "conformer.train.trainer.Trainer": check_trainer,
-    "conformer.optim.build_optimizer": check_optimizer,
-    "conformer.schedules.WarmupCosineSchedule": check_schedule,
-    "conformer.data.module.DataModule": check_data_module,
-    "conformer.data.transforms.TrainTransform": check_train_transform,
-    "conformer.data.transforms.EvalTransform": check_eval_transform,
-    "conformer.data.mixup.Mixup": check_mixup,
-    "conformer.data.sources.DigitsSource": check_digits,
-    "conformer.data.sources.ImageFolderSource": check_image_folder,
-    "conformer.data.sources.SyntheticSource": check_synthetic,
-}

@@ -1,6 +1,6 @@
 """Device and process-group setup: the one module that knows about devices, ranks and msrun roles.
 
-`python run.py hardware=<multi-worker config>` re-launches itself under msrun (conformer.launch); msrun starts
+`python run.py hardware=<multi-worker config>` re-launches itself under msrun (conformer.runtime.launch); msrun starts
 one scheduler process (env MS_ROLE=MS_SCHED) and `workers` processes per node (MS_ROLE=MS_WORKER, RANK_ID,
 RANK_SIZE). Both roles run the script: the scheduler serves the cluster inside `init()`, the workers join it
 and train data-parallel (gradients all-reduced as a mean, each rank on its own shard of the data).
@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from conformer.runtime import process_defaults
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +46,7 @@ class ProcessGroup:
 
 def configure_device(hardware: Mapping[str, Any]) -> ProcessGroup:
     """Set MindSpore's device, execution mode, jit level, device options and kernel path (a checked hardware config,
-    see conformer.validation.check_hardware); join the process group inside msrun workers."""
+    see conformer.config.validation.check_hardware); join the process group inside msrun workers."""
     target = hardware.get("device_target", "CPU")
     os.environ.update(mindspore_log_level(target))  # before MindSpore loads, where it has not yet
     ascend = hardware.get("ascend") or {}
@@ -78,9 +80,7 @@ def configure_device(hardware: Mapping[str, Any]) -> ProcessGroup:
 def mindspore_log_level(target: str) -> dict[str, str]:
     """GLOG_v for MindSpore on `target`, unless the user set it: warnings (2) on an accelerator, where they are what a
     new machine's problems look like; on the CPU the package's default (3: errors only) stands."""
-    import conformer
-
-    return {} if target == "CPU" or conformer.GLOG_V_FROM_USER else {"GLOG_v": "2"}
+    return {} if target == "CPU" or process_defaults.GLOG_V_FROM_USER else {"GLOG_v": "2"}
 
 
 def _device_options(hardware: Mapping[str, Any]) -> None:

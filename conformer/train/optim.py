@@ -8,8 +8,8 @@ import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 from mindspore.experimental import optim
 
-from conformer.arguments import check_adamw, check_optimizer
-from conformer.models.cpu_kernels import adamw_kernel
+from conformer.kernels.ops import adamw_kernel
+from conformer.train.arguments import check_adamw, check_optimizer
 
 ParamsOrNetwork = Union[nn.Cell, Iterable[Parameter], Iterable[dict]]
 _fused_adamw = ops.MultitypeFuncGraph("fused_adamw")

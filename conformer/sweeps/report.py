@@ -1,5 +1,5 @@
 """The trials of a finished sweep, sorted by the objective: an aligned console table, a CSV and a plot of the
-objective against each swept parameter (conformer.sweep logs them on the sweep's parent run)."""
+objective against each swept parameter (conformer.sweeps.callback logs them on the sweep's parent run)."""
 from __future__ import annotations
 
 import csv
@@ -8,8 +8,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from conformer.sweeps.runs import ChildRun
 from conformer.tracking.summary import short_value
-from conformer.tracking.sweep_store import ChildRun
 
 FINISHED = "FINISHED"
 

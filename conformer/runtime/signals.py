@@ -31,21 +31,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from conformer.errors import Interrupted
+
 HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 FORCED_EXIT_AFTER_S = 3.0
 _forced_exit_callbacks: list[Callable[[], None]] = []
-
-
-class Interrupted(KeyboardInterrupt):
-    """SIGINT, SIGTERM or SIGHUP arrived; `exit_code` is the shell convention 128 + signal number (130, 143, 129)."""
-
-    def __init__(self, signum: int) -> None:
-        self.signum = int(signum)
-        super().__init__(f"received {signal.Signals(self.signum).name}")
-
-    @property
-    def exit_code(self) -> int:
-        return 128 + self.signum
 
 
 class _Pending:

@@ -1,6 +1,6 @@
 """Official PyTorch Conformer weights -> MindSpore checkpoint.
 
-Usage: `python -m conformer.convert SRC DST --model conformer_ti [--num-classes N]`.
+Usage: `python -m conformer.models.convert SRC DST --model conformer_ti [--num-classes N]`.
 SRC is a `.pth` state_dict (or a dict holding it under `model` / `state_dict`; reading it needs the `[torch]`
 extra) or an `.npz` with the same key names. Every key must map: a key left over on either side, or a shape that
 differs from the chosen model, is an error that names the keys.
@@ -16,9 +16,9 @@ from pathlib import Path
 import mindspore as ms
 import numpy as np
 
-from conformer.models.conformer_net import create_model
-from conformer.models.registry import model_names
-from conformer.train.checkpoint import save_checkpoint
+from conformer.models.checkpoint_file import save_checkpoint
+from conformer.models.conformer_net import Conformer
+from conformer.models.registry import model_arguments, model_names
 
 # Keys with no MindSpore counterpart: BN's batch counter is unused with a fixed momentum.
 IGNORED_SUFFIXES = (".num_batches_tracked",)
@@ -116,7 +116,7 @@ def network_shapes(network) -> dict[str, tuple[int, ...]]:
 
 def model_shapes(model: str, num_classes: int = 1000) -> dict[str, tuple[int, ...]]:
     """Parameter shapes of a named variant (built once, on the host)."""
-    return network_shapes(create_model(model, num_classes=num_classes, img_size=None))
+    return network_shapes(Conformer(**model_arguments(model, {"num_classes": num_classes, "img_size": None})))
 
 
 def infer_num_classes(state: Mapping[str, np.ndarray]) -> int:
@@ -148,7 +148,7 @@ def load_official_weights(network, path: str | Path, skip: tuple[str, ...] = ())
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m conformer.convert", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m conformer.models.convert", description=__doc__.split("\n")[0])
     parser.add_argument("src", help="official weights: .pth (needs the [torch] extra) or .npz")
     parser.add_argument("dst", help="MindSpore checkpoint to write (.ckpt)")
     parser.add_argument("--model", required=True, choices=model_names(), help="variant, as in conf/model/")

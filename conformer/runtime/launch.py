@@ -26,10 +26,11 @@ from typing import IO, Any
 
 import psutil
 
-from conformer.hardware import SCHEDULER_ROLE, WORKER_ROLE, mindspore_log_level, world_size
-from conformer.paths import PROJECT_ROOT_ENV
-from conformer.signals import interruptible, signals_ignored
-from conformer.validation import BACKENDS
+from conformer.errors import LaunchError
+from conformer.runtime.hardware import SCHEDULER_ROLE, WORKER_ROLE, mindspore_log_level, world_size
+from conformer.runtime.paths import PROJECT_ROOT_ENV
+from conformer.runtime.signals import interruptible, signals_ignored
+from conformer.vocabulary import BACKENDS
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +42,6 @@ TERMINATE_GRACE_S = 5.0
 POLL_S = 0.5
 INHERITED_ENV = (PROJECT_ROOT_ENV, "ONEDNN_MAX_CPU_ISA", "GLOG_v", "MLFLOW_TRACKING_URI")
 _WORKER_EXIT = re.compile(r"Worker process (\d+) exit with exception\. Error code: (-?\d+)")
-
-
-class LaunchError(RuntimeError):
-    """The distributed job failed or was interrupted; `exit_code` is what the launcher should exit with."""
-
-    def __init__(self, message: str, exit_code: int = 1) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 # ---------------------------------------------------------------------------------------------------- plan

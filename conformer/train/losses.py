@@ -4,7 +4,7 @@ from __future__ import annotations
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
-from conformer.arguments import check_label_smoothing
+from conformer.train.arguments import check_label_smoothing
 
 
 def soft_target_cross_entropy(logits: Tensor, soft_target: Tensor) -> Tensor:

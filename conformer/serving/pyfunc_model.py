@@ -10,7 +10,7 @@ Input: a column `image` whose cells are base64-encoded image files (PNG, JPEG, .
 arrays (H x W x 3 RGB or H x W grey; integers 0-255 or floats 0-1); a JSON request's `inputs` may also be a plain
 list of such images. Output: one column of probabilities
 per class name and `label`, the most probable class. Decoding, preprocessing and softmax(conv + trans) are
-task=predict's (conformer.inference), so a served model answers as task=predict does.
+task=predict's (conformer.serving.inference), so a served model answers as task=predict does.
 """
 from __future__ import annotations
 
@@ -39,8 +39,8 @@ from mlflow.pyfunc import PythonModel, PythonModelContext
 from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 from mlflow.types.schema import AnyType, ColSpec, Schema
 
-from conformer.inference import decode_image, image_size, predict_probabilities
-from conformer.paths import PACKAGE_DIR
+from conformer.runtime.paths import PACKAGE_DIR
+from conformer.serving.inference import decode_image, image_size, predict_probabilities
 
 log = logging.getLogger(__name__)
 IMAGE_COLUMN = "image"
@@ -52,7 +52,8 @@ MODEL_CODE = PACKAGE_DIR / "tracking" / "served_model.py"  # what MLflow runs to
 # The eval transform a served model applies, by its parameters; no other class is ever built from a model's files.
 EVAL_TRANSFORM_TARGET = "conformer.data.transforms.EvalTransform"
 EVAL_TRANSFORM_KEYS = ("image_size", "crop_pct", "interpolation", "mean", "std")
-# What the served model imports besides mlflow (conformer.inference, conformer.data.transforms, the package root).
+# What the served model imports besides mlflow (conformer.serving.inference, conformer.data.transforms, the package
+# root).
 REQUIREMENTS = ("mindspore", "numpy", "pandas", "pillow", "hydra-core", "omegaconf", "psutil")
 
 
@@ -225,7 +226,7 @@ def transform_params(eval_transform: Mapping[str, Any], where: str = "eval_trans
             if not isinstance(values, (list, tuple)) or len(values) != 3:
                 raise ModelFilesError(f"{where}.{key}={_printable(values)} must be 3 numbers (RGB)")
             params[key] = [_number(v, f"{where}.{key}") for v in values]
-    from conformer.arguments import check_eval_transform  # the transform's own checks, without building it
+    from conformer.data.arguments import check_eval_transform
 
     try:
         check_eval_transform(**params)
