@@ -295,3 +295,19 @@ def test_an_unreachable_tracking_server_is_one_line_naming_it_without_its_passwo
     assert "pw-s3cret" not in result.stderr + result.stdout
     assert not [p for p in tmp_path.rglob("*") if p.is_file() and b"pw-s3cret" in p.read_bytes()]
     assert "Traceback" not in result.stderr and not (tmp_path / ".cache").exists()
+
+
+def test_named_sweeps_are_found_in_the_top_level_sweeps_folder() -> None:
+    """`sweep=<name>` composes `sweeps/<name>.yaml` through the project's search path; conf/ has no sweep group."""
+    from hydra import compose, initialize_config_dir
+
+    repo = Path(__file__).resolve().parents[1]
+    assert sorted(p.stem for p in (repo / "sweeps").glob("*.yaml")) == ["lr_grid", "optuna_lr"]
+    assert not (repo / "conf" / "sweep").exists()
+    with initialize_config_dir(str(repo / "conf"), version_base="1.3"):
+        hydra_cfg = compose("config", overrides=["sweep=lr_grid"], return_hydra_config=True).hydra
+    assert hydra_cfg.mode.name == "MULTIRUN"
+    assert dict(hydra_cfg.sweeper.params) == {"optim.schedule.base_lr": "5e-4,1e-3,2e-3",
+                                              "optim.optimizer.weight_decay": "0.05,0.1"}
+    assert [source.path for source in hydra_cfg.runtime.config_sources if source.schema == "sweeps"] == \
+        [str(repo / "sweeps")]

@@ -1,6 +1,6 @@
 """Optuna studies stored in SQLite, so that the same sweep command continues an interrupted study.
 
-Used by the sweeper `hydra_plugins.conformer_sweepers.StoredOptunaSweeper` (conf/sweep/optuna_lr.yaml) and by
+Used by the sweeper `hydra_plugins.conformer_sweepers.StoredOptunaSweeper` (sweeps/optuna_lr.yaml) and by
 `conformer.sweeps.callback.SweepParentCallback`, which finds the study's MLflow parent run in its user attributes.
 One sweep process per study: a trial left RUNNING in the study is one whose sweep was killed.
 """

@@ -1,4 +1,4 @@
-"""`StoredOptunaSweeper`: Hydra's Optuna sweeper for a study stored in SQLite (conf/sweep/optuna_lr.yaml).
+"""`StoredOptunaSweeper`: Hydra's Optuna sweeper for a study stored in SQLite (sweeps/optuna_lr.yaml).
 
 - `n_trials` counts the whole study: the same command run again after an interruption runs only the trials
   still missing (a complete study runs none and reports again).
