@@ -24,7 +24,9 @@ from conformer.models.registry import (
     nearest_image_size,
     valid_image_size,
 )
+from conformer.runtime.hardware import world_size
 from conformer.runtime.hardware_checks import check_hardware
+from conformer.train.schedules import fitting_warmup
 from conformer.vocabulary import (
     BAD_IMAGE_POLICIES,
     CHECKPOINT_SUFFIXES,
@@ -145,10 +147,10 @@ def _check_trainer(cfg: DictConfig) -> None:
     require_choice(_get(cfg, "trainer.monitor_mode"), "trainer.monitor_mode", MONITOR_MODES)
     require_int(OmegaConf.select(cfg, "trainer.keep_top_k", default=1), "trainer.keep_top_k",
                 hint="1 keeps best.ckpt only")
-    warmup = _get(cfg, "optim.schedule.warmup_epochs")
-    if warmup >= epochs > 1:
-        raise ConfigError(f"optim.schedule.warmup_epochs={warmup} must be below trainer.epochs={epochs}: set "
-                          f"optim.schedule.warmup_epochs={max(0, epochs - 1) if epochs <= 5 else 5} or train longer")
+    try:
+        fitting_warmup(_get(cfg, "optim.schedule.warmup_epochs"), epochs)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
 
 
 COMPONENT_GROUPS = ("model", "data", "optim", "loss", "trainer")  # the config groups that build components
@@ -170,8 +172,7 @@ def _check_components(cfg: DictConfig) -> None:
     build."""
     from conformer.config.components import CHECKS  # the data and training components' checks
 
-    global_batch = _get(cfg, "data.batch_size") * (cfg.hardware.get("workers", 1) * cfg.hardware.get("nodes", 1)) * \
-        _get(cfg, "trainer.grad_accum_steps")
+    global_batch = _get(cfg, "data.batch_size") * world_size(cfg.hardware) * _get(cfg, "trainer.grad_accum_steps")
     supplied = {"optim.schedule": {"global_batch": global_batch}}  # what the trainer passes the partial schedule
     for group in COMPONENT_GROUPS:
         if group not in cfg:

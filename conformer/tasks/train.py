@@ -30,6 +30,7 @@ from conformer.tasks.common import (
     task_tracker,
 )
 from conformer.train.curves import plot_curves
+from conformer.train.schedules import fitting_warmup
 from conformer.train.step import apply_amp
 from conformer.train.trainer import Trainer
 from conformer.vocabulary import MLFLOW_PREFIX
@@ -170,13 +171,12 @@ def _modified(paths: Iterable[Path]) -> list[tuple[float, Path]]:
 
 
 def _warmup_epochs(cfg: DictConfig) -> float:
-    """The configured warmup; none for a run shorter than it (validation lets 1-epoch smoke runs through)."""
-    warmup, epochs = cfg.optim.schedule.warmup_epochs, cfg.trainer.epochs
-    if warmup < epochs:
-        return warmup
-    log.warning("optim.schedule.warmup_epochs=%s does not fit in trainer.epochs=%d: training without warmup",
-                warmup, epochs)
-    return 0
+    """The configured warmup; none for a one-epoch run (`fitting_warmup`: validation lets such smoke runs through)."""
+    warmup = fitting_warmup(cfg.optim.schedule.warmup_epochs, cfg.trainer.epochs)
+    if warmup != cfg.optim.schedule.warmup_epochs:
+        log.warning("optim.schedule.warmup_epochs=%s does not fit in trainer.epochs=%d: training without warmup",
+                    cfg.optim.schedule.warmup_epochs, cfg.trainer.epochs)
+    return warmup
 
 
 WHOLE_LOG = Path(".resumed") / "train.log"  # in a resumed training's run dir: the log of all its parts

@@ -37,6 +37,8 @@ def check_schedule(base_lr: float, warmup_lr: float, min_lr: float, warmup_epoch
                         ("warmup_epochs", warmup_epochs)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
             raise ValueError(f"WarmupCosineSchedule: {name} must be a finite number >= 0, got {value}.")
+    if base_lr <= 0:
+        raise ValueError(f"WarmupCosineSchedule: base_lr must be > 0 (a learning rate), got {base_lr}.")
     if interval not in INTERVALS:
         raise ValueError(f"WarmupCosineSchedule: interval {interval!r} is unknown; choose one of {INTERVALS}.")
     known = [n for n in (epochs, steps_per_epoch) if n is not None]
@@ -51,6 +53,17 @@ def check_schedule(base_lr: float, warmup_lr: float, min_lr: float, warmup_epoch
         how = "" if scaled == base_lr else f", scaled from {base_lr} by {lr_scaling}"
         raise ValueError(f"WarmupCosineSchedule: min_lr ({min_lr}) must not exceed base_lr ({scaled}{how}).")
     return scaled
+
+
+def fitting_warmup(warmup_epochs: float, epochs: int) -> float:
+    """The warmup a run of `epochs` trains with: the configured one; none for a one-epoch run (a smoke test may keep
+    the recipe's warmup). A ValueError naming both keys when a longer run cannot fit it."""
+    if warmup_epochs < epochs:
+        return warmup_epochs
+    if epochs <= 1:
+        return 0.0
+    raise ValueError(f"optim.schedule.warmup_epochs={warmup_epochs} must be below trainer.epochs={epochs}: set "
+                     f"optim.schedule.warmup_epochs={max(0, epochs - 1) if epochs <= 5 else 5} or train longer")
 
 
 class WarmupCosineSchedule:
