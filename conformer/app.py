@@ -5,6 +5,7 @@ graphs are loaded.
 """
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from conformer.runtime.logs import file_logging
 from conformer.runtime.rundir import check_run_dir
 from conformer.runtime.signals import interruptible
 from conformer.secrets import redact
+from conformer.vocabulary import TASKS
 
 if TYPE_CHECKING:
     from conformer.tasks.common import RunContext
@@ -38,14 +40,10 @@ class Relaunch:
     args: Sequence[str]
 
 
-def task_registry() -> dict[str, Callable[[RunContext], float | None]]:
-    from conformer.tasks.eval import evaluate
-    from conformer.tasks.export import export
-    from conformer.tasks.predict import predict
-    from conformer.tasks.preflight import preflight
-    from conformer.tasks.train import train
-
-    return {"train": train, "eval": evaluate, "export": export, "predict": predict, "preflight": preflight}
+def task_function(name: str) -> Callable[[RunContext], float | None]:
+    """The function that runs task `name` (`conformer.vocabulary.TASKS`); importing it imports MindSpore and MLflow."""
+    module, _, function = TASKS[name].partition(":")
+    return getattr(importlib.import_module(module), function)
 
 
 def run(cfg: DictConfig, run_dir: Path, relaunch: Relaunch | None = None, only_task: bool = False) -> float | None:
@@ -76,7 +74,7 @@ def run(cfg: DictConfig, run_dir: Path, relaunch: Relaunch | None = None, only_t
             log.debug("composed config:\n%s", resolved_yaml(cfg))
         seed_everything(int(cfg.seed))
         ctx = RunContext(cfg=cfg, run_dir=run_dir, project_root=Path(cfg.paths.root), group=group)
-        task = task_registry()[cfg.task.name]  # imports the tasks (MindSpore, MLflow)
+        task = task_function(cfg.task.name)  # imports the tasks (MindSpore, MLflow)
         start_run()  # frees an earlier task's cells (a sweep's trials), freezes the rest out of later collections
         try:
             objective = task(ctx)

@@ -4,7 +4,10 @@ Each rule about these values lives beside the component that applies it; this mo
 """
 from __future__ import annotations
 
-TASKS = ("train", "eval", "export", "predict", "preflight")
+# The tasks (`task=<name>`, conf/task/<name>.yaml) and the function that runs each: the one list of them.
+TASKS = {"train": "conformer.tasks.train:train", "eval": "conformer.tasks.eval:evaluate",
+         "export": "conformer.tasks.export:export", "predict": "conformer.tasks.predict:predict",
+         "preflight": "conformer.tasks.preflight:preflight"}
 AMP_LEVELS = ("O0", "O1", "O2", "O3")
 PROGRESS_BAR_SETTINGS = ("auto", True, False)
 LOSS_SCALES = ("none", "static", "dynamic")

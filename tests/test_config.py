@@ -311,3 +311,14 @@ def test_named_sweeps_are_found_in_the_top_level_sweeps_folder() -> None:
                                               "optim.optimizer.weight_decay": "0.05,0.1"}
     assert [source.path for source in hydra_cfg.runtime.config_sources if source.schema == "sweeps"] == \
         [str(repo / "sweeps")]
+
+
+def test_the_one_list_of_tasks_matches_the_task_configs_and_runs_functions() -> None:
+    """`conformer.vocabulary.TASKS` names every `conf/task/*.yaml` (and nothing else), each with its function."""
+    from conformer.app import task_function
+    from conformer.vocabulary import TASKS
+
+    repo = Path(__file__).resolve().parents[1]
+    assert sorted(TASKS) == sorted(p.stem for p in (repo / "conf" / "task").glob("*.yaml"))
+    for name in TASKS:
+        assert callable(task_function(name)) and compose_config([f"task={name}"]).task.name == name

@@ -62,7 +62,7 @@ def _get(cfg: DictConfig, key: str) -> Any:
 # ---------------------------------------------------------------------------------------------------- config
 def validate_config(cfg: DictConfig) -> None:
     """Raise ConfigError for the first impossible value (types, ranges, geometry, files, hardware)."""
-    task = require_choice(_get(cfg, "task.name"), "task.name", TASKS)
+    task = require_choice(_get(cfg, "task.name"), "task.name", tuple(TASKS))
     require_int(_get(cfg, "seed"), "seed", minimum=0)
     if not isinstance(cfg.get("compile_cache", False), bool):
         raise ConfigError(f"compile_cache={cfg.get('compile_cache')!r} must be true or false")
