@@ -24,13 +24,8 @@ from conformer.tracking.store import (
     run_checkpoint,
 )
 from conformer.tracking.summary import comparable_params, default_run_name, image_dataset, user_tags
-from conformer.tracking.tracker import (
-    NullTracker,
-    Tracker,
-    create_tracker,
-    flatten_config,
-    run_tags,
-)
+from conformer.tracking.tracker import NullTracker, Tracker, create_tracker
+from conformer.tracking.values import flatten_config, run_tags
 
 __all__ = ["NullTracker", "Tracker", "TrackingUnavailable", "close_runs_of_dead_processes", "comparable_params",
            "create_tracker", "default_artifact_root", "default_run_name", "default_tracking_uri", "end_unfinished_runs",

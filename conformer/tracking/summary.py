@@ -10,7 +10,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from conformer.models.registry import model_name
-from conformer.tracking.tracker import flatten_config
+from conformer.tracking.values import flatten_config
 
 # Config sections a user compares runs by; of `hardware` only the name and the world size.
 COMPARED_SECTIONS = ("model", "data", "optim", "loss", "trainer")

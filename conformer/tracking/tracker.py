@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import atexit
 import getpass
-import json
 import logging
 import math
 import os
 import socket
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,6 @@ import psutil
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import (
-    MLFLOW_GIT_COMMIT,
     MLFLOW_PARENT_RUN_ID,
     MLFLOW_RUN_NOTE,
     MLFLOW_SOURCE_NAME,
@@ -32,8 +30,6 @@ from mlflow.utils.validation import (
     MAX_PARAMS_TAGS_PER_BATCH,
     MAX_TAG_VAL_LENGTH,
 )
-from omegaconf import DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import InterpolationResolutionError
 
 from conformer.runtime.signals import on_forced_exit
 from conformer.secrets import redact
@@ -68,89 +64,13 @@ from conformer.tracking.store import (
 )
 from conformer.tracking.store import client as store_client
 from conformer.tracking.system_metrics import start_system_metrics
+from conformer.tracking.values import chunks, metric_float, to_str, truncate
 
 log = logging.getLogger(__name__)
 FALLBACK_TAG = "tracking.unavailable_store"  # the store a run fell back from (tracking.fallback_to_local)
 SYSTEM_METRICS_INTERVAL_S = 10.0
 # on a sweep's trials: their parent's id and name, and the sweep's name (the parent's own tag of that name)
 SWEEP_PARENT_TAGS = ("sweep.parent_id", "sweep.parent", "sweep.name")
-
-
-# ---------------------------------------------------------------------------------------------------- values
-def _truncate(value: str, limit: int) -> str:
-    """`value` as MLflow may store it: no URI's user info (a secret), at most `limit` characters."""
-    value = redact(value)
-    return value if len(value) <= limit else value[: limit - 3] + "..."
-
-
-def _to_str(value: Any) -> str:
-    if isinstance(value, (list, tuple)):
-        return json.dumps(value, default=str)
-    return str(value)
-
-
-def _plain(node: Any) -> Any:
-    """Nested containers with OmegaConf nodes resolved into plain dicts and lists."""
-    if isinstance(node, (DictConfig, ListConfig)):
-        try:
-            return OmegaConf.to_container(node, resolve=True, throw_on_missing=False)
-        except InterpolationResolutionError as err:
-            raise ValueError(f"cannot log the config: an interpolation does not resolve here ({err}); "
-                             "pass a config whose interpolations resolve in this process.") from err
-    if isinstance(node, Mapping):
-        return {key: _plain(value) for key, value in node.items()}
-    if isinstance(node, (list, tuple)):
-        return [_plain(value) for value in node]
-    return node
-
-
-def _flatten(node: Any, prefix: str, out: dict[str, Any]) -> None:
-    if isinstance(node, Mapping) and node:
-        for key, value in node.items():
-            _flatten(value, f"{prefix}.{key}" if prefix else str(key), out)
-    else:
-        out[prefix] = node
-
-
-def flatten_config(cfg: Mapping[str, Any] | DictConfig) -> dict[str, str]:
-    """Dotted keys ("optim.optimizer.lr") to strings.
-
-    Interpolations are resolved, lists become JSON, empty mappings "{}", and values are truncated to MLflow's
-    parameter limit.
-    """
-    if not isinstance(cfg, Mapping):
-        raise TypeError(f"flatten_config expects a mapping or DictConfig, got {type(cfg).__name__}")
-    flat: dict[str, Any] = {}
-    for key, value in _plain(cfg).items():
-        _flatten(value, str(key), flat)
-    return {key: _truncate(_to_str(value), MAX_PARAM_VAL_LENGTH) for key, value in flat.items()}
-
-
-def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
-
-
-def _float(key: str, value: Any) -> float:
-    try:
-        return float(value.item() if hasattr(value, "item") else value)
-    except (TypeError, ValueError) as err:
-        raise TypeError(f"metric {key!r} must be a number, got {type(value).__name__}: {value!r}") from err
-
-
-# ---------------------------------------------------------------------------------------------------- tags
-def run_tags(*, model: str | None = None, data: str | None = None, hardware: str | None = None,
-             task: str | None = None, overrides: Sequence[str] = (), git_commit: str | None = None,
-             run_dir: Path | str | None = None, world_size: int = 1,
-             extra: Mapping[str, Any] | None = None) -> dict[str, str]:
-    """Tags for a run; values that are None are left out, the commit goes to MLflow's own git tag."""
-    tags: dict[str, Any] = {
-        "model": model, "data": data, "hardware": hardware, "task": task,
-        "overrides": " ".join(overrides), MLFLOW_GIT_COMMIT: git_commit,
-        "run_dir": str(run_dir) if run_dir is not None else None, "world_size": world_size,
-        **(extra or {}),
-    }
-    return {key: str(value) for key, value in tags.items() if value is not None}
 
 
 # ---------------------------------------------------------------------------------------------------- tracker
@@ -208,7 +128,7 @@ class Tracker:
             if self.parent_run_id:
                 run_tags_.update(self._check_parent())
                 run_tags_[MLFLOW_PARENT_RUN_ID] = self.parent_run_id
-            tags_ = {k: _truncate(str(v), MAX_TAG_VAL_LENGTH) for k, v in run_tags_.items()}
+            tags_ = {k: truncate(str(v), MAX_TAG_VAL_LENGTH) for k, v in run_tags_.items()}
             run = self._continue(resume_run_id, tags_) if resume_run_id else None
             if run is None:
                 run = self._client.create_run(self.experiment_id, run_name=self.run_name, tags=tags_)
@@ -294,13 +214,13 @@ class Tracker:
     # -- logging
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Log parameters (values as strings, truncated), in batches within MLflow's per-request limits."""
-        entries = [Param(str(k), _truncate(_to_str(v), MAX_PARAM_VAL_LENGTH)) for k, v in params.items()]
-        for batch in _chunks(entries, MAX_PARAMS_TAGS_PER_BATCH):
+        entries = [Param(str(k), truncate(to_str(v), MAX_PARAM_VAL_LENGTH)) for k, v in params.items()]
+        for batch in chunks(entries, MAX_PARAMS_TAGS_PER_BATCH):
             self._send(Batch(params=list(batch)))
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        entries = [RunTag(str(k), _truncate(str(v), MAX_TAG_VAL_LENGTH)) for k, v in tags.items()]
-        for batch in _chunks(entries, MAX_PARAMS_TAGS_PER_BATCH):
+        entries = [RunTag(str(k), truncate(str(v), MAX_TAG_VAL_LENGTH)) for k, v in tags.items()]
+        for batch in chunks(entries, MAX_PARAMS_TAGS_PER_BATCH):
             self._send(Batch(tags=list(batch)))
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
@@ -309,7 +229,7 @@ class Tracker:
         timestamp = int(time.time() * 1000)
         entries, first_bad = [], {}
         for key, value in metrics.items():
-            number = _float(key, value)
+            number = metric_float(key, value)
             if math.isfinite(number):
                 entries.append(Metric(key, number, timestamp, int(step)))
                 continue
@@ -317,7 +237,7 @@ class Tracker:
             if key not in self._nonfinite:
                 self._nonfinite.add(key)
                 first_bad[f"nonfinite.{key}"] = int(step)
-        for batch in _chunks(entries, MAX_METRICS_PER_BATCH):
+        for batch in chunks(entries, MAX_METRICS_PER_BATCH):
             self._send(Batch(metrics=list(batch)))
         if first_bad:
             self.set_tags(first_bad)
