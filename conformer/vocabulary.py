@@ -30,8 +30,8 @@ OFFICIAL_SUFFIXES = (".pth", ".pt", ".tar", ".npz")  # official PyTorch weights,
 MLFLOW_PREFIX = "mlflow:"
 HEADS = ("conv", "trans", "sum")  # the two classifier heads and their sum (the prediction)
 # What a training logs once per epoch, and so what trainer.monitor may name.
-EPOCH_METRICS = ("val/loss", *(f"val/top{k}_{head}" for k in (1, 5) for head in HEADS), "train/epoch_loss", "epoch",
-                 "epoch_time_s")
+EPOCH_METRICS = ("val/loss", *(f"val/top{k}_{head}" for k in (1, 5) for head in HEADS), "train/loss_epoch",
+                 "train/epoch", "time/epoch_s")
 MONITOR_MODES = ("max", "min")
 TAG_NAME = r"[\w./ -]+"  # what MLflow accepts as a tag key
 # Keys of a model config that are not constructor arguments of the network.

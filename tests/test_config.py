@@ -79,8 +79,8 @@ def test_conformer_ti_config_builds_the_official_parameter_count() -> None:
     ("trainer.epochs=ten", "trainer.epochs='ten' must be an integer >= 1"),
     ("+model.depth=7", "model.depth=7 must be a positive multiple of 3"),
     ("trainer.monitor=val/top1", "trainer.monitor='val/top1'; choose one of val/loss, val/top1_conv, val/top1_trans, "
-                                 "val/top1_sum, val/top5_conv, val/top5_trans, val/top5_sum, train/epoch_loss, epoch, "
-                                 "epoch_time_s"),
+                                 "val/top1_sum, val/top5_conv, val/top5_trans, val/top5_sum, train/loss_epoch, "
+                                 "train/epoch, time/epoch_s"),
     ("trainer.epochs=3", "optim.schedule.warmup_epochs=5 must be below trainer.epochs=3: set "
                          "optim.schedule.warmup_epochs=2 or train longer"),
     ("hardware.runtime_num_threads=0", "hardware.runtime_num_threads=0 must be an integer >= 1 (or null: the default)"),

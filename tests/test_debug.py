@@ -55,7 +55,7 @@ def test_profile_run_in_a_terminal_shows_a_bar_and_logs_the_profile_to_the_debug
     assert experiment is not None and client.get_experiment_by_name("conformer") is None
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.info.status == "FINISHED"
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "epoch")] == [4]  # limit_train_batches
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/epoch")] == [4]  # limit_train_batches
     run_dir = Path(run.data.tags["run_dir"])
     op_types = (run_dir / "profile" / "op_types.csv").read_text().splitlines()
     assert op_types[0].startswith("op_type,") and any(line.startswith("Conv2D") for line in op_types)

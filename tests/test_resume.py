@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 STEPS_PER_EPOCH = 6  # 96 tiny train images / batch 16
 # Monitoring the epoch number with mode=min makes epoch 1 the best and every later epoch worse, whatever the
 # (random) accuracy does: "the best checkpoint survives a worse epoch" becomes deterministic.
-MONITOR = ("trainer.monitor=epoch", "trainer.monitor_mode=min")
+MONITOR = ("trainer.monitor=train/epoch", "trainer.monitor_mode=min")
 # The official per-epoch lr stepping: constant within an epoch, epoch e at the value of epoch e - 1.
 PER_EPOCH_LR = "optim.schedule.interval=epoch"
 
@@ -79,13 +79,13 @@ def test_a_run_killed_with_sigkill_resumes_to_bit_identical_weights(tmp_path: Pa
     if checkpoint_epoch == 1:  # as if the kill came after epoch 2's metrics were logged, before its checkpoint
         client = MlflowClient(store_uri(killed))
         (run,) = client.search_runs([client.get_experiment_by_name("conformer").experiment_id])
-        if 2 * STEPS_PER_EPOCH not in {m.step for m in client.get_metric_history(run.info.run_id, "epoch")}:
-            client.log_metric(run.info.run_id, "epoch", 2.0, step=2 * STEPS_PER_EPOCH)
+        if 2 * STEPS_PER_EPOCH not in {m.step for m in client.get_metric_history(run.info.run_id, "train/epoch")}:
+            client.log_metric(run.info.run_id, "train/epoch", 2.0, step=2 * STEPS_PER_EPOCH)
 
     result = run_py_to_end(overrides(killed, "trainer.resume=auto"), killed)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resuming the newest checkpoint of this config, {first_dir}" in result.stdout
-    assert "done: epoch 3.00 (best 1.00 at epoch 1)" in result.stdout  # the best of the first process, not epoch 3's
+    assert "done: train/epoch 3.00 (best 1.00 at epoch 1)" in result.stdout  # the first process's best
 
     _assert_same_weights(read_checkpoint(_final_checkpoint(killed))[0], uninterrupted)
 
@@ -103,7 +103,7 @@ def test_a_run_killed_with_sigkill_resumes_to_bit_identical_weights(tmp_path: Pa
     (run,) = client.search_runs([client.get_experiment_by_name("conformer").experiment_id])
     assert run.info.status == "FINISHED" and run.data.tags["resumed"] == "true"
     assert "trainer.resume" not in run.data.params and run.data.tags["run_dir"] == str(second)
-    epochs = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "epoch")]
+    epochs = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train/epoch")]
     assert epochs[-1] == (3 * STEPS_PER_EPOCH, 3.0) and [s for s, _ in epochs] == sorted({s for s, _ in epochs})
     # per-epoch lr (warmup 1 epoch, base 1e-3, warmup 1e-6, min 1e-5): epochs 1 and 2 train at the warmup start,
     # lr(0); epoch 3 at lr(1) = 1e-5 + (1e-3 - 1e-5)(1 + cos(pi/3))/2, whichever process ran them
@@ -120,8 +120,8 @@ def test_a_run_killed_with_sigkill_resumes_to_bit_identical_weights(tmp_path: Pa
     losses = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
     assert sorted(losses) == list(range(1, 3 * STEPS_PER_EPOCH + 1)), losses
     log = Path(client.download_artifacts(run.info.run_id, "train.log", str(tmp_path))).read_text()
-    assert "epoch 1/3" in log and "resumed from" in log and "done: epoch 3.00" in log
-    assert log.index("epoch 1/3") < log.index("resumed from") < log.index("done: epoch 3.00")
+    assert "epoch 1/3" in log and "resumed from" in log and "done: train/epoch 3.00" in log
+    assert log.index("epoch 1/3") < log.index("resumed from") < log.index("done: train/epoch 3.00")
 
     # resuming the finished training again: nothing left to train, and the run still points at its checkpoints
     again = run_py_to_end(overrides(killed, "trainer.resume=auto"), killed)

@@ -113,7 +113,7 @@ def test_metric_histories_follow_the_global_step(trained: Trained) -> None:
     assert [step for step, _ in trained.history("train/loss")] == list(range(2, last + 1, 2))
     assert all(np.isfinite(v) and v > 0 for _, v in trained.history("train/loss"))
     assert [step for step, _ in trained.history("train/lr")] == list(range(2, last + 1, 2))
-    assert trained.history("epoch") == [(STEPS_PER_EPOCH, 1.0), (last, 2.0)]
+    assert trained.history("train/epoch") == [(STEPS_PER_EPOCH, 1.0), (last, 2.0)]
     top1 = trained.history("val/top1_sum")
     assert [step for step, _ in top1] == [STEPS_PER_EPOCH, last]
     assert all(0.0 <= v <= 100.0 for _, v in top1)
@@ -129,6 +129,13 @@ def test_metric_histories_follow_the_global_step(trained: Trained) -> None:
     logged = trained.client.get_run(trained.run.info.run_id).data.metrics
     assert 0 < logged["system/cpu_utilization_percentage"] <= 100 * os.cpu_count()
     assert logged["system/system_memory_usage_megabytes"] > 0
+    # every chart in a section; the epoch's mean train loss at the steps of val/loss (one chart holds both)
+    assert {key.split("/", 1)[0] for key in logged} == {"train", "val", "time", "system", "best"}
+    assert {"train/epoch", "time/epoch_s", "time/compile_train_step_s"} <= set(logged)
+    assert [s for s, _ in trained.history("train/loss_epoch")] == [s for s, _ in trained.history("val/loss")] == [
+        STEPS_PER_EPOCH, last]
+    # no constant series: no loss scaler (trainer.loss_scale=none), no bad image
+    assert not [key for key in logged if key == "train/loss_scale" or key.startswith("data/")]
 
 
 def test_artifacts_are_the_config_log_curves_and_the_checkpoints_stored_once(trained: Trained,
@@ -264,6 +271,7 @@ def test_overflow_steps_are_skipped_and_kept_out_of_the_averages(tmp_path_factor
     assert f"fine-tuning: {pretrained} has 10 classes, the model 3" in log_text
     assert log_text.count(f"skipping bad image {corrupt}") == 1
     assert [m.value for m in client.get_metric_history(run.info.run_id, "data/skipped_images_train")] == [1.0]
+    assert "data/skipped_images_val" not in run.data.metrics  # no bad val image: no chart of zeros
     scales = [m.value for m in client.get_metric_history(run.info.run_id, "train/loss_scale")]
     assert scales[0] < HUGE_SCALE and scales == sorted(scales, reverse=True)  # halved on every overflow
     norms = client.get_metric_history(run.info.run_id, "train/grad_norm")

@@ -22,7 +22,8 @@ from mlflow import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from conformer.sweeps.callback import PARENT_FILE
-from conformer.sweeps.report import Trial, best_trial, format_table, parse_overrides, short_labels, sort_trials
+from conformer.sweeps.report import Trial, best_trial, format_table, objective_figure, parse_overrides, sort_trials
+from conformer.tracking.summary import short_labels, short_value
 
 from .helpers import (
     REPO,
@@ -37,7 +38,8 @@ from .helpers import (
 )
 
 MONITOR = "val/top1_sum"
-GRID = ["-m", "trainer.epochs=1,2", "optim.schedule.warmup_epochs=0,2"]  # (2, 2) fails: warmup must be < epochs
+# (2, 2) fails: warmup must be < epochs; the lr, one value typed its own way, is spelt one way in every view
+GRID = ["-m", "trainer.epochs=1,2", "optim.schedule.warmup_epochs=0,2", "optim.schedule.base_lr=choice(0.0010)"]
 BAD = "optim.schedule.warmup_epochs=2 must be below trainer.epochs=2"
 
 
@@ -60,11 +62,50 @@ def test_trials_table_orders_by_the_objective_and_counts_outcomes() -> None:
     assert [t.number for t in sort_trials(trials, "min")][:3] == [0, 4, 2]
     lines = format_table(ranked, "val/top1_sum", short_labels(keys)).splitlines()
     assert lines[0].split() == ["trial", "overrides", "val/top1_sum", "status", "wall", "time"]
-    assert lines[3].split() == ["0", "base_lr=0.0006466", "drop_path_rate=0.1", "0.5000", "FINISHED", "10.0s"]
-    assert lines[5].split() == ["1", "base_lr=1e-3", "drop_path_rate=0.0", "-", "FAILED", "0.2s"]
+    assert lines[3].split() == ["0", "base_lr=6.466e-4", "drop_path_rate=0.1", "0.5000", "FINISHED", "10.0s"]
+    assert lines[5].split() == ["1", "base_lr=1e-3", "drop_path_rate=0", "-", "FAILED", "0.2s"]
     assert len({len(line) for line in lines[2:7]}) == 1  # aligned: the wall time column ends every row
     assert lines[-1] == "5 trials: 3 finished, 1 failed, 1 killed"
     assert best_trial(sort_trials([trials[1], trials[3]], "max")) is None
+
+
+def test_a_swept_value_has_one_short_exact_spelling() -> None:
+    """Whichever way a value was typed (or Hydra wrote it back): the shorter of positional and exponent form,
+    exact; a search's long draw to 4 significant digits; integers and words as given."""
+    spelt = {"2e-3": "2e-3", "0.002": "2e-3", "0.0020": "2e-3", "5e-4": "5e-4", "1.0e-3": "1e-3", "0.1": "0.1",
+             "1e-1": "0.1", "5e-2": "0.05", "1.5e-3": "0.0015", "-0.001": "-1e-3", "1e5": "1e5", "0.0": "0",
+             "0.0026512259742974293": "0.002651", "0.0006466422717414558": "6.466e-4", "12": "12", "adamw": "adamw",
+             "nan": "nan"}
+    assert {value: short_value(value) for value in spelt} == spelt
+
+
+def _panel_trials(key: str, values: list[str]) -> list[Trial]:
+    return [Trial(n, f"r{n}", "FINISHED", 50.0 + n, 1.0, {key: value}) for n, value in enumerate(values)]
+
+
+@pytest.mark.parametrize(("spec", "values", "scale"), [
+    ("tag(log, interval(1e-4, 3e-3))", ["0.00021", "0.00033", "0.0004", "0.00052", "0.0006", "0.00071"], "log"),
+    ("interval(1e-4, 3e-3)", ["0.00021", "0.00033", "0.0004", "0.00052", "0.0006", "0.00071"], "linear"),
+    ("1e-4,1e-3,1e-2", ["1e-4", "1e-3", "1e-2"], "log"),  # a grid over two decades
+    ("5e-4,1e-3,2e-3", ["5e-4", "1e-3", "2e-3"], "linear"),  # within one
+    (None, ["1e-5", "1e-3"], "log"),  # no space known: the values span more than a decade
+])
+def test_objective_plot_axis_follows_the_search_space_with_readable_ticks(spec, values, scale) -> None:
+    key = "optim.schedule.base_lr"
+    fig = objective_figure(_panel_trials(key, values), [key], MONITOR, {key: spec} if spec else None)
+    [ax] = fig.axes
+    assert ax.get_xscale() == scale
+    renderer = fig.canvas.get_renderer()
+    lo, hi = ax.get_xlim()
+    labels = [(tick.label1.get_text(), tick.label1.get_window_extent(renderer)) for tick in ax.xaxis.get_major_ticks()
+              if tick.label1.get_visible() and tick.label1.get_text() and lo <= tick.get_loc() <= hi]
+    assert len(labels) >= 2
+    for i, (_, box) in enumerate(labels):  # side by side, none running into the next
+        assert not any(box.overlaps(other) for _, other in labels[i + 1:]), [text for text, _ in labels]
+    assert all(short_value(text) == text for text, _ in labels)  # spelt like the run names
+    if spec and "(" not in spec:  # a grid: a tick at each value tried
+        assert [text for text, _ in labels] == [short_value(v) for v in values]
+    assert not any(t.label1.get_text() for t in ax.xaxis.get_minor_ticks())
 
 
 @dataclass(frozen=True)
@@ -117,17 +158,21 @@ def test_grid_sweep_with_a_failing_trial_summarised_on_its_parent(grid_sweep: Sw
     assert f"trial 3 failed: {BAD}" in sweep.stderr and "1 trial(s) failed" in sweep.stderr
 
     [parent] = sweep.parents()
-    assert re.fullmatch(r"sweep epochs,warmup_epochs \d\d-\d\d \d\d:\d\d:\d\d", parent.info.run_name)
+    assert re.fullmatch(r"sweep epochs,warmup_epochs,base_lr \d\d-\d\d \d\d:\d\d:\d\d", parent.info.run_name)
     assert parent.info.status == "FINISHED"  # a trial finished: the sweep has a result (the exit code says 1 failed)
-    assert (parent.data.tags["sweeper"], parent.data.tags["sweep.name"]) == ("basic", "sweep epochs,warmup_epochs")
+    assert (parent.data.tags["sweeper"], parent.data.tags["sweep.name"]) == (
+        "basic", "sweep epochs,warmup_epochs,base_lr")
     # a -m grid's search space, as written on the command line
-    assert parent.data.params == {"sweep.trainer.epochs": "1,2", "sweep.optim.schedule.warmup_epochs": "0,2"}
+    assert parent.data.params == {"sweep.trainer.epochs": "1,2", "sweep.optim.schedule.warmup_epochs": "0,2",
+                                  "sweep.optim.schedule.base_lr": "choice(0.0010)"}
     children = sweep.children(parent.info.run_id)
     assert sorted(children) == [0, 1, 2, 3]
     swept = {n: parse_overrides(r.data.tags["overrides"]) for n, r in children.items()}
     assert [(swept[n]["trainer.epochs"], swept[n]["optim.schedule.warmup_epochs"]) for n in range(4)] == [
         ("1", "0"), ("1", "2"), ("2", "0"), ("2", "2")]
     assert [children[n].info.status for n in range(4)] == ["FINISHED", "FINISHED", "FINISHED", "FAILED"]
+    assert [children[n].info.run_name for n in range(4)] == [
+        f"base_lr=1e-3 epochs={e} warmup_epochs={w}" for e, w in ((1, 0), (1, 2), (2, 0), (2, 2))]
     assert children[3].data.tags["error"].startswith(f"ConfigError: {BAD}")
     # the failed trial has the params of the others, so it sits in the same columns of the runs table
     assert {"trainer.epochs", "optim.schedule.base_lr", "hardware.world_size"} <= set(children[3].data.params) <= \
@@ -140,16 +185,21 @@ def test_grid_sweep_with_a_failing_trial_summarised_on_its_parent(grid_sweep: Sw
     assert best_values[3] is None and all(best_values[n] is not None for n in range(3))
     winner = min(range(3), key=lambda n: (-best_values[n], n))
     assert parent.data.metrics[f"best/{MONITOR}"] == pytest.approx(best_values[winner])
+    # logged at the step at which the winner reached it: on the winner's curve in the charts, not alone at step 0
+    winner_history = sweep.client.get_metric_history(children[winner].info.run_id, MONITOR)
+    best_step = min(m.step for m in winner_history if m.value == best_values[winner])
+    assert [m.step for m in sweep.client.get_metric_history(parent.info.run_id, f"best/{MONITOR}")] == [best_step]
     assert parent.data.tags["best.run_id"] == children[winner].info.run_id
     assert parent.data.tags["best.trial"] == str(winner)
     assert parent.data.tags["best.trainer.epochs"] == swept[winner]["trainer.epochs"]
     assert parent.data.tags["best.optim.schedule.warmup_epochs"] == swept[winner]["optim.schedule.warmup_epochs"]
+    assert parent.data.tags["best.optim.schedule.base_lr"] == "1e-3"
     assert {k: parent.data.metrics[k] for k in ("sweep/trials", "sweep/finished", "sweep/failed")} == {
         "sweep/trials": 4, "sweep/finished": 3, "sweep/failed": 1}
 
     # The printed table is the store's, best first, the failed trial last.
     order = sorted(range(3), key=lambda n: (-best_values[n], n)) + [3]
-    labels = {n: f"epochs={v['trainer.epochs']} warmup_epochs={v['optim.schedule.warmup_epochs']}"
+    labels = {n: f"epochs={v['trainer.epochs']} warmup_epochs={v['optim.schedule.warmup_epochs']} base_lr=1e-3"
               for n, v in swept.items()}
     expected = [[str(n), labels[n], "-" if best_values[n] is None else f"{best_values[n]:.4f}", children[n].info.status]
                 for n in order]
@@ -164,8 +214,9 @@ def test_grid_sweep_with_a_failing_trial_summarised_on_its_parent(grid_sweep: Sw
         header = next(csv.reader(handle))
         handle.seek(0)
         rows = list(csv.DictReader(handle))
-    assert header == ["trainer.epochs", "optim.schedule.warmup_epochs", MONITOR, "status", "trial", "wall_time_s",
-                      "run_id"]  # the swept values first
+    assert header == ["trainer.epochs", "optim.schedule.warmup_epochs", "optim.schedule.base_lr", MONITOR, "status",
+                      "trial", "wall_time_s", "run_id"]  # the swept values first
+    assert {row["optim.schedule.base_lr"] for row in rows} == {"1e-3"}
     assert [row["run_id"] for row in rows] == [children[n].info.run_id for n in order]
     assert [row["status"] for row in rows] == [children[n].info.status for n in order]
     assert [float(row[MONITOR]) for row in rows[:3]] == pytest.approx([best_values[n] for n in order[:3]])
@@ -316,6 +367,8 @@ def test_optuna_study_killed_and_continued_by_the_same_command(tmp_path: Path) -
     best = max((0, 2), key=lambda n: sweep.best(children[n].info.run_id))
     assert same.data.metrics[f"best/{MONITOR}"] == pytest.approx(sweep.best(children[best].info.run_id))
     assert same.data.tags["best.run_id"] == children[best].info.run_id
+    # the winner's drawn lr spelt alike in its run name and the parent's tag
+    assert f"base_lr={same.data.tags['best.optim.schedule.base_lr']}" in children[best].info.run_name.split()
     assert {k: same.data.metrics[k] for k in ("sweep/trials", "sweep/finished", "sweep/failed")} == {
         "sweep/trials": 3, "sweep/finished": 2, "sweep/failed": 1}
     assert [row[0] for row in printed_table(again.stdout)] == [str(best), str(2 - best), "1"]

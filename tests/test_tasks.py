@@ -190,6 +190,7 @@ def test_eval_of_official_weights_matches_a_manual_computation(root: Path, offic
     client, mlrun = mlflow_run(root, run_dir)
     assert mlrun.info.status == "FINISHED" and mlrun.data.tags["task"] == "eval"
     assert mlrun.data.metrics["val/top1_sum"] == pytest.approx(metrics["val/top1_sum"])
+    assert set(mlrun.data.metrics) == {*metrics, "time/eval_s"}  # every chart in a section
     assert {"eval_metrics.json", "config.yaml"} <= artifact_paths(client, mlrun.info.run_id)
 
 

@@ -1,6 +1,7 @@
 """MLflow tracking against real stores: a SQLite file, a real `mlflow server`, a SIGTERM'd subprocess."""
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -245,7 +246,7 @@ def _sweep_config(uri: str, experiment: str, sweep_dir: Path):
 
 
 @pytest.mark.parametrize("child_statuses", [("FINISHED", "FINISHED"), ("FINISHED", "FAILED"), ("FAILED", "FAILED")])
-def test_sweep_parent_callback(store, experiment, tmp_path, child_statuses):
+def test_sweep_parent_callback(store, experiment, tmp_path, child_statuses, capsys):
     root, uri = store
     sweep_dir = tmp_path / "multirun" / "12-00-00"
     cfg = _sweep_config(uri, experiment, sweep_dir)
@@ -256,10 +257,15 @@ def test_sweep_parent_callback(store, experiment, tmp_path, child_statuses):
     assert (sweep_dir / PARENT_FILE).read_text().strip() == parent_id == sweep_parent_run_id(sweep_dir)
 
     children = []
+    # each trial's val/top1_sum by step: trial 0 peaks at its first epoch's step, trial 1 at its second; the lr as
+    # Hydra writes a trial's override (0.1, 0.01)
+    curves = [{6: 50.0, 12: 40.0}, {6: 30.0, 12: 60.0}]
     for index, status in enumerate(child_statuses):
         child = create_tracker(OmegaConf.merge(cfg.tracking, {"parent_run_id": parent_id}), root)
         child.run_name = f"trial-{index}"
-        child.start({"optim.lr": 0.1 / 10 ** index}, {})
+        child.start({"optim.lr": 0.1 / 10 ** index}, {"overrides": f"optim.lr={0.1 / 10 ** index}"})
+        for step, value in curves[index].items():
+            child.log_metrics({"val/top1_sum": value}, step=step)
         child.end(status)
         children.append(child.run_id)
         callback.on_job_end(cfg, JobReturn(status=JobStatus.COMPLETED))
@@ -275,6 +281,21 @@ def test_sweep_parent_callback(store, experiment, tmp_path, child_statuses):
     assert parent.data.metrics["sweep/trials"] == 2
     assert parent.data.metrics["sweep/failed"] == child_statuses.count("FAILED")
     assert parent.data.tags["overrides"] == "optim.lr=0.1,0.01"
+    # the best finished trial: its value at the step its run reached it (in the charts, on the winner's curve) and
+    # its lr spelt as in the run names, trials.csv and the printed table
+    finished = [i for i, status in enumerate(child_statuses) if status == "FINISHED"]
+    if finished:
+        winner = max(finished, key=lambda i: max(curves[i].values()))
+        value, step = max((v, s) for s, v in curves[winner].items())
+        history = client.get_metric_history(parent_id, "best/val/top1_sum")
+        assert [(m.step, m.value) for m in history] == [(step, value)]
+        assert parent.data.tags["best.optim.lr"] == ("0.1", "0.01")[winner]
+        with (sweep_dir / "trials.csv").open() as handle:
+            assert next(csv.DictReader(handle))["optim.lr"] == ("0.1", "0.01")[winner]
+        assert re.search(rf"^ +- +lr={('0.1', '0.01')[winner]} +{value:.4f} +FINISHED", capsys.readouterr().out,
+                         re.M)
+    else:
+        assert "best/val/top1_sum" not in parent.data.metrics and "best.optim.lr" not in parent.data.tags
     for run_id in children:  # nested, and tagged with their sweep for the UI to group and filter by
         tags = client.get_run(run_id).data.tags
         assert {k: tags[k] for k in ("mlflow.parentRunId", "sweep.parent_id", "sweep.parent", "sweep.name")} == {
@@ -297,6 +318,25 @@ def test_sweep_parent_fails_when_a_job_failed_before_opening_its_run(store, expe
                                                  "hydra": {"sweep": {"dir": str(tmp_path / "off")}}}))
     disabled.on_multirun_end(None)
     assert disabled.run_id is None and sweep_parent_run_id(tmp_path / "off") is None
+
+
+def test_sweep_parents_of_one_name_are_told_apart(store, experiment, tmp_path, capsys):
+    """Two sweeps named alike (started in the same second, or named by hand): the second parent's name gets its
+    run id's first 6 characters, before its trials read it; the first keeps its name."""
+    root, uri = store
+    first, second = (SweepParentCallback(project_root=str(root), run_name="lr 01-31 14:05:09") for _ in range(2))
+    first.on_multirun_start(_sweep_config(uri, experiment, tmp_path / "a"))
+    second.on_multirun_start(_sweep_config(uri, experiment, tmp_path / "b"))
+    child = create_tracker({"uri": uri, "experiment_name": experiment, "parent_run_id": second.run_id}, root)
+    child.start({}, {})
+    child.end()
+    for callback in (first, second):
+        callback.on_multirun_end(None)
+    client = MlflowClient(uri)
+    names = [client.get_run(callback.run_id).info.run_name for callback in (first, second)]
+    assert names == ["lr 01-31 14:05:09", f"lr 01-31 14:05:09 {second.run_id[:6]}"]
+    assert client.get_run(child.run_id).data.tags["sweep.parent"] == names[1]
+    assert f"\n{names[1]}: trials by val/top1_sum" in capsys.readouterr().out  # the summary names it so too
 
 
 def _python(code: str, cwd: Path, *args: str) -> subprocess.Popen:
@@ -440,7 +480,7 @@ def test_curves_fit_their_figure_without_overlaps() -> None:
     history = {"train/loss": [(s, 7.0 / (s + 1)) for s in steps], "train/lr": [(s, 1e-6 + 1e-5 * s) for s in steps],
                "train/img_per_s": [(s, 12000.0 + s) for s in steps], "train/grad_norm": [(s, 1e-4 * s) for s in steps],
                "val/top1_conv": [(s, 99.5) for s in steps[::10]], "val/top1_sum": [(s, 12.5) for s in steps[::10]],
-               "epoch_time_s": [(s, 3600.0 * 24) for s in steps[::10]]}  # 6 groups: 2 rows of 3
+               "time/epoch_s": [(s, 3600.0 * 24) for s in steps[::10]]}  # 6 groups: 2 rows of 3
     figure = curves_figure(history)
     renderer = figure.canvas.get_renderer()
     page = figure.bbox
@@ -494,20 +534,21 @@ def test_logging_to_a_real_tracking_server(tmp_path):
 
 
 def test_sweep_trials_are_named_after_their_swept_overrides(tmp_path):
-    """A real `python run.py -m` (dry runs: no training): each trial's run name is its swept overrides as the sweep
-    spelt them (sweeper params and command-line sweeps), not the fixed ones; a single run is task-model-data."""
+    """A real `python run.py -m` (dry runs: no training): each trial's run name is its swept overrides (sweeper
+    params and command-line sweeps, not the fixed ones), each value in its one short spelling however it was typed;
+    a single run is task-model-data."""
     (tmp_path / "conf" / "grid").mkdir(parents=True)
     (tmp_path / "conf" / "grid" / "wd.yaml").write_text(
         "# @package _global_\nhydra:\n  sweeper:\n    params:\n      optim.optimizer.weight_decay: 5e-2,0.1\n")
     sweep_dir = tmp_path / "sweep"
     result = run_py_to_end(["-m", f"--config-dir={tmp_path / 'conf'}", "+grid=wd", "hardware.dry_run=true",
-                            "tracking=disabled", "optim.schedule.base_lr=2e-3,5e-4", "model.drop_path_rate=0.1",
+                            "tracking=disabled", "optim.schedule.base_lr=0.002,5e-4", "model.drop_path_rate=0.1",
                             f"hydra.sweep.dir={sweep_dir}"], tmp_path, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     cfg = compose_config()
     names = [default_run_name(cfg, sweep_dir / str(job)) for job in range(4)]
-    assert sorted(names) == ["base_lr=2e-3 weight_decay=0.1", "base_lr=2e-3 weight_decay=5e-2",
-                             "base_lr=5e-4 weight_decay=0.1", "base_lr=5e-4 weight_decay=5e-2"]
+    assert sorted(names) == ["base_lr=2e-3 weight_decay=0.05", "base_lr=2e-3 weight_decay=0.1",
+                             "base_lr=5e-4 weight_decay=0.05", "base_lr=5e-4 weight_decay=0.1"]
     assert default_run_name(cfg, tmp_path) == "train-conformer_nano-digits"
     assert default_run_name(compose_config(["task=eval", "data=imagenet"]), tmp_path) == "eval-conformer_nano-imagenet"
     assert default_run_name(compose_config(["tracking.run_name=mine"]), sweep_dir / "0") == "mine"

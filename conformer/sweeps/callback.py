@@ -118,7 +118,7 @@ def sweep_name(config: DictConfig, keys: Sequence[str]) -> str:
     choice = OmegaConf.select(config, "hydra.runtime.choices.sweep", default=None)
     if choice:
         return str(choice)
-    from conformer.sweeps.report import short_labels
+    from conformer.tracking.summary import short_labels
 
     return "sweep " + ",".join(short_labels(keys).values()) if keys else "sweep"
 
@@ -141,6 +141,8 @@ class SweepParentCallback(Callback):
         self._monitor, self._mode = "val/top1_sum", "max"
         self._sweep_dir = Path("multirun")
         self._view = ""  # the runs-table view of the sweep's experiment (URL path in the MLflow UI)
+        self._space: dict[str, str] = {}
+        self._resumed: str | None = None  # the stored Optuna study's parent run this sweep continues
 
     @property
     def run_id(self) -> str | None:
@@ -150,7 +152,7 @@ class SweepParentCallback(Callback):
         tracking = OmegaConf.select(config, "tracking")
         if tracking is None or not tracking.get("enabled", True):
             return
-        from conformer.sweeps.runs import share_runs_view
+        from conformer.sweeps.runs import name_parent_uniquely, share_runs_view
         from conformer.tracking import Tracker, resolve_tracking_uri, run_tags
 
         self._sweep_dir = Path(OmegaConf.select(config, "hydra.sweep.dir", default="multirun"))
@@ -159,20 +161,23 @@ class SweepParentCallback(Callback):
         self._mode = OmegaConf.select(config, "trainer.monitor_mode", default=self._mode)
         name = sweep_name(config, self._keys)
         kind = sweeper_kind(OmegaConf.select(config, "hydra.sweeper._target_", default=None))
-        self._tracker = Tracker(resolve_tracking_uri(tracking.get("uri"), self.project_root),
-                                tracking.get("experiment_name", "conformer"),
-                                run_name=self.run_name or f"{name} {datetime.now():%m-%d %H:%M:%S}")
-        space = search_space(config)
+        self._tracker = tracker = Tracker(resolve_tracking_uri(tracking.get("uri"), self.project_root),
+                                          tracking.get("experiment_name", "conformer"),
+                                          run_name=self.run_name or f"{name} {datetime.now():%m-%d %H:%M:%S}")
+        self._space = space = search_space(config)
         overrides = OmegaConf.select(config, "hydra.overrides.task", default=None)
-        run_id = self._tracker.start(
+        self._resumed = self._stored_parent(config, kind)
+        run_id = tracker.start(
             params={f"sweep.{key}": value for key, value in space.items()},
             tags=run_tags(overrides=list(overrides or []), run_dir=self._sweep_dir.resolve(), extra={
                 "sweep": "parent", "sweep.name": name, "sweeper": kind, "sweep.keys": ",".join(self._keys)}),
-            resume_run_id=self._stored_parent(config, kind))
+            resume_run_id=self._resumed)
+        if run_id != self._resumed:  # before the trials read the parent's name
+            tracker.run_name = name_parent_uniquely(tracker.uri, tracker.experiment_id, run_id, tracker.run_name)
         self._sweep_dir.mkdir(parents=True, exist_ok=True)
         (self._sweep_dir / PARENT_FILE).write_text(run_id + "\n")
-        self._view = share_runs_view(self._tracker.uri, self._tracker.experiment_id, f"best/{self._monitor}",
-                                     self._keys, self._mode)
+        self._view = share_runs_view(tracker.uri, tracker.experiment_id, f"best/{self._monitor}", self._keys,
+                                     self._mode)
         # Registered after the tracker's own hook, so it runs first (atexit is LIFO) with the sweep's status.
         atexit.register(self._finish, aborted=True)
 
@@ -218,12 +223,12 @@ class SweepParentCallback(Callback):
             best_trial,
             format_table,
             plot_objective,
-            short_labels,
             sort_trials,
             trials_from_runs,
             write_csv,
         )
         from conformer.sweeps.runs import child_runs, ui_hint
+        from conformer.tracking.summary import short_labels, short_value
 
         children = child_runs(tracker.uri, tracker.run_id, self._monitor, self._mode)
         trials = sort_trials(trials_from_runs(children, self._keys), self._mode)
@@ -245,16 +250,24 @@ class SweepParentCallback(Callback):
                              "sweep/failed": failed}, 0)
         best = best_trial(trials)
         if best is not None:
-            tracker.log_metrics({f"best/{self._monitor}": best.objective}, 0)
+            self._log_best(tracker, best)
             tracker.set_tags({"best.run_id": best.run_id, "best.trial": "-" if best.number is None else best.number,
-                              **{f"best.{key}": value for key, value in best.values.items()}})
+                              **{f"best.{key}": short_value(value) for key, value in best.values.items()}})
         tracker.log_artifact(write_csv(trials, self._sweep_dir / TABLE_FILE, self._monitor, self._keys))
-        plot = plot_objective(trials, self._keys, self._monitor, self._sweep_dir / PLOT_FILE)
+        plot = plot_objective(trials, self._keys, self._monitor, self._sweep_dir / PLOT_FILE, self._space)
         if plot is not None:
             tracker.log_artifact(plot)
         if (self._sweep_dir / OPTUNA_RESULTS).is_file():
             tracker.log_artifact(self._sweep_dir / OPTUNA_RESULTS)
         return failed_now, sum(trial.finished for trial in trials)
+
+    def _log_best(self, tracker: Tracker, best: Any) -> None:
+        """`best/<monitor>` at the step at which the winning trial reached it: in the experiment's charts the
+        parent's one point lies on the winner's curve, not alone at step 0. A continued parent that logged a best
+        at a later step before logs this one there too (MLflow shows the value of a metric's last step)."""
+        key = f"best/{self._monitor}"
+        earlier = tracker.last_step(key) if tracker.run_id == self._resumed else None
+        tracker.log_metrics({key: best.objective}, max(best.objective_step or 0, earlier or 0))
 
     def _earlier(self, run_dir: str | None) -> bool:
         """A trial run dir outside this sweep's dir: a trial of an earlier run of a continued study."""

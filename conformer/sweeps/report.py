@@ -4,19 +4,24 @@ from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from conformer.sweeps.runs import ChildRun
 from conformer.tracking.summary import short_value
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 FINISHED = "FINISHED"
 
 
 @dataclass(frozen=True)
 class Trial:
-    """One trial: its job number, run, status, objective (None: none reported) and swept values."""
+    """One trial: its job number, run, status, objective (None: none reported), swept values and the step at which
+    its run reached the objective."""
 
     number: int | None
     run_id: str
@@ -24,6 +29,7 @@ class Trial:
     objective: float | None
     wall_s: float | None
     values: dict[str, str]
+    objective_step: int | None = None
 
     @property
     def finished(self) -> bool:
@@ -52,7 +58,7 @@ def trials_from_runs(children: Sequence[ChildRun], keys: Sequence[str]) -> list[
         overrides = parse_overrides(child.tags.get("overrides", ""))
         wall = (child.end_ms - child.start_ms) / 1000.0 if child.end_ms and child.start_ms else None
         trials.append(Trial(_job_number(child.tags.get("run_dir", "")), child.run_id, child.status, child.best,
-                            wall, {key: overrides[key] for key in keys if key in overrides}))
+                            wall, {key: overrides[key] for key in keys if key in overrides}, child.best_step))
     return trials
 
 
@@ -75,13 +81,6 @@ def best_trial(sorted_trials: Sequence[Trial]) -> Trial | None:
     """The first of `sort_trials`' order when it finished with an objective."""
     first = sorted_trials[0] if sorted_trials else None
     return first if first is not None and first.finished and first.objective is not None else None
-
-
-def short_labels(keys: Sequence[str]) -> dict[str, str]:
-    """Leaf names ("optim.schedule.base_lr" -> "base_lr") when they are unique, else the full keys."""
-    leaves = [key.rsplit(".", 1)[-1] for key in keys]
-    unique = len(set(leaves)) == len(leaves)
-    return {key: leaf if unique else key for key, leaf in zip(keys, leaves)}
 
 
 def overrides_text(trial: Trial, labels: dict[str, str]) -> str:
@@ -117,8 +116,8 @@ def format_table(trials: Sequence[Trial], objective: str, labels: dict[str, str]
 
 
 def write_csv(trials: Sequence[Trial], path: Path, objective: str, keys: Sequence[str]) -> Path:
-    """`trials` as CSV: one column per swept key first (the values as the sweep spelt them, long floats as run names
-    show them), then <objective>, status, trial, wall_time_s and run_id (the columns a preview shows first)."""
+    """`trials` as CSV: one column per swept key first (the values spelt as in run names: `short_value`), then
+    <objective>, status, trial, wall_time_s and run_id (the columns a preview shows first)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
@@ -138,9 +137,48 @@ def _as_floats(values: Sequence[str]) -> list[float] | None:
         return None
 
 
-def plot_objective(trials: Sequence[Trial], keys: Sequence[str], objective: str, path: Path) -> Path | None:
-    """PNG with one panel per swept key: the objective of each finished trial against that key's value (the best
-    trial starred). None when no trial has an objective or nothing was swept."""
+def _sweep(spec: str | None) -> Any:
+    """A search-space spec as Hydra reads it (`ChoiceSweep` for a grid's `1e-3,2e-3`, `IntervalSweep`, ...); None
+    when there is none or Hydra's grammar does not read it."""
+    if not spec:
+        return None
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        return OverridesParser.create().parse_override(f"key={spec}").value()
+    except Exception:  # noqa: BLE001 (any parse error: the axis is judged by the values)
+        return None
+
+
+def log_axis(spec: str | None, numbers: Sequence[float]) -> bool:
+    """Whether a swept key's axis is logarithmic: its search space samples it on a log scale (Optuna's
+    `tag(log, interval(...))`), or its values, all > 0, span more than a decade (a grid's `1e-4,1e-3,1e-2`; the
+    trials' values when the space is unknown)."""
+    from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, RangeSweep
+
+    swept, values = _sweep(spec), list(numbers)
+    if isinstance(swept, (IntervalSweep, RangeSweep)):
+        return "log" in (swept.tags or set())
+    if isinstance(swept, ChoiceSweep):
+        values = _as_floats([str(v) for v in swept.list]) or values
+    return bool(values) and min(values) > 0 and max(values) / min(values) > 10
+
+
+def _grid(spec: str | None) -> bool:
+    from hydra.core.override_parser.types import ChoiceSweep
+
+    return isinstance(_sweep(spec), ChoiceSweep)
+
+
+MAX_TICKS = 5  # labels a panel of 4.5 inches holds side by side
+
+
+def objective_figure(trials: Sequence[Trial], keys: Sequence[str], objective: str,
+                     space: Mapping[str, str] | None = None) -> Figure | None:
+    """One panel per swept key: the objective of each finished trial against that key's value (the best trial
+    starred), on a log axis where `log_axis` says so (`space`: the sweep's search space, key -> spec as written),
+    ticks spelt like the run names (`short_value`): at the values a grid tried, else at most 5 round ones. None
+    when no trial has an objective or nothing was swept."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -160,8 +198,8 @@ def plot_objective(trials: Sequence[Trial], keys: Sequence[str], objective: str,
             ax.set_xticks(range(len(categories)), categories)
         else:
             xs = numbers
-            if numbers and min(numbers) > 0 and max(numbers) / min(numbers) > 20:
-                ax.set_xscale("log")
+            spec = (space or {}).get(key)
+            _numeric_ticks(ax, numbers, log_axis(spec, numbers), at_values=_grid(spec))
         ys = [t.objective for _, t in points]
         ax.scatter(xs, ys, color="tab:blue")
         for x, (_, trial) in zip(xs, points):
@@ -173,6 +211,34 @@ def plot_objective(trials: Sequence[Trial], keys: Sequence[str], objective: str,
         if best in [t for _, t in points]:
             ax.legend(fontsize="small")
     fig.tight_layout()
+    return fig
+
+
+def _numeric_ticks(ax: Any, numbers: Sequence[float], log: bool, at_values: bool) -> None:
+    """The x axis of a numeric key: its scale, ticks at the values a grid tried (`at_values`, up to `MAX_TICKS`),
+    else at most `MAX_TICKS` round ones, labelled by `short_value`, no minor labels."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+
+    if log:
+        ax.set_xscale("log")
+    distinct = sorted(set(numbers))
+    if at_values and len(distinct) <= MAX_TICKS:
+        ax.set_xticks(distinct)
+    elif log:  # 1-2-5 within a decade or two, else decades
+        subs = (1.0, 2.0, 5.0) if math.log10(distinct[-1] / distinct[0]) < 1.5 else (1.0,)
+        ax.xaxis.set_major_locator(LogLocator(subs=subs, numticks=MAX_TICKS))
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(MAX_TICKS))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: short_value(repr(float(x)))))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
+def plot_objective(trials: Sequence[Trial], keys: Sequence[str], objective: str, path: Path,
+                   space: Mapping[str, str] | None = None) -> Path | None:
+    """`objective_figure` as a PNG at `path`; None when it has nothing to draw."""
+    fig = objective_figure(trials, keys, objective, space)
+    if fig is None:
+        return None
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png")
     return path

@@ -17,7 +17,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ChildRun:
-    """One trial's run: `best` is the best value of the monitored metric over its history (None: never logged)."""
+    """One trial's run: `best` is the best value of the monitored metric over its history (None: never logged),
+    first reached at `best_step`."""
 
     run_id: str
     name: str
@@ -26,20 +27,38 @@ class ChildRun:
     end_ms: int | None
     tags: dict[str, str] = field(default_factory=dict)
     best: float | None = None
+    best_step: int | None = None
 
 
 def child_runs(uri: str, parent_run_id: str, monitor: str, mode: str) -> list[ChildRun]:
     """The runs nested under `parent_run_id` in the store `uri`, with the best `monitor` value each reached
     (`mode` "max" or "min")."""
     client = MlflowClient(tracking_uri=uri)
-    pick = max if mode == "max" else min
+    sign = -1.0 if mode == "max" else 1.0
     children = []
     for run in search_all_runs(client, f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}'"):
         with short_requests(REQUEST_TIMEOUT_S, retries=2):
-            values = [m.value for m in client.get_metric_history(run.info.run_id, monitor)]
+            history = client.get_metric_history(run.info.run_id, monitor)
+        best = min(history, key=lambda m: (sign * m.value, m.step), default=None)
         children.append(ChildRun(run.info.run_id, run.info.run_name, run.info.status, run.info.start_time,
-                                 run.info.end_time, dict(run.data.tags), pick(values) if values else None))
+                                 run.info.end_time, dict(run.data.tags), None if best is None else best.value,
+                                 None if best is None else best.step))
     return children
+
+
+def name_parent_uniquely(uri: str, experiment_id: str, run_id: str, name: str) -> str:
+    """`name` for the sweep parent `run_id`, or `<name> <run id's first 6>` (the run renamed so) when another
+    sweep parent of the experiment has it: two sweeps started in the same second, or one named by hand twice.
+    Each of two parents that see each other takes its own suffix, so neither name is shared."""
+    client = MlflowClient(tracking_uri=uri)
+    with short_requests(REQUEST_TIMEOUT_S, retries=2):
+        parents = client.search_runs([experiment_id], filter_string="tags.sweep = 'parent'", max_results=50000)
+        if not any(run.info.run_name == name and run.info.run_id != run_id for run in parents):
+            return name
+        unique = f"{name} {run_id[:6]}"
+        client.update_run(run_id, name=unique)
+    log.info("another sweep parent is named %r: this one is %r", name, unique)
+    return unique
 
 
 VIEW_KEY = "sweeps"  # MLflow UI: <ui>/#/experiments/<id>/runs?viewStateShareKey=sweeps&workflowType=...

@@ -41,7 +41,7 @@ def evaluate(ctx: RunContext) -> float:
         batches = data.val_loader(group.rank, group.world_size).create_tuple_iterator(num_epochs=1)
         metrics = evaluate_batches(evaluator, batches, group)
         seconds = time.perf_counter() - start
-        tracker.log_metrics({**metrics, "eval_time_s": seconds}, step=0)
+        tracker.log_metrics({**metrics, "time/eval_s": seconds}, step=0)
         if group.is_main:
             path = _write_report(ctx.run_dir / METRICS_FILE, metrics, weights=weights, ema=ema, seconds=seconds,
                                  model=model_name(cfg.model), data=cfg.data.name, images=data.val_size,
@@ -58,6 +58,6 @@ def evaluate(ctx: RunContext) -> float:
 def _write_report(path: Path, metrics: dict[str, float], *, weights: Path, ema: bool, seconds: float, model: str,
                   data: str, images: int, image_size: int) -> Path:
     report = {"metrics": metrics, "weights": str(weights), "ema": ema, "model": model, "data": data,
-              "split": "val", "images": images, "image_size": image_size, "eval_time_s": seconds}
+              "split": "val", "images": images, "image_size": image_size, "time/eval_s": seconds}
     path.write_text(json.dumps(report, indent=2) + "\n")
     return path

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Mapping, Sequence
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +44,10 @@ def default_run_name(cfg: DictConfig, run_dir: Path | str) -> str:
 
 
 def swept_overrides(run_dir: Path) -> list[str]:
-    """`<last key component>=<value>` of the overrides a multirun trial in `run_dir` got from its sweep (the keys
-    of `hydra.sweeper.params` and of the command line's sweep overrides), sorted; empty for a
-    single run. Read from the files Hydra writes (`.hydra/`, the sweep dir's `multirun.yaml`), so msrun workers
-    name the run like their parent."""
+    """`<short key>=<short value>` of the overrides a multirun trial in `run_dir` got from its sweep (the keys of
+    `hydra.sweeper.params` and of the command line's sweep overrides), sorted; empty for a single run. Read from
+    the files Hydra writes (`.hydra/`, the sweep dir's `multirun.yaml`), so msrun workers name the run like their
+    parent."""
     hydra_file = run_dir / ".hydra" / "hydra.yaml"
     if not hydra_file.is_file():
         return []
@@ -55,48 +57,51 @@ def swept_overrides(run_dir: Path) -> list[str]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parser = OverridesParser.create()
-    space = {str(k): str(v) for k, v in ((hydra.get("sweeper") or {}).get("params") or {}).items()}
+    space = {str(k) for k in ((hydra.get("sweeper") or {}).get("params") or {})}
     multirun = run_dir.parent / MULTIRUN_FILE
     if multirun.is_file():
         for override in parser.parse_overrides(_unresolved(OmegaConf.load(multirun))["hydra"]["overrides"]["task"]):
             if override.is_sweep_override():
-                space[override.key_or_group] = override.get_value_string()
+                space.add(override.key_or_group)
             else:  # the command line fixed a key the sweeper's params sweep
-                space.pop(override.key_or_group, None)
+                space.discard(override.key_or_group)
     trial = [o for o in parser.parse_overrides(hydra["overrides"]["task"]) if o.key_or_group in space]
-    names = _short_keys([o.key_or_group for o in trial])
-    values = {o.key_or_group: _as_given(o.get_value_element_as_str(), space[o.key_or_group]) for o in trial}
-    return sorted(f"{names[key]}={short_value(value)}" for key, value in values.items())
+    names = short_labels([o.key_or_group for o in trial])
+    return sorted(f"{names[o.key_or_group]}={short_value(o.get_value_element_as_str())}" for o in trial)
 
 
-def short_value(value: str) -> str:
-    """A swept value as runs show it: long floats (Optuna's draws) to 4 significant digits, others as spelt."""
-    try:
-        return f"{float(value):.4g}" if len(value) > 8 else value
-    except ValueError:
-        return value
-
-
-def _unresolved(node: Any) -> Any:
-    return OmegaConf.to_container(node, resolve=False)
-
-
-def _short_keys(keys: Sequence[str]) -> dict[str, str]:
-    """Each key's last component, or the whole key where two keys share it."""
+def short_labels(keys: Sequence[str]) -> dict[str, str]:
+    """Each key's last component ("optim.schedule.base_lr" -> "base_lr"), or the whole key where two keys share
+    it."""
     last = [key.rsplit(".", 1)[-1] for key in keys]
     return {key: short if last.count(short) == 1 else key for key, short in zip(keys, last)}
 
 
-def _as_given(value: str, space: str) -> str:
-    """The sweep's own spelling of `value` (`2e-3`, not `0.002`) when its choices list it; floats from a search
-    space to 4 significant digits."""
-    number = _number(value)
-    if number is None:
-        return value
-    for choice in space.split(","):
-        if _number(choice.strip()) == number:
-            return choice.strip()
-    return value if number == int(number) else f"{number:.4g}"
+SIGNIFICANT_DIGITS = 4  # of a float drawn by a search (Optuna): the trial's params hold the exact value
+
+
+def short_value(value: str) -> str:
+    """A swept value as every view of a sweep spells it (run names, the parent's `best.*` tags, trials.csv, the
+    printed table, the plot's ticks): a float in its shortest exact form, positional or with an exponent, whichever
+    is shorter (`2e-3`, `5e-4`, `0.1`, `0.05`, `1.5e-3`); one with more than 4 significant digits (a draw of a
+    search) rounded to 4 (`0.002651`, `6.466e-4`). Integers, words and lists as given."""
+    text = value.strip()
+    number = _number(text)
+    if number is None or not math.isfinite(number) or text.lstrip("+-").isdigit():
+        return text
+    exact = Decimal(repr(abs(number))).normalize()
+    if len(exact.as_tuple().digits) > SIGNIFICANT_DIGITS:
+        exact = Decimal(f"{abs(number):.{SIGNIFICANT_DIGITS - 1}e}").normalize()
+    digits, exponent = exact.as_tuple().digits, exact.as_tuple().exponent
+    mantissa = "".join(map(str, digits))
+    scientific = (mantissa[0] + ("." + mantissa[1:] if len(mantissa) > 1 else "")
+                  + f"e{exponent + len(digits) - 1}")
+    positional = format(exact, "f")
+    return ("-" if number < 0 else "") + min(positional, scientific, key=len)  # a tie: positional
+
+
+def _unresolved(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=False)
 
 
 def _number(text: str) -> float | None:

@@ -18,8 +18,9 @@ GAP_ACROSS, GAP_DOWN = 0.9, 0.85  # between subplots: the next y tick labels; x 
 
 
 def metric_group(key: str) -> str:
-    """"val/top1_conv" -> "top1", "train/loss" -> "loss", "lr" -> "lr": one subplot per group."""
-    name = key.rsplit("/", 1)[-1]
+    """"val/top1_conv" -> "top1", "train/loss", "train/loss_epoch" and "val/loss" -> "loss", "lr" -> "lr": one
+    subplot per group."""
+    name = key.rsplit("/", 1)[-1].removesuffix("_epoch")
     for suffix in HEAD_SUFFIXES:
         if name.endswith(suffix) and len(name) > len(suffix):
             return name[: -len(suffix)]

@@ -33,6 +33,7 @@ from conformer.train.step import DEFAULT_INIT_LOSS_SCALE, TrainStep
 from conformer.vocabulary import HEADS
 
 log = logging.getLogger(__name__)
+EPOCH_KEY = "train/epoch"  # the epoch a training has completed, logged at its last step
 
 
 class EvalStep(nn.Cell):
@@ -170,6 +171,7 @@ class Trainer:
                                              keep_top_k=keep_top_k)
         self.monitor, self.checkpoint_meta = monitor, dict(checkpoint_meta or {})
         self.save_every_n_steps = save_every_n_steps
+        self.dynamic_loss_scale = loss_scale == "dynamic"
         self.step = TrainStep(network, loss_fn, self.optimizer, clip_grad_norm=clip_grad_norm, loss_scale=loss_scale,
                               init_loss_scale=init_loss_scale, scale_factor=scale_factor, scale_window=scale_window,
                               grad_accum_steps=grad_accum_steps, ema=self.ema)
@@ -221,7 +223,7 @@ class Trainer:
         step = state.step
         # a resumed run: the killed process may have logged an epoch's metrics and died before its checkpoint; that
         # epoch is trained again to the same values, which are not logged twice
-        logged = self.tracker.last_step("epoch") if step > 0 else None
+        logged = self.tracker.last_step(EPOCH_KEY) if step > 0 else None
         # ... and so were the per-step metrics of the epoch it was in, and perhaps not the best/* of its last epoch
         self._logged_train_step = self.tracker.last_step("train/loss") if step > 0 else None
         best_logged = self.tracker.last_step(f"best/{self.monitor}") if step > 0 else None
@@ -231,9 +233,9 @@ class Trainer:
             t0 = time.perf_counter()
             done = state.epoch_step if epoch == start else 0  # a mid-epoch checkpoint's batches
             step, train_loss = self._train_epoch(self._epoch_batches(epoch, done), epoch, step, done)
-            metrics = {"epoch": float(epoch + 1), "train/epoch_loss": train_loss, **self.evaluate(val_iter),
+            metrics = {EPOCH_KEY: float(epoch + 1), "train/loss_epoch": train_loss, **self.evaluate(val_iter),
                        **self._skipped_images()}
-            metrics["epoch_time_s"] = time.perf_counter() - t0
+            metrics["time/epoch_s"] = time.perf_counter() - t0
             repeated = logged is not None and step <= logged
             if repeated:
                 log.info("epoch %d's metrics are in the MLflow run already (logged before the process was killed)",
@@ -250,7 +252,7 @@ class Trainer:
                                             best_epoch=self.checkpoints.best_epoch, metrics=metrics)
             log.info("epoch %d/%d  train loss %.4f  val loss %.4f  top-1 sum %.2f%%  conv %.2f%%  trans %.2f%%  "
                      "(%.1f s)%s", epoch + 1, epochs, train_loss, metrics["val/loss"], metrics["val/top1_sum"],
-                     metrics["val/top1_conv"], metrics["val/top1_trans"], metrics["epoch_time_s"],
+                     metrics["val/top1_conv"], metrics["val/top1_trans"], metrics["time/epoch_s"],
                      "  * best" if "best" in saved else "")
         return state
 
@@ -291,7 +293,9 @@ class Trainer:
             if (step % every == 0 or i + 1 == self.steps_per_epoch) and window_n:
                 rate = meter.rate()
                 metrics = {"train/loss": window_loss / window_n, "train/lr": lr, "train/img_per_s": rate,
-                           "train/grad_norm": window_norm / max(norm_n, 1), "train/loss_scale": result.loss_scale}
+                           "train/grad_norm": window_norm / max(norm_n, 1)}
+                if self.dynamic_loss_scale:  # any other scale is constant: its chart would be a flat line
+                    metrics["train/loss_scale"] = result.loss_scale
                 if compiling:  # a window of the compile step alone has no throughput to report
                     del metrics["train/img_per_s"]
                 logged = self._logged_train_step  # a resumed run: steps the killed process logged are not repeated
@@ -339,13 +343,14 @@ class Trainer:
         return int(self.data.seed), self.group.rank, step
 
     def _skipped_images(self) -> dict[str, float]:
-        """Bad image files skipped so far, per split, over all ranks (`data.on_bad_image=skip`)."""
+        """Bad image files skipped so far, per split, over all ranks (`data.on_bad_image=skip`): a split's count from
+        its first bad file on (a chart of zeros says nothing)."""
         skipped = getattr(self.data, "skipped_images", None)
         if skipped is None:
             return {}
         splits = sorted(skipped)
         counts = all_reduce_sum(np.array([skipped[split] for split in splits], np.float64), self.group)
-        return {f"data/skipped_images_{split}": float(count) for split, count in zip(splits, counts)}
+        return {f"data/skipped_images_{split}": float(count) for split, count in zip(splits, counts) if count > 0}
 
     def _first_step(self, images: Tensor, targets: Tensor, step: int) -> Any:
         """The first call compiles the step graph: its own log line and metric, out of the throughput."""
