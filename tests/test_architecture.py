@@ -107,3 +107,14 @@ def test_no_module_is_longer_than_a_reader_takes_in() -> None:
     long = {name: n for name, path in _modules().items()
             if (n := len(path.read_text().splitlines())) > MAX_LINES and name not in LONG_ALLOWED}
     assert long == {}
+
+
+def test_paths_found_from_a_module_file_point_at_the_package() -> None:
+    """What the package's own files are (the compile cache's key, the served model's code) after any move."""
+    import conformer
+    from conformer.runtime import compile_cache
+    from conformer.runtime.paths import PACKAGE_DIR
+    from conformer.serving.pyfunc_model import MODEL_CODE
+
+    assert PACKAGE_DIR == compile_cache.PACKAGE == Path(conformer.__file__).resolve().parent == PACKAGE
+    assert MODEL_CODE.is_file() and MODEL_CODE.parent.name == "serving"

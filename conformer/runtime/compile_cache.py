@@ -26,9 +26,11 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from conformer.runtime.paths import PACKAGE_DIR
+
 log = logging.getLogger(__name__)
 
-PACKAGE = Path(__file__).resolve().parent
+PACKAGE = PACKAGE_DIR  # its sources key the cache
 # Config keys that change no graph: bookkeeping, logging, paths, the lr values (Parameters the step reads), the
 # length of the training. Everything else is part of the key.
 IGNORED = {

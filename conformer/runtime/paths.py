@@ -8,7 +8,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 PROJECT_ROOT_ENV = "CONFORMER_PROJECT_ROOT"
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # conformer/
 
 
 def checkout_root() -> Path | None:

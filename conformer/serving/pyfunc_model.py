@@ -48,7 +48,7 @@ LABEL_COLUMN = "label"
 MODEL_NAME = "model"  # the logged model's name in its run
 META_FILE = "conformer.json"
 META_FORMAT = 1  # the version of conformer.json's layout
-MODEL_CODE = PACKAGE_DIR / "tracking" / "served_model.py"  # what MLflow runs to build the model (models from code)
+MODEL_CODE = PACKAGE_DIR / "serving" / "served_model.py"  # what MLflow runs to build the model (models from code)
 # The eval transform a served model applies, by its parameters; no other class is ever built from a model's files.
 EVAL_TRANSFORM_TARGET = "conformer.data.transforms.EvalTransform"
 EVAL_TRANSFORM_KEYS = ("image_size", "crop_pct", "interpolation", "mean", "std")
