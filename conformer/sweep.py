@@ -207,6 +207,10 @@ class SweepParentCallback(Callback):
             return
         atexit.unregister(self._finish)
         status = "FAILED"
+        if aborted:  # a parallel launcher's trial processes end (their runs KILLED) before the summary
+            from conformer.sweep_launch import stop_trial_processes
+
+            stop_trial_processes()
         try:
             statuses = tracker.close_children()
             failed, finished = self._summarize(tracker)

@@ -12,6 +12,7 @@ cores // n_jobs threads (CONFORMER_KERNEL_THREADS); more jobs than devices is a 
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -148,6 +149,21 @@ def run_trial_process(cfg: DictConfig, run_dir: Path, script: Path, args: Sequen
     reason = f"trial process {WorkerExit(proc.pid, code, None).describe().removeprefix('a worker ')}"
     end_unfinished_runs(cfg.tracking, Path(cfg.paths.root), run_dir, "FAILED", reason)
     raise LaunchError(reason, exit_code=code if code > 0 else 1)
+
+
+def stop_trial_processes(grace_s: float = STOP_GRACE_S) -> None:
+    """Stop what this (sweep) process started and left running: SIGTERM, then SIGKILL after `grace_s`."""
+    import psutil
+
+    procs = psutil.Process().children(recursive=True)
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    _, survivors = psutil.wait_procs(procs, timeout=grace_s)
+    for proc in survivors:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(survivors, timeout=grace_s)
 
 
 def _stop(proc: subprocess.Popen) -> None:

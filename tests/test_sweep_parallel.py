@@ -27,7 +27,7 @@ from conformer.sweep_launch import (
 )
 from conformer.validation import ConfigError
 
-from .helpers import REPO, compose_config, run_py, run_py_to_end, stop, wait_until
+from .helpers import REPO, compose_config, postgres_bin, postgres_server, run_py, run_py_to_end, stop, wait_until
 from .test_sweep import GRID, MONITOR, Sweep, printed_table, sweep_overrides
 
 CORES = len(os.sched_getaffinity(0))
@@ -175,3 +175,88 @@ def test_submitit_local_runs_a_two_trial_grid(tmp_path: Path) -> None:
     sweep_dir = Path(parent.data.tags["run_dir"])
     assert list((sweep_dir / ".submitit").iterdir())  # submitit's own job folders
 
+
+
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def postgres_or_skip() -> None:
+    """The PostgreSQL test needs the server programs and psycopg2: it skips without them, and fails under CI=true
+    (`.ci/run` installs Debian's postgresql and the dev extra's psycopg2-binary)."""
+    try:
+        import psycopg2  # noqa: F401
+    except ImportError:
+        missing = "psycopg2 (the dev extra) is not installed"
+    else:
+        missing = None if postgres_bin() is not None else "no PostgreSQL server programs (apt-get install postgresql)"
+    if missing:
+        (pytest.fail if IN_CI else pytest.skip)(f"the PostgreSQL test cannot run: {missing}")
+
+
+def test_two_optuna_workers_share_one_study_in_postgresql(tmp_path: Path) -> None:
+    """Worker A runs batches of 2 trials at once (the sweeper's n_jobs on joblib), worker B (basic launcher) joins
+    the study once A has opened its parent run: 3 trials between them, distinct numbers, one parent, one best."""
+    pytest.importorskip("optuna", reason="the [sweep] extra (optuna) is not installed")
+    postgres_or_skip()
+    from conformer.sweep_optuna import PARENT_ATTR, WORKER_ATTR, load_study
+
+    password = "pg-Secret-29"
+    with postgres_server(password) as url:
+        common = ["sweep=optuna_lr", f"hydra.sweeper.storage='{url}'", "hydra.sweeper.n_trials=3",
+                  *sweep_overrides(tmp_path, "trainer.epochs=1", "optim.schedule.warmup_epochs=0")]
+        first = run_py([*common, "hydra.sweeper.n_jobs=2", *JOBLIB], tmp_path)
+        second = None
+        try:
+            def has_parent() -> bool:
+                study = load_study(url, "optuna_lr")
+                return study is not None and PARENT_ATTR in study.user_attrs
+
+            wait_until(has_parent, first, "the study's parent run")
+            second = run_py(common, tmp_path)
+            outputs = [proc.communicate(timeout=900) for proc in (first, second)]
+        finally:
+            for proc in (first, second):
+                if proc is not None:
+                    stop(proc)
+        assert (first.returncode, second.returncode) == (0, 0), outputs[0][1][-2000:] + outputs[1][1][-2000:]
+        study = load_study(url, "optuna_lr")
+        trials = study.get_trials(deepcopy=False)
+        assert [(t.number, t.state.name) for t in trials] == [(0, "COMPLETE"), (1, "COMPLETE"), (2, "COMPLETE")]
+        workers = [t.system_attrs[WORKER_ATTR].split()[1] for t in trials]
+        assert sorted(map(int, workers)) == sorted([first.pid, first.pid, second.pid])
+        parent_id, best_value = study.user_attrs[PARENT_ATTR], study.best_value
+
+    sweep = Sweep(tmp_path, 0, "", "")
+    [parent] = sweep.parents()
+    assert parent.info.run_id == parent_id and parent.info.status == "FINISHED"
+    children = sweep.children(parent.info.run_id)  # by run dir name: the study's trial numbers
+    assert sorted(children) == [0, 1, 2] and all(r.info.status == "FINISHED" for r in children.values())
+    assert len({r.data.tags["run_dir"] for r in children.values()}) == 3
+    # MLflow and Optuna agree on every trial's objective, and on the best
+    for trial in trials:
+        assert sweep.best(children[trial.number].info.run_id) == pytest.approx(trial.value)
+    assert parent.data.metrics[f"best/{MONITOR}"] == pytest.approx(best_value)
+    values = {children[t.number].info.run_id: t.value for t in trials}
+    assert values[parent.data.tags["best.run_id"]] == best_value  # a tie may name another trial than Optuna's
+    assert {k: parent.data.metrics[k] for k in ("sweep/trials", "sweep/finished", "sweep/failed")} == {
+        "sweep/trials": 3, "sweep/finished": 3, "sweep/failed": 0}
+    # the storage's password is in no console line, log, Hydra file or MLflow value
+    assert not any(password in text for pair in outputs for text in pair)
+    files = [p for p in (tmp_path / "outputs").rglob("*") if p.is_file() and p.suffix in (".yaml", ".log", ".txt")]
+    assert files and not [p for p in files if password in p.read_text(errors="replace")]
+    assert password not in str(parent.data.params) + str(parent.data.tags)
+
+
+def test_the_slurm_launcher_config_is_submitits_with_the_settings_a_user_edits() -> None:
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="hydra-submitit-launcher is not installed")
+    from hydra import compose, initialize_config_dir
+
+    from .helpers import CONF_DIR
+
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu",
+                                           "hydra.launcher.gres=gpu:1"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert (launcher.partition, launcher.gres, launcher.timeout_min, launcher.nodes) == ("gpu", "gpu:1", 240, 1)
+    assert concurrent_jobs(launcher) == 1  # each trial has its own allocation
