@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from hydra.plugins.sweeper import Sweeper
@@ -26,6 +27,8 @@ from conformer.sweep_optuna import (
     open_storage,
     trials_to_run,
 )
+
+log = logging.getLogger(__name__)
 
 
 class StoredOptunaSweeper(Sweeper):
@@ -59,6 +62,10 @@ class StoredOptunaSweeper(Sweeper):
         parent = sweep_parent_run_id(self._config.hydra.sweep.dir)
         if parent:
             study.set_user_attr(PARENT_ATTR, parent)
+        if trials_to_run(study, n_trials) == 0 and not any(t.state.name == "COMPLETE" for t in study.trials):
+            log.warning("optuna study %s: its %d trials are running in other workers: nothing to run here",
+                        study.study_name, n_trials)
+            return None
         numbers = _number_trials_by_the_study(impl)
         # One batch of n_jobs trials at a time, recounted before each: other workers on the study take their share.
         batch, result = max(1, int(impl.n_jobs)), None
