@@ -88,12 +88,14 @@ def main(cfg: DictConfig) -> float | None:
     from conformer.app import Relaunch, run
     from conformer.errors import FULL_ERROR_ENV, ConfigError, Interrupted, failure
     from conformer.secrets import redact, redact_files, redact_handlers
+    from conformer.sweeps.launch import trial_slot
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     redact_handlers()  # Hydra's console and train.log handlers: no URI's user info in a log line
     redact_files([*run_dir.glob(".hydra/*.yaml"), Path(hydra_cfg.sweep.dir) / "multirun.yaml"])  # Hydra wrote them
-    relaunch = Relaunch(Path(__file__).resolve(), worker_args(hydra_cfg, run_dir) + sweep_parent(cfg, hydra_cfg))
+    relaunch = Relaunch(Path(__file__).resolve(), worker_args(hydra_cfg, run_dir) + sweep_parent(cfg, hydra_cfg),
+                        trial=trial_slot(hydra_cfg))
     try:
         return run(cfg, run_dir, relaunch, only_task=hydra_cfg.mode == RunMode.RUN)
     except (Exception, Interrupted) as err:

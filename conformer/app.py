@@ -24,6 +24,7 @@ from conformer.runtime.logs import file_logging
 from conformer.runtime.rundir import check_run_dir
 from conformer.runtime.signals import interruptible
 from conformer.secrets import redact
+from conformer.sweeps.launch import TrialSlot, in_trial_process, run_trial_process
 from conformer.vocabulary import TASKS
 
 if TYPE_CHECKING:
@@ -34,10 +35,12 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Relaunch:
-    """How msrun re-runs this program: the script and its arguments (same config, this run's dir)."""
+    """How msrun (or a parallel sweep's trial process) re-runs this program: the script and its arguments (same
+    config, this run's dir); `trial`: this job's slot in a parallel sweep, which runs it in a process of its own."""
 
     script: Path
     args: Sequence[str]
+    trial: TrialSlot | None = None
 
 
 def task_function(name: str) -> Callable[[RunContext], float | None]:
@@ -50,8 +53,9 @@ def run(cfg: DictConfig, run_dir: Path, relaunch: Relaunch | None = None, only_t
     """Run `cfg.task` in `run_dir`; returns the task's objective (the monitored metric for training).
 
     With a multi-worker `hardware` in a plain process, start the workers under msrun instead (`relaunch` says
-    how) and return rank 0's objective; `hardware.dry_run=true` only prints the msrun command line. `only_task`: this
-    process runs this one task and nothing else, so a training may load its graphs from the compile cache.
+    how) and return rank 0's objective; a parallel sweep's job runs its trial in a child process the same way.
+    `hardware.dry_run=true` only prints the msrun command line. `only_task`: this process runs this one task and
+    nothing else, so a training may load its graphs from the compile cache.
     """
     validate_config(cfg)
     check_run_dir(run_dir)
@@ -60,6 +64,8 @@ def run(cfg: DictConfig, run_dir: Path, relaunch: Relaunch | None = None, only_t
     if in_launcher() and (world_size(cfg.hardware) > 1 or cfg.hardware.get("dry_run")):
         with interruptible():
             return launch_workers(cfg, run_dir, relaunch)
+    if relaunch is not None and relaunch.trial is not None and in_launcher():
+        return run_trial_process(cfg, run_dir, relaunch.script, relaunch.args, relaunch.trial)
     group = configure_device(cfg.hardware)
     if only_task and cfg.task.name == "train":
         compile_cache.allow(group.rank if group.distributed else None)
@@ -81,7 +87,7 @@ def run(cfg: DictConfig, run_dir: Path, relaunch: Relaunch | None = None, only_t
         except InstantiationException as err:
             raise component_error(err) from err
         compile_cache.finish()  # a finished task's graphs are complete: the next run of this config loads them
-    if group.distributed and group.is_main:
+    if (group.distributed or in_trial_process()) and group.is_main:
         from conformer.runtime.launch import write_result
 
         write_result(run_dir, objective)

@@ -189,3 +189,53 @@ def mlflow_server(workdir: Path, store: str | None = None, proxy_artifacts: bool
         yield server
     finally:
         server.kill()
+
+
+def postgres_bin() -> Path | None:
+    """The folder of PostgreSQL's server programs (initdb, pg_ctl): on PATH, else Debian's /usr/lib/postgresql."""
+    import glob
+    import shutil
+
+    found = shutil.which("pg_ctl")
+    if found:
+        return Path(found).resolve().parent
+    versions = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"), key=lambda p: int(Path(p).parts[-3]))
+    return Path(versions[-1]).parent if versions else None
+
+
+@contextmanager
+def postgres_server(password: str, database: str = "optuna") -> Iterator[str]:
+    """A real PostgreSQL server on 127.0.0.1 (a fresh cluster in a temp dir, password auth over TCP, no Unix
+    socket) with an empty `database`: its URL. As root the server runs as `nobody` (PostgreSQL refuses root)."""
+    import shutil
+    import tempfile
+
+    bin_dir = postgres_bin()
+    assert bin_dir is not None, "no PostgreSQL server programs (Debian: apt-get install postgresql)"
+    base = Path(tempfile.mkdtemp(prefix="pg-"))  # not under pytest's 0700 tmp: the server user must reach it
+    as_user = ["runuser", "-u", "nobody", "--"] if os.geteuid() == 0 else []
+    (base / "pw").write_text(password + "\n")
+    if as_user:
+        shutil.chown(base, "nobody")
+        shutil.chown(base / "pw", "nobody")
+    data, port = base / "data", free_port()
+    subprocess.run([*as_user, str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", f"--pwfile={base / 'pw'}",
+                    "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8"], check=True,
+                   capture_output=True, text=True)
+    ctl = [*as_user, str(bin_dir / "pg_ctl"), "-D", str(data)]
+    subprocess.run([*ctl, "-l", str(base / "server.log"), "-w", "-o",
+                    f"-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories=''", "start"],
+                   check=True, capture_output=True, text=True)
+    try:
+        import psycopg2
+
+        connection = psycopg2.connect(host="127.0.0.1", port=port, user="postgres", password=password,
+                                      dbname="postgres")
+        connection.autocommit = True
+        with connection.cursor() as cursor:
+            cursor.execute(f"CREATE DATABASE {database}")
+        connection.close()
+        yield f"postgresql://postgres:{password}@127.0.0.1:{port}/{database}"
+    finally:
+        subprocess.run([*ctl, "-m", "immediate", "stop"], capture_output=True, check=False)
+        shutil.rmtree(base, ignore_errors=True)

@@ -26,6 +26,7 @@ from conformer.runtime import process_defaults
 log = logging.getLogger(__name__)
 
 ROLE_ENV, WORKER_ROLE, SCHEDULER_ROLE = "MS_ROLE", "MS_WORKER", "MS_SCHED"
+DEVICE_NODES = {"Ascend": "/dev/davinci", "GPU": "/dev/nvidia"}  # + the device's number
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,8 @@ def configure_device(hardware: Mapping[str, Any]) -> ProcessGroup:
     from conformer import kernels
 
     ms.set_context(mode=ms.GRAPH_MODE if hardware.get("mode", "graph") == "graph" else ms.PYNATIVE_MODE)
-    ms.set_device(target)
+    device_id = hardware.get("device_id")
+    ms.set_device(target, None if device_id is None or target == "CPU" else int(device_id))
     jit_level = hardware.get("jit_level")
     if jit_level:
         ms.set_context(jit_config={"jit_level": jit_level})
@@ -162,9 +164,9 @@ def device_checks(hardware: Mapping[str, Any]) -> list[tuple[str, str, bool]]:
     if target == "CPU":
         cores = len(os.sched_getaffinity(0))
         return [("devices", f"CPU, {cores} cores for {workers} worker(s)", True)]
-    prefix, tool = {"Ascend": ("/dev/davinci", "npu-smi"), "GPU": ("/dev/nvidia", "nvidia-smi")}[target]
-    nodes = [path for path in glob.glob(prefix + "*") if path[len(prefix):].isdigit()]  # not davinci_manager
-    rows = [("devices", f"{len(nodes)} x {prefix}<N> for {workers} worker(s)", len(nodes) >= workers)]
+    prefix, tool = DEVICE_NODES[target], {"Ascend": "npu-smi", "GPU": "nvidia-smi"}[target]
+    count = local_devices(target)
+    rows = [("devices", f"{count} x {prefix}<N> for {workers} worker(s)", count >= workers)]
     found = shutil.which(tool)
     answer = subprocess.run([found, "info" if target == "Ascend" else "-L"], capture_output=True, text=True,
                             check=False, timeout=60) if found else None
@@ -173,6 +175,14 @@ def device_checks(hardware: Mapping[str, Any]) -> list[tuple[str, str, bool]]:
     if target == "Ascend":
         rows.append(_cann_version())
     return rows
+
+
+def local_devices(target: str) -> int:
+    """How many `target` devices this machine shows (`/dev/davinci<N>`, `/dev/nvidia<N>`); 0 for the CPU."""
+    prefix = DEVICE_NODES.get(target)
+    if prefix is None:
+        return 0
+    return sum(path[len(prefix):].isdigit() for path in glob.glob(prefix + "*"))  # not davinci_manager, nvidiactl
 
 
 def _cann_version() -> tuple[str, str, bool]:

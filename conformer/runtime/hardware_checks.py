@@ -75,6 +75,12 @@ def _check_device_settings(hardware: Mapping[str, Any], target: str) -> None:
     memory = hardware.get("device_memory")
     if memory is not None and not (isinstance(memory, str) and re.fullmatch(r"\d+(\.\d+)?GB", memory)):
         raise ConfigError(f"hardware.device_memory={memory!r} must be a size in GB such as 29GB, or null")
+    for key in ("device_id", "devices"):
+        if hardware.get(key) is not None:
+            require_int(hardware.get(key), f"hardware.{key}", minimum=0 if key == "device_id" else 1,
+                        hint="or null" + (": MindSpore's default" if key == "device_id" else ": every card found"))
+    if not isinstance(hardware.get("share_devices", False), bool):
+        raise ConfigError(f"hardware.share_devices={hardware.get('share_devices')!r} must be true or false")
     if not isinstance(hardware.get("deterministic", False), bool):
         raise ConfigError(f"hardware.deterministic={hardware.get('deterministic')!r} must be true or false")
     ascend = {key: value for key, value in (hardware.get("ascend") or {}).items() if value is not None}

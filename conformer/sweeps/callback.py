@@ -49,12 +49,14 @@ def _count_failures(count: int) -> None:
 def fail_trial(cfg: DictConfig, run_dir: Path, error: BaseException, overrides: Sequence[str] = ()) -> float:
     """A trial that failed must not end the sweep: record it as a FAILED child run (unless its own run already is)
     and report the worst objective for `trainer.monitor_mode` to the sweeper."""
+    from conformer.sweeps.outcomes import record_failure
     from conformer.tracking import create_tracker, default_run_name, run_tags, user_tags
     from conformer.tracking.store import client_for, search_all_runs
 
     message = f"{type(error).__name__}: {error}".splitlines()[0]
     log.error("trial in %s failed: %s", run_dir, message)
     _count_failures(_failed_trials + 1)
+    record_failure(run_dir, message)
     tracking = cfg.tracking
     root = Path(cfg.paths.root)
     if tracking.enabled:
@@ -148,6 +150,11 @@ class SweepParentCallback(Callback):
     def run_id(self) -> str | None:
         return self._tracker.run_id if self._tracker else None
 
+    def __getstate__(self) -> dict[str, Any]:
+        """A launcher that runs jobs in other processes (joblib) pickles the callbacks with each job; the parent run
+        stays with this process (its tracker holds locks and threads)."""
+        return {**self.__dict__, "_tracker": None}
+
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         tracking = OmegaConf.select(config, "tracking")
         if tracking is None or not tracking.get("enabled", True):
@@ -197,6 +204,9 @@ class SweepParentCallback(Callback):
             self._failed_dirs.append(str(run_dir))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from conformer.sweeps.outcomes import failed_in
+
+        _count_failures(failed_in(OmegaConf.select(config, "hydra.sweep.dir", default="multirun")))
         self._finish(aborted=False)
 
     def _finish(self, aborted: bool) -> None:
@@ -205,6 +215,10 @@ class SweepParentCallback(Callback):
             return
         atexit.unregister(self._finish)
         status = "FAILED"
+        if aborted:  # a parallel launcher's trial processes end (their runs KILLED) before the summary
+            from conformer.sweeps.launch import stop_trial_processes
+
+            stop_trial_processes()
         try:
             statuses = tracker.close_children()
             failed, finished = self._summarize(tracker)

@@ -244,6 +244,12 @@ def close_runs_of_dead_processes(client: MlflowClient) -> list[str]:
     return [run.info.run_id for run in dead]
 
 
+def owner_may_live(run: Any) -> bool:
+    """A RUNNING run whose process may still be at work: alive on this host, or on another (not visible from here)."""
+    host = run.data.tags.get(HOST_TAG)
+    return (host is not None and host != socket.gethostname()) or _owner_alive(run)
+
+
 def _owner_alive(run: Any) -> bool:
     from conformer.runtime.runlock import owner
 

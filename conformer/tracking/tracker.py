@@ -57,6 +57,7 @@ from conformer.tracking.store import (
     default_artifact_root,
     default_tracking_uri,
     experiment_id,
+    owner_may_live,
     resolve_tracking_uri,
     search_all_runs,
     terminate,
@@ -303,12 +304,15 @@ class Tracker:
         self._send(Inputs(tuple(datasets), context))
 
     def close_children(self) -> list[str]:
-        """Statuses of this run's child runs; a child still RUNNING (its process is gone) is marked FAILED."""
+        """Statuses of this run's child runs; a child still RUNNING whose process is gone is marked FAILED (one whose
+        process lives, another sweep worker's trial on a shared parent, is left RUNNING)."""
         statuses = []
         for run in search_all_runs(self._client, f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{self._require_run()}'"):
-            if run.info.status not in TERMINAL_STATUSES:
-                terminate(self._client, run.info.run_id, "FAILED", f"left {run.info.status} after its job ended")
-            statuses.append(run.info.status if run.info.status in TERMINAL_STATUSES else "FAILED")
+            status = run.info.status
+            if status not in TERMINAL_STATUSES and not owner_may_live(run):
+                terminate(self._client, run.info.run_id, "FAILED", f"left {status} after its job ended")
+                status = "FAILED"
+            statuses.append(status)
         return statuses
 
     # -- internals
