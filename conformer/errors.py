@@ -1,6 +1,8 @@
 """Errors run.py turns into one line, kept free of heavy imports (MLflow, MindSpore) so that it can catch them."""
 from __future__ import annotations
 
+import errno
+
 
 class TrackingUnavailable(RuntimeError):
     """The tracking store does not answer; the message is one line naming the store and the ways out."""
@@ -29,6 +31,7 @@ class InsufficientSpace(OSError):
     """Found before training: the run dir's file system cannot hold the checkpoints."""
 
 
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)  # a full disk, or a full quota
 FULL_ERROR_ENV = "HYDRA_FULL_ERROR"  # =1: the errors run.py makes one line are raised with their traceback
 
 
@@ -36,15 +39,13 @@ def one_line(err: BaseException) -> str | None:
     """The one line run.py prints (and logs to train.log) for a fault of the run, not of the code: a checkpoint it
     cannot read, a loss that is not finite, a disk that is full, a folder it cannot write; None for any other
     exception (a bug: its traceback is shown)."""
-    import errno
-
     if isinstance(err, InsufficientSpace):
         return f"error: {err.strerror}"
     if isinstance(err, CheckpointError):
         return f"error: {err}"
     if isinstance(err, FloatingPointError):
         return f"error: {err}"
-    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+    if isinstance(err, OSError) and err.errno in DISK_FULL_ERRNOS:
         where = f" writing {err.filename}" if err.filename else ""
         return (f"error: no space left on the device{where}: free some space, then continue the training with "
                 "trainer.resume=auto (its last finished epoch is kept)")
