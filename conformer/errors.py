@@ -10,6 +10,7 @@ import errno
 import signal
 from typing import NamedTuple
 
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)  # a full disk, or a full quota
 FULL_ERROR_ENV = "HYDRA_FULL_ERROR"  # =1: the errors run.py makes one line are raised with their traceback
 STORE_WAYS_OUT = ("start it, point tracking.uri (or MLFLOW_TRACKING_URI) at one that answers, set "
                   "tracking.fallback_to_local=true to log to the local store, or run with tracking=disabled")
@@ -102,7 +103,7 @@ def failure(err: BaseException) -> Failure | None:
         return Failure(err.line(), err.exit_code, False)
     if isinstance(err, FloatingPointError):
         return Failure(f"error: {err}", 1)
-    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+    if isinstance(err, OSError) and err.errno in DISK_FULL_ERRNOS:
         where = f" writing {err.filename}" if err.filename else ""
         return Failure(f"error: no space left on the device{where}: free some space, then continue the training "
                        "with trainer.resume=auto (its last finished epoch is kept)", 1)

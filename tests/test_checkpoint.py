@@ -1,6 +1,7 @@
 """Atomic checkpoints: round trip with experimental AdamW state, best/last logic, strict loading, resume."""
 from __future__ import annotations
 
+import errno
 import logging
 import os
 
@@ -211,9 +212,9 @@ def test_failure_after_the_data_is_written_cleans_up(tmp_path):
 
 
 def test_temp_files_of_a_killed_save_are_removed_by_the_next_save(tmp_path):
-    # A kill -9 during a write leaves our temp file and MindSpore's own .tmp behind.
-    stale = [tmp_path / ".last.0123abcd.partial.ckpt", tmp_path / ".last.0123abcd.partial.tmp"]
-    other = tmp_path / ".best.4567ef.partial.ckpt"  # another checkpoint's: left to that checkpoint's next save
+    # A kill -9 during a write leaves our temp file and MindSpore's own .tmp behind (and older versions' random names).
+    stale = [tmp_path / name for name in (".last.7.partial.ckpt", ".last.7.partial.tmp", ".last.0123abcd.partial.ckpt")]
+    other = tmp_path / ".best.partial.ckpt"  # another checkpoint's: left to that checkpoint's next save
     for path in (*stale, other):
         path.write_bytes(b"half a checkpoint")
     save_checkpoint({"w": Tensor(np.ones(2, np.float32))}, tmp_path / "last.ckpt", {"epoch": 1})
@@ -221,6 +222,21 @@ def test_temp_files_of_a_killed_save_are_removed_by_the_next_save(tmp_path):
     manager = CheckpointManager(tmp_path)
     manager.save(TinyNet(), epoch=2, step=2, metrics={"val/top1_sum": 0.5})  # best, then last copied from it
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.ckpt", "last.ckpt"]
+
+
+def test_a_full_disk_during_a_save_names_the_checkpoint_and_keeps_the_previous_one(tmp_path):
+    # /dev/full fails every write with ENOSPC: a link to it where the copy of best.ckpt to last.ckpt of step 2 writes,
+    # planted before the save of step 1 (which leaves it alone).
+    manager = CheckpointManager(tmp_path, monitor="epoch")
+    os.symlink("/dev/full", tmp_path / ".last.2.partial.ckpt")
+    manager.save(TinyNet(), epoch=1, step=1, metrics={"epoch": 1.0})
+    kept, dev_full = (tmp_path / "last.ckpt").read_bytes(), os.stat("/dev/full")
+    with pytest.raises(OSError) as error:
+        manager.save(TinyNet(), epoch=2, step=2, metrics={"epoch": 2.0})
+    assert (error.value.errno, error.value.filename) == (errno.ENOSPC, str(tmp_path / "last.ckpt"))
+    assert (tmp_path / "last.ckpt").read_bytes() == kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.ckpt", "last.ckpt"]  # the link removed, not followed
+    assert os.stat("/dev/full").st_mode == dev_full.st_mode
 
 
 def test_strict_loading_names_the_mismatched_keys(tmp_path, caplog):

@@ -1,13 +1,17 @@
-"""Faults beyond the happy path, with real processes: secrets in the tracking URI, signals, links in a dataset,
-odd file names, resume=auto among broken checkpoints."""
+"""Faults beyond the happy path, with real processes: secrets in the tracking URI, signals, one owner per run,
+resume=auto among broken checkpoints, one-line errors, a disk too small or full.
+
+A `python run.py` training costs ~15 s here (imports, the tiny step from the compile cache, MLflow), so a test that
+needs several trainings makes each process serve more than one probe where they do not interfere."""
 from __future__ import annotations
 
 import logging
 import os
 import re
+import shutil
 import signal
+import stat
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +19,7 @@ import pytest
 from mindspore import nn
 from mlflow import MlflowClient
 
-from conformer.models.checkpoint_file import save_checkpoint
+from conformer.models.checkpoint_file import read_checkpoint, save_checkpoint
 from conformer.runtime.hardware import ProcessGroup
 from conformer.runtime.launch import free_port
 from conformer.tasks.common import RunContext
@@ -44,8 +48,8 @@ def test_a_password_in_the_tracking_uri_reaches_no_log_tag_artifact_or_file(tmp_
     """A real `mlflow server` on 127.0.0.1 addressed as http://alice:<password>@127.0.0.1:<port> (MLflow sends the
     user info as Basic auth): the health check passes, the run FINISHES, and the password is in no file under the
     project root (run dir, train.log, .hydra/*.yaml, the local store), no file of the server (its store and
-    artifacts: tags, params, config.yaml, overrides.txt, train.log), no console line. Then with the server gone and
-    tracking.fallback_to_local=true: the fallback tag and log name the store without the password."""
+    artifacts: tags, params, config.yaml, overrides.txt, train.log), no console line. (The same store down, with
+    tracking.fallback_to_local=true: `test_a_full_disk_at_epoch_2_keeps_epoch_1_and_resume_auto_finishes`.)"""
     data_root = tiny_folder(tmp_path_factory.getbasetemp())
     (tmp_path / "server").mkdir()
     with mlflow_server(tmp_path / "server") as server:
@@ -64,19 +68,6 @@ def test_a_password_in_the_tracking_uri_reaches_no_log_tag_artifact_or_file(tmp_
     assert SECRET not in result.stdout + result.stderr
     assert not _files_with(tmp_path, SECRET)  # the project root and the server's store and artifacts
 
-    # the same store, now down, with the fallback to the local store
-    port = free_port()
-    fallback_root = tmp_path / "fallback"
-    fallback_root.mkdir()
-    result = run_py_to_end(tiny_overrides(fallback_root, data_root, f"tracking.uri=http://alice:{SECRET}@127.0.0.1:"
-                                          f"{port}", "tracking.fallback_to_local=true", "trainer.epochs=1"),
-                           fallback_root, timeout=400)
-    assert result.returncode == 0, result.stderr[-3000:]
-    run = _only_run(MlflowClient(f"sqlite:///{fallback_root / 'mlflow.db'}"))
-    assert run.data.tags[FALLBACK_TAG] == f"http://***@127.0.0.1:{port}"
-    assert SECRET not in result.stdout + result.stderr
-    assert not _files_with(fallback_root, SECRET)
-
 
 def test_msrun_workers_get_a_secret_tracking_uri_from_the_environment_not_their_command_line(tmp_path: Path) -> None:
     """msrun prints and logs each worker's command line: a tracking URI with a password goes to them as
@@ -91,33 +82,16 @@ def test_msrun_workers_get_a_secret_tracking_uri_from_the_environment_not_their_
 
 
 # ---------------------------------------------------------------------------------------------------- signals
-def _training_started(root: Path) -> bool:
-    return any("train step compiled and run once" in log.read_text() for log in root.glob("outputs/*/*/train.log"))
+def _training_started_in(log: Path) -> bool:
+    return "train step compiled and run once" in log.read_text()
 
 
-@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGHUP, 129)])
-def test_ctrl_c_or_a_closed_terminal_during_training_ends_the_run_killed(sig: int, code: int, tmp_path: Path,
-                                                                        tmp_path_factory) -> None:
-    """Ctrl-C reaches the whole foreground process group (the training and MindSpore's dataset processes): exit 130
-    and "received SIGINT", not the SIGTERM MindSpore's clean-up process sends its parent afterwards. A closed
-    terminal (SIGHUP) stops the training like SIGTERM: exit 129, the MLflow run KILLED."""
-    data_root = tiny_folder(tmp_path_factory.getbasetemp())
-    proc = run_py(tiny_overrides(tmp_path, data_root, "trainer.epochs=50", "data.num_workers=2",
-                                 "data.train_transform.auto_augment=rand-m9-mstd0.5-inc1"),  # worker processes
-                  tmp_path, start_new_session=True,  # as a terminal's job: SIGINT not ignored (as under `cmd &`)
-                  preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    try:
-        wait_until(lambda: _training_started(tmp_path), proc, "the training running", timeout=300)
-        time.sleep(1.0)  # a few steps into the loop
-        os.killpg(proc.pid, sig) if sig == signal.SIGINT else proc.send_signal(sig)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        stop(proc, signal.SIGKILL, group=True)
+def _assert_interrupted(proc: subprocess.Popen, err: str, sig: int, code: int) -> None:
+    """Exit 128 + signal, and the last line says which signal; no traceback."""
     name = signal.Signals(sig).name
     assert proc.returncode == code, err[-3000:]
     assert re.match(rf"interrupted \((received )?{name}", err.strip().splitlines()[-1]), err[-3000:]
     assert "Traceback" not in err
-    assert _only_run(MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")).info.status == "KILLED"
 
 
 # ---------------------------------------------------------------------------------------------------- resume=auto
@@ -148,23 +122,36 @@ def test_resume_auto_skips_unreadable_checkpoints_naming_them(tmp_path: Path, ca
 
 
 # ---------------------------------------------------------------------------------------------------- one owner
-def test_a_training_in_progress_has_one_owner_that_the_orphan_check_and_a_second_resume_respect(
-        tmp_path: Path, tmp_path_factory) -> None:
-    """A training killed (SIGKILL) and resumed continues its MLflow run, whose start time is older than the resuming
-    process: the orphan check every start makes leaves it RUNNING (it asks the run dir's lock, held by the live
-    owner); a second trainer.resume=auto of the same config stops with one line naming the owner's pid."""
+def test_ctrl_c_then_a_resume_that_owns_the_run_then_a_closed_terminal(tmp_path: Path, tmp_path_factory) -> None:
+    """Three probes on two trainings (with dataset worker processes):
+    1. Ctrl-C reaches the whole foreground process group (the training and MindSpore's dataset processes) during
+       training: exit 130 and "received SIGINT", not the SIGTERM MindSpore's clean-up process sends its parent
+       afterwards; the MLflow run KILLED.
+    2. `trainer.resume=auto` continues that MLflow run, whose start time is older than the resuming process: the
+       orphan check every start makes leaves it RUNNING (it asks the run dir's lock, held by the live owner); a
+       second trainer.resume=auto of the same config stops with one line naming the owner's pid.
+    3. A closed terminal (SIGHUP) stops the resumed training like SIGTERM: exit 129, the MLflow run KILLED without
+       an `error` tag."""
     data_root = tiny_folder(tmp_path_factory.getbasetemp())
-    args = tiny_overrides(tmp_path, data_root, "trainer.epochs=50")
-    first = run_py(args, tmp_path, start_new_session=True)
-    try:
-        wait_until(lambda: any(tmp_path.glob("outputs/*/*/checkpoints/last.ckpt")), first, "a last.ckpt")
+    args = tiny_overrides(tmp_path, data_root, "trainer.epochs=50", "data.num_workers=2",
+                          "data.train_transform.auto_augment=rand-m9-mstd0.5-inc1")  # worker processes
+    first = run_py(args, tmp_path, start_new_session=True,  # as a terminal's job: SIGINT not ignored (`cmd &`)
+                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:  # an epoch done: training, a few steps into the loop, with a checkpoint to resume
+        wait_until(lambda: any(tmp_path.glob("outputs/*/*/checkpoints/last.ckpt")), first, "a last.ckpt",
+                   timeout=300)
+        os.killpg(first.pid, signal.SIGINT)
+        _, err = first.communicate(timeout=120)
     finally:
         stop(first, signal.SIGKILL, group=True)
+    _assert_interrupted(first, err, signal.SIGINT, 130)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert _only_run(client).info.status == "KILLED"
+
     resumed = run_py([*args, "trainer.resume=auto"], tmp_path, start_new_session=True)
     try:
         wait_until(lambda: sum(_training_started_in(log) for log in tmp_path.glob("outputs/*/*/train.log")) == 2,
                    resumed, "the resumed training running", timeout=300)
-        client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
         run = _only_run(client)
         assert run.data.tags["pid"] == str(resumed.pid) and run.data.tags.get("resumed") == "true"
         assert close_runs_of_dead_processes(client) == []  # what every run's start does
@@ -177,15 +164,14 @@ def test_a_training_in_progress_has_one_owner_that_the_orphan_check_and_a_second
             f"is in progress (pid {resumed.pid} owns it)" in last, last
         assert "Traceback" not in second.stderr
         assert resumed.poll() is None
+
+        resumed.send_signal(signal.SIGHUP)
+        _, err = resumed.communicate(timeout=120)
     finally:
-        stop(resumed, signal.SIGTERM)
-    assert resumed.returncode == 143
+        stop(resumed, signal.SIGKILL, group=True)
+    _assert_interrupted(resumed, err, signal.SIGHUP, 129)
     run = client.get_run(run.info.run_id)
     assert run.info.status == "KILLED" and "error" not in run.data.tags
-
-
-def _training_started_in(log: Path) -> bool:
-    return "train step compiled and run once" in log.read_text()
 
 
 # ---------------------------------------------------------------------------------------------------- one line
@@ -229,3 +215,86 @@ def test_a_run_folder_that_cannot_be_written_is_one_line_before_hydra_makes_it(t
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f"config error: cannot write the run dir {locked}/outputs/"), last
     assert "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------------- disk space
+def test_too_little_free_space_refuses_the_training_before_it_compiles(tmp_path: Path, tmp_path_factory) -> None:
+    """The check before the first step: two checkpoints and `task.free_space_margin_mb` must fit in the run dir's
+    file system. A margin 10 TB above the free space stands for a disk too small: one line naming the folder, the
+    space free and the space needed, also in train.log, exit 1; nothing compiled, no checkpoint, no MLflow run."""
+    data_root = tiny_folder(tmp_path_factory.getbasetemp())
+    free_mb = shutil.disk_usage(tmp_path).free / 2**20
+    margin = int(free_mb) + 10 * 2**20
+    run_dir = tmp_path / "run"
+    result = run_py_to_end(tiny_overrides(tmp_path, data_root, f"task.free_space_margin_mb={margin}",
+                                          f"hydra.run.dir={run_dir}"), tmp_path, timeout=300)
+    assert result.returncode == 1, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    found = re.fullmatch(
+        rf"error: not enough free space for the checkpoints in {re.escape(str(run_dir))}: (\d+) MB free, the training "
+        rf"needs about (\d+) MB \(two checkpoints of ([\d.]+) MB and task.free_space_margin_mb={margin}\): free some "
+        r"space or point hydra.run.dir \(or paths.root\) elsewhere \(HYDRA_FULL_ERROR=1 shows the traceback\)", last)
+    assert found, last
+    free, needed, checkpoint = int(found[1]), int(found[2]), float(found[3])
+    assert abs(needed - (margin + 2 * checkpoint)) <= 1 and checkpoint > 1  # conformer_nano cut to 3 blocks: ~9 MB
+    assert abs(free - free_mb) < 0.05 * free_mb  # the machine's other writers move it a little
+    assert "Traceback" not in result.stderr
+    log = (run_dir / "train.log").read_text()
+    assert last.split(" (HYDRA_FULL_ERROR")[0] in log and "compiling the train step" not in log
+    assert not (run_dir / "checkpoints").exists()
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
+
+
+def test_a_full_disk_at_epoch_2_keeps_epoch_1_and_resume_auto_finishes(tmp_path: Path, tmp_path_factory) -> None:
+    """A real ENOSPC at epoch 2's checkpoint: the temp file that its copy of best.ckpt to last.ckpt writes (every
+    epoch improves on the monitored epoch number; the temp is named after the global step, 12) is a link to
+    /dev/full, whose writes the kernel fails with ENOSPC, as root or not. The training stops there with one line
+    naming last.ckpt, also in train.log, exit 1, the MLflow run FAILED; epoch 1's last.ckpt is intact and no temp
+    file is left. `trainer.resume=auto` then finishes the training in the same MLflow run: FINISHED, every epoch's
+    best/* logged once, no train step logged twice.
+
+    The store is an unreachable server addressed with a password, with tracking.fallback_to_local=true: both
+    processes log to the local store, whose fallback tag names the server without the password, and the password
+    is in no file and no console line."""
+    data_root = tiny_folder(tmp_path_factory.getbasetemp())
+    port = free_port()  # nobody listens
+    args = tiny_overrides(tmp_path, data_root, "trainer.epochs=4", "trainer.monitor=epoch", "trainer.monitor_mode=max",
+                          f"tracking.uri=http://alice:{SECRET}@127.0.0.1:{port}", "tracking.fallback_to_local=true")
+    run_dir = tmp_path / "outputs" / "full"  # where resume=auto looks
+    checkpoints = run_dir / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    steps = 6  # per epoch
+    (checkpoints / f".last.{2 * steps}.partial.ckpt").symlink_to("/dev/full")  # checkpoint._temp_name
+    dev_full = os.stat("/dev/full")
+    result = run_py_to_end([*args, f"hydra.run.dir={run_dir}"], tmp_path, timeout=400)
+    out, err = result.stdout, result.stderr
+    assert result.returncode == 1, err[-3000:]
+    line = (f"error: no space left on the device writing {checkpoints / 'last.ckpt'}: free some space, then continue "
+            "the training with trainer.resume=auto (its last finished epoch is kept)")
+    assert err.strip().splitlines()[-1] == f"{line} (HYDRA_FULL_ERROR=1 shows the traceback)", err[-3000:]
+    assert "Traceback" not in err
+    log = (run_dir / "train.log").read_text()
+    assert line in log and "epoch 1/4" in log and "epoch 2/4" not in log  # stopped at epoch 2's save
+    _, extra = read_checkpoint(checkpoints / "last.ckpt")
+    assert (extra["epoch"], extra["step"]) == (1, steps)
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["best.ckpt", "last.ckpt"]  # the link removed too
+    assert (os.stat("/dev/full").st_mode, os.stat("/dev/full").st_rdev) == (dev_full.st_mode, dev_full.st_rdev)
+    assert stat.S_ISCHR(dev_full.st_mode)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = _only_run(client)
+    assert run.info.status == "FAILED" and run.data.tags[FALLBACK_TAG] == f"http://***@127.0.0.1:{port}"
+
+    resumed = run_py_to_end([*args, "trainer.resume=auto"], tmp_path, timeout=400)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming the newest checkpoint of this config, {checkpoints / 'last.ckpt'}" in resumed.stdout
+    assert "done: epoch 4.00 (best 4.00 at epoch 4)" in resumed.stdout
+    run = _only_run(client)
+    assert run.info.status == "FINISHED" and "error" not in run.data.tags and run.data.tags["resumed"] == "true"
+    history = {key: [m.step for m in client.get_metric_history(run.info.run_id, key)]
+               for key in ("best/epoch", "epoch", "train/loss")}
+    assert sorted(history["best/epoch"]) == [steps, 2 * steps, 3 * steps, 4 * steps]  # epoch 2's too, once
+    assert sorted(history["epoch"]) == [steps, 2 * steps, 3 * steps, 4 * steps]
+    assert sorted(history["train/loss"]) == list(range(2, 4 * steps + 1, 2))  # every 2nd step, once
+    assert SECRET not in out + err + resumed.stdout + resumed.stderr
+    assert not _files_with(tmp_path, SECRET)

@@ -8,6 +8,8 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -293,6 +295,26 @@ def test_a_ctrl_c_swallowed_by_a_finalizer_is_not_lost() -> None:
             check_interrupted()
     check_interrupted()  # the memory of it ends with the run
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_a_swallowed_ctrl_c_stays_quiet_after_the_unraisable_hook_was_reset(capfd: pytest.CaptureFixture) -> None:
+    """MindSpore's first epoch sets `sys.unraisablehook` back to Python's (from C); a Ctrl-C then landing in a
+    callback Python drops (an at-fork callback of the next epoch's data workers) printed "Exception ignored in" and a
+    traceback. Every training step's `check_interrupted` takes the quiet hook back."""
+    class Thing:
+        pass
+
+    with interruptible():
+        sys.unraisablehook = sys.__unraisablehook__  # what MindSpore does
+        check_interrupted()
+        thing = Thing()
+        dropped = weakref.ref(thing, lambda _: signal.raise_signal(signal.SIGINT))  # a callback, not a __del__
+        del thing  # the callback runs here; its Interrupted is "ignored"
+        assert dropped() is None
+        with pytest.raises(KeyboardInterrupt):
+            check_interrupted()
+    check_interrupted()
+    assert "Exception ignored" not in capfd.readouterr().err
 
 
 def test_ctrl_c_during_compilation_ends_the_run_killed(tmp_path: Path, tmp_path_factory) -> None:

@@ -73,6 +73,8 @@ def validate_config(cfg: DictConfig) -> None:
     check_hardware(cfg.hardware)
     _check_components(cfg)
     if task == "train":
+        require_number(_get(cfg, "task.free_space_margin_mb"), "task.free_space_margin_mb",
+                       hint="MB kept free beyond two checkpoints")
         if is_conformer(cfg.model):
             check_weights(cfg, "model.pretrained")
         if _get(cfg, "trainer.resume") != "auto":

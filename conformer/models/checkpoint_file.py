@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import shutil
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, Union
@@ -22,7 +21,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
-from conformer.errors import CheckpointError
+from conformer.errors import DISK_FULL_ERRNOS, CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +72,9 @@ def _meta_entries(extra: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def remove_file(path: Path) -> None:
-    try:
-        os.chmod(path, 0o600)  # MindSpore leaves files read-only
-        path.unlink()
-    except FileNotFoundError:
-        pass
+    """Unlink `path` (a read-only file too: unlinking needs only the folder's permission); a link is removed, never
+    followed."""
+    path.unlink(missing_ok=True)
 
 
 def _fsync(path: Path, directory: bool = False) -> None:
@@ -88,14 +85,22 @@ def _fsync(path: Path, directory: bool = False) -> None:
         os.close(fd)
 
 
-def _temp_name(path: Path) -> Path:
-    return path.with_name(f".{path.stem}.{uuid.uuid4().hex}.partial.ckpt")
+def _temp_name(path: Path, step: Any = None) -> Path:
+    """The temp file of `path` while it is written, named after the global step it holds (`.last.12.partial.ckpt`)
+    where there is one: a leftover says which save was cut short. No random part: a run dir has one writer
+    (conformer.runtime.runlock), which writes its files one at a time."""
+    return path.with_name(f".{path.stem}{'' if step is None else f'.{step}'}.partial.ckpt")
 
 
 def _remove_stale_partials(path: Path) -> None:
     """Temp files of earlier writes of `path` that a killed process left behind (ours and MindSpore's `.tmp`)."""
-    for stale in path.parent.glob(f".{path.stem}.*.partial.*"):
+    for stale in path.parent.glob(f".{path.stem}.*partial*"):
         remove_file(stale)
+
+
+def _no_space(path: Path, code: int = errno.ENOSPC) -> OSError:
+    """A full disk (or quota) while writing `path`, said as the OSError of `path` (not of a temp or source file)."""
+    return OSError(code, os.strerror(code), str(path))
 
 
 def _publish(tmp: Path, path: Path) -> None:
@@ -117,28 +122,39 @@ def save_checkpoint(params: nn.Cell | list[dict[str, Any]] | Mapping[str, Tensor
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_partials(path)
     # MindSpore writes "<stem>.tmp" next to the name it is given, then renames it: both are ours to clean.
-    tmp = _temp_name(path)
+    tmp = _temp_name(path, (extra or {}).get("step"))
     try:
         try:
             ms.save_checkpoint(_entries(params), str(tmp), append_dict=_meta_entries(extra or {}))
         except (RuntimeError, ValueError) as err:  # MindSpore's words for a full disk: said as the OSError it is
             if "space" in str(err).lower() or shutil.disk_usage(path.parent).free < DISK_FULL_BYTES:
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from err
+                raise _no_space(path) from err
             raise
-        _publish(tmp, path)
+        try:
+            _publish(tmp, path)
+        except OSError as err:  # fsync: a file system that allocates late reports a full disk here
+            if err.errno not in DISK_FULL_ERRNOS:
+                raise
+            raise _no_space(path, err.errno) from err
     finally:
         remove_file(tmp)
         remove_file(tmp.with_suffix(".tmp"))
     return path
 
 
-def copy_checkpoint(source: Path, path: Path) -> Path:
-    """Atomic copy (cheaper than serialising the tensors again)."""
-    _remove_stale_partials(path)
-    tmp = _temp_name(path)
+def copy_checkpoint(source: Path, path: Path, step: int | None = None) -> Path:
+    """Atomic copy (cheaper than serialising the tensors again) of the checkpoint of global `step`. It writes its temp
+    file as it finds it, as `cp` does: a leftover is overwritten, a link there (a test's /dev/full) written through;
+    the next save by MindSpore of `path` removes the leftovers."""
+    tmp = _temp_name(path, step)
     try:
-        shutil.copyfile(source, tmp)
-        _publish(tmp, path)
+        try:
+            shutil.copyfile(source, tmp)
+            _publish(tmp, path)
+        except OSError as err:
+            if err.errno not in DISK_FULL_ERRNOS:
+                raise
+            raise _no_space(path, err.errno) from err
     finally:
         remove_file(tmp)
     return path

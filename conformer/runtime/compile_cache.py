@@ -39,6 +39,7 @@ IGNORED = {
     "trainer": ("resume", "save_every_n_steps", "epochs", "log_every_n_steps", "progress_bar", "keep_top_k",
                 "monitor", "monitor_mode", "limit_train_batches", "limit_val_batches"),
     "optim": ("schedule",),
+    "task": ("free_space_margin_mb",),
 }
 KEEP = 16  # cached configs kept; beyond them the least recently used go, once unused for EVICT_AFTER_S
 EVICT_AFTER_S = 3600

@@ -104,6 +104,7 @@ def _quiet_interrupts(previous: Callable[[Any], None]) -> Callable[[Any], None]:
     def hook(unraisable: Any) -> None:
         if not isinstance(unraisable.exc_value, Interrupted):
             previous(unraisable)
+    hook.quiet_interrupts = True  # type: ignore[attr-defined]
     return hook
 
 
@@ -149,13 +150,17 @@ def _disarm_mindspore_sigint() -> None:
 
 def reclaim_handlers() -> None:
     """Install our handlers again at the C level (MindSpore may have set its own SIGINT handler since, see
-    `_disarm_mindspore_sigint`). Main thread, inside `interruptible()` only."""
+    `_disarm_mindspore_sigint`), and the hook that keeps quiet about an `Interrupted` Python drops (MindSpore's first
+    epoch sets `sys.unraisablehook` back to Python's, from C: a Ctrl-C landing in an at-fork callback of the next
+    epoch's data workers printed a traceback). Main thread, inside `interruptible()` only."""
     if threading.current_thread() is not threading.main_thread():
         return
     _disarm_mindspore_sigint()
     for signum in HANDLED:
         if _ours(signum):
             signal.signal(signum, _raise_interrupted)
+    if any(_ours(signum) for signum in HANDLED) and not getattr(sys.unraisablehook, "quiet_interrupts", False):
+        sys.unraisablehook = _quiet_interrupts(sys.unraisablehook)
 
 
 def on_forced_exit(callback: Callable[[], None]) -> Callable[[], None]:

@@ -72,7 +72,8 @@ def _train(ctx: RunContext, fingerprint: str, resume: Path | None) -> float:
         checkpoint_meta={"config_fingerprint": fingerprint, "params": run_params(cfg, group.world_size)})
 
     if group.is_main:
-        check_free_space(ctx.run_dir, network, ema=bool(cfg.trainer.get("ema_decay")))
+        check_free_space(ctx.run_dir, network, ema=bool(cfg.trainer.get("ema_decay")),
+                         margin_mb=cfg.task.free_space_margin_mb)
     log.info("%s | %s | %d params | %d train / %d val images | %d steps/epoch | global batch %d | base lr %.3g",
              model_name(cfg.model), data, sum(p.size for p in network.trainable_params()), data.train_size,
              data.val_size, trainer.steps_per_epoch, trainer.global_batch, trainer.schedule.base_lr)
@@ -95,30 +96,31 @@ def _train(ctx: RunContext, fingerprint: str, resume: Path | None) -> float:
     return float(best)
 
 
-SPACE_MARGIN_BYTES = 64 * 2**20
-
-
-def check_free_space(run_dir: Path, network, ema: bool = False) -> None:
+def check_free_space(run_dir: Path, network, ema: bool = False, margin_mb: float = 64) -> None:
     """Before the first step: the run dir's file system holds two checkpoints (last.ckpt and its atomic temp copy;
-    best.ckpt shares last's bytes) plus a margin, or `InsufficientSpace` says how much is missing. A checkpoint holds
-    the weights, AdamW's two moments and the EMA copy: ~4 (or 3) float32 per parameter."""
+    best.ckpt shares last's bytes) plus `margin_mb` (`task.free_space_margin_mb`), or `InsufficientSpace` says how
+    much is missing. A checkpoint holds the weights, AdamW's two moments and the EMA copy: ~4 (or 3) float32 per
+    parameter."""
     copies = 4 if ema else 3
     checkpoint = sum(p.size for p in network.get_parameters()) * 4 * copies
-    needed = 2 * checkpoint + SPACE_MARGIN_BYTES
+    needed = 2 * checkpoint + int(margin_mb * 2**20)
     free = shutil.disk_usage(run_dir if run_dir.exists() else run_dir.parent).free
     if free < needed:
         raise InsufficientSpace(errno.ENOSPC, f"not enough free space for the checkpoints in {run_dir}: "
                                 f"{free / 2**20:.0f} MB free, the training needs about {needed / 2**20:.0f} MB "
-                                f"(two checkpoints of ~{checkpoint / 2**20:.0f} MB and a margin): free some space or "
-                                "point hydra.run.dir (or paths.root) elsewhere", str(run_dir))
+                                f"(two checkpoints of {checkpoint / 2**20:.1f} MB and task.free_space_margin_mb="
+                                f"{margin_mb}): free some space or point hydra.run.dir (or paths.root) elsewhere",
+                                str(run_dir))
 
 
 def config_fingerprint(cfg: DictConfig) -> str:
     """What makes two runs "the same config" for `trainer.resume=auto`: the resolved config but the keys that say how
-    to resume and how often to checkpoint (a run may resume with step checkpoints switched on)."""
+    to resume, how often to checkpoint (a run may resume with step checkpoints switched on) and how much free space
+    to ask for."""
     plain = OmegaConf.to_container(cfg, resolve=True)
     for key in ("resume", "save_every_n_steps"):
         plain["trainer"].pop(key, None)
+    plain["task"].pop("free_space_margin_mb", None)
     return hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

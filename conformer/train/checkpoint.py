@@ -159,7 +159,7 @@ class CheckpointManager:
         else:
             # best first: a crash in between leaves a `last` whose best metric is not ahead of best.ckpt
             paths = {"best": save_checkpoint(tensors, self.best_path, extra)}
-            paths["last"] = copy_checkpoint(self.best_path, self.last_path)
+            paths["last"] = copy_checkpoint(self.best_path, self.last_path, int(step))
             self.best_metric, self.best_epoch = best_metric, best_epoch
         ranked = self._keep_ranked(value, epoch, paths.get("best"), tensors, extra)
         return {**paths, "ranked": ranked} if ranked is not None else paths
