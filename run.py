@@ -111,6 +111,10 @@ def main(cfg: DictConfig) -> float | None:
         _report(fault.line + hint, log_to_file=fault.traceback_helps)
         if isinstance(err, ConfigError):
             remove_unused_run_dir(run_dir)
+        if isinstance(err, Interrupted):
+            from conformer.runtime.signals import exit_within
+
+            exit_within(fault.exit_code)
         sys.exit(fault.exit_code)
 
 

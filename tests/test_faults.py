@@ -12,6 +12,7 @@ import shutil
 import signal
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -298,3 +299,33 @@ def test_a_full_disk_at_epoch_2_keeps_epoch_1_and_resume_auto_finishes(tmp_path:
     assert sorted(history["train/loss"]) == list(range(2, 4 * steps + 1, 2))  # every 2nd step, once
     assert SECRET not in out + err + resumed.stdout + resumed.stderr
     assert not _files_with(tmp_path, SECRET)
+
+
+HUNG_CLEANUP = """
+import os, signal, sys, threading, time
+from conformer.runtime import signals
+signals.CLEANUP_BACKSTOP_S = 1.0
+if sys.argv[1] == "clean-up":
+    with signals.interruptible():
+        try:
+            os.kill(os.getpid(), signal.SIGHUP)
+            time.sleep(30)
+        except BaseException:
+            time.sleep(600)  # a clean-up that never ends
+else:  # an exit that never ends: a thread nobody joins
+    threading.Thread(target=time.sleep, args=(600,)).start()
+    signals.exit_within(130, 1.0)
+    sys.exit(130)
+"""
+
+
+@pytest.mark.parametrize(("stage", "code", "line"), [
+    ("clean-up", 129, "interrupted (received SIGHUP) the clean-up did not end within 1 s: stopping now"),
+    ("exit", 130, "the exit did not end within 1 s: stopping now"),
+])
+def test_a_stopped_process_whose_clean_up_or_exit_hangs_still_ends(tmp_path: Path, stage: str, code: int,
+                                                                     line: str) -> None:
+    result = subprocess.run([sys.executable, "-c", HUNG_CLEANUP, stage], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert result.returncode == code, result.stderr[-2000:]
+    assert line in result.stderr

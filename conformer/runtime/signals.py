@@ -16,7 +16,9 @@ inside MindSpore's own Python callbacks gets swallowed by it. Code that calls in
 `native_section()`: there the handler only records the signal. A watchdog thread learns of every signal at once
 (`signal.set_wakeup_fd`); when the main thread has not taken it within `FORCED_EXIT_AFTER_S` (still in a native
 section, or its handler never ran), the watchdog runs the callbacks registered with `on_forced_exit` (the open
-MLflow run ends KILLED), prints one line and exits the process with 128 + signal.
+MLflow run ends KILLED), prints one line and exits the process with 128 + signal. Once the main thread took the
+signal, a backstop does the same if the process is still alive `CLEANUP_BACKSTOP_S` later (a clean-up that hangs,
+such as data workers that never join, must not keep a stopped training alive).
 """
 from __future__ import annotations
 
@@ -35,20 +37,46 @@ from conformer.errors import Interrupted
 
 HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 FORCED_EXIT_AFTER_S = 3.0
+CLEANUP_BACKSTOP_S = 60.0  # beyond the 30 s a run's MLflow backlog may take to drain
 _forced_exit_callbacks: list[Callable[[], None]] = []
 
 
 class _Pending:
     signum: int | None = None
     native = False  # inside native_section()
+    backstop: threading.Timer | None = None
 
 
 def _raise_interrupted(signum: int, frame: Any) -> None:
     if _Pending.signum is not None:  # the first signal is the user's; a later one repeats it while the process
         return                       # stops, and raising again would only break a clean-up (MindSpore's finalizers)
     _Pending.signum = signum
+    _arm_backstop(signum)
     if not _Pending.native and not _in_finalizer(frame):
         raise Interrupted(signum)
+
+
+def _arm_backstop(signum: int) -> None:
+    """End the process `CLEANUP_BACKSTOP_S` after the first signal unless `interruptible()` is left first (see the
+    module's doc); `exit_within` covers what follows, up to the process's exit."""
+    def backstop() -> None:
+        _force_exit(signum, f"the clean-up did not end within {CLEANUP_BACKSTOP_S:g} s")
+
+    _Pending.backstop = threading.Timer(CLEANUP_BACKSTOP_S, backstop)
+    _Pending.backstop.daemon = True
+    _Pending.backstop.start()
+
+
+def exit_within(exit_code: int, seconds: float = CLEANUP_BACKSTOP_S) -> None:
+    """The process is about to exit with `exit_code` after a signal: should its exit hang (a library's threads or
+    processes that never join), end it `seconds` from now."""
+    def backstop() -> None:
+        print(f"the exit did not end within {seconds:g} s: stopping now", file=sys.stderr, flush=True)
+        os._exit(exit_code)
+
+    timer = threading.Timer(seconds, backstop)
+    timer.daemon = True
+    timer.start()
 
 
 def _in_finalizer(frame: Any) -> bool:
@@ -96,6 +124,9 @@ def interruptible() -> Iterator[None]:
             signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
         if installed:
             _Pending.signum = None
+            if _Pending.backstop is not None:
+                _Pending.backstop.cancel()
+                _Pending.backstop = None
 
 
 def _quiet_interrupts(previous: Callable[[Any], None]) -> Callable[[Any], None]:
@@ -200,9 +231,8 @@ class _Watchdog(threading.Thread):
         self._write.close()
 
 
-def _force_exit(signum: int) -> None:
-    print(f"interrupted ({signal.Signals(signum).name}) while MindSpore was busy (compiling?): stopping now",
-          file=sys.stderr, flush=True)
+def _force_exit(signum: int, why: str = "while MindSpore was busy (compiling?)") -> None:
+    print(f"interrupted (received {signal.Signals(signum).name}) {why}: stopping now", file=sys.stderr, flush=True)
     for callback in reversed(_forced_exit_callbacks):
         try:
             callback()
