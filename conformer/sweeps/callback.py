@@ -156,13 +156,13 @@ class SweepParentCallback(Callback):
         return {**self.__dict__, "_tracker": None}
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._sweep_dir = Path(OmegaConf.select(config, "hydra.sweep.dir", default="multirun"))
         tracking = OmegaConf.select(config, "tracking")
         if tracking is None or not tracking.get("enabled", True):
             return
         from conformer.sweeps.runs import name_parent_uniquely, share_runs_view
         from conformer.tracking import Tracker, resolve_tracking_uri, run_tags
 
-        self._sweep_dir = Path(OmegaConf.select(config, "hydra.sweep.dir", default="multirun"))
         self._keys = swept_keys(config)
         self._monitor = OmegaConf.select(config, "trainer.monitor", default=self._monitor)
         self._mode = OmegaConf.select(config, "trainer.monitor_mode", default=self._mode)
@@ -206,7 +206,7 @@ class SweepParentCallback(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from conformer.sweeps.outcomes import failed_in
 
-        _count_failures(failed_in(OmegaConf.select(config, "hydra.sweep.dir", default="multirun")))
+        _count_failures(failed_in(self._sweep_dir))  # recorded by on_multirun_start
         self._finish(aborted=False)
 
     def _finish(self, aborted: bool) -> None:
