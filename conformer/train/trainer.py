@@ -26,10 +26,10 @@ from conformer.runtime.signals import check_interrupted, native_section
 from conformer.train.checkpoint import CheckpointManager, TrainState
 from conformer.train.ema import ModelEma
 from conformer.train.losses import one_hot
-from conformer.train.optim import set_lr
 from conformer.train.profiling import StepProfiler
 from conformer.train.progress import ProgressBar, bar_wanted
 from conformer.train.step import DEFAULT_INIT_LOSS_SCALE, TrainStep
+from conformer.train.window import StepWindow, Throughput
 from conformer.vocabulary import HEADS
 
 log = logging.getLogger(__name__)
@@ -101,23 +101,6 @@ def eval_metrics(sums: np.ndarray, prefix: str = "val") -> dict[str, float]:
     return metrics
 
 
-class Throughput:
-    """Images per second over a sliding window of steps."""
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self.start, self.images = time.perf_counter(), 0
-
-    def add(self, images: int) -> None:
-        self.images += images
-
-    def rate(self) -> float:
-        elapsed = time.perf_counter() - self.start
-        return self.images / elapsed if elapsed > 0 else 0.0
-
-
 class Trainer:
     """Trains `network` on `data` for `epochs`, evaluates every epoch, checkpoints on rank 0, reports to `tracker`.
 
@@ -172,7 +155,8 @@ class Trainer:
         self.save_every_n_steps = save_every_n_steps
         self.step = TrainStep(network, loss_fn, self.optimizer, clip_grad_norm=clip_grad_norm, loss_scale=loss_scale,
                               init_loss_scale=init_loss_scale, scale_factor=scale_factor, scale_window=scale_window,
-                              grad_accum_steps=grad_accum_steps, ema=self.ema)
+                              grad_accum_steps=grad_accum_steps, ema=self.ema, window=self.log_every_n_steps,
+                              lr_values=self.lr_values, mask_seed=(int(data.seed), group.rank))
         self.state = self._resume(Path(resume), network) if resume else TrainState()
         self.evaluator = EvalStep(network, eval_loss_fn, data.num_classes)
         self.history: dict[str, list[tuple[int, float]]] = defaultdict(list)
@@ -219,6 +203,7 @@ class Trainer:
         val_loader = self.data.val_loader(self.group.rank, self.group.world_size, self.limit_val_batches)
         val_iter = val_loader.create_tuple_iterator(num_epochs=epochs - start)
         step = state.step
+        self.step.seek(step)  # the graph's counter: the lr and drop-path masks of a resumed run follow it
         # a resumed run: the killed process may have logged an epoch's metrics and died before its checkpoint; that
         # epoch is trained again to the same values, which are not logged twice
         logged = self.tracker.last_step("epoch") if step > 0 else None
@@ -256,23 +241,30 @@ class Trainer:
 
     def _train_epoch(self, batches: Iterator, epoch: int, step: int, done: int = 0) -> tuple[int, float]:
         """Train the epoch's batches after the first `done` (those a mid-epoch checkpoint holds); returns the global
-        step and the mean loss of the batches trained here."""
+        step and the mean loss of the batches trained here.
+
+        The steps are only launched: their records are read back once per log window (at a log point, a step
+        checkpoint, the compile step and the epoch's end), which is where a non-finite loss is caught.
+        """
         every = self.log_every_n_steps
-        meter, window_loss, window_norm, window_n, norm_n, epoch_loss, n = Throughput(), 0.0, 0.0, 0, 0, 0.0, 0
+        meter, window, unread_from = Throughput(), StepWindow(epoch), step
         for i, (images, targets) in enumerate(batches, start=done):
             check_interrupted()
+            # the lr the graph takes from its table for this step, for the log
             lr = float(self.lr_values[min(step // self.step.grad_accum_steps, len(self.lr_values) - 1)])
-            set_lr(self.step.optimizer, lr)
             compiling = not self._compiled
-            result = self._first_step(images, targets, step) if compiling else \
-                self.step(images, targets, self._mask_key(step))
-            # A dynamic loss scale skips non-finite steps and shrinks; once it cannot shrink further, give up.
-            if not math.isfinite(result.loss) and (not result.overflow or result.loss_scale <= 1.0):
-                raise FloatingPointError(f"loss is {result.loss} at epoch {epoch + 1}, step {step}: lower the "
-                                         "learning rate or enable trainer.clip_grad_norm / trainer.loss_scale")
+            if compiling:
+                self._first_step(images, targets, step)
+            else:
+                self.step.launch(images, targets)
             step += 1
             self.profiler.after_step()
-            if self._step_checkpoint_due(step, i):
+            log_due = step % every == 0 or i + 1 == self.steps_per_epoch
+            checkpoint_due = self._step_checkpoint_due(step, i)
+            if compiling or log_due or checkpoint_due:
+                window.add(self.step.results(), unread_from)
+                unread_from = step
+            if checkpoint_due:
                 self._save_step_checkpoint(epoch, i + 1, step)
             if compiling:
                 meter.reset()  # compile time stays out of img/s and the ETA
@@ -280,18 +272,10 @@ class Trainer:
                 self.bar.advance(i + 1)
             else:
                 meter.add(self.images_per_step)
-            if not result.overflow:  # overflow steps were skipped: their loss and inf norm say nothing
-                window_loss += result.loss
-                window_n += 1
-                epoch_loss += result.loss
-                n += 1
-            if result.applied:  # accumulation micro-steps have no norm of their own
-                window_norm += result.grad_norm
-                norm_n += 1
-            if (step % every == 0 or i + 1 == self.steps_per_epoch) and window_n:
+            if log_due and window.counted:
                 rate = meter.rate()
-                metrics = {"train/loss": window_loss / window_n, "train/lr": lr, "train/img_per_s": rate,
-                           "train/grad_norm": window_norm / max(norm_n, 1), "train/loss_scale": result.loss_scale}
+                metrics = {"train/loss": window.mean_loss, "train/lr": lr, "train/img_per_s": rate,
+                           "train/grad_norm": window.mean_norm, "train/loss_scale": window.loss_scale}
                 if compiling:  # a window of the compile step alone has no throughput to report
                     del metrics["train/img_per_s"]
                 logged = self._logged_train_step  # a resumed run: steps the killed process logged are not repeated
@@ -304,16 +288,18 @@ class Trainer:
                          _clock(left_in_epoch * per_step), _clock(left_total * per_step), extra={"progress": True})
                 self.bar.advance(0, loss=f"{metrics['train/loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}",
                                  eta=_clock(left_total * per_step))
+            if log_due:
+                window.reset()
+                if not compiling:
+                    meter.reset()
             if not compiling:
                 self.bar.advance()
-                meter.reset()
-                window_loss = window_norm = 0.0
-                window_n = norm_n = 0
+        window.add(self.step.results(), unread_from)  # a loader that ran out before the epoch's last step
         self.bar.stop()
-        if n == 0:
+        if window.epoch_n == 0:
             raise RuntimeError(f"no update was applied in epoch {epoch + 1}: the loader gave no batches or every "
                                "step overflowed (see train/loss_scale; under AMP, lower trainer.init_loss_scale)")
-        return step, epoch_loss / n
+        return step, window.epoch_loss / window.epoch_n
 
     def _epoch_batches(self, epoch: int, done: int = 0) -> Iterator:
         """Epoch `epoch`'s train batches after the first `done` (with `overfit_batches`: the first k batches of
@@ -334,10 +320,6 @@ class Trainer:
         loader = self.data.train_loader(self.group.rank, self.group.world_size, start_epoch=epoch)
         return loader.create_tuple_iterator(num_epochs=1)
 
-    def _mask_key(self, step: int) -> tuple[int, int, int]:
-        """What a micro-step's drop-path masks are drawn from: a resumed run draws the same ones."""
-        return int(self.data.seed), self.group.rank, step
-
     def _skipped_images(self) -> dict[str, float]:
         """Bad image files skipped so far, per split, over all ranks (`data.on_bad_image=skip`)."""
         skipped = getattr(self.data, "skipped_images", None)
@@ -347,17 +329,16 @@ class Trainer:
         counts = all_reduce_sum(np.array([skipped[split] for split in splits], np.float64), self.group)
         return {f"data/skipped_images_{split}": float(count) for split, count in zip(splits, counts)}
 
-    def _first_step(self, images: Tensor, targets: Tensor, step: int) -> Any:
+    def _first_step(self, images: Tensor, targets: Tensor, step: int) -> None:
         """The first call compiles the step graph: its own log line and metric, out of the throughput."""
         log.info("compiling the train step ...")
         start = time.perf_counter()
         with native_section():
-            result = self.step(images, targets, self._mask_key(step))
+            self.step.launch(images, targets)
         seconds = time.perf_counter() - start
         log.info("train step compiled and run once in %.1f s", seconds)
         self.tracker.log_metrics({"time/compile_train_step_s": seconds}, step=step)
         self._compiled = True
-        return result
 
     def evaluate(self, batches: Iterator) -> dict[str, float]:
         """Eval every head on one epoch of this rank's val batches (the loader's first `limit_val_batches` with that
