@@ -16,6 +16,7 @@ from conformer.models import create_model
 from conformer.models.conformer_net import drop_path_masks
 from conformer.train.losses import DualHeadLoss
 from conformer.train.optim import build_optimizer
+from conformer.train.prefetch import prefetched
 from conformer.train.step import StepResult, TrainStep
 from conformer.train.window import StepWindow
 
@@ -111,3 +112,25 @@ def test_a_non_finite_loss_is_named_with_its_step_and_window() -> None:
                                                  r"of steps 22-24\)"):
         window.add([_result(2.0), _result(float("nan")), _result(3.0)], first_step=22)
 
+
+
+def _batches(n: int, fail_at: int | None = None):
+    for index in range(n):
+        if index == fail_at:
+            raise OSError(f"unreadable batch {index}")
+        yield Tensor(np.full((2, 3), index, np.float32)), Tensor(np.array([index, -index], np.int32))
+
+
+def _prefetch_threads() -> list[threading.Thread]:
+    return [thread for thread in threading.enumerate() if thread.name == "batch-prefetch"]
+
+
+def test_prefetched_batches_come_in_order_errors_reach_the_trainer_and_closing_stops_the_reader() -> None:
+    got = [(images.asnumpy()[0, 0], labels.asnumpy()[1]) for images, labels in prefetched(_batches(5), depth=2)]
+    assert got == [(float(i), -i) for i in range(5)]
+    with pytest.raises(OSError, match="unreadable batch 3"):
+        list(prefetched(_batches(5, fail_at=3)))
+    early = prefetched(_batches(100))
+    next(early)
+    early.close()  # a loop that stops early (an error, Ctrl+C) leaves no reader behind
+    assert _prefetch_threads() == []

@@ -79,6 +79,11 @@ class ModelEma:
         finite flag) only where it holds, so that the host need not read it."""
         self._update(Tensor(True) if applied is None else applied)
 
+    @property
+    def update_cell(self) -> nn.Cell:
+        """The update as a cell of the step's finite flag, for a graph that runs it itself (data sinking)."""
+        return self._update
+
     @contextmanager
     def swapped(self, network: nn.Cell | None = None) -> Iterator[None]:
         """Temporarily load the EMA weights into the network; the live ones come back on exit."""

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import mindspore as ms
+import mindspore.dataset as ds
 import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.experimental import optim
@@ -127,7 +128,7 @@ class _StepCell(nn.Cell):
 
     def __init__(self, network: nn.Cell, loss_fn: nn.Cell, optimizer: optim.Optimizer,
                  clip_grad_norm: float | None, scaler: ms.amp.LossScaler | None,
-                 grad_accum_steps: int, window: int = 1, lr_values: np.ndarray | None = None) -> None:
+                 grad_accum_steps: int, window: int = 1, scheduled: bool = False) -> None:
         super().__init__(auto_prefix=False)
         self.network, self.loss_fn, self.optimizer = network, loss_fn, optimizer
         self.weights = optimizer.parameters
@@ -152,10 +153,11 @@ class _StepCell(nn.Cell):
         self.counter = Parameter(Tensor(0, ms.int32), "train_step.counter", requires_grad=False)
         self.records = Parameter(Tensor(np.zeros((self.window, RECORD_FIELDS), np.float32)), "train_step.records",
                                  requires_grad=False)
-        self.scheduled = lr_values is not None
-        if self.scheduled:  # float32 as `set_lr` writes them: the same bits
-            self.lr_table = Parameter(Tensor(np.asarray(lr_values, np.float64).astype(np.float32)),
-                                      "train_step.lr_table", requires_grad=False)
+        # the lr of each micro-step of the window, uploaded with its masks: a shape that the run's length leaves alone
+        self.scheduled = scheduled
+        if scheduled:
+            self.lr_table = Parameter(Tensor(np.zeros(self.window, np.float32)), "train_step.lr_table",
+                                      requires_grad=False)
         self.host_masks = False
 
     def hold_masks(self, layers: int, batch: int) -> None:
@@ -189,7 +191,7 @@ class _StepCell(nn.Cell):
         drop-path masks from the uploaded window, and (loss, norm, finite, scale) into the ring of records."""
         slot = self.counter % self.window
         if self.scheduled:
-            lr = self.lr_table[ops.minimum(self.counter // self.grad_accum_steps, self.lr_table.shape[0] - 1)]
+            lr = self.lr_table[slot]
             for group_lr in self.optimizer.lrs:
                 ops.assign(group_lr, lr)
         masks = self.mask_table[slot] if self.host_masks else None
@@ -227,6 +229,20 @@ class _StepCell(nn.Cell):
         return loss, norm, finite, self.loss_scale()
 
 
+class _SunkStep(nn.Cell):
+    """A whole update (and the EMA's) as one function of a batch, for `ms.data_sink` to run `sink_size` times."""
+
+    def __init__(self, step: _StepCell, ema_update: nn.Cell | None) -> None:
+        super().__init__(auto_prefix=False)
+        self.step, self.ema_update = step, ema_update
+
+    def construct(self, images: Tensor, targets: Tensor) -> Tensor:
+        loss, _, finite, _ = self.step(images, targets, True)
+        if self.ema_update is not None:
+            self.ema_update(finite)
+        return loss
+
+
 class TrainStep:
     """Callable compiled training step over `optimizer.parameters` (the network's trainable params).
 
@@ -239,9 +255,10 @@ class TrainStep:
 
     Between two reads the host touches nothing on the device: `launch` queues a step, whose loss, norm, finite flag
     and loss scale go to a ring of `window` records on the device, and `results()` reads them all at once. With
-    `lr_values` (one lr per optimizer update) the graph sets the lr of update `counter // grad_accum_steps` itself;
-    with `mask_seed` (e.g. seed, rank) the drop-path masks of micro-step s are `drop_path_masks(rates, batch,
-    (*mask_seed, s))`, drawn on the host and uploaded once per `window` steps; without it the graph draws them.
+    `lr_values` (one lr per optimizer update) the graph sets micro-step s's lr, that of update s // grad_accum_steps
+    (past the end: the last one), itself; with `mask_seed` (e.g. seed, rank) its drop-path masks are
+    `drop_path_masks(rates, batch, (*mask_seed, s))`, else the graph draws them. Both come from the host in one
+    upload per `window` micro-steps.
     """
 
     def __init__(self, network: nn.Cell, loss_fn: nn.Cell, optimizer: optim.Optimizer, *,
@@ -272,11 +289,14 @@ class TrainStep:
         self._micro_step = 0
         self._counter = 0  # the device counter's value, mirrored: no read needed
         self._pending: list[tuple[int, bool]] = []  # (micro-step, update due) of the steps launched since a read
-        self._masks_from: int | None = None  # the first micro-step of the uploaded window of masks
+        self._window_from: int | None = None  # the first micro-step of the uploaded window of lrs and masks
+        self._sink: tuple[ds.Dataset, Callable[[], Tensor]] | None = None  # the dataset sunk and its sink function
         network.set_train(True)
         self._cell = _StepCell(network, loss_fn, optimizer, clip_grad_norm,
                                _make_scaler(loss_scale, init_loss_scale, scale_factor, scale_window),
-                               self.grad_accum_steps, self.window, lr_values)
+                               self.grad_accum_steps, self.window, lr_values is not None)
+        # float32 as `set_lr` writes them: the same bits
+        self.lr_values = None if lr_values is None else np.asarray(lr_values, np.float64).astype(np.float32)
         self._cell.set_train(True)
 
     def __call__(self, images: Tensor, targets: Tensor) -> StepResult:
@@ -291,13 +311,30 @@ class TrainStep:
         if not self.network.training:  # the trainer's eval switched it off; BN must use batch stats again
             self.network.set_train(True)
         apply = self._micro_step + 1 == self.grad_accum_steps
-        self._upload_masks(images.shape[0])
+        self._upload_window(images.shape[0])
         _, _, finite, _ = self._cell(images, targets, apply)
         if apply and self.ema is not None:
             self.ema.update(finite)
         self._pending.append((self._counter, apply))
         self._counter += 1
         self._micro_step = 0 if apply else self._micro_step + 1
+
+    def sink(self, dataset: ds.Dataset, steps: int) -> None:
+        """Queue `steps` updates whose batches the device reads from `dataset` itself (`ms.data_sink`, GPU and
+        Ascend only: `trainer.sink_size`): the same step graph, its records read back like those of `launch`."""
+        if self.grad_accum_steps != 1:
+            raise ValueError("data sinking runs whole updates: grad_accum_steps must be 1")
+        if len(self._pending) + steps > self.window:
+            raise RuntimeError(f"{steps} sunk steps do not fit the {self.window} records left unread")
+        if not self.network.training:
+            self.network.set_train(True)
+        if self._sink is None or self._sink[0] is not dataset:
+            ema_update = None if self.ema is None else self.ema.update_cell
+            self._sink = dataset, ms.data_sink(_SunkStep(self._cell, ema_update), dataset, sink_size=steps)
+        self._upload_window(dataset.get_batch_size(), steps)
+        self._sink[1]()
+        self._pending += [(counter, True) for counter in range(self._counter, self._counter + steps)]
+        self._counter += steps
 
     def results(self) -> list[StepResult]:
         """The steps launched since the last read, in order: one device-to-host read of the records ring."""
@@ -319,27 +356,36 @@ class TrainStep:
             raise RuntimeError("seek with steps not yet read")
         self._counter = int(counter)
         assign_in_place(self._cell.counter, np.array(self._counter, np.int32))
-        self._masks_from = None
+        self._window_from = None
 
-    def _upload_masks(self, batch: int) -> None:
-        """The masks of the next `window` micro-steps, in one upload, when this one's are not on the device."""
+    def _upload_window(self, batch: int, steps: int = 1) -> None:
+        """The lrs and drop-path masks of the next `window` micro-steps, in one upload each, when those of the next
+        `steps` are not all on the device yet."""
         rates = getattr(self.network, "drop_path_rates", ())
-        if not rates or self.mask_seed is None:
-            return
+        masks = bool(rates) and self.mask_seed is not None
         cell = self._cell
-        if not cell.host_masks:
+        if masks and not cell.host_masks:
             cell.hold_masks(len(rates), batch)
-        if tuple(cell.mask_table.shape[1:]) != (len(rates), batch):
+        if masks and tuple(cell.mask_table.shape[1:]) != (len(rates), batch):
             raise ValueError(f"the batch size changed from {cell.mask_table.shape[2]} to {batch}: drop-path masks "
                              "are drawn for one batch size")
-        start = self._masks_from
-        if start is not None and start <= self._counter < start + self.window:
+        start = self._window_from
+        if (start is not None and start <= self._counter and self._counter + steps <= start + self.window) \
+                or not (masks or cell.scheduled):
             return
-        table = np.empty((self.window, len(rates), batch), np.float32)
-        for step in range(self._counter, self._counter + self.window):
-            table[step % self.window] = drop_path_masks(rates, batch, (*self.mask_seed, step))
-        assign_in_place(cell.mask_table, table)
-        self._masks_from = self._counter
+        steps = range(self._counter, self._counter + self.window)
+        slots = [step % self.window for step in steps]
+        if cell.scheduled:
+            lrs = np.empty(self.window, np.float32)
+            updates = [min(step // self.grad_accum_steps, len(self.lr_values) - 1) for step in steps]
+            lrs[slots] = self.lr_values[updates]
+            assign_in_place(cell.lr_table, lrs)
+        if masks:
+            table = np.empty((self.window, len(rates), batch), np.float32)
+            for slot, step in zip(slots, steps):
+                table[slot] = drop_path_masks(rates, batch, (*self.mask_seed, step))
+            assign_in_place(cell.mask_table, table)
+        self._window_from = self._counter
 
     @property
     def micro_step(self) -> int:

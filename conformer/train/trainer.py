@@ -23,9 +23,11 @@ from mindspore.experimental import optim
 from conformer.models.checkpoint_file import read_checkpoint
 from conformer.runtime.hardware import ProcessGroup, all_reduce_sum
 from conformer.runtime.signals import check_interrupted, native_section
+from conformer.train.arguments import check_sink_size
 from conformer.train.checkpoint import CheckpointManager, TrainState
 from conformer.train.ema import ModelEma
 from conformer.train.losses import one_hot
+from conformer.train.prefetch import prefetched
 from conformer.train.profiling import StepProfiler
 from conformer.train.progress import ProgressBar, bar_wanted
 from conformer.train.step import DEFAULT_INIT_LOSS_SCALE, TrainStep
@@ -127,7 +129,7 @@ class Trainer:
                  keep_top_k: int = 1, limit_train_batches: int | None = None,
                  limit_val_batches: int | None = None, overfit_batches: int | None = None,
                  profile_steps: int | None = None, progress_bar: str | bool = "auto",
-                 save_every_n_steps: int | None = None) -> None:
+                 save_every_n_steps: int | None = None, sink_size: int | None = None) -> None:
         self.data, self.group, self.tracker = data, group, tracker
         self.epochs, self.log_every_n_steps = int(epochs), int(log_every_n_steps)
         self.steps_per_epoch = data.steps_per_epoch(group.world_size)
@@ -142,6 +144,11 @@ class Trainer:
         if self.steps_per_epoch < grad_accum_steps:
             raise ValueError(f"trainer.grad_accum_steps={grad_accum_steps} exceeds the {self.steps_per_epoch} steps "
                              "of an epoch")
+        check_sink_size(sink_size, ms.get_context("device_target"), grad_accum_steps, log_every_n_steps,
+                        overfit_batches, save_every_n_steps)
+        if sink_size and self.steps_per_epoch % sink_size:
+            raise ValueError(f"trainer.sink_size={sink_size} must divide the {self.steps_per_epoch} steps of an epoch")
+        self.sink_size = sink_size
         self.images_per_step = data.batch_size * group.world_size
         self.global_batch = self.images_per_step * grad_accum_steps
         self.schedule = schedule(epochs=self.epochs, steps_per_epoch=self.steps_per_epoch // grad_accum_steps,
@@ -215,7 +222,9 @@ class Trainer:
         for epoch in range(start, epochs):
             t0 = time.perf_counter()
             done = state.epoch_step if epoch == start else 0  # a mid-epoch checkpoint's batches
-            step, train_loss = self._train_epoch(self._epoch_batches(epoch, done), epoch, step, done)
+            # the next batch read while this one trains, or (sinking) read by the device itself
+            batches = self._sunk_steps(epoch, done) if self.sink_size else prefetched(self._epoch_batches(epoch, done))
+            step, train_loss = self._train_epoch(batches, epoch, step, done)
             metrics = {"epoch": float(epoch + 1), "train/epoch_loss": train_loss, **self.evaluate(val_iter),
                        **self._skipped_images()}
             metrics["epoch_time_s"] = time.perf_counter() - t0
@@ -248,15 +257,15 @@ class Trainer:
         """
         every = self.log_every_n_steps
         meter, window, unread_from = Throughput(), StepWindow(epoch), step
-        for i, (images, targets) in enumerate(batches, start=done):
+        for i, batch in enumerate(batches, start=done):
             check_interrupted()
             # the lr the graph takes from its table for this step, for the log
             lr = float(self.lr_values[min(step // self.step.grad_accum_steps, len(self.lr_values) - 1)])
             compiling = not self._compiled
             if compiling:
-                self._first_step(images, targets, step)
-            else:
-                self.step.launch(images, targets)
+                self._first_step(batch, step)
+            elif batch is not None:  # None: a step of the sink call `_sunk_steps` made
+                self.step.launch(*batch)
             step += 1
             self.profiler.after_step()
             log_due = step % every == 0 or i + 1 == self.steps_per_epoch
@@ -310,15 +319,27 @@ class Trainer:
             return itertools.islice(itertools.cycle(self._overfit_cache), done, self.steps_per_epoch)
         return itertools.islice(self._seeded_batches(epoch), done, self.steps_per_epoch)
 
+    def _sunk_steps(self, epoch: int, done: int) -> Iterator[None]:
+        """Data sinking: one `sink_size` call of the step on the device per `sink_size` steps, reading epoch
+        `epoch`'s pipeline after its first `done` batches; a None per step for the loop's bookkeeping."""
+        loader = self._seeded_loader(epoch)
+        loader = loader.skip(done) if done else loader
+        for index in range(done, self.steps_per_epoch):
+            if (index - done) % self.sink_size == 0:
+                self.step.sink(loader, self.sink_size)
+            yield None
+
     def _seeded_batches(self, epoch: int) -> Iterator:
-        """Batches from a pipeline seeded by (seed, epoch): the sample order, the augmentations and Mixup of an epoch
-        are the same whether the run got there in one go or resumed (with one data worker, bit for bit)."""
+        return self._seeded_loader(epoch).create_tuple_iterator(num_epochs=1)
+
+    def _seeded_loader(self, epoch: int) -> ds.Dataset:
+        """A pipeline seeded by (seed, epoch): the sample order, the augmentations and Mixup of an epoch are the
+        same whether the run got there in one go or resumed (with one data worker, bit for bit)."""
         seed = np.random.SeedSequence([int(self.data.seed), epoch]).generate_state(1)[0]
         random.seed(int(seed))
         np.random.seed(int(seed))
         ds.config.set_seed(int(seed))
-        loader = self.data.train_loader(self.group.rank, self.group.world_size, start_epoch=epoch)
-        return loader.create_tuple_iterator(num_epochs=1)
+        return self.data.train_loader(self.group.rank, self.group.world_size, start_epoch=epoch)
 
     def _skipped_images(self) -> dict[str, float]:
         """Bad image files skipped so far, per split, over all ranks (`data.on_bad_image=skip`)."""
@@ -329,12 +350,13 @@ class Trainer:
         counts = all_reduce_sum(np.array([skipped[split] for split in splits], np.float64), self.group)
         return {f"data/skipped_images_{split}": float(count) for split, count in zip(splits, counts)}
 
-    def _first_step(self, images: Tensor, targets: Tensor, step: int) -> None:
+    def _first_step(self, batch: tuple[Tensor, Tensor] | None, step: int) -> None:
         """The first call compiles the step graph: its own log line and metric, out of the throughput."""
         log.info("compiling the train step ...")
         start = time.perf_counter()
         with native_section():
-            self.step.launch(images, targets)
+            if batch is not None:
+                self.step.launch(*batch)
         seconds = time.perf_counter() - start
         log.info("train step compiled and run once in %.1f s", seconds)
         self.tracker.log_metrics({"time/compile_train_step_s": seconds}, step=step)
