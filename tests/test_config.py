@@ -179,6 +179,13 @@ COMPONENT_ERRORS = [
      "data: Mixup/CutMix in batch mode needs full even batches: got batch_size=7, drop_last=True; use an even batch "
      "size and drop_last=true, or data.mixup=null"),
     (["trainer.ema_decay=1.5"], "trainer: ModelEma: decay must be in [0, 1], got 1.5."),
+    (["trainer.sink_size=5"], "trainer: trainer.sink_size=5: data sinking runs on GPU and Ascend, this run is on the "
+     "CPU: set trainer.sink_size=null"),
+    (["hardware=gpu", "trainer.sink_size=4"], "trainer: trainer.log_every_n_steps=10 must be a multiple of "
+     "trainer.sink_size=4: the host sees the steps once per sink call"),
+    (["hardware=ascend", "trainer.sink_size=5", "trainer.grad_accum_steps=2"], "trainer: trainer.sink_size=5 sinks "
+     "whole updates of fresh batches: it needs trainer.grad_accum_steps=1 and no trainer.overfit_batches"),
+    (["hardware=gpu", "trainer.sink_size=0"], "trainer: trainer.sink_size=0 must be an integer >= 1, or null for off"),
 ]
 
 
@@ -188,6 +195,12 @@ def test_a_value_a_component_would_refuse_is_a_config_error_before_it_is_built(
     with pytest.raises(ConfigError) as info:
         validate_config(compose_config([o.format(root=image_folder_root) for o in overrides]))
     assert str(info.value) == message
+
+
+def test_data_sinking_validates_on_gpu_and_ascend() -> None:
+    for hardware in ("gpu", "ascend"):
+        validate_config(compose_config([f"hardware={hardware}", "trainer.sink_size=5",
+                                        "trainer.save_every_n_steps=50"]))
 
 
 def test_every_component_the_configs_build_has_an_up_front_check() -> None:

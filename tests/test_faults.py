@@ -293,9 +293,9 @@ def test_a_full_disk_at_epoch_2_keeps_epoch_1_and_resume_auto_finishes(tmp_path:
     run = _only_run(client)
     assert run.info.status == "FINISHED" and "error" not in run.data.tags and run.data.tags["resumed"] == "true"
     history = {key: [m.step for m in client.get_metric_history(run.info.run_id, key)]
-               for key in ("best/epoch", "epoch", "train/loss")}
+               for key in ("best/epoch", "train/epoch", "train/loss")}
     assert sorted(history["best/epoch"]) == [steps, 2 * steps, 3 * steps, 4 * steps]  # epoch 2's too, once
-    assert sorted(history["epoch"]) == [steps, 2 * steps, 3 * steps, 4 * steps]
+    assert sorted(history["train/epoch"]) == [steps, 2 * steps, 3 * steps, 4 * steps]
     assert sorted(history["train/loss"]) == list(range(2, 4 * steps + 1, 2))  # every 2nd step, once
     assert SECRET not in out + err + resumed.stdout + resumed.stderr
     assert not _files_with(tmp_path, SECRET)

@@ -219,6 +219,42 @@ def test_set_lr_takes_effect_inside_compiled_step() -> None:
         np.testing.assert_allclose(before[name] - after[name], 0.5 * grad, rtol=1e-4, atol=1e-7)
 
 
+def test_the_lr_table_in_the_graph_gives_the_set_lr_updates_to_the_bit() -> None:
+    """The graph takes update `counter // grad_accum_steps`'s lr from the table (past its end: the last one) and
+    weights come out equal to the bit to a step driven by `set_lr`; the records ring gives the same results."""
+    lrs = np.array([0.3, 0.07, 0.011, 0.5], np.float64)  # float64 as the schedule's values(); 0.07 rounds in float32
+    nets = [TwoHeads(bn=True), TwoHeads(bn=True)]
+    copy_weights(nets[0], nets[1])
+    plain = TrainStep(nets[0], DualHeadLoss(), build_optimizer(nets[0], "adamw", lr=1.0), grad_accum_steps=2)
+    table = TrainStep(nets[1], DualHeadLoss(), build_optimizer(nets[1], "adamw", lr=1.0), grad_accum_steps=2,
+                      lr_values=lrs, window=3)
+    table.seek(2)  # as a resumed run at micro-step 2: update 1 comes first
+    plain_results, table_results = [], []
+    for micro_step in range(2, 12):
+        x, y = blobs(8, seed=micro_step)
+        set_lr(plain.optimizer, float(lrs[min(micro_step // 2, len(lrs) - 1)]))
+        plain_results.append(plain(x, y))
+        table.launch(x, y)
+        if micro_step % 3 == 1:  # a read every 3 launches, as a log window of 3
+            table_results += table.results()
+    table_results += table.results()
+    assert table_results == plain_results and sum(r.applied for r in table_results) == 5
+    for name, value in weights(nets[0]).items():
+        np.testing.assert_array_equal(weights(nets[1])[name], value, err_msg=name)
+    assert [group["lr"].asnumpy() for group in table.optimizer.param_groups] == \
+        [np.float32(0.5)] * len(table.optimizer.param_groups)
+
+
+def test_more_launches_than_the_window_without_a_read_are_refused() -> None:
+    net = TwoHeads()
+    step = TrainStep(net, DualHeadLoss(), build_optimizer(net, "sgd", lr=0.1), window=2)
+    step.launch(*blobs(4))
+    step.launch(*blobs(4))
+    with pytest.raises(RuntimeError, match="2 steps are waiting to be read"):
+        step.launch(*blobs(4))
+    assert len(step.results()) == 2 and step.results() == []
+
+
 def test_a_step_built_while_an_earlier_one_is_garbage_compiles_once() -> None:
     """A sweep's next trial: the previous trial's step (cells hold reference cycles) awaits collection when the new
     step compiles; its second call must not compile the same graph again."""

@@ -175,7 +175,8 @@ def _check_components(cfg: DictConfig) -> None:
     from conformer.config.components import CHECKS  # the data and training components' checks
 
     global_batch = _get(cfg, "data.batch_size") * world_size(cfg.hardware) * _get(cfg, "trainer.grad_accum_steps")
-    supplied = {"optim.schedule": {"global_batch": global_batch}}  # what the trainer passes the partial schedule
+    supplied = {"optim.schedule": {"global_batch": global_batch},  # what the trainer passes the partial schedule
+                "trainer": {"device_target": _get(cfg, "hardware.device_target")}}
     for group in COMPONENT_GROUPS:
         if group not in cfg:
             continue

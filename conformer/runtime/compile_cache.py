@@ -32,11 +32,12 @@ log = logging.getLogger(__name__)
 
 PACKAGE = PACKAGE_DIR  # its sources key the cache
 # Config keys that change no graph: bookkeeping, logging, paths, the lr values (Parameters the step reads), the
-# length of the training. Everything else is part of the key.
+# length of the training. Everything else is part of the key, log_every_n_steps too (the step's window of records,
+# lrs and masks has its length).
 IGNORED = {
     "": ("tracking", "tags", "compile_cache", "paths"),
     "data.source": ("root",),  # where the images are; the class count is in the network's shapes
-    "trainer": ("resume", "save_every_n_steps", "epochs", "log_every_n_steps", "progress_bar", "keep_top_k",
+    "trainer": ("resume", "save_every_n_steps", "epochs", "progress_bar", "keep_top_k",
                 "monitor", "monitor_mode", "limit_train_batches", "limit_val_batches"),
     "optim": ("schedule",),
     "task": ("free_space_margin_mb",),

@@ -54,7 +54,35 @@ def check_ema_decay(decay: Any) -> float:
     return float(decay)
 
 
-def check_trainer(ema_decay: Any = None, **_: Any) -> None:
-    """The Trainer's own arguments beyond `validate_config`'s integers and choices."""
+SINK_DEVICES = ("GPU", "Ascend")  # where `ms.data_sink` runs
+
+
+def check_sink_size(sink_size: Any, device_target: str | None, grad_accum_steps: Any = 1,
+                    log_every_n_steps: Any = 10, overfit_batches: Any = None, save_every_n_steps: Any = None) -> None:
+    """`trainer.sink_size` (steps per `ms.data_sink` call): GPU and Ascend only, whole updates, log points and step
+    checkpoints on a call's boundary (`device_target` None: not known yet, checked when the trainer is built)."""
+    if sink_size is None:
+        return
+    if isinstance(sink_size, bool) or not isinstance(sink_size, int) or sink_size < 1:
+        raise ValueError(f"trainer.sink_size={sink_size!r} must be an integer >= 1, or null for off")
+    if device_target is not None and device_target not in SINK_DEVICES:
+        raise ValueError(f"trainer.sink_size={sink_size}: data sinking runs on GPU and Ascend, this run is on the "
+                         f"{device_target}: set trainer.sink_size=null")
+    if grad_accum_steps != 1 or overfit_batches:
+        raise ValueError(f"trainer.sink_size={sink_size} sinks whole updates of fresh batches: it needs "
+                         "trainer.grad_accum_steps=1 and no trainer.overfit_batches")
+    for key, every in (("log_every_n_steps", log_every_n_steps), ("save_every_n_steps", save_every_n_steps)):
+        if every and every % sink_size:
+            raise ValueError(f"trainer.{key}={every} must be a multiple of trainer.sink_size={sink_size}: the host "
+                             "sees the steps once per sink call")
+
+
+def check_trainer(ema_decay: Any = None, sink_size: Any = None, device_target: str | None = None,
+                  grad_accum_steps: Any = 1, log_every_n_steps: Any = 10, overfit_batches: Any = None,
+                  save_every_n_steps: Any = None, **_: Any) -> None:
+    """The Trainer's own arguments beyond `validate_config`'s integers and choices (`device_target`: the
+    hardware's, which validate_config supplies)."""
     if ema_decay:
         check_ema_decay(ema_decay)
+    check_sink_size(sink_size, device_target, grad_accum_steps, log_every_n_steps, overfit_batches,
+                    save_every_n_steps)

@@ -14,9 +14,10 @@ _lerp = ops.MultitypeFuncGraph("ema_lerp")
 _copy = ops.MultitypeFuncGraph("ema_copy")
 
 
-@_lerp.register("Number", "Tensor", "Tensor")
-def _lerp_tensor(decay: float, shadow: Parameter, live: Parameter) -> Tensor:
-    return ops.assign(shadow, shadow * decay + live * (1.0 - decay))
+@_lerp.register("Number", "Tensor", "Tensor", "Tensor")
+def _lerp_tensor(decay: float, applied: Tensor, shadow: Parameter, live: Parameter) -> Tensor:
+    # a select, not a branch: the shadow keeps its bits where the step was skipped
+    return ops.assign(shadow, ops.select(applied, shadow * decay + live * (1.0 - decay), shadow))
 
 
 @_copy.register("Tensor", "Tensor")
@@ -31,9 +32,9 @@ class _Update(nn.Cell):
         self.hyper_map = ops.HyperMap()
 
     @ms.jit
-    def construct(self) -> Tensor:
-        self.hyper_map(ops.partial(_lerp, self.decay), self.shadow, self.live)
-        return Tensor(True)
+    def construct(self, applied: Tensor) -> Tensor:
+        self.hyper_map(ops.partial(_lerp, self.decay, applied), self.shadow, self.live)
+        return applied
 
 
 class _Copy(nn.Cell):
@@ -73,9 +74,15 @@ class ModelEma:
         self._update = _Update(self._shadow, self._live, self.decay)
         self._backup: ParameterTuple | None = None
 
-    def update(self) -> None:
-        """Move the shadow weights towards the live ones."""
-        self._update()
+    def update(self, applied: Tensor | None = None) -> None:
+        """Move the shadow weights towards the live ones; with `applied` (a bool on the device, the train step's
+        finite flag) only where it holds, so that the host need not read it."""
+        self._update(Tensor(True) if applied is None else applied)
+
+    @property
+    def update_cell(self) -> nn.Cell:
+        """The update as a cell of the step's finite flag, for a graph that runs it itself (data sinking)."""
+        return self._update
 
     @contextmanager
     def swapped(self, network: nn.Cell | None = None) -> Iterator[None]:

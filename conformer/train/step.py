@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import mindspore as ms
+import mindspore.dataset as ds
+import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.experimental import optim
 
@@ -28,6 +30,7 @@ _mul_by = ops.MultitypeFuncGraph("mul_by")
 _div_by = ops.MultitypeFuncGraph("div_by")
 _add = ops.MultitypeFuncGraph("add")
 _store = ops.MultitypeFuncGraph("store")
+RECORD_FIELDS = 4  # a step's record on the device: loss, grad norm, finite (1.0 / 0.0), loss scale
 
 
 @_mul_by.register("Tensor", "Tensor")
@@ -125,7 +128,7 @@ class _StepCell(nn.Cell):
 
     def __init__(self, network: nn.Cell, loss_fn: nn.Cell, optimizer: optim.Optimizer,
                  clip_grad_norm: float | None, scaler: ms.amp.LossScaler | None,
-                 grad_accum_steps: int) -> None:
+                 grad_accum_steps: int, window: int = 1, scheduled: bool = False) -> None:
         super().__init__(auto_prefix=False)
         self.network, self.loss_fn, self.optimizer = network, loss_fn, optimizer
         self.weights = optimizer.parameters
@@ -145,6 +148,24 @@ class _StepCell(nn.Cell):
         self.reducer = data_parallel_reducer(self.weights)
         self.reduce = self.reducer is not None
         self.finite_on_every_rank = FiniteOnEveryRank() if self.reduce else None
+        # the device-side bookkeeping: micro-steps so far, and the records of the last `window` of them
+        self.window = int(window)
+        self.counter = Parameter(Tensor(0, ms.int32), "train_step.counter", requires_grad=False)
+        self.records = Parameter(Tensor(np.zeros((self.window, RECORD_FIELDS), np.float32)), "train_step.records",
+                                 requires_grad=False)
+        # the lr of each micro-step of the window, uploaded with its masks: a shape that the run's length leaves alone
+        self.scheduled = scheduled
+        if scheduled:
+            self.lr_table = Parameter(Tensor(np.zeros(self.window, np.float32)), "train_step.lr_table",
+                                      requires_grad=False)
+        self.host_masks = False
+
+    def hold_masks(self, layers: int, batch: int) -> None:
+        """A window of drop-path masks [window, layers, batch] that the host uploads and each step picks its row of
+        (before the first call compiles the graph)."""
+        self.mask_table = Parameter(Tensor(np.ones((self.window, layers, batch), np.float32)), "train_step.masks",
+                                    requires_grad=False)
+        self.host_masks = True
 
     def forward(self, images: Tensor, targets: Tensor, masks: Tensor | None, scale: Tensor) -> tuple[Tensor, Tensor]:
         logits = self.network(images) if masks is None else self.network(images, masks)
@@ -165,7 +186,22 @@ class _StepCell(nn.Cell):
         return Tensor(1.0, ms.float32)
 
     @ms.jit
-    def construct(self, images: Tensor, targets: Tensor, masks: Tensor | None, apply: bool) -> tuple[Tensor, ...]:
+    def construct(self, images: Tensor, targets: Tensor, apply: bool) -> tuple[Tensor, ...]:
+        """One micro-step with its bookkeeping on the device: the lr of this update from the table, this step's
+        drop-path masks from the uploaded window, and (loss, norm, finite, scale) into the ring of records."""
+        slot = self.counter % self.window
+        if self.scheduled:
+            lr = self.lr_table[slot]
+            for group_lr in self.optimizer.lrs:
+                ops.assign(group_lr, lr)
+        masks = self.mask_table[slot] if self.host_masks else None
+        loss, norm, finite, scale = self.update(images, targets, masks, apply)
+        record = ops.stack([loss, norm, finite.astype(ms.float32), scale]).reshape((1, RECORD_FIELDS))
+        ops.scatter_update(self.records, slot.reshape((1,)), record)
+        ops.assign_add(self.counter, Tensor(1, ms.int32))
+        return loss, norm, finite, scale
+
+    def update(self, images: Tensor, targets: Tensor, masks: Tensor | None, apply: bool) -> tuple[Tensor, ...]:
         scale = self.loss_scale()
         (_, loss), grads = self.grad_fn(images, targets, masks, scale)
         if self.use_scale:
@@ -193,6 +229,20 @@ class _StepCell(nn.Cell):
         return loss, norm, finite, self.loss_scale()
 
 
+class _SunkStep(nn.Cell):
+    """A whole update (and the EMA's) as one function of a batch, for `ms.data_sink` to run `sink_size` times."""
+
+    def __init__(self, step: _StepCell, ema_update: nn.Cell | None) -> None:
+        super().__init__(auto_prefix=False)
+        self.step, self.ema_update = step, ema_update
+
+    def construct(self, images: Tensor, targets: Tensor) -> Tensor:
+        loss, _, finite, _ = self.step(images, targets, True)
+        if self.ema_update is not None:
+            self.ema_update(finite)
+        return loss
+
+
 class TrainStep:
     """Callable compiled training step over `optimizer.parameters` (the network's trainable params).
 
@@ -200,14 +250,23 @@ class TrainStep:
     divides the scale by `scale_factor`, `scale_window` finite updates multiply it). Non-finite gradients
     always skip the update. Gradients are mean-all-reduced when the parallel context is DATA_PARALLEL,
     accumulated over `grad_accum_steps` calls (the update happens on every k-th call), clipped to
-    `clip_grad_norm` (global norm) and applied; `ema.update()` runs after every applied update.
+    `clip_grad_norm` (global norm) and applied; `ema.update()` runs after every applied update (in its graph, on
+    the step's finite flag).
+
+    Between two reads the host touches nothing on the device: `launch` queues a step, whose loss, norm, finite flag
+    and loss scale go to a ring of `window` records on the device, and `results()` reads them all at once. With
+    `lr_values` (one lr per optimizer update) the graph sets micro-step s's lr, that of update s // grad_accum_steps
+    (past the end: the last one), itself; with `mask_seed` (e.g. seed, rank) its drop-path masks are
+    `drop_path_masks(rates, batch, (*mask_seed, s))`, else the graph draws them. Both come from the host in one
+    upload per `window` micro-steps.
     """
 
     def __init__(self, network: nn.Cell, loss_fn: nn.Cell, optimizer: optim.Optimizer, *,
                  clip_grad_norm: float | None = None, loss_scale: str = "none",
                  init_loss_scale: float = DEFAULT_INIT_LOSS_SCALE, scale_factor: int = 2, scale_window: int = 2000,
-                 grad_accum_steps: int = 1,
-                 ema: ModelEma | None = None) -> None:
+                 grad_accum_steps: int = 1, ema: ModelEma | None = None, window: int = 1,
+                 lr_values: Sequence[float] | np.ndarray | None = None,
+                 mask_seed: Sequence[int] | None = None) -> None:
         if not isinstance(optimizer, optim.Optimizer):
             raise TypeError(f"TrainStep needs a mindspore.experimental.optim optimizer (conformer.train.optim."
                             f"build_optimizer), got {type(optimizer)}.")
@@ -215,36 +274,118 @@ class TrainStep:
             raise ValueError(f"clip_grad_norm must be > 0 or None (no clipping), got {clip_grad_norm}.")
         if int(grad_accum_steps) != grad_accum_steps or grad_accum_steps < 1:
             raise ValueError(f"grad_accum_steps must be an integer >= 1, got {grad_accum_steps}.")
+        if int(window) != window or window < 1:
+            raise ValueError(f"window must be an integer >= 1, got {window}.")
+        if lr_values is not None and (len(lr_values) == 0 or not np.all(np.asarray(lr_values) >= 0)):
+            raise ValueError("lr_values must be a non-empty sequence of learning rates >= 0.")
         network_params = {id(param) for param in network.get_parameters()}
         foreign = [param.name for param in optimizer.parameters if id(param) not in network_params]
         if foreign:
             raise ValueError(f"the optimizer holds parameters that are not in the network ({foreign[:3]}): "
                              "build the optimizer from this network.")
         self.network, self.optimizer, self.ema = network, optimizer, ema
-        self.grad_accum_steps = int(grad_accum_steps)
+        self.grad_accum_steps, self.window = int(grad_accum_steps), int(window)
+        self.mask_seed = None if mask_seed is None else tuple(int(k) for k in mask_seed)
         self._micro_step = 0
+        self._counter = 0  # the device counter's value, mirrored: no read needed
+        self._pending: list[tuple[int, bool]] = []  # (micro-step, update due) of the steps launched since a read
+        self._window_from: int | None = None  # the first micro-step of the uploaded window of lrs and masks
+        self._sink: tuple[ds.Dataset, Callable[[], Tensor]] | None = None  # the dataset sunk and its sink function
         network.set_train(True)
         self._cell = _StepCell(network, loss_fn, optimizer, clip_grad_norm,
                                _make_scaler(loss_scale, init_loss_scale, scale_factor, scale_window),
-                               self.grad_accum_steps)
+                               self.grad_accum_steps, self.window, lr_values is not None)
+        # float32 as `set_lr` writes them: the same bits
+        self.lr_values = None if lr_values is None else np.asarray(lr_values, np.float64).astype(np.float32)
         self._cell.set_train(True)
 
-    def __call__(self, images: Tensor, targets: Tensor, mask_key: Sequence[int] | None = None) -> StepResult:
-        """One micro-step. `mask_key` (e.g. seed, rank, global step) draws the network's drop-path masks on the host,
-        so that they are the same after a resume; without it they are drawn in the graph."""
+    def __call__(self, images: Tensor, targets: Tensor) -> StepResult:
+        """One micro-step, read back at once (tests, preflight); the trainer launches and reads per log window."""
+        self.launch(images, targets)
+        return self.results()[-1]
+
+    def launch(self, images: Tensor, targets: Tensor) -> None:
+        """Queue one micro-step; nothing comes back to the host."""
+        if len(self._pending) == self.window:
+            raise RuntimeError(f"{self.window} steps are waiting to be read: call results() at least every window")
         if not self.network.training:  # the trainer's eval switched it off; BN must use batch stats again
             self.network.set_train(True)
         apply = self._micro_step + 1 == self.grad_accum_steps
-        rates = getattr(self.network, "drop_path_rates", ())
-        masks = Tensor(drop_path_masks(rates, images.shape[0], mask_key)) if rates and mask_key is not None else None
-        loss, norm, finite, scale = self._cell(images, targets, masks, apply)
+        self._upload_window(images.shape[0])
+        _, _, finite, _ = self._cell(images, targets, apply)
+        if apply and self.ema is not None:
+            self.ema.update(finite)
+        self._pending.append((self._counter, apply))
+        self._counter += 1
         self._micro_step = 0 if apply else self._micro_step + 1
-        overflow = not bool(finite.asnumpy())
-        applied = apply and not overflow
-        if applied and self.ema is not None:
-            self.ema.update()
-        return StepResult(loss=float(loss.asnumpy()), grad_norm=float(norm.asnumpy()), overflow=overflow,
-                          loss_scale=float(scale.asnumpy()), applied=applied)
+
+    def sink(self, dataset: ds.Dataset, steps: int) -> None:
+        """Queue `steps` updates whose batches the device reads from `dataset` itself (`ms.data_sink`, GPU and
+        Ascend only: `trainer.sink_size`): the same step graph, its records read back like those of `launch`."""
+        if self.grad_accum_steps != 1:
+            raise ValueError("data sinking runs whole updates: grad_accum_steps must be 1")
+        if len(self._pending) + steps > self.window:
+            raise RuntimeError(f"{steps} sunk steps do not fit the {self.window} records left unread")
+        if not self.network.training:
+            self.network.set_train(True)
+        if self._sink is None or self._sink[0] is not dataset:
+            ema_update = None if self.ema is None else self.ema.update_cell
+            self._sink = dataset, ms.data_sink(_SunkStep(self._cell, ema_update), dataset, sink_size=steps)
+        self._upload_window(dataset.get_batch_size(), steps)
+        self._sink[1]()
+        self._pending += [(counter, True) for counter in range(self._counter, self._counter + steps)]
+        self._counter += steps
+
+    def results(self) -> list[StepResult]:
+        """The steps launched since the last read, in order: one device-to-host read of the records ring."""
+        if not self._pending:
+            return []
+        records = self._cell.records.asnumpy()
+        results = []
+        for counter, apply in self._pending:
+            loss, norm, finite, scale = (float(value) for value in records[counter % self.window])
+            overflow = finite == 0.0
+            results.append(StepResult(loss=loss, grad_norm=norm, overflow=overflow, loss_scale=scale,
+                                      applied=apply and not overflow))
+        self._pending = []
+        return results
+
+    def seek(self, counter: int) -> None:
+        """Set the micro-step counter (a resumed run's global step): the lr index and the masks' key follow it."""
+        if self._pending:
+            raise RuntimeError("seek with steps not yet read")
+        self._counter = int(counter)
+        assign_in_place(self._cell.counter, np.array(self._counter, np.int32))
+        self._window_from = None
+
+    def _upload_window(self, batch: int, steps: int = 1) -> None:
+        """The lrs and drop-path masks of the next `window` micro-steps, in one upload each, when those of the next
+        `steps` are not all on the device yet."""
+        rates = getattr(self.network, "drop_path_rates", ())
+        masks = bool(rates) and self.mask_seed is not None
+        cell = self._cell
+        if masks and not cell.host_masks:
+            cell.hold_masks(len(rates), batch)
+        if masks and tuple(cell.mask_table.shape[1:]) != (len(rates), batch):
+            raise ValueError(f"the batch size changed from {cell.mask_table.shape[2]} to {batch}: drop-path masks "
+                             "are drawn for one batch size")
+        start = self._window_from
+        if (start is not None and start <= self._counter and self._counter + steps <= start + self.window) \
+                or not (masks or cell.scheduled):
+            return
+        steps = range(self._counter, self._counter + self.window)
+        slots = [step % self.window for step in steps]
+        if cell.scheduled:
+            lrs = np.empty(self.window, np.float32)
+            updates = [min(step // self.grad_accum_steps, len(self.lr_values) - 1) for step in steps]
+            lrs[slots] = self.lr_values[updates]
+            assign_in_place(cell.lr_table, lrs)
+        if masks:
+            table = np.empty((self.window, len(rates), batch), np.float32)
+            for slot, step in zip(slots, steps):
+                table[slot] = drop_path_masks(rates, batch, (*self.mask_seed, step))
+            assign_in_place(cell.mask_table, table)
+        self._window_from = self._counter
 
     @property
     def micro_step(self) -> int:

@@ -23,13 +23,15 @@ from mindspore.experimental import optim
 from conformer.models.checkpoint_file import read_checkpoint
 from conformer.runtime.hardware import ProcessGroup, all_reduce_sum
 from conformer.runtime.signals import check_interrupted, native_section
+from conformer.train.arguments import check_sink_size
 from conformer.train.checkpoint import CheckpointManager, TrainState
 from conformer.train.ema import ModelEma
 from conformer.train.losses import one_hot
-from conformer.train.optim import set_lr
+from conformer.train.prefetch import prefetched
 from conformer.train.profiling import StepProfiler
 from conformer.train.progress import ProgressBar, bar_wanted
 from conformer.train.step import DEFAULT_INIT_LOSS_SCALE, TrainStep
+from conformer.train.window import StepWindow, Throughput
 from conformer.vocabulary import HEADS
 
 log = logging.getLogger(__name__)
@@ -102,23 +104,6 @@ def eval_metrics(sums: np.ndarray, prefix: str = "val") -> dict[str, float]:
     return metrics
 
 
-class Throughput:
-    """Images per second over a sliding window of steps."""
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self.start, self.images = time.perf_counter(), 0
-
-    def add(self, images: int) -> None:
-        self.images += images
-
-    def rate(self) -> float:
-        elapsed = time.perf_counter() - self.start
-        return self.images / elapsed if elapsed > 0 else 0.0
-
-
 class Trainer:
     """Trains `network` on `data` for `epochs`, evaluates every epoch, checkpoints on rank 0, reports to `tracker`.
 
@@ -145,7 +130,7 @@ class Trainer:
                  keep_top_k: int = 1, limit_train_batches: int | None = None,
                  limit_val_batches: int | None = None, overfit_batches: int | None = None,
                  profile_steps: int | None = None, progress_bar: str | bool = "auto",
-                 save_every_n_steps: int | None = None) -> None:
+                 save_every_n_steps: int | None = None, sink_size: int | None = None) -> None:
         self.data, self.group, self.tracker = data, group, tracker
         self.epochs, self.log_every_n_steps = int(epochs), int(log_every_n_steps)
         self.steps_per_epoch = data.steps_per_epoch(group.world_size)
@@ -160,6 +145,11 @@ class Trainer:
         if self.steps_per_epoch < grad_accum_steps:
             raise ValueError(f"trainer.grad_accum_steps={grad_accum_steps} exceeds the {self.steps_per_epoch} steps "
                              "of an epoch")
+        check_sink_size(sink_size, ms.get_context("device_target"), grad_accum_steps, log_every_n_steps,
+                        overfit_batches, save_every_n_steps)
+        if sink_size and self.steps_per_epoch % sink_size:
+            raise ValueError(f"trainer.sink_size={sink_size} must divide the {self.steps_per_epoch} steps of an epoch")
+        self.sink_size = sink_size
         self.images_per_step = data.batch_size * group.world_size
         self.global_batch = self.images_per_step * grad_accum_steps
         self.schedule = schedule(epochs=self.epochs, steps_per_epoch=self.steps_per_epoch // grad_accum_steps,
@@ -174,7 +164,8 @@ class Trainer:
         self.dynamic_loss_scale = loss_scale == "dynamic"
         self.step = TrainStep(network, loss_fn, self.optimizer, clip_grad_norm=clip_grad_norm, loss_scale=loss_scale,
                               init_loss_scale=init_loss_scale, scale_factor=scale_factor, scale_window=scale_window,
-                              grad_accum_steps=grad_accum_steps, ema=self.ema)
+                              grad_accum_steps=grad_accum_steps, ema=self.ema, window=self.log_every_n_steps,
+                              lr_values=self.lr_values, mask_seed=(int(data.seed), group.rank))
         self.state = self._resume(Path(resume), network) if resume else TrainState()
         self.evaluator = EvalStep(network, eval_loss_fn, data.num_classes)
         self.history: dict[str, list[tuple[int, float]]] = defaultdict(list)
@@ -221,6 +212,7 @@ class Trainer:
         val_loader = self.data.val_loader(self.group.rank, self.group.world_size, self.limit_val_batches)
         val_iter = val_loader.create_tuple_iterator(num_epochs=epochs - start)
         step = state.step
+        self.step.seek(step)  # the graph's counter: the lr and drop-path masks of a resumed run follow it
         # a resumed run: the killed process may have logged an epoch's metrics and died before its checkpoint; that
         # epoch is trained again to the same values, which are not logged twice
         logged = self.tracker.last_step(EPOCH_KEY) if step > 0 else None
@@ -232,7 +224,9 @@ class Trainer:
         for epoch in range(start, epochs):
             t0 = time.perf_counter()
             done = state.epoch_step if epoch == start else 0  # a mid-epoch checkpoint's batches
-            step, train_loss = self._train_epoch(self._epoch_batches(epoch, done), epoch, step, done)
+            # the next batch read while this one trains, or (sinking) read by the device itself
+            batches = self._sunk_steps(epoch, done) if self.sink_size else prefetched(self._epoch_batches(epoch, done))
+            step, train_loss = self._train_epoch(batches, epoch, step, done)
             metrics = {EPOCH_KEY: float(epoch + 1), "train/loss_epoch": train_loss, **self.evaluate(val_iter),
                        **self._skipped_images()}
             metrics["time/epoch_s"] = time.perf_counter() - t0
@@ -258,23 +252,30 @@ class Trainer:
 
     def _train_epoch(self, batches: Iterator, epoch: int, step: int, done: int = 0) -> tuple[int, float]:
         """Train the epoch's batches after the first `done` (those a mid-epoch checkpoint holds); returns the global
-        step and the mean loss of the batches trained here."""
+        step and the mean loss of the batches trained here.
+
+        The steps are only launched: their records are read back once per log window (at a log point, a step
+        checkpoint, the compile step and the epoch's end), which is where a non-finite loss is caught.
+        """
         every = self.log_every_n_steps
-        meter, window_loss, window_norm, window_n, norm_n, epoch_loss, n = Throughput(), 0.0, 0.0, 0, 0, 0.0, 0
-        for i, (images, targets) in enumerate(batches, start=done):
+        meter, window, unread_from = Throughput(), StepWindow(epoch), step
+        for i, batch in enumerate(batches, start=done):
             check_interrupted()
+            # the lr the graph takes from its table for this step, for the log
             lr = float(self.lr_values[min(step // self.step.grad_accum_steps, len(self.lr_values) - 1)])
-            set_lr(self.step.optimizer, lr)
             compiling = not self._compiled
-            result = self._first_step(images, targets, step) if compiling else \
-                self.step(images, targets, self._mask_key(step))
-            # A dynamic loss scale skips non-finite steps and shrinks; once it cannot shrink further, give up.
-            if not math.isfinite(result.loss) and (not result.overflow or result.loss_scale <= 1.0):
-                raise FloatingPointError(f"loss is {result.loss} at epoch {epoch + 1}, step {step}: lower the "
-                                         "learning rate or enable trainer.clip_grad_norm / trainer.loss_scale")
+            if compiling:
+                self._first_step(batch, step)
+            elif batch is not None:  # None: a step of the sink call `_sunk_steps` made
+                self.step.launch(*batch)
             step += 1
             self.profiler.after_step()
-            if self._step_checkpoint_due(step, i):
+            log_due = step % every == 0 or i + 1 == self.steps_per_epoch
+            checkpoint_due = self._step_checkpoint_due(step, i)
+            if compiling or log_due or checkpoint_due:
+                window.add(self.step.results(), unread_from)
+                unread_from = step
+            if checkpoint_due:
                 self._save_step_checkpoint(epoch, i + 1, step)
             if compiling:
                 meter.reset()  # compile time stays out of img/s and the ETA
@@ -282,20 +283,12 @@ class Trainer:
                 self.bar.advance(i + 1)
             else:
                 meter.add(self.images_per_step)
-            if not result.overflow:  # overflow steps were skipped: their loss and inf norm say nothing
-                window_loss += result.loss
-                window_n += 1
-                epoch_loss += result.loss
-                n += 1
-            if result.applied:  # accumulation micro-steps have no norm of their own
-                window_norm += result.grad_norm
-                norm_n += 1
-            if (step % every == 0 or i + 1 == self.steps_per_epoch) and window_n:
+            if log_due and window.counted:
                 rate = meter.rate()
-                metrics = {"train/loss": window_loss / window_n, "train/lr": lr, "train/img_per_s": rate,
-                           "train/grad_norm": window_norm / max(norm_n, 1)}
+                metrics = {"train/loss": window.mean_loss, "train/lr": lr, "train/img_per_s": rate,
+                           "train/grad_norm": window.mean_norm}
                 if self.dynamic_loss_scale:  # any other scale is constant: its chart would be a flat line
-                    metrics["train/loss_scale"] = result.loss_scale
+                    metrics["train/loss_scale"] = window.loss_scale
                 if compiling:  # a window of the compile step alone has no throughput to report
                     del metrics["train/img_per_s"]
                 logged = self._logged_train_step  # a resumed run: steps the killed process logged are not repeated
@@ -308,16 +301,18 @@ class Trainer:
                          _clock(left_in_epoch * per_step), _clock(left_total * per_step), extra={"progress": True})
                 self.bar.advance(0, loss=f"{metrics['train/loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}",
                                  eta=_clock(left_total * per_step))
+            if log_due:
+                window.reset()
+                if not compiling:
+                    meter.reset()
             if not compiling:
                 self.bar.advance()
-                meter.reset()
-                window_loss = window_norm = 0.0
-                window_n = norm_n = 0
+        window.add(self.step.results(), unread_from)  # a loader that ran out before the epoch's last step
         self.bar.stop()
-        if n == 0:
+        if window.epoch_n == 0:
             raise RuntimeError(f"no update was applied in epoch {epoch + 1}: the loader gave no batches or every "
                                "step overflowed (see train/loss_scale; under AMP, lower trainer.init_loss_scale)")
-        return step, epoch_loss / n
+        return step, window.epoch_loss / window.epoch_n
 
     def _epoch_batches(self, epoch: int, done: int = 0) -> Iterator:
         """Epoch `epoch`'s train batches after the first `done` (with `overfit_batches`: the first k batches of
@@ -328,19 +323,27 @@ class Trainer:
             return itertools.islice(itertools.cycle(self._overfit_cache), done, self.steps_per_epoch)
         return itertools.islice(self._seeded_batches(epoch), done, self.steps_per_epoch)
 
+    def _sunk_steps(self, epoch: int, done: int) -> Iterator[None]:
+        """Data sinking: one `sink_size` call of the step on the device per `sink_size` steps, reading epoch
+        `epoch`'s pipeline after its first `done` batches; a None per step for the loop's bookkeeping."""
+        loader = self._seeded_loader(epoch)
+        loader = loader.skip(done) if done else loader
+        for index in range(done, self.steps_per_epoch):
+            if (index - done) % self.sink_size == 0:
+                self.step.sink(loader, self.sink_size)
+            yield None
+
     def _seeded_batches(self, epoch: int) -> Iterator:
-        """Batches from a pipeline seeded by (seed, epoch): the sample order, the augmentations and Mixup of an epoch
-        are the same whether the run got there in one go or resumed (with one data worker, bit for bit)."""
+        return self._seeded_loader(epoch).create_tuple_iterator(num_epochs=1)
+
+    def _seeded_loader(self, epoch: int) -> ds.Dataset:
+        """A pipeline seeded by (seed, epoch): the sample order, the augmentations and Mixup of an epoch are the
+        same whether the run got there in one go or resumed (with one data worker, bit for bit)."""
         seed = np.random.SeedSequence([int(self.data.seed), epoch]).generate_state(1)[0]
         random.seed(int(seed))
         np.random.seed(int(seed))
         ds.config.set_seed(int(seed))
-        loader = self.data.train_loader(self.group.rank, self.group.world_size, start_epoch=epoch)
-        return loader.create_tuple_iterator(num_epochs=1)
-
-    def _mask_key(self, step: int) -> tuple[int, int, int]:
-        """What a micro-step's drop-path masks are drawn from: a resumed run draws the same ones."""
-        return int(self.data.seed), self.group.rank, step
+        return self.data.train_loader(self.group.rank, self.group.world_size, start_epoch=epoch)
 
     def _skipped_images(self) -> dict[str, float]:
         """Bad image files skipped so far, per split, over all ranks (`data.on_bad_image=skip`): a split's count from
@@ -352,17 +355,17 @@ class Trainer:
         counts = all_reduce_sum(np.array([skipped[split] for split in splits], np.float64), self.group)
         return {f"data/skipped_images_{split}": float(count) for split, count in zip(splits, counts) if count > 0}
 
-    def _first_step(self, images: Tensor, targets: Tensor, step: int) -> Any:
+    def _first_step(self, batch: tuple[Tensor, Tensor] | None, step: int) -> None:
         """The first call compiles the step graph: its own log line and metric, out of the throughput."""
         log.info("compiling the train step ...")
         start = time.perf_counter()
         with native_section():
-            result = self.step(images, targets, self._mask_key(step))
+            if batch is not None:
+                self.step.launch(*batch)
         seconds = time.perf_counter() - start
         log.info("train step compiled and run once in %.1f s", seconds)
         self.tracker.log_metrics({"time/compile_train_step_s": seconds}, step=step)
         self._compiled = True
-        return result
 
     def evaluate(self, batches: Iterator) -> dict[str, float]:
         """Eval every head on one epoch of this rank's val batches (the loader's first `limit_val_batches` with that
