@@ -70,7 +70,8 @@ def shared_compile_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
 # longest first. xdist hands a worker one whole file at a time (`--dist loadfile`) in collection order
 # (`--no-loadscope-reorder`): the long files start first and the short ones fill the end, instead of a long file
 # starting last and running alone while the other workers idle. Files not listed follow in their usual order.
-LONGEST_FIRST = ("test_run.py", "test_faults.py", "test_tasks.py", "test_distributed.py", "test_sweep.py",
+LONGEST_FIRST = ("test_sweep_parallel.py", "test_run.py", "test_faults.py", "test_tasks.py", "test_distributed.py",
+                 "test_sweep.py", "test_host_reads.py", "test_model_config.py",
                  "test_preflight.py", "test_mlflow_checkpoints.py", "test_kernels.py", "test_resume.py",
                  "test_tracking.py", "test_debug.py", "test_compile_cache.py", "test_convert.py", "test_amp.py",
                  "test_step.py", "test_serving.py", "test_tracking_outage.py", "test_config.py", "test_model.py",

@@ -260,7 +260,7 @@ def test_a_full_disk_at_epoch_2_keeps_epoch_1_and_resume_auto_finishes(tmp_path:
     is in no file and no console line."""
     data_root = tiny_folder(tmp_path_factory.getbasetemp())
     port = free_port()  # nobody listens
-    args = tiny_overrides(tmp_path, data_root, "trainer.epochs=4", "trainer.monitor=epoch", "trainer.monitor_mode=max",
+    args = tiny_overrides(tmp_path, data_root, "trainer.epochs=4", "trainer.monitor=train/epoch", "trainer.monitor_mode=max",
                           f"tracking.uri=http://alice:{SECRET}@127.0.0.1:{port}", "tracking.fallback_to_local=true")
     run_dir = tmp_path / "outputs" / "full"  # where resume=auto looks
     checkpoints = run_dir / "checkpoints"
@@ -289,7 +289,7 @@ def test_a_full_disk_at_epoch_2_keeps_epoch_1_and_resume_auto_finishes(tmp_path:
     resumed = run_py_to_end([*args, "trainer.resume=auto"], tmp_path, timeout=400)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming the newest checkpoint of this config, {checkpoints / 'last.ckpt'}" in resumed.stdout
-    assert "done: epoch 4.00 (best 4.00 at epoch 4)" in resumed.stdout
+    assert "done: train/epoch 4.00 (best 4.00 at epoch 4)" in resumed.stdout
     run = _only_run(client)
     assert run.info.status == "FINISHED" and "error" not in run.data.tags and run.data.tags["resumed"] == "true"
     history = {key: [m.step for m in client.get_metric_history(run.info.run_id, key)]
