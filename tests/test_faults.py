@@ -260,7 +260,8 @@ def test_a_full_disk_at_epoch_2_keeps_epoch_1_and_resume_auto_finishes(tmp_path:
     is in no file and no console line."""
     data_root = tiny_folder(tmp_path_factory.getbasetemp())
     port = free_port()  # nobody listens
-    args = tiny_overrides(tmp_path, data_root, "trainer.epochs=4", "trainer.monitor=train/epoch", "trainer.monitor_mode=max",
+    args = tiny_overrides(tmp_path, data_root, "trainer.epochs=4", "trainer.monitor=train/epoch",
+                          "trainer.monitor_mode=max",
                           f"tracking.uri=http://alice:{SECRET}@127.0.0.1:{port}", "tracking.fallback_to_local=true")
     run_dir = tmp_path / "outputs" / "full"  # where resume=auto looks
     checkpoints = run_dir / "checkpoints"
