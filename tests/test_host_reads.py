@@ -20,6 +20,7 @@ from conformer.train.prefetch import prefetched
 from conformer.train.step import StepResult, TrainStep
 from conformer.train.window import StepWindow
 
+from .conftest import KERNEL_PATHS
 from .helpers import tiny_folder, train_in_process
 
 # every way a Tensor's value comes back to the host
@@ -50,14 +51,16 @@ def _record_reads_and_launches(monkeypatch: pytest.MonkeyPatch, events: list[str
     monkeypatch.setattr(TrainStep, "launch", counted(TrainStep.launch, "launch"))
 
 
+@pytest.mark.parametrize("kernels", KERNEL_PATHS)
 def test_a_training_reads_the_device_once_per_log_window(tmp_path: Path, tmp_path_factory,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+                                                        monkeypatch: pytest.MonkeyPatch, kernels: str) -> None:
     """2 epochs of 6 steps, a log point every 4: the compile step, steps 4 and 8 read once (the records of the
     window), the epoch ends read (records, eval, checkpoint), no other step reads anything."""
     events: list[str] = []
     _record_reads_and_launches(monkeypatch, events)
     train_in_process(tmp_path, tiny_folder(tmp_path_factory.getbasetemp()), "trainer.epochs=2",
-                     "trainer.log_every_n_steps=4", "model.drop_path_rate=0.1", "trainer.ema_decay=0.9")
+                     "trainer.log_every_n_steps=4", "model.drop_path_rate=0.1", "trainer.ema_decay=0.9",
+                     f"hardware.kernels={kernels}")
     start = events.index("launch")
     reads_after: list[int] = []  # reads after each launch, up to the next launch (or the end)
     for event in events[start:]:
