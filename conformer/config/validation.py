@@ -14,7 +14,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from conformer.checks import require_choice, require_int, require_number
+from conformer.checks import require_bool, require_choice, require_int, require_number
 from conformer.data.inputs import class_names_file, image_inputs
 from conformer.errors import STORE_WAYS_OUT, ConfigError
 from conformer.models.registry import (
@@ -64,8 +64,7 @@ def validate_config(cfg: DictConfig) -> None:
     """Raise ConfigError for the first impossible value (types, ranges, geometry, files, hardware)."""
     task = require_choice(_get(cfg, "task.name"), "task.name", tuple(TASKS))
     require_int(_get(cfg, "seed"), "seed", minimum=0)
-    if not isinstance(cfg.get("compile_cache", False), bool):
-        raise ConfigError(f"compile_cache={cfg.get('compile_cache')!r} must be true or false")
+    require_bool(cfg.get("compile_cache", False), "compile_cache")
     _check_model_and_data(cfg)
     _check_optim(cfg)
     _check_trainer(cfg)
@@ -295,8 +294,7 @@ def registered_model_name_problem(name: Any) -> str | None:
 def _check_logged_model(cfg: DictConfig, fmt: str) -> None:
     """task.log_model / task.register: a MINDIR export (the served model runs it) logged to a tracked run."""
     log_model, register = cfg.task.get("log_model", False), cfg.task.get("register")
-    if not isinstance(log_model, bool):
-        raise ConfigError(f"task.log_model={log_model!r} must be true or false")
+    require_bool(log_model, "task.log_model")
     if register is not None:
         problem = registered_model_name_problem(register)
         if problem:

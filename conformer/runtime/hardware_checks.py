@@ -7,7 +7,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from conformer.checks import require_choice, require_int
+from conformer.checks import require_bool, require_choice, require_int
 from conformer.errors import ConfigError
 from conformer.kernels import KERNEL_PATHS, kernel_path_problem
 from conformer.vocabulary import (
@@ -28,8 +28,7 @@ def check_hardware(hardware: Mapping[str, Any]) -> None:
     require_choice(hardware.get("mode", "graph"), "hardware.mode", MODES)
     if hardware.get("runtime_num_threads") is not None:
         require_int(hardware.get("runtime_num_threads"), "hardware.runtime_num_threads", hint="or null: the default")
-    if not isinstance(hardware.get("cpu_affinity", False), bool):
-        raise ConfigError(f"hardware.cpu_affinity={hardware.get('cpu_affinity')!r} must be true or false")
+    require_bool(hardware.get("cpu_affinity", False), "hardware.cpu_affinity")
     _check_device_settings(hardware, target)
     workers = require_int(hardware.get("workers"), "hardware.workers", hint="processes per node, one per device")
     nodes = require_int(hardware.get("nodes", 1), "hardware.nodes", hint="machines in the job")
@@ -79,10 +78,8 @@ def _check_device_settings(hardware: Mapping[str, Any], target: str) -> None:
         if hardware.get(key) is not None:
             require_int(hardware.get(key), f"hardware.{key}", minimum=0 if key == "device_id" else 1,
                         hint="or null" + (": MindSpore's default" if key == "device_id" else ": every card found"))
-    if not isinstance(hardware.get("share_devices", False), bool):
-        raise ConfigError(f"hardware.share_devices={hardware.get('share_devices')!r} must be true or false")
-    if not isinstance(hardware.get("deterministic", False), bool):
-        raise ConfigError(f"hardware.deterministic={hardware.get('deterministic')!r} must be true or false")
+    require_bool(hardware.get("share_devices", False), "hardware.share_devices")
+    require_bool(hardware.get("deterministic", False), "hardware.deterministic")
     ascend = {key: value for key, value in (hardware.get("ascend") or {}).items() if value is not None}
     if ascend and target != "Ascend":
         raise ConfigError(f"hardware.ascend sets Ascend options, and this config runs on {target}: drop them")
